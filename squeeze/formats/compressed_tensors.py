@@ -1,0 +1,157 @@
+"""Write quantized models as compressed-tensors checkpoints (loadable by transformers and vLLM).
+
+Per quantized Linear ``name`` the checkpoint holds:
+
+- pack-quantized (weight-only): ``name.weight_packed`` int32 ``[out, ceil(in·bits/32)]``,
+  ``name.weight_shape`` int64 ``[2]``, ``name.weight_scale``, and for asymmetric schemes
+  ``name.weight_zero_point`` (packed along the output dimension for channel/group strategies);
+- int-quantized (W8A8): ``name.weight`` int8 ``[out, in]``, ``name.weight_scale``,
+  ``name.weight_zero_point`` when asymmetric, and ``name.input_scale`` (+ zero point) for static
+  activation scales.
+
+``config.json`` carries a ``quantization_config`` with ``quant_method: compressed-tensors``, one
+config group for the scheme, and an ``ignore`` list naming every Linear left in full precision.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.pack import pack_int32
+from squeeze.quant.scheme import QuantScheme
+
+MAX_SHARD_BYTES = 4 * 1024**3
+WEIGHTS_NAME = "model.safetensors"
+
+
+def quantized_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized layer, in the scheme's compressed-tensors format."""
+    scheme = layer.scheme
+    args = scheme.weights
+    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": layer.weight_scale}
+    if scheme.checkpoint_format == "pack-quantized":
+        out[f"{name}.weight_packed"] = pack_int32(layer.weight_codes, args.num_bits)
+        out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+        if not args.symmetric:
+            zp = layer.weight_zero_point
+            packs_zero_point = args.strategy in ("channel", "group")
+            out[f"{name}.weight_zero_point"] = pack_int32(zp, args.num_bits, dim=0) if packs_zero_point else zp
+    else:
+        out[f"{name}.weight"] = layer.weight_codes
+        if not args.symmetric:
+            out[f"{name}.weight_zero_point"] = layer.weight_zero_point
+    if layer.input_scale is not None:
+        out[f"{name}.input_scale"] = layer.input_scale
+        if not scheme.input_activations.symmetric:  # type: ignore[union-attr]
+            out[f"{name}.input_zero_point"] = layer.input_zero_point
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias
+    return out
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: quantized layers compressed, the rest as they are, tied copies once."""
+    state: dict[str, torch.Tensor] = {}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, layer in quantized.items():
+        state.update(quantized_tensors(name, layer))
+    inside_quantized = tuple(f"{n}." for n in quantized)
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        if key.startswith(inside_quantized):
+            continue
+        # tied weights (lm_head = embeddings) share storage: store them once, under the first name
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        state[key] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
+    """The ``quantization_config`` entry of config.json for one scheme over all Linear layers."""
+    group = {
+        "targets": ["Linear"],
+        "weights": scheme.weights.to_compressed_tensors(),
+        "input_activations": scheme.input_activations.to_compressed_tensors() if scheme.input_activations else None,
+        "output_activations": None,
+        "format": scheme.checkpoint_format,
+    }
+    import compressed_tensors
+
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": scheme.checkpoint_format,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": compressed_tensors.__version__,
+        "producer": "squeeze",
+    }
+    if scheme.checkpoint_format == "pack-quantized" and not scheme.weights.symmetric:
+        # transformers (5.x with compressed-tensors 0.20) sizes the zero point of a compressed
+        # module unpacked while the format stores it packed; decompressing at load reads it right.
+        config["dequantize"] = True
+    return config
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write ``state`` as one safetensors file, or shards plus the standard index when large."""
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        path = out_dir / WEIGHTS_NAME
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        paths.append(path)
+        weight_map.update({k: path.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def write_checkpoint(
+    model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer=None
+) -> list[Path]:
+    """Save ``model`` (with QuantizedLinear layers) to ``out_dir``: safetensors, config.json, tokenizer.
+
+    Returns the safetensors files written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config_dict = config.to_dict()
+    config_dict["quantization_config"] = quantization_config(scheme, ignored)
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return save_safetensors(checkpoint_state_dict(model), out_dir)

@@ -1,0 +1,58 @@
+"""Dense bit packing of small signed integers into int32 words (compressed-tensors layout).
+
+Codes are shifted to unsigned (``+ 2^(bits-1)``) and laid end to end, least significant bits
+first: element ``i`` of a row occupies bits ``[i·bits, (i+1)·bits)`` of the row's bit stream,
+which is cut into int32 words. With 4 bits that is eight codes per word, element 0 in the low
+nibble, exactly the layout vLLM and transformers read for ``pack-quantized`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def packed_columns(columns: int, num_bits: int) -> int:
+    """Number of int32 words that hold ``columns`` codes of ``num_bits`` bits."""
+    return math.ceil(columns * num_bits / 32)
+
+
+def pack_int32(codes: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack int8 codes in [-2^(bits-1), 2^(bits-1)) of a 2-D tensor along ``dim`` into int32 words."""
+    if codes.dim() != 2:
+        raise ValueError("pack_int32 takes a 2-D tensor")
+    values = codes.to(torch.int64) + (1 << (num_bits - 1))
+    if dim == 0:
+        values = values.t()
+    rows, cols = values.shape
+    words = packed_columns(cols, num_bits)
+    # build the bit stream positions of each element, then OR the pieces into 64-bit words
+    start = torch.arange(cols, device=values.device) * num_bits
+    word = start // 32
+    shift = start % 32
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=values.device)
+    out.scatter_add_(1, word.expand(rows, -1), values << shift)
+    # bits that spill past 32 belong to the next word (scatter_add is an OR: fields never overlap)
+    spill = out[:, :-1] >> 32
+    out = out[:, :-1] & 0xFFFFFFFF
+    out[:, 1:] += spill[:, :-1]
+    packed = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return packed.t().contiguous() if dim == 0 else packed.contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, num_bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_int32`: ``length`` signed int8 codes per row (or column with ``dim=0``)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == 0:
+        words = words.t()
+    rows = words.shape[0]
+    start = torch.arange(length, device=words.device) * num_bits
+    word = start // 32
+    shift = start % 32
+    padded = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=words.device)], dim=1)
+    # read 64 bits starting at the element's word, so fields that straddle two words come whole
+    window = padded[:, word] | (padded[:, word + 1] << 32)
+    values = (window >> shift) & ((1 << num_bits) - 1)
+    codes = (values - (1 << (num_bits - 1))).to(torch.int8)
+    return codes.t().contiguous() if dim == 0 else codes
