@@ -1,0 +1,237 @@
+"""The Python API the CLI calls: each verb validates everything cheap first, then does the work.
+
+Order of every pass: check the output directory, resolve the model (fast validation), check the
+text source, load, plan the layers (patterns, group sizes), then the long work (calibrate,
+compress, evaluate) and finally write checkpoint and report into a temporary directory that is
+renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from squeeze import __version__
+from squeeze.data import calibration_windows, evaluation_windows, load_documents
+from squeeze.errors import SqueezeError
+from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
+from squeeze.formats.compressed_tensors import checkpoint_state_dict, write_checkpoint
+from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, resolve_model
+from squeeze.progress import NullProgress, Progress
+from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport
+
+
+class _Stopwatch:
+    """Wall time per named stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → cuda when available, else cpu; a CUDA device that is not there is a SqueezeError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SqueezeError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise SqueezeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    return min(seq_len, limit) if limit else seq_len
+
+
+def _batches(windows: torch.Tensor, batch_size: int, device: str) -> Iterator[dict[str, torch.Tensor]]:
+    for start in range(0, windows.shape[0], batch_size):
+        yield {"input_ids": windows[start : start + batch_size].to(device)}
+
+
+def quantize(
+    model: str,
+    out: Path,
+    config: QuantizeConfig,
+    data: str = "wikipedia",
+    calibration_data: str | None = None,
+    eval_tokens: int = 16384,
+    seq_len: int = 512,
+    calibration_samples: int = 32,
+    batch_size: int = 2,
+    device: str = "cpu",
+    evaluate: bool = True,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Quantize ``model`` with ``config``, write a compressed-tensors checkpoint and report to ``out``.
+
+    ``data`` is the text source for evaluation (and for calibration unless ``calibration_data``
+    names another); calibration and evaluation use disjoint documents of it. ``eval_tokens`` is
+    rounded down to whole windows of ``seq_len`` tokens. Returns the report (also written to
+    ``out/report.json`` and ``out/report.md``).
+    """
+    progress = progress or NullProgress()
+    watch = _Stopwatch()
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    device = resolve_device(device)
+    source = resolve_model(model)
+    if evaluate:
+        load_documents(data)
+    if config.needs_calibration:
+        load_documents(calibration_data or data)
+
+    with watch.stage("load"), progress.status(f"loading {source.name}"):
+        loaded = load_model(source, device=device)
+    net = loaded.model
+    layers = plan_layers(net, config)
+    seq_len = _eval_seq_len(loaded, seq_len)
+
+    eval_windows = None
+    if evaluate:
+        eval_windows = evaluation_windows(loaded.tokenizer, data, seq_len, eval_tokens)
+    calib_windows = None
+    if config.needs_calibration:
+        calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
+
+    reference = copy.deepcopy(net) if evaluate else None
+    memory_before = tensor_bytes(net)
+    disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net).values())
+    linear_before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+
+    ranges = None
+    if calib_windows is not None:
+        with watch.stage("calibrate"), progress.task("calibrating activation ranges", calib_windows.shape[0]) as advance:
+            ranges = observe_input_ranges(
+                net, layers, _batches(calib_windows, batch_size, device), on_batch=lambda: advance(batch_size)
+            )
+    with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
+        result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
+
+    accuracy = None
+    if eval_windows is not None and reference is not None:
+        accuracy = _evaluate(loaded, reference, eval_windows, data, seq_len, batch_size, watch, progress)
+        del reference
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with watch.stage("save"), progress.status(f"writing {out}"):
+            files = write_checkpoint(net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer)
+        state = checkpoint_state_dict(net)
+        quantized_names = {n for n, m in net.named_modules() if isinstance(m, QuantizedLinear)}
+        linear_after = sum(
+            t.numel() * t.element_size()
+            for k, t in state.items()
+            if k.rpartition(".")[0] in quantized_names and not k.endswith((".bias", ".weight_shape"))
+        )
+        size = SizeReport(
+            parameters=parameter_count(reference_or(net, layers)),
+            compressed_parameters=sum(m.weight.numel() for m in layers.values()),
+            disk_bytes_before=disk_before,
+            disk_bytes_after=sum(f.stat().st_size for f in files),
+            memory_bytes_before=memory_before,
+            memory_bytes_after=tensor_bytes(net),
+            linear_bytes_before=linear_before,
+            linear_bytes_after=linear_after,
+        )
+        report = Report(
+            pass_name="quantize",
+            model={
+                "spec": model,
+                "name": source.name,
+                "kind": source.kind,
+                "architecture": type(net).__name__,
+            },
+            settings={
+                "method": config.method,
+                "scheme": config.scheme.describe(),
+                "format": config.scheme.checkpoint_format,
+                "targets": list(config.targets) or ["all Linear layers"],
+                "ignore": list(config.ignore),
+                "full_precision_linear_layers": result.ignored,
+                "calibration": (
+                    f"{calibration_data or data}: {calib_windows.shape[0]} x {calib_windows.shape[1]} tokens"
+                    if calib_windows is not None
+                    else "none (round-to-nearest weights need no data)"
+                ),
+            },
+            size=size,
+            timings_s=dict(watch.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            device=device,
+            accuracy=accuracy,
+            layers=[LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error) for e in result.layers],
+            squeeze_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        from squeeze.report import write_report
+
+        write_report(report, tmp)
+    return report
+
+
+def reference_or(net: torch.nn.Module, layers: dict) -> torch.nn.Module:
+    """Parameter count must include the original Linear weights, which QuantizedLinear holds as buffers."""
+    return _ParameterView(net, layers)
+
+
+class _ParameterView(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, layers: dict) -> None:
+        super().__init__()
+        self._net = [net]
+        self._layers = layers
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        yield from self._net[0].parameters()
+        for layer in self._layers.values():
+            yield layer.weight
+
+
+def _evaluate(
+    loaded: LoadedModel,
+    reference: torch.nn.Module,
+    windows: torch.Tensor,
+    data: str,
+    seq_len: int,
+    batch_size: int,
+    watch: _Stopwatch,
+    progress: Progress,
+) -> AccuracyReport:
+    with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
+        if loaded.source.kind == "causal":
+            cmp = compare_causal(loaded.model, windows, reference, batch_size=batch_size, on_batch=advance)
+            return AccuracyReport(
+                data=data,
+                windows=windows.shape[0],
+                seq_len=seq_len,
+                tokens=cmp.tokens,
+                perplexity_before=cmp.reference_perplexity,
+                perplexity_after=cmp.perplexity,
+                kl_divergence=cmp.kl_divergence,
+                top1_agreement=cmp.top1_agreement,
+            )
+        enc = compare_encoder(loaded.model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+        return AccuracyReport(
+            data=data,
+            windows=enc.windows,
+            seq_len=seq_len,
+            tokens=enc.tokens,
+            embedding_cosine_mean=enc.cosine_mean,
+            embedding_cosine_min=enc.cosine_min,
+        )

@@ -1,0 +1,158 @@
+"""The ``squeeze`` command line: parse options, build a config, call the API, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from squeeze import __version__
+from squeeze.errors import SqueezeError
+from squeeze.progress import ConsoleProgress, NullProgress
+
+app = typer.Typer(
+    name="squeeze",
+    help="Compress transformer models and report, in numbers, what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the API; user errors become one red line and exit 2, Ctrl-C exits 130 with nothing written."""
+    try:
+        return fn(*args, **kwargs)
+    except SqueezeError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was written", code=130)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"squeeze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Compress transformer models and report, in numbers, what it cost."""
+
+
+ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), local HF directory, .gguf file, or hub id.")]
+
+
+@app.command()
+def quantize(
+    model: ModelArg,
+    mode: Annotated[str, typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group.")] = "per-channel",
+    bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
+    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group [default: 128].")] = None,
+    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric weights (scale and zero point).")] = False,
+    act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
+    target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) [default: lm_head, classifier heads].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: ./<model>-<scheme>].")] = None,
+    data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for static activation scales [default: --data].")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows (static activation scales only).")] = 32,
+    eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+) -> None:
+    """Round-to-nearest quantization to a compressed-tensors checkpoint, with a memory and accuracy report."""
+    from squeeze.api import quantize as run_quantize
+    from squeeze.quant.apply import QuantizeConfig
+    from squeeze.quant.scheme import scheme_from_options
+    from squeeze.quant.targets import DEFAULT_IGNORE
+    from squeeze.report import to_rich
+
+    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    scheme = _run(scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act)
+    config = QuantizeConfig(scheme=scheme, targets=tuple(target), ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE)
+    if out_dir is None:
+        stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+        suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
+        out_dir = Path(f"{stem}-{suffix}")
+    progress = NullProgress() if quiet else ConsoleProgress(err)
+    report = _run(
+        run_quantize,
+        model,
+        out_dir,
+        config,
+        data=data,
+        calibration_data=calib_data,
+        eval_tokens=eval_tokens,
+        seq_len=seq_len,
+        calibration_samples=calib_samples,
+        batch_size=batch_size,
+        device=device,
+        evaluate=not no_eval,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        out.print(to_rich(report))
+        out.print(f"wrote {out_dir}/ (model.safetensors, config.json, report.json, report.md)")
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Architecture, parameter count and the memory the weights need at fp32/bf16/int8/int4."""
+    from squeeze.models import inspect_model
+
+    info = _run(inspect_model, model)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    table = Table(title=f"{info.get('name', model)}", show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in info.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                table.add_row(f"{key} {sub}", _human(v, sub))
+        else:
+            table.add_row(key, _human(value, key))
+    out.print(table)
+
+
+def _human(value, key: str) -> str:
+    if isinstance(value, int) and ("bytes" in key or key in ("fp32", "bf16", "int8", "int4")):
+        return f"{value / 1024**2:,.1f} MiB ({value:,} bytes)"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,154 @@
+"""Accuracy and memory numbers: perplexity, KL, token agreement, embedding similarity, bytes, RSS.
+
+One implementation, used by every pass report and by ``squeeze eval``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CausalComparison:
+    """A causal LM scored on evaluation windows, optionally against a reference model.
+
+    ``perplexity = exp(mean next-token negative log-likelihood)`` over ``tokens`` predicted
+    tokens; ``kl_divergence`` is the mean over tokens of KL(reference ‖ model) in nats;
+    ``top1_agreement`` the fraction of positions where both models' most likely token is the same.
+    """
+
+    tokens: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class EncoderComparison:
+    """An encoder's mean-pooled embeddings compared with a reference's, per evaluation window."""
+
+    windows: int
+    tokens: int
+    cosine_mean: float
+    cosine_min: float
+
+
+def _batches(windows: torch.Tensor, batch_size: int):
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def compare_causal(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: nn.Module | None = None,
+    batch_size: int = 2,
+    on_batch: Callable[[int], None] | None = None,
+) -> CausalComparison:
+    """Score ``model`` (and ``reference``, in the same pass over the data) on token ``windows`` [n, L].
+
+    Each window predicts its tokens 1..L-1 from the ones before; windows do not overlap.
+    """
+    device = _model_device(model)
+    nll_sum = ref_nll_sum = kl_sum = 0.0
+    agree = tokens = 0
+    for batch in _batches(windows, batch_size):
+        ids = batch.to(device)
+        targets = ids[:, 1:].reshape(-1)
+        logprobs = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+        nll_sum += float(F.nll_loss(logprobs, targets, reduction="sum"))
+        if reference is not None:
+            ref_logprobs = F.log_softmax(reference(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+            ref_nll_sum += float(F.nll_loss(ref_logprobs, targets, reduction="sum"))
+            kl_sum += float(F.kl_div(logprobs, ref_logprobs, log_target=True, reduction="sum"))
+            agree += int((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())
+            del ref_logprobs
+        tokens += targets.numel()
+        del logprobs
+        if on_batch:
+            on_batch(batch.shape[0])
+    if tokens == 0:
+        raise ValueError("no evaluation tokens")
+    if reference is None:
+        return CausalComparison(tokens=tokens, perplexity=math.exp(nll_sum / tokens))
+    return CausalComparison(
+        tokens=tokens,
+        perplexity=math.exp(nll_sum / tokens),
+        reference_perplexity=math.exp(ref_nll_sum / tokens),
+        kl_divergence=kl_sum / tokens,
+        top1_agreement=agree / tokens,
+    )
+
+
+def mean_pooled(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings: the last hidden state averaged over tokens (sentence-transformers' pooling)."""
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return out.last_hidden_state.float().mean(dim=1)
+
+
+@torch.no_grad()
+def compare_encoder(
+    model: nn.Module,
+    reference: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> EncoderComparison:
+    """Cosine similarity of ``model``'s mean-pooled embeddings to ``reference``'s on each window."""
+    device = _model_device(model)
+    cosines = []
+    for batch in _batches(windows, batch_size):
+        ids = batch.to(device)
+        cosines.append(F.cosine_similarity(mean_pooled(model, ids), mean_pooled(reference, ids), dim=-1))
+        if on_batch:
+            on_batch(batch.shape[0])
+    cos = torch.cat(cosines)
+    return EncoderComparison(
+        windows=windows.shape[0],
+        tokens=windows.numel(),
+        cosine_mean=float(cos.mean()),
+        cosine_min=float(cos.min()),
+    )
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each shared storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of distinct weights (tied parameters counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
