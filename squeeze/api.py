@@ -22,7 +22,7 @@ from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict, write_checkpoint
-from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, resolve_model
+from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
 from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
 from squeeze.quant.linear import QuantizedLinear
@@ -93,6 +93,7 @@ def quantize(
     check_output_dir(out, overwrite)
     device = resolve_device(device)
     source = resolve_model(model)
+    plan_layers(meta_model(source), config)
     if evaluate:
         load_documents(data)
     if config.needs_calibration:

@@ -510,6 +510,23 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
 # inspect
 
 
+def meta_model(source: ModelSource) -> torch.nn.Module:
+    """The model's modules built from its config on the meta device: shapes and names, no weights.
+
+    Cheap (no weight is read), so passes validate their plan against it before loading.
+    """
+    with _quiet_progress_bars():
+        if source.is_gguf:
+            config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        else:
+            config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    auto = transformers.AutoModelForCausalLM if source.kind == "causal" else transformers.AutoModel
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=source.trust_remote_code)
+
+
 def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     """Describe a model from its config alone (built on the meta device; no weights are read).
 
@@ -522,17 +539,8 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     """
     if isinstance(source, str):
         source = resolve_model(source)
-    with _quiet_progress_bars():
-        if source.is_gguf:
-            config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
-        else:
-            config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    auto = transformers.AutoModelForCausalLM if source.kind == "causal" else transformers.AutoModel
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=source.trust_remote_code)
-
+    model = meta_model(source)
+    config = model.config
     params_total = sum(p.numel() for p in model.parameters())
     blocks = _find_blocks(model, getattr(config, "num_hidden_layers", None))
     params_quantizable = sum(
@@ -583,6 +591,7 @@ __all__ = [
     "check_output_dir",
     "inspect_model",
     "load_model",
+    "meta_model",
     "resolve_model",
     "save_model",
 ]

@@ -60,4 +60,3 @@ class ConsoleProgress:
     def status(self, description: str) -> Iterator[None]:
         with self.console.status(description):
             yield
-        self.console.log(f"{description}: done")

@@ -16,6 +16,7 @@ config group for the scheme, and an ``ignore`` list naming every Linear left in 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -118,17 +119,25 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    # safetensors creates the file private (0600); a checkpoint is meant to be shared like any file
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """Write ``state`` as one safetensors file, or shards plus the standard index when large."""
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         path = out_dir / WEIGHTS_NAME
-        save_file(shards[0], str(path), metadata={"format": "pt"})
+        _save_file(shards[0], path)
         return [path]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        _save_file(shard, path)
         paths.append(path)
         weight_map.update({k: path.name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,153 @@
+"""The command line end to end on tiny models, and every bad input: one line, exit 2, nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from squeeze.cli import app
+
+runner = CliRunner()
+FAST = ["--eval-tokens", "1024", "--seq-len", "64", "--calib-samples", "2"]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if "partial" in p.name]
+
+
+def test_decoder_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w4"
+    result = run("quantize", tiny_llama_dir, "--mode", "per-group", "--group-size", "32", "--bits", "4", "--out", out, "--json", "--quiet", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert {"model.safetensors", "config.json", "report.json", "report.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    size, acc = report["size"], report["accuracy"]
+    # per block: q, o 64x64; k, v 32x64 (2 of 4 heads); gate, up 128x64; down 64x128; 2 blocks
+    assert size["compressed_parameters"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    # 4-bit codes + one fp32 scale per 32 weights = 5 bits per weight
+    assert size["bits_per_weight"] == pytest.approx(4 + 32 / 32, rel=1e-6)
+    assert size["linear_bytes_after"] < size["linear_bytes_before"] * 0.2
+    assert acc["tokens"] == 16 * 63 and acc["windows"] == 16
+    assert acc["perplexity_before"] > 1 and acc["perplexity_after"] > 1
+    assert 0 <= acc["kl_divergence"] and 0 <= acc["top1_agreement"] <= 1
+    assert len(report["layers"]) == 14
+    assert all(0 < layer["relative_error"] < 0.5 for layer in report["layers"])
+    assert "perplexity" in (out / "report.md").read_text()
+
+
+def test_w8a8_static_calibrates(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_llama_dir, "--act", "per-tensor", "--out", tmp_path / "o", "--json", "-q", "--data", "bbc", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["format"] == "int-quantized"
+    assert report["settings"]["calibration"].startswith("bbc: 2 x 64")
+    assert "calibrate" in report["timings_s"]
+
+
+def test_encoder_end_to_end(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_bert_dir, "--bits", "8", "--out", tmp_path / "e", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    acc = json.loads(result.stdout)["accuracy"]
+    assert acc["perplexity_before"] is None
+    assert 0.9 < acc["embedding_cosine_mean"] <= 1.0 + 1e-6
+
+
+def test_table_output(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_llama_dir, "--out", tmp_path / "t", *FAST)
+    assert result.exit_code == 0
+    assert "bits per weight" in result.stdout and "perplexity" in result.stdout
+
+
+def test_inspect(tiny_llama_dir: Path) -> None:
+    result = run("inspect", tiny_llama_dir, "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    assert info["bytes_fp32"] == 4 * info["params_total"]
+    assert info["bytes_int4"] < info["bytes_int8"] < info["bytes_bf16"] < info["bytes_fp32"]
+
+
+BAD = [
+    (["quantize", "./no-such-model"], "does not exist"),
+    (["quantize", "some-org/some-model"], "hub is unreachable"),
+    (["quantize", "{llama}", "--mode", "per-row"], "unknown mode"),
+    (["quantize", "{llama}", "--bits", "9"], "bits must be between 2 and 8"),
+    (["quantize", "{llama}", "--bits", "1"], "bits must be between 2 and 8"),
+    (["quantize", "{llama}", "--act", "per-channel"], "unknown activation mode"),
+    (["quantize", "{llama}", "--mode", "per-group", "--group-size", "48"], "group size 48 does not divide"),
+    (["quantize", "{llama}", "--mode", "per-tensor", "--group-size", "64"], "only applies to --mode per-group"),
+    (["quantize", "{llama}", "--target", "*.no_such_proj"], "matches no Linear layer"),
+    (["quantize", "{llama}", "--data", "no-such-corpus"], "no-such-corpus"),
+    (["quantize", "{llama}", "--device", "tpu"], "unknown device"),
+    (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[m for _, m in BAD])
+def test_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    args = [a.replace("{llama}", str(tiny_llama_dir)) for a in args]
+    result = run(*args[:2], *FAST, *args[2:], "--out", out)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert message in lines[0]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_group_size_error_says_what_fits(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_llama_dir, "--mode", "per-group", "--group-size", "48", "--out", tmp_path / "o")
+    assert "mlp.down_proj" in result.stderr or "self_attn" in result.stderr
+    assert "16, 32, 64" in result.stderr
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run("quantize", tiny_llama_dir, "--out", out, *FAST)
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run("quantize", tiny_llama_dir, "--out", out, "--overwrite", "-q", *FAST)
+    assert result.exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+
+
+@pytest.mark.parametrize("where", ["squeeze.api.write_checkpoint", "squeeze.report.write_report", "squeeze.api.compare_causal"])
+def test_ctrl_c_leaves_nothing(where: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, interrupt)
+    out = tmp_path / "out"
+    result = run("quantize", tiny_llama_dir, "--out", out, *FAST)
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_corrupt_safetensors(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    result = run("quantize", broken, "--out", tmp_path / "o", *FAST)
+    assert result.exit_code == 2 and "truncated or corrupt" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + bytes(100))
+    result = run("quantize", fake, "--out", tmp_path / "o", *FAST)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "gguf" in result.stderr.lower()
