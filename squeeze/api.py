@@ -78,6 +78,7 @@ def quantize(
     device: str = "cpu",
     evaluate: bool = True,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
     progress: Progress | None = None,
 ) -> Report:
     """Quantize ``model`` with ``config``, write a compressed-tensors checkpoint and report to ``out``.
@@ -85,14 +86,15 @@ def quantize(
     ``data`` is the text source for evaluation (and for calibration unless ``calibration_data``
     names another); calibration and evaluation use disjoint documents of it. ``eval_tokens`` is
     rounded down to whole windows of ``seq_len`` tokens. Returns the report (also written to
-    ``out/report.json`` and ``out/report.md``).
+    ``out/report.json`` and ``out/report.md``). ``trust_remote_code`` lets transformers run
+    code shipped with the model; it is never implied.
     """
     progress = progress or NullProgress()
     watch = _Stopwatch()
     out = Path(out)
     check_output_dir(out, overwrite)
     device = resolve_device(device)
-    source = resolve_model(model)
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
     plan_layers(meta_model(source), config)
     if evaluate:
         load_documents(data)

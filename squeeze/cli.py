@@ -56,6 +56,9 @@ def main(
     """Compress transformer models and report, in numbers, what it cost."""
 
 
+TrustOption = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Let transformers run Python code shipped with the model.")
+]
 ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), local HF directory, .gguf file, or hub id.")]
 
 
@@ -64,14 +67,14 @@ def quantize(
     model: ModelArg,
     mode: Annotated[str, typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group.")] = "per-channel",
     bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
-    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group [default: 128].")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric weights (scale and zero point).")] = False,
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
-    ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) [default: lm_head, classifier heads].")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: ./<model>-<scheme>].")] = None,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
     data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
-    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for static activation scales [default: --data].")] = None,
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for static activation scales (default: the --data text).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows (static activation scales only).")] = 32,
     eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
@@ -81,6 +84,7 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Round-to-nearest quantization to a compressed-tensors checkpoint, with a memory and accuracy report."""
     from squeeze.api import quantize as run_quantize
@@ -113,6 +117,7 @@ def quantize(
         device=device,
         evaluate=not no_eval,
         overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
         progress=progress,
     )
     if as_json:
@@ -126,11 +131,12 @@ def quantize(
 def inspect(
     model: ModelArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Architecture, parameter count and the memory the weights need at fp32/bf16/int8/int4."""
-    from squeeze.models import inspect_model
+    from squeeze.models import inspect_model, resolve_model
 
-    info = _run(inspect_model, model)
+    info = _run(lambda: inspect_model(resolve_model(model, trust_remote_code=trust_remote_code)))
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
         return

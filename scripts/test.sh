@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install squeeze with its test extra into .venv and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+.venv/bin/python -m pytest -q "$@"
