@@ -28,6 +28,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK = BENCH / "work"
+SNAPSHOT = WORK / "squeeze-src"  # the copy of squeeze/ that this run's subprocesses import
 RESULTS = BENCH / "results" / "quantize_rtn.json"
 README = BENCH / "README.md"
 PEER_PYTHON = BENCH / "peers" / ".venv" / "bin" / "python"
@@ -64,20 +65,40 @@ BY_NAME = {c.name: c for c in CONFIGS}
 
 def worker(name: str, eval_tokens: int, out: Path) -> None:
     """Quantize with squeeze into ``out`` (the subprocess side); the report lands in out/report.json."""
+    import squeeze
     from squeeze.api import quantize
     from squeeze.quant.apply import QuantizeConfig
+
+    print(f"squeeze imported from {squeeze.__file__}", flush=True)
     from squeeze.quant.scheme import scheme_from_options
 
     config = QuantizeConfig(scheme=scheme_from_options(**BY_NAME[name].options))
     quantize(MODEL, out, config, data=DATA, eval_tokens=eval_tokens, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, overwrite=True)
 
 
-def _run_child(cmd: list[str], log: Path) -> tuple[int, float]:
-    """Run ``cmd`` with its output in ``log``; (exit code, wall seconds)."""
+def snapshot_squeeze() -> str:
+    """Copy squeeze/ to benchmarks/work/ so every subprocess of the run imports the same code.
+
+    squeeze is edited while benchmarks run; without a snapshot, configurations started minutes
+    apart could measure different code. Returns the snapshot's identity (see squeeze_source).
+    """
+    target = SNAPSHOT / "squeeze"
+    shutil.rmtree(SNAPSHOT, ignore_errors=True)
+    shutil.copytree(REPO / "squeeze", target, ignore=shutil.ignore_patterns("__pycache__"))
+    return squeeze_source()
+
+
+def _run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run ``cmd`` with its output in ``log``; (exit code, wall seconds, 1-minute load average just before).
+
+    The load average shows whether something else competed for the cores while the timings were taken.
+    """
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     with log.open("w") as sink:
-        code = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT).returncode
-    return code, time.perf_counter() - start
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))}
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - start, load
 
 
 def _tail(log: Path, lines: int = 3) -> str:
@@ -90,7 +111,7 @@ def run_squeeze(config: Config, eval_tokens: int) -> dict:
     log = WORK / f"{config.name}.log"
     WORK.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config.name, "--eval-tokens", str(eval_tokens), "--out", str(out)]
-    code, wall = _run_child(cmd, log)
+    code, wall, load = _run_child(cmd, log)
     if code != 0:
         return {"tool": "squeeze", "config": config.name, "label": config.label, "error": f"exit {code}: {_tail(log)}"}
     report = json.loads((out / "report.json").read_text())
@@ -117,6 +138,7 @@ def run_squeeze(config: Config, eval_tokens: int) -> dict:
         "quantize_s": timings.get("quantize", 0.0) + timings.get("calibrate", 0.0),
         "timings_s": timings,
         "wall_s": wall,
+        "load_avg_before": load,
         "peak_rss_bytes": report["peak_rss_bytes"],
     }
 
@@ -127,16 +149,28 @@ def run_peer(config: Config, eval_tokens: int) -> dict:
     result = WORK / f"llmcompressor-{config.name}.json"
     result.unlink(missing_ok=True)
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), config.name, "--eval-tokens", str(eval_tokens), "--out", str(out), "--result", str(result)]
-    code, wall = _run_child(cmd, log)
+    code, wall, load = _run_child(cmd, log)
     if code != 0 or not result.exists():
         return {"tool": "llm-compressor", "config": config.name, "label": config.label, "error": f"exit {code}: {_tail(log)}"}
     row = json.loads(result.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"tool": "llm-compressor", "config": config.name, "label": config.label, **row, "wall_s": wall}
+    return {"tool": "llm-compressor", "config": config.name, "label": config.label, **row, "wall_s": wall, "load_avg_before": load}
 
 
 # ---------------------------------------------------------------------------------------------
 # Machine, targets, table
+
+
+def squeeze_source() -> str:
+    """The commit of the squeeze code the runs import, plus a hash of any uncommitted change to squeeze/."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    diff = git("diff", "HEAD", "--", "squeeze")
+    if not diff:
+        return commit
+    import hashlib
+
+    return f"{commit}+uncommitted-{hashlib.sha1(diff.encode()).hexdigest()[:8]}"
 
 
 def machine() -> dict:
@@ -214,6 +248,11 @@ def targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def _quantize_and_save(row: dict) -> float:
+    """Seconds from dense model to checkpoint files: llm-compressor packs at save time, squeeze while quantizing."""
+    return row["quantize_s"] + row["timings_s"].get("save", 0.0)
+
+
 def _mib(n: float) -> str:
     return f"{n / 1024**2:.1f}"
 
@@ -240,34 +279,40 @@ def table(result: dict) -> str:
             if "peer_llmcompressor" in m
             else ""
         )
-        + f". Run {m['date']}, `--eval-tokens {result['eval_tokens']}`.",
+        + f". Run {m['date']}, squeeze {result['squeeze_source']}, `--eval-tokens {result['eval_tokens']}`.",
         "",
-        "| tool | scheme | perplexity | Δ ppl | KL (nats/token) | top-1 agree | checkpoint MiB | Linear bytes vs fp32 | bits/weight | quantize s | wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| — | fp32 (no quantization) | {fp32['perplexity']:.3f} | — | — | — | {_mib(fp32['checkpoint_bytes'])} | 100% | 32 | — | — | — |",
+        "| tool | scheme | perplexity | Δ ppl | KL (nats/token) | top-1 agree | checkpoint MiB | Linear bytes vs fp32 | bits/weight | quantize s | quantize + save s | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| — | fp32 (no quantization) | {fp32['perplexity']:.3f} | — | — | — | {_mib(fp32['checkpoint_bytes'])} | 100% | 32 | — | — | — | — |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['tool']} | {r['label']} | failed: {r['error'].replace('|', '/')} | | | | | | | | | |")
+            lines.append(f"| {r['tool']} | {r['label']} | failed: {r['error'].replace('|', '/')} | | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['tool']} | {r['label']} | {r['perplexity_after']:.3f} | {100 * r['perplexity_change']:+.2f}% | "
             f"{r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.2f}% | {_mib(r['checkpoint_bytes'])} | "
-            f"{100 * r['linear_ratio']:.2f}% | {r['bits_per_weight']:.2f} | {r['quantize_s']:.2f} | {r['wall_s']:.0f} | "
+            f"{100 * r['linear_ratio']:.2f}% | {r['bits_per_weight']:.2f} | {r['quantize_s']:.2f} | {_quantize_and_save(r):.2f} | {r['wall_s']:.0f} | "
             f"{_mib(r['peak_rss_bytes'])} |"
         )
     lines += ["", "**squeeze / llm-compressor**, same scheme, same run (below 1 favours squeeze in every column):", ""]
     comparisons = result["comparisons"]
     if comparisons:
         lines += [
-            "| scheme | Δ ppl squeeze / peer | quantize time | peak RSS | checkpoint bytes |",
-            "|---|---|---|---|---|",
+            "| scheme | Δ ppl squeeze / peer | quantize time | quantize + save time | peak RSS | checkpoint bytes |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {c['label']} | {c['perplexity_change']} | {c['quantize_s']} | {c['peak_rss_bytes']} | {c['checkpoint_bytes']} |"
+            f"| {c['label']} | {c['perplexity_change']} | {c['quantize_s']} | {c['quantize_and_save_s']} | {c['peak_rss_bytes']} | {c['checkpoint_bytes']} |"
             for c in comparisons
         ]
     lines += [f"- {note}" for note in result["notes"]]
+    loads = [r["load_avg_before"] for r in rows if "load_avg_before" in r]
+    if loads:
+        lines.append(
+            f"- 1-minute load average when each configuration started: {min(loads):.1f} to {max(loads):.1f} "
+            f"on {m['cores']} cores (above the core count, other work shared the CPU and the times are inflated)."
+        )
     lines += ["", "Targets from the issue, checked on this run's squeeze rows:", ""]
     lines += ["| target | measured | result |", "|---|---|---|"]
     for c in result["targets"]:
@@ -290,6 +335,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 "perplexity_change": f"{100 * r['perplexity_change']:+.2f}% / {100 * peer['perplexity_change']:+.2f}% = "
                 + _ratio(r["perplexity_change"], peer["perplexity_change"]),
                 "quantize_s": _ratio(r["quantize_s"], peer["quantize_s"]),
+                "quantize_and_save_s": _ratio(_quantize_and_save(r), _quantize_and_save(peer)),
                 "peak_rss_bytes": _ratio(r["peak_rss_bytes"], peer["peak_rss_bytes"]),
                 "checkpoint_bytes": _ratio(r["checkpoint_bytes"], peer["checkpoint_bytes"]),
             }
@@ -313,15 +359,23 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens (whole 512-token windows)")
     parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run only these configurations")
     parser.add_argument("--no-peers", action="store_true", help="skip llm-compressor")
+    parser.add_argument(
+        "--render", action="store_true", help=f"only rebuild the README table (and derived fields) from {RESULTS.relative_to(REPO)}"
+    )
     parser.add_argument("--worker", choices=list(BY_NAME), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.eval_tokens, args.out)
         return
+    if args.render:
+        write(json.loads(RESULTS.read_text()))
+        return
 
     chosen = [BY_NAME[n] for n in args.only] if args.only else CONFIGS
     notes = []
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = snapshot_squeeze()
     peers = not args.no_peers and PEER_PYTHON.exists()
     if args.no_peers:
         notes.append("llm-compressor skipped (--no-peers).")
@@ -361,6 +415,10 @@ def main() -> None:
     )
     if any(r["tool"] == "llm-compressor" and "error" not in r for r in rows):
         notes.append(next(r["how"] for r in rows if r["tool"] == "llm-compressor" and "error" not in r))
+        notes.append(
+            "llm-compressor's oneshot leaves fake-quantized fp32 weights and packs them into the checkpoint format "
+            "inside save_pretrained, while squeeze packs while quantizing; 'quantize + save s' puts the two on the same footing."
+        )
     result = {
         "benchmark": "quantize_rtn",
         "model": MODEL,
@@ -368,13 +426,19 @@ def main() -> None:
         "seq_len": SEQ_LEN,
         "batch_size": BATCH_SIZE,
         "eval_tokens": args.eval_tokens,
+        "squeeze_source": source,
         "machine": machine(),
         "fp32": fp32,
         "rows": rows,
         "notes": notes,
     }
-    result["comparisons"] = comparisons(rows)
-    result["targets"] = targets(rows)
+    write(result)
+
+
+def write(result: dict) -> None:
+    """Derive ratios and target checks from the measured rows, then write the JSON and the README table."""
+    result["comparisons"] = comparisons(result["rows"])
+    result["targets"] = targets(result["rows"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     section = table(result)

@@ -21,12 +21,12 @@ from squeeze import __version__
 from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
-from squeeze.formats.compressed_tensors import checkpoint_state_dict, write_checkpoint
+from squeeze.formats.compressed_tensors import checkpoint_state_dict, compressed_weight_bytes, write_checkpoint
 from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
 from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport
+from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
 
 
 class _Stopwatch:
@@ -115,6 +115,7 @@ def quantize(
         calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
 
     reference = copy.deepcopy(net) if evaluate else None
+    parameters = parameter_count(net)
     memory_before = tensor_bytes(net)
     disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net).values())
     linear_before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
@@ -136,15 +137,11 @@ def quantize(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("save"), progress.status(f"writing {out}"):
             files = write_checkpoint(net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer)
-        state = checkpoint_state_dict(net)
-        quantized_names = {n for n, m in net.named_modules() if isinstance(m, QuantizedLinear)}
         linear_after = sum(
-            t.numel() * t.element_size()
-            for k, t in state.items()
-            if k.rpartition(".")[0] in quantized_names and not k.endswith((".bias", ".weight_shape"))
+            compressed_weight_bytes(m) for m in net.modules() if isinstance(m, QuantizedLinear)
         )
         size = SizeReport(
-            parameters=parameter_count(reference_or(net, layers)),
+            parameters=parameters,
             compressed_parameters=sum(m.weight.numel() for m in layers.values()),
             disk_bytes_before=disk_before,
             disk_bytes_after=sum(f.stat().st_size for f in files),
@@ -183,27 +180,8 @@ def quantize(
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        from squeeze.report import write_report
-
         write_report(report, tmp)
     return report
-
-
-def reference_or(net: torch.nn.Module, layers: dict) -> torch.nn.Module:
-    """Parameter count must include the original Linear weights, which QuantizedLinear holds as buffers."""
-    return _ParameterView(net, layers)
-
-
-class _ParameterView(torch.nn.Module):
-    def __init__(self, net: torch.nn.Module, layers: dict) -> None:
-        super().__init__()
-        self._net = [net]
-        self._layers = layers
-
-    def parameters(self, recurse: bool = True):  # type: ignore[override]
-        yield from self._net[0].parameters()
-        for layer in self._layers.values():
-            yield layer.weight
 
 
 def _evaluate(

@@ -85,6 +85,10 @@ def main() -> None:
     import llmcompressor
     from llmcompressor import oneshot
 
+    import squeeze
+
+    print(f"squeeze imported from {squeeze.__file__}", flush=True)
+
     recipe = modifier(args.config)
     loaded = load_model(MODEL)  # squeeze's loader: same fp32 weights and tokenizer as squeeze's runs
     model = loaded.model

@@ -56,6 +56,15 @@ def quantized_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tens
     return out
 
 
+def compressed_weight_bytes(layer: QuantizedLinear) -> int:
+    """Checkpoint bytes of one layer's weight: integer codes (packed) + scales + zero points."""
+    return sum(
+        t.numel() * t.element_size()
+        for key, t in quantized_tensors("layer", layer).items()
+        if key.rpartition(".")[2] in ("weight", "weight_packed", "weight_scale", "weight_zero_point")
+    )
+
+
 def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor to save: quantized layers compressed, the rest as they are, tied copies once."""
     state: dict[str, torch.Tensor] = {}
