@@ -31,8 +31,8 @@ def test_decoder_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     size, acc = report["size"], report["accuracy"]
     # per block: q, o 64x64; k, v 32x64 (2 of 4 heads); gate, up 128x64; down 64x128; 2 blocks
     assert size["compressed_parameters"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
-    # 4-bit codes + one fp32 scale per 32 weights = 5 bits per weight
-    assert size["bits_per_weight"] == pytest.approx(4 + 32 / 32, rel=1e-6)
+    # 4-bit codes + one float16 scale per 32 weights = 4.5 bits per weight
+    assert size["bits_per_weight"] == pytest.approx(4 + 16 / 32, rel=1e-6)
     assert size["linear_bytes_after"] < size["linear_bytes_before"] * 0.2
     assert acc["tokens"] == 16 * 63 and acc["windows"] == 16
     assert acc["perplexity_before"] > 1 and acc["perplexity_after"] > 1

@@ -81,7 +81,7 @@ class QuantizedLinear(nn.Module):
 
             lo, hi = input_range
             input_scale, input_zero_point = qparams_from_minmax(
-                lo.reshape(1).to(scale.dtype), hi.reshape(1).to(scale.dtype), act
+                lo.reshape(1).float(), hi.reshape(1).float(), act
             )
         return cls(
             scheme,

@@ -8,7 +8,10 @@ dequantized by transformers/vLLM gives the same numbers squeeze evaluated:
 - asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zero_point = round(qmin - min / scale)``;
 - ``q = clamp(round(x / scale + zero_point), qmin, qmax)``; ``x̂ = (q - zero_point) · scale``.
 
-Every element's error is at most scale/2.
+When scales are stored in a narrower dtype (``scale_dtype``, float16 by default for weights), the
+scale is rounded *up* to the next representable value before the zero point and the codes are
+computed from it, so the range still covers min..max and every element's error stays at most
+(stored scale)/2.
 """
 
 from __future__ import annotations
@@ -56,8 +59,20 @@ def qparams_from_minmax(
     # an all-zero slice would divide by zero; any positive scale represents it exactly
     eps = torch.finfo(scale.dtype).eps
     scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    if args.scale_dtype is not None:
+        scale = _round_up_to(scale, getattr(torch, args.scale_dtype))
+        if not args.symmetric:
+            zero_point = torch.clamp(args.qmin - lo / scale.to(lo.dtype), args.qmin, args.qmax)
     zero_point = torch.nan_to_num(zero_point, nan=0.0)
     return scale, torch.round(zero_point).to(torch.int8)
+
+
+def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, never smaller than the exact value and never zero."""
+    narrow = scale.to(dtype)
+    too_small = narrow.to(scale.dtype) < scale
+    narrow = torch.where(too_small, torch.nextafter(narrow, torch.full_like(narrow, float("inf"))), narrow)
+    return torch.clamp(narrow, min=torch.finfo(dtype).tiny)
 
 
 def compute_qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ from typing import Literal
 from squeeze.errors import SqueezeError
 
 Strategy = Literal["tensor", "channel", "group", "token"]
+ScaleDtype = Literal["float16", "bfloat16", "float32"]
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -35,8 +37,11 @@ class QuantArgs:
     strategy: Strategy = "channel"
     group_size: int | None = None
     dynamic: bool = False
+    scale_dtype: ScaleDtype | None = None  # None: the dtype of the tensor being quantized
 
     def __post_init__(self) -> None:
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise SqueezeError(f"unknown scale dtype {self.scale_dtype!r}; choose one of: {', '.join(SCALE_DTYPES)}")
         if not MIN_BITS <= self.num_bits <= MAX_BITS:
             raise SqueezeError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.num_bits}")
         if self.strategy not in ("tensor", "channel", "group", "token"):
@@ -71,6 +76,7 @@ class QuantArgs:
             "observer": None if self.dynamic else "minmax",
             "actorder": None,
             "block_structure": None,
+            "scale_dtype": self.scale_dtype,
         }
 
     def describe(self) -> str:
@@ -130,10 +136,16 @@ def scheme_from_options(
     asym: bool = False,
     act: str = "none",
     act_bits: int = 8,
+    scale_dtype: str | None = "auto",
 ) -> QuantScheme:
     """Build a scheme from the CLI's words (``--mode``, ``--bits``, ``--group-size``, ``--asym``, ``--act``).
 
-    ``group_size`` defaults to 128 for per-group. Raises SqueezeError for impossible combinations.
+    ``group_size`` defaults to 128 for per-group. ``scale_dtype="auto"`` stores weight scales as
+    float16, as GPTQ and AWQ checkpoints do (4.25 rather than 4.5 bits per int4 weight at group
+    size 64), except for asymmetric weight-only schemes: transformers dequantizes those at load
+    time in the scales' own dtype, so float16 scales would make the reloaded model differ from
+    the one squeeze evaluated; they keep float32 scales. Raises SqueezeError for impossible
+    combinations.
     """
     if mode not in MODES:
         raise SqueezeError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -144,7 +156,11 @@ def scheme_from_options(
         group_size = 128
     if strategy != "group" and group_size is not None:
         raise SqueezeError(f"--group-size only applies to --mode per-group, not {mode}")
-    weights = QuantArgs(num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size)
+    if scale_dtype == "auto":
+        scale_dtype = "float32" if asym and act == "none" else "float16"
+    weights = QuantArgs(
+        num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype
+    )
     activations = None
     if act == "per-token":
         activations = QuantArgs(num_bits=act_bits, symmetric=True, strategy="token", dynamic=True)

@@ -13,6 +13,13 @@ WEIGHT_CASES = [
     QuantArgs(num_bits=bits, symmetric=sym, strategy=strategy, group_size=16 if strategy == "group" else None)
     for bits, sym, strategy in itertools.product((2, 3, 4, 8), (True, False), ("tensor", "channel", "group"))
 ]
+NARROW_SCALE_CASES = [
+    QuantArgs(num_bits=bits, symmetric=sym, strategy=strategy, group_size=16 if strategy == "group" else None,
+              scale_dtype=dtype)
+    for bits, sym, strategy, dtype in itertools.product(
+        (4, 8), (True, False), ("channel", "group"), ("float16", "bfloat16")
+    )
+]
 
 
 def _weight(seed: int = 0) -> torch.Tensor:
@@ -24,21 +31,24 @@ def _weight(seed: int = 0) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("args", WEIGHT_CASES, ids=lambda a: a.describe())
+@pytest.mark.parametrize("args", WEIGHT_CASES + NARROW_SCALE_CASES, ids=lambda a: f"{a.describe()} {a.scale_dtype}")
 def test_error_at_most_half_a_scale(args: QuantArgs) -> None:
     w = _weight()
     scale, zero_point = compute_qparams(w, args)
+    if args.scale_dtype:
+        assert scale.dtype == getattr(torch, args.scale_dtype)
+    scale_f32 = scale.float()
     q = quantize(w, scale, zero_point, args)
     assert q.dtype == torch.int8
     assert int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
-    w_hat = dequantize(q, scale, zero_point, args)
-    full_scale = scale.repeat_interleave(16, dim=-1) if args.strategy == "group" else scale.expand_as(w)
+    w_hat = dequantize(q, scale, zero_point, args, dtype=torch.float32)
+    full_scale = scale_f32.repeat_interleave(16, dim=-1) if args.strategy == "group" else scale_f32.expand_as(w)
     # scale/2 exactly, plus the float rounding of the values themselves (a few ulps of |w|)
     ulps = 4 * torch.finfo(w.dtype).eps * w.abs()
     assert torch.all((w_hat - w).abs() <= full_scale / 2 + ulps)
 
 
-@pytest.mark.parametrize("args", WEIGHT_CASES, ids=lambda a: a.describe())
+@pytest.mark.parametrize("args", WEIGHT_CASES + NARROW_SCALE_CASES, ids=lambda a: f"{a.describe()} {a.scale_dtype}")
 def test_zero_is_exact(args: QuantArgs) -> None:
     w = _weight(1)
     scale, zero_point = compute_qparams(w, args)
