@@ -45,7 +45,7 @@ def test_smollm2_w4_checkpoint_reloads_in_plain_transformers(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-3000:]
     reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.allclose(reloaded, expected, atol=1e-4, rtol=1e-4)
-    assert loaded.tokenizer.decode(reloaded[0, -1].argmax()).strip() == "Rome"
+    assert torch.equal(reloaded.argmax(-1), expected.argmax(-1))
     weights = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
     assert weights < 0.45 * 4 * 134_515_008  # embeddings stay fp32; all 210 block Linears are int4
 
