@@ -117,8 +117,8 @@ def quantize(
     reference = copy.deepcopy(net) if evaluate else None
     parameters = parameter_count(net)
     memory_before = tensor_bytes(net)
-    disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net).values())
-    linear_before = sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+    disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values())
+    linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
 
     ranges = None
     if calib_windows is not None:
@@ -136,7 +136,9 @@ def quantize(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("save"), progress.status(f"writing {out}"):
-            files = write_checkpoint(net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer)
+            files = write_checkpoint(
+                net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer, dtype=loaded.stored_dtype
+            )
         linear_after = sum(
             compressed_weight_bytes(m) for m in net.modules() if isinstance(m, QuantizedLinear)
         )

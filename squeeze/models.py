@@ -105,6 +105,17 @@ class LoadedModel:
     tokenizer: transformers.PreTrainedTokenizerBase
     source: ModelSource
     config: transformers.PretrainedConfig
+    stored_dtype: torch.dtype = torch.float32  # the floating dtype the source checkpoint stores
+
+
+def stored_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype a folder's config says its weights are stored in; GGUF dequantizes to float32."""
+    if source.is_gguf:
+        return torch.float32
+    config = _read_config_json(source.path)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +386,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=target_device, dtype=dtype).eval()
     model.requires_grad_(False)
-    return LoadedModel(model, tokenizer, source, model.config)
+    return LoadedModel(model, tokenizer, source, model.config, stored_dtype(source))
 
 
 def _load_gguf_model(path: Path) -> torch.nn.Module:

@@ -151,3 +151,22 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
     result = run("quantize", fake, "--out", tmp_path / "o", *FAST)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "gguf" in result.stderr.lower()
+
+
+def test_bfloat16_source_is_measured_and_saved_in_bfloat16(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import transformers
+    from safetensors import safe_open
+
+    source = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(source)
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(source)
+    out = tmp_path / "q"
+    result = run("quantize", source, "--out", out, "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    size = json.loads(result.stdout)["size"]
+    assert size["disk_bytes_before"] == 2 * size["parameters"]  # bf16: 2 bytes per weight, not 4
+    assert size["linear_bytes_before"] == 2 * size["compressed_parameters"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.float16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

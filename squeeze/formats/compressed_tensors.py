@@ -65,8 +65,12 @@ def compressed_weight_bytes(layer: QuantizedLinear) -> int:
     )
 
 
-def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor to save: quantized layers compressed, the rest as they are, tied copies once."""
+def checkpoint_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor to save: quantized layers compressed, the rest as they are, tied copies once.
+
+    ``dtype`` casts the floating tensors that were not quantized (embeddings, norms, heads,
+    biases), e.g. back to the bfloat16 a model was stored in; scales keep their own dtype.
+    """
     state: dict[str, torch.Tensor] = {}
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for name, layer in quantized.items():
@@ -81,7 +85,7 @@ def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if tensor.numel() and ident in seen:
             continue
         seen.add(ident)
-        state[key] = tensor
+        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -156,20 +160,28 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
 
 
 def write_checkpoint(
-    model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer=None
+    model: nn.Module,
+    scheme: QuantScheme,
+    ignored: list[str],
+    out_dir: Path,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
 ) -> list[Path]:
     """Save ``model`` (with QuantizedLinear layers) to ``out_dir``: safetensors, config.json, tokenizer.
 
+    ``dtype`` is the dtype to store the unquantized tensors in (default: as held in memory).
     Returns the safetensors files written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     config_dict = config.to_dict()
     config_dict["quantization_config"] = quantization_config(scheme, ignored)
+    if dtype is not None:
+        config_dict["dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return save_safetensors(checkpoint_state_dict(model), out_dir)
+    return save_safetensors(checkpoint_state_dict(model, dtype), out_dir)
