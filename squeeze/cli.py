@@ -70,6 +70,7 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric weights (scale and zero point).")] = False,
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
+    act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (scale and zero point).")] = False,
     scale_dtype: Annotated[str, typer.Option(help="Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.")] = "auto",
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
@@ -98,7 +99,8 @@ def quantize(
         if value < 1:
             _fail(f"{name} must be at least 1, got {value}")
     scheme = _run(
-        scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype
+        scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype,
+        act_asym=act_asym,
     )
     config = QuantizeConfig(scheme=scheme, targets=tuple(target), ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE)
     if out_dir is None:

@@ -137,10 +137,12 @@ def scheme_from_options(
     act: str = "none",
     act_bits: int = 8,
     scale_dtype: str | None = "auto",
+    act_asym: bool = False,
 ) -> QuantScheme:
     """Build a scheme from the CLI's words (``--mode``, ``--bits``, ``--group-size``, ``--asym``, ``--act``).
 
-    ``group_size`` defaults to 128 for per-group. ``scale_dtype="auto"`` stores weight scales as
+    ``act_asym`` gives activations a zero point too (a help for skewed inputs such as the
+    SiLU-gated input of ``down_proj``). ``group_size`` defaults to 128 for per-group. ``scale_dtype="auto"`` stores weight scales as
     float16, as GPTQ and AWQ checkpoints do (4.25 rather than 4.5 bits per int4 weight at group
     size 64), except for asymmetric weight-only schemes: transformers dequantizes those at load
     time in the scales' own dtype, so float16 scales would make the reloaded model differ from
@@ -161,9 +163,11 @@ def scheme_from_options(
     weights = QuantArgs(
         num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype
     )
+    if act_asym and act == "none":
+        raise SqueezeError("--act-asym needs quantized activations: add --act per-token or --act per-tensor")
     activations = None
     if act == "per-token":
-        activations = QuantArgs(num_bits=act_bits, symmetric=True, strategy="token", dynamic=True)
+        activations = QuantArgs(num_bits=act_bits, symmetric=not act_asym, strategy="token", dynamic=True)
     elif act == "per-tensor":
-        activations = QuantArgs(num_bits=act_bits, symmetric=True, strategy="tensor", dynamic=False)
+        activations = QuantArgs(num_bits=act_bits, symmetric=not act_asym, strategy="tensor", dynamic=False)
     return QuantScheme(weights=weights, input_activations=activations)

@@ -23,6 +23,8 @@ SCHEMES = {
     "w3-group16-asym": dict(mode="per-group", bits=3, group_size=16, asym=True),
     "w8a8-token": dict(mode="per-channel", bits=8, act="per-token"),
     "w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor"),
+    "w8a8-token-asym": dict(mode="per-channel", bits=8, act="per-token", act_asym=True),
+    "w8a8-static-asym": dict(mode="per-channel", bits=8, act="per-tensor", act_asym=True),
 }
 
 # Runs in a fresh interpreter where importing squeeze fails: the checkpoint must stand on its own.

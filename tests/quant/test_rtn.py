@@ -127,6 +127,7 @@ def test_dynamic_per_token_activation_scales() -> None:
         (dict(mode="per-row"), "unknown mode"),
         (dict(mode="per-channel", group_size=64), "only applies to --mode per-group"),
         (dict(act="per-group"), "unknown activation mode"),
+        (dict(act_asym=True), "--act-asym needs quantized activations"),
     ],
 )
 def test_impossible_options(kwargs: dict, message: str) -> None:
