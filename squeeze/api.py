@@ -24,7 +24,7 @@ from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, p
 from squeeze.formats.compressed_tensors import checkpoint_state_dict, compressed_weight_bytes, write_checkpoint
 from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
-from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
+from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model, quantize_model_gptq
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
 
@@ -73,7 +73,7 @@ def quantize(
     calibration_data: str | None = None,
     eval_tokens: int = 16384,
     seq_len: int = 512,
-    calibration_samples: int = 32,
+    calibration_samples: int = 128,
     batch_size: int = 2,
     device: str = "cpu",
     evaluate: bool = True,
@@ -121,13 +121,20 @@ def quantize(
     linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
 
     ranges = None
-    if calib_windows is not None:
+    if calib_windows is not None and config.method == "rtn":
         with watch.stage("calibrate"), progress.task("calibrating activation ranges", calib_windows.shape[0]) as advance:
             ranges = observe_input_ranges(
                 net, layers, _batches(calib_windows, batch_size, device), on_batch=lambda: advance(batch_size)
             )
-    with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
-        result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
+    if config.method == "gptq":
+        assert calib_windows is not None
+        batches = list(_batches(calib_windows, batch_size, device))
+        n_blocks = len({name.rsplit(".", 3)[0] for name in layers})
+        with watch.stage("quantize"), progress.task("GPTQ, block by block", n_blocks) as advance:
+            result = quantize_model_gptq(net, config, batches, on_block=lambda _name: advance(1))
+    else:
+        with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
+            result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
 
     accuracy = None
     if eval_windows is not None and reference is not None:
@@ -162,6 +169,11 @@ def quantize(
             },
             settings={
                 "method": config.method,
+                **(
+                    {"damp_percent": config.damp_percent, "block_size": config.block_size, "act_order": config.act_order}
+                    if config.method == "gptq"
+                    else {}
+                ),
                 "scheme": config.scheme.describe(),
                 "format": config.scheme.checkpoint_format,
                 "targets": list(config.targets) or ["all Linear layers"],
@@ -172,6 +184,7 @@ def quantize(
                     if calib_windows is not None
                     else "none (round-to-nearest weights need no data)"
                 ),
+                "calibration_tokens": int(calib_windows.numel()) if calib_windows is not None else 0,
             },
             size=size,
             timings_s=dict(watch.timings),
@@ -179,6 +192,7 @@ def quantize(
             device=device,
             accuracy=accuracy,
             layers=[LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error) for e in result.layers],
+            notes=result.notes,
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )

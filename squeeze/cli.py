@@ -65,6 +65,7 @@ ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), 
 @app.command()
 def quantize(
     model: ModelArg,
+    method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data) or gptq (calibrated, layer by layer).")] = "rtn",
     mode: Annotated[str, typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group.")] = "per-channel",
     bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
     group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
@@ -72,12 +73,15 @@ def quantize(
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
     act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (scale and zero point).")] = False,
     scale_dtype: Annotated[str, typer.Option(help="Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.")] = "auto",
+    damp_percent: Annotated[float, typer.Option(help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
+    block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
     data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for static activation scales (default: the --data text).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows (static activation scales only).")] = 32,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows of --seq-len tokens (GPTQ and static activation scales).")] = 128,
     eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
@@ -88,7 +92,7 @@ def quantize(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Round-to-nearest quantization to a compressed-tensors checkpoint, with a memory and accuracy report."""
+    """Quantize (round-to-nearest or GPTQ) to a compressed-tensors checkpoint, with a memory and accuracy report."""
     from squeeze.api import quantize as run_quantize
     from squeeze.quant.apply import QuantizeConfig
     from squeeze.quant.scheme import scheme_from_options
@@ -102,10 +106,20 @@ def quantize(
         scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype,
         act_asym=act_asym,
     )
-    config = QuantizeConfig(scheme=scheme, targets=tuple(target), ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE)
+    config = _run(
+        QuantizeConfig,
+        scheme=scheme,
+        targets=tuple(target),
+        ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE,
+        method=method,
+        damp_percent=damp_percent,
+        block_size=block_size,
+        act_order=act_order,
+    )
     if out_dir is None:
         stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
+        suffix += f"-{method}" if method != "rtn" else ""
         out_dir = Path(f"{stem}-{suffix}")
     progress = NullProgress() if quiet else ConsoleProgress(err)
     report = _run(

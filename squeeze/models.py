@@ -553,7 +553,7 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     model = meta_model(source)
     config = model.config
     params_total = sum(p.numel() for p in model.parameters())
-    blocks = _find_blocks(model, getattr(config, "num_hidden_layers", None))
+    blocks = find_blocks(model, getattr(config, "num_hidden_layers", None))
     params_quantizable = sum(
         module.weight.numel()
         for name, module in model.named_modules()
@@ -579,7 +579,7 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     }
 
 
-def _find_blocks(model: torch.nn.Module, num_layers: int | None) -> str | None:
+def find_blocks(model: torch.nn.Module, num_layers: int | None) -> str | None:
     """Name of the ModuleList holding the transformer blocks (e.g. "model.layers", "encoder.layer")."""
     candidates = [
         (name, len(module))
@@ -600,6 +600,7 @@ __all__ = [
     "ModelSource",
     "atomic_output_dir",
     "check_output_dir",
+    "find_blocks",
     "inspect_model",
     "load_model",
     "meta_model",

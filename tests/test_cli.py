@@ -86,6 +86,9 @@ BAD = [
     (["quantize", "{llama}", "--data", "no-such-corpus"], "no-such-corpus"),
     (["quantize", "{llama}", "--device", "tpu"], "unknown device"),
     (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
+    (["quantize", "{llama}", "--method", "awq"], "unknown quantization method 'awq'"),
+    (["quantize", "{llama}", "--method", "gptq", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
+    (["quantize", "{llama}", "--method", "gptq", "--data", "{tiny_text}"], "calibration"),
 ]
 
 
@@ -93,7 +96,9 @@ BAD = [
 def test_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
-    args = [a.replace("{llama}", str(tiny_llama_dir)) for a in args]
+    tiny_text = tmp_path / "tiny.txt"
+    tiny_text.write_text("Only a few words here.\n\nAnd a second short paragraph.\n")
+    args = [a.replace("{llama}", str(tiny_llama_dir)).replace("{tiny_text}", str(tiny_text)) for a in args]
     result = run(*args[:2], *FAST, *args[2:], "--out", out)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -170,3 +175,15 @@ def test_bfloat16_source_is_measured_and_saved_in_bfloat16(tiny_llama_dir: Path,
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
         assert f.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.float16
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_gptq_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run(
+        "quantize", tiny_llama_dir, "--method", "gptq", "--mode", "per-group", "--group-size", "32", "--bits", "4",
+        "--out", tmp_path / "g", "--json", "-q", *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["method"] == "gptq" and report["settings"]["damp_percent"] == 0.01
+    assert report["settings"]["calibration_tokens"] == 2 * 64
+    assert len(report["layers"]) == 14 and "quantize" in report["timings_s"]

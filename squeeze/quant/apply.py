@@ -14,6 +14,9 @@ from squeeze.quant.scheme import QuantScheme
 from squeeze.quant.targets import DEFAULT_IGNORE, check_group_size, select_linears
 
 
+METHODS = ("rtn", "gptq")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What to quantize and how. ``targets``/``ignore`` are module-name patterns (globs or ``re:``)."""
@@ -21,13 +24,24 @@ class QuantizeConfig:
     scheme: QuantScheme = field(default_factory=QuantScheme)
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
-    method: str = "rtn"
+    method: str = "rtn"  # "rtn" or "gptq"
+    damp_percent: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
+    block_size: int = 128  # GPTQ: columns updated together
+    act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SqueezeError(f"unknown quantization method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if not 0 < self.damp_percent <= 1:
+            raise SqueezeError(f"damp percent must be in (0, 1], got {self.damp_percent}")
+        if self.block_size < 1:
+            raise SqueezeError(f"GPTQ block size must be positive, got {self.block_size}")
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales are measured on sample text; RTN weights need none."""
+        """GPTQ and static activation scales are measured on sample text; RTN weights need none."""
         act = self.scheme.input_activations
-        return act is not None and not act.dynamic
+        return self.method == "gptq" or (act is not None and not act.dynamic)
 
 
 @dataclass(frozen=True)
@@ -45,12 +59,11 @@ class QuantizeResult:
     layers: list[LayerError]
     quantized: list[str]  # module names now QuantizedLinear
     ignored: list[str]  # Linear layers left in full precision
+    notes: list[str] = field(default_factory=list)  # what the method had to adapt, e.g. raised damping
 
 
 def plan_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
     """The layers the pass will quantize; validates patterns and group size (cheap, run it early)."""
-    if config.method != "rtn":
-        raise SqueezeError(f"quantization method {config.method!r} is not available; this build has: rtn")
     layers = select_linears(model, config.targets, config.ignore)
     weights = config.scheme.weights
     if weights.strategy == "group":
@@ -111,27 +124,137 @@ def quantize_model(
     layers = plan_layers(model, config)
     if config.needs_calibration and input_ranges is None:
         raise SqueezeError("static per-tensor activation scales need calibration text")
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if config.method != "rtn":
+        raise ValueError("quantize_model does round-to-nearest; use quantize_model_gptq for GPTQ")
     errors: list[LayerError] = []
     for name, linear in layers.items():
         qlinear = QuantizedLinear.from_linear(
             linear, config.scheme, input_ranges.get(name) if input_ranges else None
         )
-        weight = linear.weight.detach()
-        diff = (qlinear.dequantized_weight(weight.dtype) - weight).float()
-        errors.append(
-            LayerError(
-                name=name,
-                shape=(linear.out_features, linear.in_features),
-                relative_error=float(diff.norm() / weight.float().norm().clamp_min(1e-30)),
-                max_abs_error=float(diff.abs().max()),
-            )
-        )
-        _set_module(model, name, qlinear)
+        errors.append(_replace(model, name, linear, qlinear))
         if on_layer:
             on_layer(name)
-    return QuantizeResult(
-        layers=errors,
-        quantized=list(layers),
-        ignored=[n for n in all_linears if n not in layers],
+    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers))
+
+
+def _ignored(model: nn.Module, layers: dict[str, nn.Linear]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+
+
+def _replace(model: nn.Module, name: str, linear: nn.Linear, qlinear: QuantizedLinear) -> LayerError:
+    """Swap ``linear`` for ``qlinear`` in ``model`` and measure how far the weight moved."""
+    weight = linear.weight.detach()
+    diff = (qlinear.dequantized_weight(weight.dtype) - weight).float()
+    _set_module(model, name, qlinear)
+    return LayerError(
+        name=name,
+        shape=(linear.out_features, linear.in_features),
+        relative_error=float(diff.norm() / weight.float().norm().clamp_min(1e-30)),
+        max_abs_error=float(diff.abs().max()),
     )
+
+
+@torch.no_grad()
+def quantize_model_gptq(
+    model: nn.Module,
+    config: QuantizeConfig,
+    batches: list[dict[str, torch.Tensor]],
+    on_block: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """GPTQ, one transformer block at a time, on calibration ``batches``; rewrites ``model`` in place.
+
+    Layers that read the same input (q/k/v, gate/up) share one Hessian and, for per-channel and
+    per-group scales, are solved as one stacked matrix. Targeted Linear layers outside the blocks
+    (rare; lm_head is ignored by default) fall back to round-to-nearest, noted in the result.
+    """
+    from squeeze.quant.gptq import HessianAccumulator, gptq_quantize
+    from squeeze.quant.sequential import calibrate_sequentially
+
+    layers = plan_layers(model, config)
+    errors: list[LayerError] = []
+    notes: list[str] = []
+    done: set[str] = set()
+    static = config.scheme.input_activations is not None and not config.scheme.input_activations.dynamic
+
+    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
+        targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+        if not targets:
+            return
+        accumulators: dict[str, HessianAccumulator] = {}
+        ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        same_call: dict[tuple, HessianAccumulator] = {}
+
+        def hook_for(name: str):
+            def hook(module: nn.Linear, args: tuple) -> None:
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                acc = same_call.get(key)
+                if acc is None:
+                    acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
+                    acc.add(x)
+                    same_call[key] = acc
+                accumulators[name] = acc
+                if static:
+                    lo, hi = torch.aminmax(x.detach().float())
+                    if name in ranges:
+                        lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+                    ranges[name] = (lo, hi)
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
+        try:
+            for hidden, kwargs in inputs:
+                same_call.clear()
+                block(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        # one GPTQ solve per shared Hessian (stacked rows), or per layer for per-tensor scales
+        groups: dict[int, list[str]] = {}
+        for name in targets:
+            key = id(accumulators[name]) if config.scheme.weights.strategy != "tensor" else id(targets[name])
+            groups.setdefault(key, []).append(name)
+        for names in groups.values():
+            stacked = torch.cat([targets[n].weight.detach() for n in names], dim=0)
+            try:
+                solved = gptq_quantize(
+                    stacked,
+                    accumulators[names[0]].hessian,
+                    config.scheme.weights,
+                    block_size=config.block_size,
+                    damp_percent=config.damp_percent,
+                    act_order=config.act_order,
+                )
+            except ArithmeticError as exc:
+                raise SqueezeError(
+                    f"GPTQ failed on {', '.join(names)}: {exc}; use more calibration text or a larger --damp-percent"
+                ) from None
+            if solved.retries:
+                notes.append(
+                    f"GPTQ raised the damping of {', '.join(names)} to {solved.damp:g} "
+                    f"after {solved.retries} failed Cholesky factorisation(s)"
+                )
+            row = 0
+            for name in names:
+                linear = targets[name]
+                rows = slice(row, row + linear.out_features)
+                row += linear.out_features
+                scale = solved.scale if solved.scale.numel() == 1 else solved.scale[rows]
+                zero_point = solved.zero_point if solved.zero_point.numel() == 1 else solved.zero_point[rows]
+                qlinear = QuantizedLinear.from_codes(
+                    linear, config.scheme, solved.codes[rows].to(linear.weight.device),
+                    scale.to(linear.weight.device), zero_point.to(linear.weight.device), ranges.get(name),
+                )
+                errors.append(_replace(model, name, linear, qlinear))
+                done.add(name)
+
+    calibrate_sequentially(model, batches, compress_block, on_block)
+    leftover = {n: m for n, m in layers.items() if n not in done}
+    for name, linear in leftover.items():
+        if static:
+            raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
+        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    if leftover:
+        notes.append(f"round-to-nearest for {len(leftover)} layer(s) outside the blocks: {', '.join(leftover)}")
+    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)

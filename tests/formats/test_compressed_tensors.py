@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from squeeze.formats.compressed_tensors import write_checkpoint
-from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
+from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model, quantize_model_gptq
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import scheme_from_options
 
@@ -25,6 +25,9 @@ SCHEMES = {
     "w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor"),
     "w8a8-token-asym": dict(mode="per-channel", bits=8, act="per-token", act_asym=True),
     "w8a8-static-asym": dict(mode="per-channel", bits=8, act="per-tensor", act_asym=True),
+    "gptq-w4-group32": dict(mode="per-group", bits=4, group_size=32, method="gptq"),
+    "gptq-w4-channel-asym-actorder": dict(mode="per-channel", bits=4, asym=True, method="gptq", act_order=True),
+    "gptq-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="gptq"),
 }
 
 # Runs in a fresh interpreter where importing squeeze fails: the checkpoint must stand on its own.
@@ -44,7 +47,11 @@ for job in sys.argv[1:]:
 def quantize_folder(folder: Path, options: dict, ids: torch.Tensor, kind: str = "causal"):
     cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
     model = cls.from_pretrained(folder).eval()
-    config = QuantizeConfig(scheme=scheme_from_options(**options))
+    options = dict(options)
+    method_options = {k: options.pop(k) for k in ("method", "act_order") if k in options}
+    config = QuantizeConfig(scheme=scheme_from_options(**options), **method_options)
+    if config.method == "gptq":
+        return model, config, quantize_model_gptq(model, config, [{"input_ids": ids}, {"input_ids": ids.flip(0)}])
     ranges = None
     if config.needs_calibration:
         ranges = observe_input_ranges(model, plan_layers(model, config), [{"input_ids": ids}])
@@ -59,6 +66,7 @@ def reloaded(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest
     jobs, expected = [], {}
     cases = [(name, "causal", tiny_llama_dir, options) for name, options in SCHEMES.items()]
     cases.append(("bert-w4-group32", "encoder", tiny_bert_dir, dict(mode="per-group", bits=4, group_size=32)))
+    cases.append(("bert-gptq-w4", "encoder", tiny_bert_dir, dict(mode="per-channel", bits=4, method="gptq")))
     for name, kind, folder, options in cases:
         low = 0 if kind == "causal" else 1000
         ids = torch.randint(low, low + 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -74,7 +82,7 @@ def reloaded(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest
     return {name: (expected[name], torch.load(work / f"{name}.out.pt", weights_only=True)) for name in expected}
 
 
-@pytest.mark.parametrize("name", [*SCHEMES, "bert-w4-group32"])
+@pytest.mark.parametrize("name", [*SCHEMES, "bert-w4-group32", "bert-gptq-w4"])
 def test_reload_gives_squeeze_outputs(name: str, reloaded: dict) -> None:
     expected, got = reloaded[name]
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,95 @@
+"""Layer-sequential calibration: one transformer block at a time.
+
+The inputs of block 0 are captured once for every calibration batch (the model's forward is cut
+off there). Then, for each block in turn: run it on its inputs while hooks collect statistics,
+compress it, run the *compressed* block to make the next block's inputs, and drop the old ones.
+Peak memory is one block's worth of work plus the calibration activations, and each block is
+calibrated on what the compressed blocks before it really produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.models import find_blocks
+
+BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing past the first block needs to run."""
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    name = find_blocks(model, getattr(getattr(model, "config", None), "num_hidden_layers", None))
+    if name is None:
+        raise SqueezeError("cannot find the model's list of transformer blocks for layer-by-layer calibration")
+    return name, model.get_submodule(name)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockInputs:
+    """The hidden states and keyword arguments block 0 receives, one entry per batch."""
+    _, blocks = _blocks(model)
+    captured: BlockInputs = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        captured.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_decoder", False)) or hasattr(
+        getattr(model, "config", None), "use_cache"
+    )
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs for every captured input, paired with the same keyword arguments."""
+    return [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+
+
+@torch.no_grad()
+def calibrate_sequentially(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    compress_block: Callable[[str, nn.Module, BlockInputs], None],
+    on_block: Callable[[str], None] | None = None,
+) -> None:
+    """Call ``compress_block(name, block, inputs)`` for each block in order, feeding each block the
+    outputs of the already-compressed blocks before it. ``compress_block`` changes the block in
+    place (it may run it on ``inputs`` as often as it needs)."""
+    prefix, blocks = _blocks(model)
+    inputs = capture_block_inputs(model, batches)
+    if not inputs:
+        raise SqueezeError("no calibration batches reached the model")
+    for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        compress_block(name, block, inputs)
+        inputs = run_block(block, inputs)
+        if on_block:
+            on_block(name)

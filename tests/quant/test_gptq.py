@@ -1,0 +1,90 @@
+"""GPTQ kernel: what the algorithm promises, checked on matrices where the answer is known."""
+
+import pytest
+import torch
+
+from squeeze.quant.gptq import HessianAccumulator, gptq_quantize
+from squeeze.quant.rtn import compute_qparams, dequantize, quantize
+from squeeze.quant.scheme import QuantArgs
+
+SCHEMES = [
+    QuantArgs(num_bits=4, strategy="channel", scale_dtype="float16"),
+    QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32),
+    QuantArgs(num_bits=3, strategy="tensor"),
+    QuantArgs(num_bits=8, strategy="channel"),
+]
+
+
+def correlated_inputs(n: int = 1024, dim: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g) * 0.3 + torch.eye(dim)
+    return torch.randn(n, dim, generator=g) @ mix
+
+
+def weight(out: int = 48, dim: int = 128, seed: int = 1) -> torch.Tensor:
+    return torch.randn(out, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hessian_accumulates_2_over_n_x_xt_in_any_batching() -> None:
+    x = correlated_inputs()
+    acc = HessianAccumulator(128)
+    for chunk in x.split([100, 400, 524]):
+        acc.add(chunk.reshape(2, -1, 128) if chunk.shape[0] % 2 == 0 else chunk)
+    assert acc.rows == 1024
+    assert torch.allclose(acc.hessian, 2 * x.T @ x / 1024, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("args", SCHEMES, ids=lambda a: a.describe())
+def test_uncorrelated_inputs_reduce_to_round_to_nearest(args: QuantArgs) -> None:
+    """With a diagonal Hessian no error is pushed to other columns: GPTQ is exactly RTN."""
+    w = weight()
+    hessian = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(2)) + 0.5)
+    solved = gptq_quantize(w, hessian, args, damp_percent=1e-6)
+    scale, zero_point = compute_qparams(w, args)
+    assert torch.equal(solved.codes, quantize(w, scale, zero_point, args))
+    assert torch.equal(solved.scale, scale)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("args", SCHEMES[:3], ids=lambda a: a.describe())
+def test_output_error_below_round_to_nearest(args: QuantArgs, act_order: bool) -> None:
+    x = correlated_inputs()
+    w = weight()
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    solved = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64)
+    scale, zero_point = compute_qparams(w, args)
+    w_rtn = dequantize(quantize(w, scale, zero_point, args), scale, zero_point, args, torch.float32)
+    w_gptq = dequantize(solved.codes, solved.scale, solved.zero_point, args, torch.float32)
+    rtn_error = ((x @ (w - w_rtn).T) ** 2).mean()
+    gptq_error = ((x @ (w - w_gptq).T) ** 2).mean()
+    assert gptq_error < 0.8 * rtn_error
+    assert int(solved.codes.min()) >= args.qmin and int(solved.codes.max()) <= args.qmax
+    assert solved.retries == 0 and solved.loss > 0
+
+
+def test_singular_hessian_raises_the_damping() -> None:
+    x = correlated_inputs(n=16)  # 16 samples of 128 dims: H has rank 16
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    hessian = acc.hessian.clone()
+    # a slightly indefinite 2x2 corner: small damping cannot fix it, a larger one can
+    hessian[0, 1] = hessian[1, 0] = 1.05 * float(torch.sqrt(hessian[0, 0] * hessian[1, 1]))
+    solved = gptq_quantize(weight(), hessian, SCHEMES[0], damp_percent=1e-4)
+    assert solved.retries > 0 and solved.damp == pytest.approx(1e-4 * 10**solved.retries)
+
+
+def test_hopeless_hessian_is_reported() -> None:
+    hessian = -torch.eye(128)
+    with pytest.raises(ArithmeticError, match="not positive definite"):
+        gptq_quantize(weight(), hessian, SCHEMES[0])
+
+
+def test_dead_inputs_give_zero_weights() -> None:
+    x = correlated_inputs()
+    x[:, 5] = 0
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    solved = gptq_quantize(weight(), acc.hessian, SCHEMES[0])
+    w_hat = dequantize(solved.codes, solved.scale, solved.zero_point, SCHEMES[0], torch.float32)
+    assert torch.all(w_hat[:, 5] == 0)
