@@ -53,6 +53,12 @@ CONFIGS = [
     Config("w8-per-tensor", "W8 per-tensor", dict(mode="per-tensor", bits=8), peer=False),
     Config("w8-per-channel", "W8 per-channel", dict(mode="per-channel", bits=8), peer=True),
     Config("w8a8", "W8A8 (per-channel W, per-token A)", dict(mode="per-channel", bits=8, act="per-token"), peer=True),
+    Config(
+        "w8a8-asym-act",
+        "W8A8, asymmetric per-token A",
+        dict(mode="per-channel", bits=8, act="per-token", act_asym=True),
+        peer=False,
+    ),
     Config("w4-per-channel", "W4 per-channel sym", dict(mode="per-channel", bits=4), peer=False),
     Config("w4-g64", "W4 group-64 sym", dict(mode="per-group", bits=4, group_size=64), peer=True),
 ]
@@ -68,9 +74,9 @@ def worker(name: str, eval_tokens: int, out: Path) -> None:
     import squeeze
     from squeeze.api import quantize
     from squeeze.quant.apply import QuantizeConfig
-
-    print(f"squeeze imported from {squeeze.__file__}", flush=True)
     from squeeze.quant.scheme import scheme_from_options
+
+    print(f"squeeze imported from {squeeze.__file__}", flush=True)  # the run's snapshot, not the live tree
 
     config = QuantizeConfig(scheme=scheme_from_options(**BY_NAME[name].options))
     quantize(MODEL, out, config, data=DATA, eval_tokens=eval_tokens, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, overwrite=True)
@@ -295,7 +301,11 @@ def table(result: dict) -> str:
             f"{100 * r['linear_ratio']:.2f}% | {r['bits_per_weight']:.2f} | {r['quantize_s']:.2f} | {_quantize_and_save(r):.2f} | {r['wall_s']:.0f} | "
             f"{_mib(r['peak_rss_bytes'])} |"
         )
-    lines += ["", "**squeeze / llm-compressor**, same scheme, same run (below 1 favours squeeze in every column):", ""]
+    lines += [
+        "",
+        "**squeeze ÷ llm-compressor**, same scheme, same run (for time, peak RSS and bytes, below 1 favours squeeze):",
+        "",
+    ]
     comparisons = result["comparisons"]
     if comparisons:
         lines += [
@@ -306,7 +316,7 @@ def table(result: dict) -> str:
             f"| {c['label']} | {c['perplexity_change']} | {c['quantize_s']} | {c['quantize_and_save_s']} | {c['peak_rss_bytes']} | {c['checkpoint_bytes']} |"
             for c in comparisons
         ]
-    lines += [f"- {note}" for note in result["notes"]]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     loads = [r["load_avg_before"] for r in rows if "load_avg_before" in r]
     if loads:
         lines.append(
