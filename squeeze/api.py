@@ -26,6 +26,7 @@ from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, loa
 from squeeze.progress import NullProgress, Progress
 from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model, quantize_model_gptq
 from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.sequential import block_list
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
 
 
@@ -129,8 +130,7 @@ def quantize(
     if config.method == "gptq":
         assert calib_windows is not None
         batches = list(_batches(calib_windows, batch_size, device))
-        n_blocks = len({name.rsplit(".", 3)[0] for name in layers})
-        with watch.stage("quantize"), progress.task("GPTQ, block by block", n_blocks) as advance:
+        with watch.stage("quantize"), progress.task("GPTQ, block by block", len(block_list(net)[1])) as advance:
             result = quantize_model_gptq(net, config, batches, on_block=lambda _name: advance(1))
     else:
         with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:

@@ -25,7 +25,8 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing past the first block needs to run."""
 
 
-def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module of the model's list of transformer blocks."""
     name = find_blocks(model, getattr(getattr(model, "config", None), "num_hidden_layers", None))
     if name is None:
         raise SqueezeError("cannot find the model's list of transformer blocks for layer-by-layer calibration")
@@ -35,7 +36,7 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockInputs:
     """The hidden states and keyword arguments block 0 receives, one entry per batch."""
-    _, blocks = _blocks(model)
+    _, blocks = block_list(model)
     captured: BlockInputs = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -83,7 +84,7 @@ def calibrate_sequentially(
     """Call ``compress_block(name, block, inputs)`` for each block in order, feeding each block the
     outputs of the already-compressed blocks before it. ``compress_block`` changes the block in
     place (it may run it on ``inputs`` as often as it needs)."""
-    prefix, blocks = _blocks(model)
+    prefix, blocks = block_list(model)
     inputs = capture_block_inputs(model, batches)
     if not inputs:
         raise SqueezeError("no calibration batches reached the model")
