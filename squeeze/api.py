@@ -24,10 +24,21 @@ from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, p
 from squeeze.formats.compressed_tensors import checkpoint_state_dict, compressed_weight_bytes, write_checkpoint
 from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
-from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model, quantize_model_gptq
+from squeeze.quant.apply import (
+    QuantizeConfig,
+    observe_input_ranges,
+    plan_layers,
+    quantize_model,
+    quantize_model_gptq,
+    quantize_model_smoothquant,
+)
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.sequential import block_list
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
+
+
+# methods that calibrate one transformer block at a time
+BLOCKWISE_METHODS = {"gptq": quantize_model_gptq, "smoothquant": quantize_model_smoothquant}
 
 
 class _Stopwatch:
@@ -127,11 +138,12 @@ def quantize(
             ranges = observe_input_ranges(
                 net, layers, _batches(calib_windows, batch_size, device), on_batch=lambda: advance(batch_size)
             )
-    if config.method == "gptq":
+    if config.method in BLOCKWISE_METHODS:
         assert calib_windows is not None
         batches = list(_batches(calib_windows, batch_size, device))
-        with watch.stage("quantize"), progress.task("GPTQ, block by block", len(block_list(net)[1])) as advance:
-            result = quantize_model_gptq(net, config, batches, on_block=lambda _name: advance(1))
+        blockwise = BLOCKWISE_METHODS[config.method]
+        with watch.stage("quantize"), progress.task(f"{config.method}, block by block", len(block_list(net)[1])) as advance:
+            result = blockwise(net, config, batches, on_block=lambda _name: advance(1))
     else:
         with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
             result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
@@ -174,6 +186,7 @@ def quantize(
                     if config.method == "gptq"
                     else {}
                 ),
+                **({"alpha": config.alpha} if config.method == "smoothquant" else {}),
                 "scheme": config.scheme.describe(),
                 "format": config.scheme.checkpoint_format,
                 "targets": list(config.targets) or ["all Linear layers"],

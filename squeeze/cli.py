@@ -65,7 +65,7 @@ ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), 
 @app.command()
 def quantize(
     model: ModelArg,
-    method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data) or gptq (calibrated, layer by layer).")] = "rtn",
+    method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data), gptq, or smoothquant (W8A8); the last two calibrate block by block.")] = "rtn",
     mode: Annotated[str, typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group.")] = "per-channel",
     bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
     group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
@@ -76,6 +76,8 @@ def quantize(
     damp_percent: Annotated[float, typer.Option(help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
     block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
+    alpha: Annotated[float, typer.Option(help="SmoothQuant: share of the activation range moved into the weights, 0..1.")] = 0.5,
+    smooth_fallback: Annotated[bool, typer.Option("--smooth-fallback", help="SmoothQuant: quantize without smoothing where no norm can be folded.")] = False,
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
@@ -115,6 +117,8 @@ def quantize(
         damp_percent=damp_percent,
         block_size=block_size,
         act_order=act_order,
+        alpha=alpha,
+        smooth_fallback=smooth_fallback,
     )
     if out_dir is None:
         stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name

@@ -88,6 +88,8 @@ BAD = [
     (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
     (["quantize", "{llama}", "--method", "awq"], "unknown quantization method 'awq'"),
     (["quantize", "{llama}", "--method", "gptq", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
+    (["quantize", "{llama}", "--method", "smoothquant"], "SmoothQuant is for W8A8"),
+    (["quantize", "{llama}", "--method", "smoothquant", "--act", "per-token", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["quantize", "{llama}", "--method", "gptq", "--data", "{tiny_text}"], "calibration"),
 ]
 
@@ -187,3 +189,23 @@ def test_gptq_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert report["settings"]["method"] == "gptq" and report["settings"]["damp_percent"] == 0.01
     assert report["settings"]["calibration_tokens"] == 2 * 64
     assert len(report["layers"]) == 14 and "quantize" in report["timings_s"]
+
+
+def test_smoothquant_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run(
+        "quantize", tiny_llama_dir, "--method", "smoothquant", "--act", "per-token", "--alpha", "0.8",
+        "--out", tmp_path / "s", "--json", "-q", *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["alpha"] == 0.8 and report["settings"]["format"] == "int-quantized"
+    assert any("smoothed" in note for note in report["notes"])
+
+
+def test_smoothquant_on_a_post_norm_encoder_needs_the_fallback(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    args = ["quantize", tiny_bert_dir, "--method", "smoothquant", "--act", "per-token", *FAST]
+    result = run(*args, "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "--smooth-fallback" in result.stderr
+    assert not (tmp_path / "a").exists()
+    result = run(*args, "--smooth-fallback", "--out", tmp_path / "b", "-q")
+    assert result.exit_code == 0 and (tmp_path / "b" / "report.json").exists()

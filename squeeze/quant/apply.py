@@ -14,7 +14,7 @@ from squeeze.quant.scheme import QuantScheme
 from squeeze.quant.targets import DEFAULT_IGNORE, check_group_size, select_linears
 
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "smoothquant")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class QuantizeConfig:
     damp_percent: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # GPTQ: columns updated together
     act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
+    alpha: float = 0.5  # SmoothQuant: how much of the activation range moves into the weights
+    smooth_fallback: bool = False  # SmoothQuant: quantize unsmoothed where no norm can be folded
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -36,12 +38,16 @@ class QuantizeConfig:
             raise SqueezeError(f"damp percent must be in (0, 1], got {self.damp_percent}")
         if self.block_size < 1:
             raise SqueezeError(f"GPTQ block size must be positive, got {self.block_size}")
+        if not 0 <= self.alpha <= 1:
+            raise SqueezeError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        if self.method == "smoothquant" and self.scheme.input_activations is None:
+            raise SqueezeError("SmoothQuant is for W8A8: add --act per-token (or per-tensor) to quantize activations")
 
     @property
     def needs_calibration(self) -> bool:
-        """GPTQ and static activation scales are measured on sample text; RTN weights need none."""
+        """GPTQ, SmoothQuant and static activation scales are measured on sample text; RTN needs none."""
         act = self.scheme.input_activations
-        return self.method == "gptq" or (act is not None and not act.dynamic)
+        return self.method != "rtn" or (act is not None and not act.dynamic)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,22 @@ def plan_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear
     if weights.strategy == "group":
         assert weights.group_size is not None
         check_group_size(layers, weights.group_size)
+    if config.method == "smoothquant" and not config.smooth_fallback:
+        _check_foldable(model)
     return layers
+
+
+def _check_foldable(model: nn.Module) -> None:
+    from squeeze.quant.sequential import block_list
+    from squeeze.quant.smoothquant import smoothing_groups
+
+    prefix, blocks = block_list(model)
+    if not smoothing_groups(blocks[0]):
+        raise SqueezeError(
+            f"SmoothQuant cannot fold into {prefix}.0 ({type(blocks[0]).__name__}): no norm there feeds only "
+            "Linear layers (in post-norm encoders the norm's output is also the residual); "
+            "pass --smooth-fallback to quantize W8A8 without smoothing"
+        )
 
 
 @torch.no_grad()
@@ -257,4 +278,83 @@ def quantize_model_gptq(
         errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
     if leftover:
         notes.append(f"round-to-nearest for {len(leftover)} layer(s) outside the blocks: {', '.join(leftover)}")
+    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
+
+
+@torch.no_grad()
+def quantize_model_smoothquant(
+    model: nn.Module,
+    config: QuantizeConfig,
+    batches: list[dict[str, torch.Tensor]],
+    on_block: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """SmoothQuant then round-to-nearest W8A8, one block at a time, on calibration ``batches``.
+
+    In each block: measure the per-channel input maxima of the Linear layers fed by a norm, fold
+    the smoothing factors into the norm and those layers (the block computes the same function),
+    measure static activation ranges if the scheme has them (after smoothing), then quantize.
+    Layers whose input no norm feeds alone (o_proj, down_proj) are quantized unsmoothed.
+    """
+    from squeeze.quant.sequential import block_list, calibrate_sequentially
+    from squeeze.quant.smoothquant import fold_smoothing, smoothing_factors, smoothing_groups
+
+    layers = plan_layers(model, config)
+    _, blocks = block_list(model)
+    notes: list[str] = []
+    if not smoothing_groups(blocks[0]):
+        notes.append(f"no norm -> Linear pair to fold into in {type(blocks[0]).__name__}: W8A8 without smoothing")
+    errors: list[LayerError] = []
+    done: set[str] = set()
+    static = not config.scheme.input_activations.dynamic  # type: ignore[union-attr]
+    smoothed: list[str] = []
+
+    def run_with_hooks(block: nn.Module, inputs, modules: dict[str, nn.Module], observe) -> None:
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in modules.items()]
+        try:
+            for hidden, kwargs in inputs:
+                block(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
+        groups = smoothing_groups(block)
+        channel_max: dict[str, torch.Tensor] = {}
+
+        def observe_max(name: str, x: torch.Tensor) -> None:
+            current = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            channel_max[name] = torch.maximum(channel_max[name], current) if name in channel_max else current
+
+        firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
+        run_with_hooks(block, inputs, firsts, observe_max)
+        for group in groups:
+            linears = [block.get_submodule(n) for n in group.linears]
+            factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], config.alpha)
+            fold_smoothing(block.get_submodule(group.norm), linears, factors)
+            smoothed.extend(f"{block_name}.{n}" for n in group.linears)
+
+        targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+        ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if static:
+
+            def observe_range(name: str, x: torch.Tensor) -> None:
+                lo, hi = torch.aminmax(x.detach().float())
+                if name in ranges:
+                    lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+                ranges[name] = (lo, hi)
+
+            run_with_hooks(block, inputs, targets, observe_range)
+        for name, linear in targets.items():
+            qlinear = QuantizedLinear.from_linear(linear, config.scheme, ranges.get(name))
+            errors.append(_replace(model, name, linear, qlinear))
+            done.add(name)
+
+    calibrate_sequentially(model, batches, compress_block, on_block)
+    leftover = {n: m for n, m in layers.items() if n not in done}
+    for name, linear in leftover.items():
+        if static:
+            raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
+        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    if smoothed:
+        notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {config.alpha}); the rest read inputs no norm feeds alone")
     return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)

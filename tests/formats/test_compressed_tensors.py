@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from squeeze.formats.compressed_tensors import write_checkpoint
-from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model, quantize_model_gptq
+from squeeze.api import BLOCKWISE_METHODS
+from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import scheme_from_options
 
@@ -28,6 +29,8 @@ SCHEMES = {
     "gptq-w4-group32": dict(mode="per-group", bits=4, group_size=32, method="gptq"),
     "gptq-w4-channel-asym-actorder": dict(mode="per-channel", bits=4, asym=True, method="gptq", act_order=True),
     "gptq-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="gptq"),
+    "smoothquant-w8a8": dict(mode="per-channel", bits=8, act="per-token", method="smoothquant"),
+    "smoothquant-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="smoothquant"),
 }
 
 # Runs in a fresh interpreter where importing squeeze fails: the checkpoint must stand on its own.
@@ -50,8 +53,9 @@ def quantize_folder(folder: Path, options: dict, ids: torch.Tensor, kind: str = 
     options = dict(options)
     method_options = {k: options.pop(k) for k in ("method", "act_order") if k in options}
     config = QuantizeConfig(scheme=scheme_from_options(**options), **method_options)
-    if config.method == "gptq":
-        return model, config, quantize_model_gptq(model, config, [{"input_ids": ids}, {"input_ids": ids.flip(0)}])
+    if config.method in BLOCKWISE_METHODS:
+        batches = [{"input_ids": ids}, {"input_ids": ids.flip(0)}]
+        return model, config, BLOCKWISE_METHODS[config.method](model, config, batches)
     ranges = None
     if config.needs_calibration:
         ranges = observe_input_ranges(model, plan_layers(model, config), [{"input_ids": ids}])
