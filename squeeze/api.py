@@ -182,7 +182,12 @@ def quantize(
             settings={
                 "method": config.method,
                 **(
-                    {"damp_percent": config.damp_percent, "block_size": config.block_size, "act_order": config.act_order}
+                    {
+                        "damp_percent": config.damp_percent,
+                        "block_size": config.block_size,
+                        "act_order": config.act_order,
+                        "true_sequential": config.true_sequential,
+                    }
                     if config.method == "gptq"
                     else {}
                 ),

@@ -76,6 +76,7 @@ def quantize(
     damp_percent: Annotated[float, typer.Option(help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
     block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.")] = True,
     alpha: Annotated[float, typer.Option(help="SmoothQuant: share of the activation range moved into the weights, 0..1.")] = 0.5,
     smooth_fallback: Annotated[bool, typer.Option("--smooth-fallback", help="SmoothQuant: quantize without smoothing where no norm can be folded.")] = False,
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
@@ -117,6 +118,7 @@ def quantize(
         damp_percent=damp_percent,
         block_size=block_size,
         act_order=act_order,
+        true_sequential=true_sequential,
         alpha=alpha,
         smooth_fallback=smooth_fallback,
     )

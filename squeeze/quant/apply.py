@@ -28,6 +28,7 @@ class QuantizeConfig:
     damp_percent: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # GPTQ: columns updated together
     act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
+    true_sequential: bool = True  # GPTQ: calibrate each layer on the outputs of the already-quantized ones
     alpha: float = 0.5  # SmoothQuant: how much of the activation range moves into the weights
     smooth_fallback: bool = False  # SmoothQuant: quantize unsmoothed where no norm can be folded
 
@@ -197,12 +198,11 @@ def quantize_model_gptq(
     done: set[str] = set()
     static = config.scheme.input_activations is not None and not config.scheme.input_activations.dynamic
 
-    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
-        targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
-        if not targets:
-            return
+    def observe(block: nn.Module, inputs, modules: dict[str, nn.Linear]):
+        """Hessians (shared by layers reading the same tensor), static input ranges, and call order."""
         accumulators: dict[str, HessianAccumulator] = {}
         ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        order: list[str] = []
         same_call: dict[tuple, HessianAccumulator] = {}
 
         def hook_for(name: str):
@@ -215,6 +215,8 @@ def quantize_model_gptq(
                     acc.add(x)
                     same_call[key] = acc
                 accumulators[name] = acc
+                if name not in order:
+                    order.append(name)
                 if static:
                     lo, hi = torch.aminmax(x.detach().float())
                     if name in ranges:
@@ -223,7 +225,7 @@ def quantize_model_gptq(
 
             return hook
 
-        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in targets.items()]
+        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
         try:
             for hidden, kwargs in inputs:
                 same_call.clear()
@@ -231,44 +233,65 @@ def quantize_model_gptq(
         finally:
             for h in handles:
                 h.remove()
-        # one GPTQ solve per shared Hessian (stacked rows), or per layer for per-tensor scales
-        groups: dict[int, list[str]] = {}
-        for name in targets:
-            key = id(accumulators[name]) if config.scheme.weights.strategy != "tensor" else id(targets[name])
-            groups.setdefault(key, []).append(name)
-        for names in groups.values():
-            stacked = torch.cat([targets[n].weight.detach() for n in names], dim=0)
-            try:
-                solved = gptq_quantize(
-                    stacked,
-                    accumulators[names[0]].hessian,
-                    config.scheme.weights,
-                    block_size=config.block_size,
-                    damp_percent=config.damp_percent,
-                    act_order=config.act_order,
-                )
-            except ArithmeticError as exc:
-                raise SqueezeError(
-                    f"GPTQ failed on {', '.join(names)}: {exc}; use more calibration text or a larger --damp-percent"
-                ) from None
-            if solved.retries:
-                notes.append(
-                    f"GPTQ raised the damping of {', '.join(names)} to {solved.damp:g} "
-                    f"after {solved.retries} failed Cholesky factorisation(s)"
-                )
-            row = 0
-            for name in names:
-                linear = targets[name]
-                rows = slice(row, row + linear.out_features)
-                row += linear.out_features
-                scale = solved.scale if solved.scale.numel() == 1 else solved.scale[rows]
-                zero_point = solved.zero_point if solved.zero_point.numel() == 1 else solved.zero_point[rows]
-                qlinear = QuantizedLinear.from_codes(
-                    linear, config.scheme, solved.codes[rows].to(linear.weight.device),
-                    scale.to(linear.weight.device), zero_point.to(linear.weight.device), ranges.get(name),
-                )
-                errors.append(_replace(model, name, linear, qlinear))
-                done.add(name)
+        return accumulators, ranges, order
+
+    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
+        pending = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+        while pending:
+            accumulators, ranges, order = observe(block, inputs, pending)
+            # layers sharing a Hessian form one stacked solve (per-tensor scales: one layer each), in call order
+            groups: dict[int, list[str]] = {}
+            for name in order:
+                key = id(accumulators[name]) if config.scheme.weights.strategy != "tensor" else id(pending[name])
+                groups.setdefault(key, []).append(name)
+            stages = list(groups.values())
+            # true-sequential: solve only the first group, then re-observe the rest with it quantized
+            solve_group_list = stages[:1] if config.true_sequential else stages
+            for names in solve_group_list:
+                solve(names, pending, accumulators, ranges)
+            unseen = [n for n in pending if n not in accumulators]
+            if unseen and not order:
+                raise SqueezeError(f"layers {', '.join(unseen)} never ran during calibration")
+            for name in unseen:
+                # a targeted layer the block's forward never calls: nothing to calibrate on
+                pending.pop(name)
+
+    def solve(names: list[str], pending: dict[str, nn.Linear], accumulators, ranges) -> None:
+        """One GPTQ solve for layers sharing a Hessian (rows stacked); swap them for QuantizedLinear."""
+        stacked = torch.cat([pending[n].weight.detach() for n in names], dim=0)
+        try:
+            solved = gptq_quantize(
+                stacked,
+                accumulators[names[0]].hessian,
+                config.scheme.weights,
+                block_size=config.block_size,
+                damp_percent=config.damp_percent,
+                act_order=config.act_order,
+            )
+        except ArithmeticError as exc:
+            raise SqueezeError(
+                f"GPTQ failed on {', '.join(names)}: {exc}; use more calibration text or a larger --damp-percent"
+            ) from None
+        if solved.retries:
+            notes.append(
+                f"GPTQ raised the damping of {', '.join(names)} to {solved.damp:g} "
+                f"after {solved.retries} failed Cholesky factorisation(s)"
+            )
+        row = 0
+        for name in names:
+            linear = pending[name]
+            rows = slice(row, row + linear.out_features)
+            row += linear.out_features
+            scale = solved.scale if solved.scale.numel() == 1 else solved.scale[rows]
+            zero_point = solved.zero_point if solved.zero_point.numel() == 1 else solved.zero_point[rows]
+            qlinear = QuantizedLinear.from_codes(
+                linear, config.scheme, solved.codes[rows].to(linear.weight.device),
+                scale.to(linear.weight.device), zero_point.to(linear.weight.device), ranges.get(name),
+            )
+            errors.append(_replace(model, name, linear, qlinear))
+            done.add(name)
+            pending.pop(name)
+
 
     calibrate_sequentially(model, batches, compress_block, on_block)
     leftover = {n: m for n, m in layers.items() if n not in done}
@@ -277,7 +300,7 @@ def quantize_model_gptq(
             raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
         errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
     if leftover:
-        notes.append(f"round-to-nearest for {len(leftover)} layer(s) outside the blocks: {', '.join(leftover)}")
+        notes.append(f"round-to-nearest for {len(leftover)} layer(s) not calibrated in a block: {', '.join(leftover)}")
     return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
 
 
