@@ -88,3 +88,22 @@ def test_dead_inputs_give_zero_weights() -> None:
     solved = gptq_quantize(weight(), acc.hessian, SCHEMES[0])
     w_hat = dequantize(solved.codes, solved.scale, solved.zero_point, SCHEMES[0], torch.float32)
     assert torch.all(w_hat[:, 5] == 0)
+
+
+def test_true_sequential_recalibrates_later_layers(tiny_llama_dir) -> None:
+    """q/k/v see the same inputs either way; o_proj's inputs change once q/k/v are quantized."""
+    import transformers
+
+    from squeeze.quant.apply import QuantizeConfig, quantize_model_gptq
+    from squeeze.quant.scheme import scheme_from_options
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for true_sequential in (True, False):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        config = QuantizeConfig(scheme=scheme_from_options(bits=3), method="gptq", true_sequential=true_sequential)
+        quantize_model_gptq(model, config, [{"input_ids": ids}])
+        layer = model.model.layers[0]
+        codes[true_sequential] = (layer.self_attn.q_proj.weight_codes, layer.self_attn.o_proj.weight_codes)
+    assert torch.equal(codes[True][0], codes[False][0])
+    assert not torch.equal(codes[True][1], codes[False][1])
