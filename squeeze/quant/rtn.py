@@ -9,9 +9,13 @@ dequantized by transformers/vLLM gives the same numbers squeeze evaluated:
 - ``q = clamp(round(x / scale + zero_point), qmin, qmax)``; ``x̂ = (q - zero_point) · scale``.
 
 When scales are stored in a narrower dtype (``scale_dtype``, float16 by default for weights), the
-scale is rounded *up* to the next representable value before the zero point and the codes are
-computed from it, so the range still covers min..max and every element's error stays at most
-(stored scale)/2.
+scale is rounded *down* to a representable value and the zero point and codes are computed from
+the stored scale. Rounding down keeps what the exact symmetric scale does at the extremes: -max|x|
+lands on -7.5 (int4) and rounds to the code -8, represented almost exactly, as it is with a float32
+scale (rounding up would push it to -7, a full half-step off, on the weights that matter most).
+The price is a sliver of clamping at the other end: every element's error is at most
+``stored/2 + (qmax - qmin) · (exact - stored)``, and ``exact - stored`` is below 2⁻¹¹ of the
+scale for float16.
 """
 
 from __future__ import annotations
@@ -60,18 +64,18 @@ def qparams_from_minmax(
     eps = torch.finfo(scale.dtype).eps
     scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
     if args.scale_dtype is not None:
-        scale = _round_up_to(scale, getattr(torch, args.scale_dtype))
+        scale = _round_down_to(scale, getattr(torch, args.scale_dtype))
         if not args.symmetric:
             zero_point = torch.clamp(args.qmin - lo / scale.to(lo.dtype), args.qmin, args.qmax)
     zero_point = torch.nan_to_num(zero_point, nan=0.0)
     return scale, torch.round(zero_point).to(torch.int8)
 
 
-def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale`` in ``dtype``, never smaller than the exact value and never zero."""
+def _round_down_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, never larger than the exact value (unless that underflows to zero)."""
     narrow = scale.to(dtype)
-    too_small = narrow.to(scale.dtype) < scale
-    narrow = torch.where(too_small, torch.nextafter(narrow, torch.full_like(narrow, float("inf"))), narrow)
+    too_large = narrow.to(scale.dtype) > scale
+    narrow = torch.where(too_large, torch.nextafter(narrow, torch.zeros_like(narrow)), narrow)
     return torch.clamp(narrow, min=torch.finfo(dtype).tiny)
 
 

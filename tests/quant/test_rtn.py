@@ -35,17 +35,27 @@ def _weight(seed: int = 0) -> torch.Tensor:
 def test_error_at_most_half_a_scale(args: QuantArgs) -> None:
     w = _weight()
     scale, zero_point = compute_qparams(w, args)
+    # a scale stored narrower is rounded down: at most (qmax - qmin) x that rounding of extra clamping
+    exact, _ = compute_qparams(w, QuantArgs(args.num_bits, args.symmetric, args.strategy, args.group_size))
     if args.scale_dtype:
         assert scale.dtype == getattr(torch, args.scale_dtype)
-    scale_f32 = scale.float()
+        underflow = exact < torch.finfo(scale.dtype).tiny  # the all-zero group's placeholder scale
+        assert torch.all((scale.float() <= exact) | underflow) and torch.all(scale.float() > 0.99 * exact)
     q = quantize(w, scale, zero_point, args)
     assert q.dtype == torch.int8
     assert int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
     w_hat = dequantize(q, scale, zero_point, args, dtype=torch.float32)
-    full_scale = scale_f32.repeat_interleave(16, dim=-1) if args.strategy == "group" else scale_f32.expand_as(w)
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(16, dim=-1) if args.strategy == "group" else t.expand_as(w)
+
+    stored = full(scale.float())
+    clamping = (args.qmax - args.qmin) * (full(exact) - stored).clamp(min=0)
     # scale/2 exactly, plus the float rounding of the values themselves (a few ulps of |w|)
     ulps = 4 * torch.finfo(w.dtype).eps * w.abs()
-    assert torch.all((w_hat - w).abs() <= full_scale / 2 + ulps)
+    assert torch.all((w_hat - w).abs() <= stored / 2 + clamping + ulps)
+    if not args.scale_dtype:
+        assert torch.all(clamping == 0)
 
 
 @pytest.mark.parametrize("args", WEIGHT_CASES + NARROW_SCALE_CASES, ids=lambda a: f"{a.describe()} {a.scale_dtype}")
