@@ -32,13 +32,18 @@ from squeeze.quant.apply import (
     quantize_model_gptq,
     quantize_model_smoothquant,
 )
+from squeeze.quant.awq import quantize_model_awq
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.sequential import block_list
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
 
 
+def _awq(net, config: QuantizeConfig, batches, on_block=None):
+    return quantize_model_awq(net, config, batches, on_block, n_grid=config.awq_grid, clip=config.awq_clip)
+
+
 # methods that calibrate one transformer block at a time
-BLOCKWISE_METHODS = {"gptq": quantize_model_gptq, "smoothquant": quantize_model_smoothquant}
+BLOCKWISE_METHODS = {"gptq": quantize_model_gptq, "smoothquant": quantize_model_smoothquant, "awq": _awq}
 
 
 class _Stopwatch:
@@ -192,6 +197,7 @@ def quantize(
                     else {}
                 ),
                 **({"alpha": config.alpha} if config.method == "smoothquant" else {}),
+                **({"awq_grid": config.awq_grid, "awq_clip": config.awq_clip} if config.method == "awq" else {}),
                 "scheme": config.scheme.describe(),
                 "format": config.scheme.checkpoint_format,
                 "targets": list(config.targets) or ["all Linear layers"],

@@ -65,11 +65,11 @@ ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), 
 @app.command()
 def quantize(
     model: ModelArg,
-    method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data), gptq, or smoothquant (W8A8); the last two calibrate block by block.")] = "rtn",
-    mode: Annotated[str, typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group.")] = "per-channel",
-    bits: Annotated[int, typer.Option(help="Weight bits, 2..8.")] = 8,
+    method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data), gptq, awq (weight-only, activation-aware scales) or smoothquant (W8A8); all but rtn calibrate block by block.")] = "rtn",
+    mode: Annotated[Optional[str], typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group (default per-channel; per-group for awq).")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="Weight bits, 2..8 (default 8; 4 for awq).")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
-    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric weights (scale and zero point).")] = False,
+    asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric weights (scale and zero point); default symmetric, asymmetric for awq.")] = None,
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
     act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (scale and zero point).")] = False,
     scale_dtype: Annotated[str, typer.Option(help="Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.")] = "auto",
@@ -77,6 +77,8 @@ def quantize(
     block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.")] = True,
+    awq_grid: Annotated[int, typer.Option(help="AWQ: scale ratios tried per fold (0, 1/n, ..., (n-1)/n).")] = 20,
+    awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a smaller clip range per weight group (never q/k).")] = True,
     alpha: Annotated[float, typer.Option(help="SmoothQuant: share of the activation range moved into the weights, 0..1.")] = 0.5,
     smooth_fallback: Annotated[bool, typer.Option("--smooth-fallback", help="SmoothQuant: quantize without smoothing where no norm can be folded.")] = False,
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
@@ -105,6 +107,11 @@ def quantize(
     for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples)):
         if value < 1:
             _fail(f"{name} must be at least 1, got {value}")
+    # AWQ's usual scheme is W4 group-wise asymmetric; explicit options always win
+    weight_only_low_bit = method == "awq"
+    mode = mode or ("per-group" if weight_only_low_bit else "per-channel")
+    bits = bits if bits is not None else (4 if weight_only_low_bit else 8)
+    asym = asym if asym is not None else weight_only_low_bit
     scheme = _run(
         scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype,
         act_asym=act_asym,
@@ -119,6 +126,8 @@ def quantize(
         block_size=block_size,
         act_order=act_order,
         true_sequential=true_sequential,
+        awq_grid=awq_grid,
+        awq_clip=awq_clip,
         alpha=alpha,
         smooth_fallback=smooth_fallback,
     )

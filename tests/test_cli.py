@@ -86,9 +86,11 @@ BAD = [
     (["quantize", "{llama}", "--data", "no-such-corpus"], "no-such-corpus"),
     (["quantize", "{llama}", "--device", "tpu"], "unknown device"),
     (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
-    (["quantize", "{llama}", "--method", "awq"], "unknown quantization method 'awq'"),
+    (["quantize", "{llama}", "--method", "hqq"], "unknown quantization method 'hqq'"),
     (["quantize", "{llama}", "--method", "gptq", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
     (["quantize", "{llama}", "--method", "smoothquant"], "SmoothQuant is for W8A8"),
+    (["quantize", "{llama}", "--method", "awq", "--act", "per-token", "--bits", "8"], "AWQ is weight-only"),
+    (["quantize", "{llama}", "--method", "awq", "--awq-grid", "1"], "AWQ grid needs at least 2"),
     (["quantize", "{llama}", "--method", "smoothquant", "--act", "per-token", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["quantize", "{llama}", "--method", "gptq", "--data", "{tiny_text}"], "calibration"),
 ]
@@ -209,3 +211,12 @@ def test_smoothquant_on_a_post_norm_encoder_needs_the_fallback(tiny_bert_dir: Pa
     assert not (tmp_path / "a").exists()
     result = run(*args, "--smooth-fallback", "--out", tmp_path / "b", "-q")
     assert result.exit_code == 0 and (tmp_path / "b" / "report.json").exists()
+
+
+def test_awq_end_to_end_defaults_to_w4_group_asym(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_llama_dir, "--method", "awq", "--group-size", "32", "--out", tmp_path / "a", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["scheme"].startswith("W4A16: weights int4 asym per-group(32)")
+    assert report["settings"]["awq_grid"] == 20 and report["settings"]["awq_clip"] is True
+    assert any(note.startswith("AWQ scaled") for note in report["notes"])

@@ -14,7 +14,7 @@ from squeeze.quant.scheme import QuantScheme
 from squeeze.quant.targets import DEFAULT_IGNORE, check_group_size, select_linears
 
 
-METHODS = ("rtn", "gptq", "smoothquant")
+METHODS = ("rtn", "gptq", "smoothquant", "awq")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class QuantizeConfig:
     block_size: int = 128  # GPTQ: columns updated together
     act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
     true_sequential: bool = True  # GPTQ: calibrate each layer on the outputs of the already-quantized ones
+    awq_grid: int = 20  # AWQ: scale ratios tried per fold (0, 1/n, ..., (n-1)/n)
+    awq_clip: bool = True  # AWQ: search a smaller clip range per weight group
     alpha: float = 0.5  # SmoothQuant: how much of the activation range moves into the weights
     smooth_fallback: bool = False  # SmoothQuant: quantize unsmoothed where no norm can be folded
 
@@ -41,6 +43,12 @@ class QuantizeConfig:
             raise SqueezeError(f"GPTQ block size must be positive, got {self.block_size}")
         if not 0 <= self.alpha <= 1:
             raise SqueezeError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        if self.awq_grid < 2:
+            raise SqueezeError(f"AWQ grid needs at least 2 ratios, got {self.awq_grid}")
+        if self.method == "awq":
+            from squeeze.quant.awq import check_awq_config
+
+            check_awq_config(self)
         if self.method == "smoothquant" and self.scheme.input_activations is None:
             raise SqueezeError("SmoothQuant is for W8A8: add --act per-token (or per-tensor) to quantize activations")
 

@@ -29,6 +29,7 @@ SCHEMES = {
     "gptq-w4-group32": dict(mode="per-group", bits=4, group_size=32, method="gptq"),
     "gptq-w4-channel-asym-actorder": dict(mode="per-channel", bits=4, asym=True, method="gptq", act_order=True),
     "gptq-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="gptq"),
+    "awq-w4-group32-asym": dict(mode="per-group", bits=4, group_size=32, asym=True, method="awq"),
     "smoothquant-w8a8": dict(mode="per-channel", bits=8, act="per-token", method="smoothquant"),
     "smoothquant-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="smoothquant"),
 }

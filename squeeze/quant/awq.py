@@ -1,0 +1,359 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023) for weight-only low-bit schemes.
+
+A few input channels of each Linear layer carry much larger activations than the rest, and the
+rounding error of the weights in those columns dominates the layer's output error. AWQ multiplies
+those columns by ``s_j > 1`` before round-to-nearest (they lose less to rounding relative to their
+size) and divides the layer's input by ``s`` where it is made: in the norm before it, or in the
+rows of the Linear layer that produces it. The fold leaves the model's function unchanged; only the
+rounding moves. Per fold, ``s = mean|X|^r / mean|Ŵ|^(1−r)`` (``Ŵ``: |W| relative to its
+quantization group's maximum) and the ratio ``r`` is searched on a grid, keeping the one with the
+smallest output error ``‖X Wᵀ − X (Q(W·s)/s)ᵀ‖²``. ``r = 0`` is ``s = 1``, plain round-to-nearest,
+so AWQ never does worse than RTN on the calibration rows. Then each group of weights may be clipped
+to a smaller range when that lowers its own output error.
+
+The kernels work on plain tensors; :func:`quantize_model_awq` finds the folds block by block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from squeeze.errors import SqueezeError
+from squeeze.quant.rtn import compute_qparams, fake_quantize, quantize
+from squeeze.quant.scheme import QuantArgs
+from squeeze.quant.smoothquant import fold_smoothing, smoothing_groups
+
+if TYPE_CHECKING:
+    from squeeze.quant.apply import QuantizeConfig, QuantizeResult
+
+# Calibration rows (tokens) the searches look at per layer input: the error of every candidate is
+# computed from the Gram matrix XᵀX, so more rows cost only when the Gram matrix is built.
+MAX_ROWS = 4096
+
+# producer → the Linear layers that read its output, by name inside a decoder block, in the order
+# the block computes them. A fold divides only its own targets' input by ``s``, so searching in
+# this order sees every earlier fold.
+FOLDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    # attention output is a weighted sum of value rows: scaling v_proj's outputs scales o_proj's input
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    # act(gate) · (up / s) = (act(gate) · up) / s: only in gated MLPs, where up_proj feeds no activation
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+# attention scores multiply the errors of q and k together, so clipping them (judged by their own
+# output error) tends to hurt
+UNCLIPPED = ("q_proj", "k_proj", "query", "key")
+
+
+@dataclass(frozen=True)
+class FoldGroup:
+    """A producer (norm or Linear) inside a block and the Linear layers that read its output."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+def check_awq_config(config: QuantizeConfig) -> None:
+    """AWQ rounds weights only; a scheme with quantized activations is a user error."""
+    if config.scheme.input_activations is not None:
+        raise SqueezeError("AWQ is weight-only (W4A16); for W8A8 use --method smoothquant")
+
+
+def fold_groups(block: nn.Module) -> tuple[list[FoldGroup], list[str]]:
+    """The folds AWQ can make in one block, and why any Llama-like fold present had to be skipped."""
+    names = dict(block.named_modules())
+    norms = {g.norm: g.linears for g in smoothing_groups(block)}
+    groups: list[FoldGroup] = []
+    skipped: list[str] = []
+    for prev, linears in FOLDS:
+        if prev in norms:
+            groups.append(FoldGroup(prev, norms[prev]))
+            continue
+        producer = names.get(prev)
+        if not isinstance(producer, nn.Linear) or not all(isinstance(names.get(n), nn.Linear) for n in linears):
+            continue
+        fold = f"{prev} -> {', '.join(linears)}"
+        reads = {names[n].in_features for n in linears}
+        if reads != {producer.out_features}:
+            skipped.append(
+                f"{fold}: {prev} gives {producer.out_features} outputs, the next layer reads "
+                f"{', '.join(map(str, sorted(reads)))} (grouped-query attention)"
+            )
+        elif prev == "mlp.up_proj" and not isinstance(names.get("mlp.gate_proj"), nn.Linear):
+            skipped.append(f"{fold}: no mlp.gate_proj, so up_proj's output goes through the activation")
+        else:
+            groups.append(FoldGroup(prev, linears))
+    return groups, skipped
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Divide ``prev``'s output by ``scales`` and multiply the matching input columns of ``linears``.
+
+    ``prev`` is a norm (its weight and bias are divided) or a Linear layer (its output rows and bias
+    are divided). The block computes the same function.
+    """
+    if not isinstance(prev, nn.Linear):
+        fold_smoothing(prev, linears, scales)
+        return
+    prev.weight.div_(scales.to(prev.weight.dtype)[:, None])
+    if prev.bias is not None:
+        prev.bias.div_(scales.to(prev.bias.dtype))
+    for linear in linears:
+        linear.weight.mul_(scales.to(linear.weight.dtype))
+
+
+def subsample_rows(x: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = 0) -> torch.Tensor:
+    """At most ``max_rows`` rows of ``x`` [..., in] as float32 [n, in], picked with a fixed generator."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] > max_rows:
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
+        x = x[keep.to(x.device)]
+    return x.float()
+
+
+def _group_size(args: QuantArgs, in_features: int) -> int:
+    """Columns that share one weight scale: the group, or the whole row for per-channel scales."""
+    if args.strategy == "group":
+        assert args.group_size is not None
+        return args.group_size
+    if args.strategy == "channel":
+        return in_features
+    raise ValueError(f"AWQ clipping needs per-group or per-channel weight scales, not per-{args.strategy}")
+
+
+def _relative_magnitude(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """|W| divided by the largest |W| of its quantization slice, [out, in] in 0..1."""
+    magnitude = weight.abs()
+    if args.strategy == "tensor":
+        return magnitude / magnitude.max().clamp_min(1e-12)
+    grouped = magnitude.unflatten(-1, (-1, _group_size(args, weight.shape[-1])))
+    return (grouped / grouped.amax(dim=-1, keepdim=True).clamp_min(1e-12)).flatten(-2)
+
+
+def _output_error(x: torch.Tensor, gram: torch.Tensor | None, delta: torch.Tensor) -> float:
+    """``‖x deltaᵀ‖²``, through the Gram matrix ``xᵀx`` when that is cheaper."""
+    if gram is None:
+        return float((x @ delta.T).square().sum())
+    return float(((delta @ gram) * delta).sum())
+
+
+@torch.no_grad()
+def awq_scale_search(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    args: QuantArgs,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+) -> tuple[torch.Tensor, float, float]:
+    """The per-input-channel scales that minimise the output error of round-to-nearest.
+
+    ``x`` [n, in] are the inputs the ``weights`` (each [out_i, in]) share. For each ratio
+    ``r`` in ``1/n_grid … (n_grid−1)/n_grid`` the candidate is ``s = mean|x|^r / mean|Ŵ|^(1−r)``
+    (``x``'s term alone without ``duo_scaling``), clamped to ≥ 1e-4 and divided by
+    ``sqrt(max(s)·min(s))``; ``r = 0`` is ``s = 1``. Error: ``Σ ‖x Wᵀ − x (Q(W·s)/s)ᵀ‖²`` over the
+    weights. Returns (scales [in] float32, that error, the ratio); ties keep the smaller ratio.
+    """
+    x = subsample_rows(x)
+    weights = [w.detach().float() for w in weights]
+    gram = x.T @ x if x.shape[0] > x.shape[1] else None
+
+    def error(scales: torch.Tensor) -> float:
+        return sum(_output_error(x, gram, w - fake_quantize(w * scales, args) / scales) for w in weights)
+
+    x_mean = x.abs().mean(dim=0)
+    w_mean = _relative_magnitude(torch.cat(weights), args).mean(dim=0).clamp(min=1e-4)
+    best_scales = torch.ones_like(x_mean)
+    best_error, best_ratio = error(best_scales), 0.0
+    for step in range(1, n_grid):
+        ratio = step / n_grid
+        scales = x_mean.pow(ratio)
+        if duo_scaling:
+            scales = scales / w_mean.pow(1 - ratio)
+        scales = scales.clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        candidate = error(scales)
+        if candidate < best_error:
+            best_scales, best_error, best_ratio = scales, candidate, ratio
+    return best_scales, best_error, best_ratio
+
+
+def apply_clip(weight: torch.Tensor, clip_values: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``weight`` [out, in] clamped to ±``clip_values`` [out, in // group_size] (whole rows when None)."""
+    grouped = weight.unflatten(-1, (-1, group_size or weight.shape[-1]))
+    limit = clip_values.to(weight.dtype).unsqueeze(-1)
+    return torch.maximum(torch.minimum(grouped, limit), -limit).flatten(-2)
+
+
+@torch.no_grad()
+def awq_clip_search(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    args: QuantArgs,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
+    """Per output row and quantization group, the clip value that minimises that group's output error.
+
+    Candidates are ``max|W_group| · (1 − k/n_grid)`` down to ``1 − max_shrink``; the error of a group
+    is ``‖x_group (W_group − Q(clip(W))_group)ᵀ‖²`` over the rows of ``x`` [n, in]. Groups are
+    quantized independently, so choosing each group's clip on its own is optimal for the layer.
+    Returns [out, in // group_size] (one column for per-channel scales), float32.
+    """
+    x = subsample_rows(x)
+    weight = weight.detach().float()
+    group_size = _group_size(args, weight.shape[-1])
+    x_grouped = x.unflatten(-1, (-1, group_size))
+    gram = torch.einsum("ngk,ngl->gkl", x_grouped, x_grouped)
+    max_abs = weight.unflatten(-1, (-1, group_size)).abs().amax(dim=-1)
+    best_clip = max_abs
+    best_error = torch.full_like(max_abs, float("inf"))
+    for step in range(round(max_shrink * n_grid) + 1):
+        clip_values = max_abs * (1 - step / n_grid)
+        delta = (weight - fake_quantize(apply_clip(weight, clip_values, group_size), args)).unflatten(-1, (-1, group_size))
+        error = (torch.einsum("ogk,gkl->ogl", delta, gram) * delta).sum(dim=-1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_clip = torch.where(better, clip_values, best_clip)
+    return best_clip
+
+
+@torch.no_grad()
+def capture_inputs(
+    block: nn.Module, inputs: list, modules: dict[str, nn.Module], max_rows: int = MAX_ROWS, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Up to ``max_rows`` input rows (tokens) of each module over one pass of ``block`` on ``inputs``.
+
+    Modules that read the very same tensor (q/k/v, gate/up) get the same captured tensor object,
+    so transforming it once transforms it for all of them. Rows are float32 [n, in].
+    """
+    rows_per_call = -(-max_rows // max(len(inputs), 1))
+    generator = torch.Generator().manual_seed(seed)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    alias: dict[str, str] = {}
+    # holding the tensor keeps its memory from being reused for another input within the call
+    first_reader: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape))
+            if key in first_reader:
+                alias[name] = first_reader[key][0]
+                return
+            first_reader[key] = (name, x)
+            rows = x.reshape(-1, x.shape[-1])
+            keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_call]
+            chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        for hidden, kwargs in inputs:
+            first_reader.clear()
+            block(hidden, **kwargs)
+    finally:
+        first_reader.clear()
+        for h in handles:
+            h.remove()
+    captured = {n: subsample_rows(torch.cat(c), max_rows, seed) for n, c in chunks.items()}
+    captured.update({n: captured[source] for n, source in alias.items() if n not in captured})
+    return captured
+
+
+@torch.no_grad()
+def quantize_model_awq(
+    model: nn.Module,
+    config: QuantizeConfig,
+    batches: list[dict[str, torch.Tensor]],
+    on_block: Callable[[str], None] | None = None,
+    n_grid: int = 20,
+    clip: bool = True,
+) -> QuantizeResult:
+    """AWQ then round-to-nearest, one transformer block at a time, on calibration ``batches``.
+
+    In each block: capture the inputs of the targeted Linear layers once; for each fold (norm →
+    q/k/v, v_proj → o_proj, norm → gate/up, up_proj → down_proj) search the scales on ``n_grid``
+    ratios and fold them (dividing the captured inputs of the fold's targets by them, as the fold
+    does to the real ones); with ``clip``, search a clip range per weight group (not for q/k);
+    then quantize every targeted layer. Blocks with nothing to fold into (post-norm encoders) get
+    clipping and round-to-nearest only; layers outside the blocks get round-to-nearest. Rewrites
+    ``model`` in place.
+    """
+    from squeeze.quant.apply import LayerError, QuantizeResult, _ignored, _replace, plan_layers
+    from squeeze.quant.linear import QuantizedLinear
+    from squeeze.quant.sequential import block_list, calibrate_sequentially
+
+    check_awq_config(config)
+    layers = plan_layers(model, config)
+    args = config.scheme.weights
+    _, blocks = block_list(model)
+    notes: list[str] = []
+    if not fold_groups(blocks[0])[0]:
+        notes.append(
+            f"no norm or Linear layer in {type(blocks[0]).__name__} feeds only Linear layers, so AWQ has "
+            "nothing to fold scales into: clipping and round-to-nearest only"
+        )
+    if clip and args.strategy not in ("group", "channel"):
+        notes.append(f"no clipping search for per-{args.strategy} weight scales")
+        clip = False
+    errors: list[LayerError] = []
+    done: set[str] = set()
+    scaled: list[str] = []
+    clipped: list[str] = []
+    skipped: dict[str, int] = {}
+
+    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
+        prefix = block_name + "."
+        targets = {n[len(prefix):]: m for n, m in layers.items() if n.startswith(prefix)}
+        if not targets:
+            return
+        groups, reasons = fold_groups(block)
+        for group in groups:
+            if not all(n in targets for n in group.linears):
+                reasons.append(f"{group.prev} -> {', '.join(group.linears)}: not all of them are quantized")
+        for reason in reasons:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        groups = [g for g in groups if all(n in targets for n in g.linears)]
+        captured = capture_inputs(block, inputs, targets)
+        for group in groups:
+            linears = [targets[n] for n in group.linears]
+            scales, _, ratio = awq_scale_search(captured[group.linears[0]], [m.weight for m in linears], args, n_grid)
+            if ratio == 0:
+                continue  # s = 1: round-to-nearest is already best here
+            fold_scales(block.get_submodule(group.prev), linears, scales)
+            for x in {id(captured[n]): captured[n] for n in group.linears}.values():
+                x.div_(scales.to(x.device))
+            scaled.extend(prefix + n for n in group.linears)
+        for name, linear in targets.items():
+            weight = linear.weight.detach()
+            if clip and name.rpartition(".")[2] not in UNCLIPPED and name in captured:
+                weight = apply_clip(weight, awq_clip_search(captured[name], weight, args, n_grid), args.group_size)
+                clipped.append(prefix + name)
+            # codes from the clipped weight, but _replace measures the error against the unclipped one
+            scale, zero_point = compute_qparams(weight, args)
+            codes = quantize(weight, scale, zero_point, args)
+            qlinear = QuantizedLinear.from_codes(linear, config.scheme, codes, scale, zero_point)
+            errors.append(_replace(model, prefix + name, linear, qlinear))
+            done.add(prefix + name)
+
+    calibrate_sequentially(model, batches, compress_block, on_block)
+    leftover = {n: m for n, m in layers.items() if n not in done}
+    for name, linear in leftover.items():
+        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    if scaled:
+        notes.append(f"AWQ scaled {len(scaled)} of {len(layers)} layers (grid of {n_grid} ratios)")
+    notes.extend(f"AWQ skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
+    if clipped:
+        notes.append(f"clipped the weight range of {len(clipped)} layers (q/k projections are never clipped)")
+    if leftover:
+        notes.append(f"round-to-nearest for {len(leftover)} layer(s) outside the blocks: {', '.join(leftover)}")
+    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
