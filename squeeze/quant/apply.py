@@ -184,6 +184,25 @@ def _replace(model: nn.Module, name: str, linear: nn.Linear, qlinear: QuantizedL
     )
 
 
+def finish_outside_blocks(
+    model: nn.Module,
+    config: QuantizeConfig,
+    layers: dict[str, nn.Linear],
+    done: set[str],
+    errors: list[LayerError],
+    notes: list[str],
+) -> None:
+    """Round-to-nearest for targeted layers no block calibrated (rare: lm_head is ignored by default)."""
+    act = config.scheme.input_activations
+    leftover = {n: m for n, m in layers.items() if n not in done}
+    for name, linear in leftover.items():
+        if act is not None and not act.dynamic:
+            raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
+        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    if leftover:
+        notes.append(f"round-to-nearest for {len(leftover)} layer(s) not calibrated in a block: {', '.join(leftover)}")
+
+
 @torch.no_grad()
 def quantize_model_gptq(
     model: nn.Module,
@@ -300,15 +319,8 @@ def quantize_model_gptq(
             done.add(name)
             pending.pop(name)
 
-
     calibrate_sequentially(model, batches, compress_block, on_block)
-    leftover = {n: m for n, m in layers.items() if n not in done}
-    for name, linear in leftover.items():
-        if static:
-            raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
-        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
-    if leftover:
-        notes.append(f"round-to-nearest for {len(leftover)} layer(s) not calibrated in a block: {', '.join(leftover)}")
+    finish_outside_blocks(model, config, layers, done, errors, notes)
     return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
 
 
@@ -381,11 +393,7 @@ def quantize_model_smoothquant(
             done.add(name)
 
     calibrate_sequentially(model, batches, compress_block, on_block)
-    leftover = {n: m for n, m in layers.items() if n not in done}
-    for name, linear in leftover.items():
-        if static:
-            raise SqueezeError(f"layer {name} is outside the transformer blocks; static activation scales need it inside")
-        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    finish_outside_blocks(model, config, layers, done, errors, notes)
     if smoothed:
         notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {config.alpha}); the rest read inputs no norm feeds alone")
     return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)

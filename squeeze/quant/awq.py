@@ -288,7 +288,14 @@ def quantize_model_awq(
     clipping and round-to-nearest only; layers outside the blocks get round-to-nearest. Rewrites
     ``model`` in place.
     """
-    from squeeze.quant.apply import LayerError, QuantizeResult, _ignored, _replace, plan_layers
+    from squeeze.quant.apply import (
+        LayerError,
+        QuantizeResult,
+        _ignored,
+        _replace,
+        finish_outside_blocks,
+        plan_layers,
+    )
     from squeeze.quant.linear import QuantizedLinear
     from squeeze.quant.sequential import block_list, calibrate_sequentially
 
@@ -346,14 +353,10 @@ def quantize_model_awq(
             done.add(prefix + name)
 
     calibrate_sequentially(model, batches, compress_block, on_block)
-    leftover = {n: m for n, m in layers.items() if n not in done}
-    for name, linear in leftover.items():
-        errors.append(_replace(model, name, linear, QuantizedLinear.from_linear(linear, config.scheme)))
+    finish_outside_blocks(model, config, layers, done, errors, notes)
     if scaled:
         notes.append(f"AWQ scaled {len(scaled)} of {len(layers)} layers (grid of {n_grid} ratios)")
     notes.extend(f"AWQ skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
     if clipped:
         notes.append(f"clipped the weight range of {len(clipped)} layers (q/k projections are never clipped)")
-    if leftover:
-        notes.append(f"round-to-nearest for {len(leftover)} layer(s) outside the blocks: {', '.join(leftover)}")
     return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
