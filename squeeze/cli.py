@@ -76,7 +76,7 @@ def quantize(
     damp_percent: Annotated[float, typer.Option(help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
     block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
-    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.")] = True,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.")] = False,
     awq_grid: Annotated[int, typer.Option(help="AWQ: scale ratios tried per fold (0, 1/n, ..., (n-1)/n).")] = 20,
     awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a smaller clip range per weight group (never q/k).")] = True,
     alpha: Annotated[float, typer.Option(help="SmoothQuant: share of the activation range moved into the weights, 0..1.")] = 0.5,
