@@ -7,7 +7,7 @@ stderr, library users get :class:`NullProgress` (silent) unless they pass their 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 from rich.console import Console
@@ -15,10 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, Te
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: int | None) -> "contextmanager[Callable[[int], None]]":
+    def task(self, description: str, total: int | None) -> AbstractContextManager[Callable[[int], None]]:
         """A counted stage; the yielded function advances it by n units."""
 
-    def status(self, description: str) -> "contextmanager[None]":
+    def status(self, description: str) -> AbstractContextManager[None]:
         """An uncounted stage (loading, writing)."""
 
 

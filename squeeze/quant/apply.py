@@ -24,7 +24,7 @@ class QuantizeConfig:
     scheme: QuantScheme = field(default_factory=QuantScheme)
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
-    method: str = "rtn"  # "rtn" or "gptq"
+    method: str = "rtn"  # one of METHODS
     damp_percent: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # GPTQ: columns updated together
     act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
@@ -102,6 +102,14 @@ def _check_foldable(model: nn.Module) -> None:
         )
 
 
+def merge_range(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, x: torch.Tensor) -> None:
+    """Widen ``ranges[name]`` (min, max) to cover ``x``."""
+    lo, hi = torch.aminmax(x.detach().float())
+    if name in ranges:
+        lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+    ranges[name] = (lo, hi)
+
+
 @torch.no_grad()
 def observe_input_ranges(
     model: nn.Module,
@@ -112,17 +120,10 @@ def observe_input_ranges(
     """Min and max of every listed layer's input over calibration batches (static activation scales)."""
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            lo, hi = torch.aminmax(args[0].detach().float())
-            if name in ranges:
-                old_lo, old_hi = ranges[name]
-                lo, hi = torch.minimum(lo, old_lo), torch.maximum(hi, old_hi)
-            ranges[name] = (lo, hi)
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda _module, args, name=n: merge_range(ranges, name, args[0]))
+        for n, m in layers.items()
+    ]
     try:
         for batch in batches:
             model(**batch)
@@ -217,7 +218,7 @@ def quantize_model_gptq(
     (rare; lm_head is ignored by default) fall back to round-to-nearest, noted in the result.
     """
     from squeeze.quant.gptq import HessianAccumulator, gptq_quantize
-    from squeeze.quant.sequential import calibrate_sequentially
+    from squeeze.quant.sequential import calibrate_sequentially, run_block_observed
 
     layers = plan_layers(model, config)
     errors: list[LayerError] = []
@@ -232,34 +233,20 @@ def quantize_model_gptq(
         order: list[str] = []
         same_call: dict[tuple, HessianAccumulator] = {}
 
-        def hook_for(name: str):
-            def hook(module: nn.Linear, args: tuple) -> None:
-                x = args[0]
-                key = (x.data_ptr(), tuple(x.shape))
-                acc = same_call.get(key)
-                if acc is None:
-                    acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
-                    acc.add(x)
-                    same_call[key] = acc
-                accumulators[name] = acc
-                if name not in order:
-                    order.append(name)
-                if static:
-                    lo, hi = torch.aminmax(x.detach().float())
-                    if name in ranges:
-                        lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
-                    ranges[name] = (lo, hi)
+        def observe_input(name: str, module: nn.Linear, x: torch.Tensor) -> None:
+            key = (x.data_ptr(), tuple(x.shape))
+            acc = same_call.get(key)
+            if acc is None:
+                acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
+                acc.add(x)
+                same_call[key] = acc
+            accumulators[name] = acc
+            if name not in order:
+                order.append(name)
+            if static:
+                merge_range(ranges, name, x)
 
-            return hook
-
-        handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-        try:
-            for hidden, kwargs in inputs:
-                same_call.clear()
-                block(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear)
         return accumulators, ranges, order
 
     def compress_block(block_name: str, block: nn.Module, inputs) -> None:
@@ -338,7 +325,7 @@ def quantize_model_smoothquant(
     measure static activation ranges if the scheme has them (after smoothing), then quantize.
     Layers whose input no norm feeds alone (o_proj, down_proj) are quantized unsmoothed.
     """
-    from squeeze.quant.sequential import block_list, calibrate_sequentially
+    from squeeze.quant.sequential import block_list, calibrate_sequentially, run_block_observed
     from squeeze.quant.smoothquant import fold_smoothing, smoothing_factors, smoothing_groups
 
     layers = plan_layers(model, config)
@@ -351,25 +338,16 @@ def quantize_model_smoothquant(
     static = not config.scheme.input_activations.dynamic  # type: ignore[union-attr]
     smoothed: list[str] = []
 
-    def run_with_hooks(block: nn.Module, inputs, modules: dict[str, nn.Module], observe) -> None:
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in modules.items()]
-        try:
-            for hidden, kwargs in inputs:
-                block(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-
     def compress_block(block_name: str, block: nn.Module, inputs) -> None:
         groups = smoothing_groups(block)
         channel_max: dict[str, torch.Tensor] = {}
 
-        def observe_max(name: str, x: torch.Tensor) -> None:
+        def observe_max(name: str, _module: nn.Module, x: torch.Tensor) -> None:
             current = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             channel_max[name] = torch.maximum(channel_max[name], current) if name in channel_max else current
 
         firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
-        run_with_hooks(block, inputs, firsts, observe_max)
+        run_block_observed(block, inputs, firsts, observe_max)
         for group in groups:
             linears = [block.get_submodule(n) for n in group.linears]
             factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], config.alpha)
@@ -379,14 +357,7 @@ def quantize_model_smoothquant(
         targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
         ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if static:
-
-            def observe_range(name: str, x: torch.Tensor) -> None:
-                lo, hi = torch.aminmax(x.detach().float())
-                if name in ranges:
-                    lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
-                ranges[name] = (lo, hi)
-
-            run_with_hooks(block, inputs, targets, observe_range)
+            run_block_observed(block, inputs, targets, lambda name, _module, x: merge_range(ranges, name, x))
         for name, linear in targets.items():
             qlinear = QuantizedLinear.from_linear(linear, config.scheme, ranges.get(name))
             errors.append(_replace(model, name, linear, qlinear))

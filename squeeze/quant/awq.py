@@ -26,6 +26,7 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.quant.rtn import compute_qparams, fake_quantize, quantize
 from squeeze.quant.scheme import QuantArgs
+from squeeze.quant.sequential import run_block_observed
 from squeeze.quant.smoothquant import fold_smoothing, smoothing_groups
 
 if TYPE_CHECKING:
@@ -241,29 +242,21 @@ def capture_inputs(
     # holding the tensor keeps its memory from being reused for another input within the call
     first_reader: dict[tuple, tuple[str, torch.Tensor]] = {}
 
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in first_reader:
-                alias[name] = first_reader[key][0]
-                return
-            first_reader[key] = (name, x)
-            rows = x.reshape(-1, x.shape[-1])
-            keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_call]
-            chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
+    def observe(name: str, _module: nn.Module, x: torch.Tensor) -> None:
+        x = x.detach()
+        key = (x.data_ptr(), tuple(x.shape))
+        if key in first_reader:
+            alias[name] = first_reader[key][0]
+            return
+        first_reader[key] = (name, x)
+        rows = x.reshape(-1, x.shape[-1])
+        keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_call]
+        chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
     try:
-        for hidden, kwargs in inputs:
-            first_reader.clear()
-            block(hidden, **kwargs)
+        run_block_observed(block, inputs, modules, observe, before_call=first_reader.clear)
     finally:
         first_reader.clear()
-        for h in handles:
-            h.remove()
     captured = {n: subsample_rows(torch.cat(c), max_rows, seed) for n, c in chunks.items()}
     captured.update({n: captured[source] for n, source in alias.items() if n not in captured})
     return captured

@@ -75,6 +75,31 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 
 @torch.no_grad()
+def run_block_observed(
+    block: nn.Module,
+    inputs: BlockInputs,
+    modules: dict[str, nn.Module],
+    observe: Callable[[str, nn.Module, torch.Tensor], None],
+    before_call: Callable[[], None] | None = None,
+) -> None:
+    """Run ``block`` on every captured input, calling ``observe(name, module, x)`` with the input
+    ``x`` of each listed module. ``before_call`` runs before each input, for per-call state (layers
+    that read the very same tensor, like q/k/v, are recognised within one call)."""
+    handles = [
+        m.register_forward_pre_hook(lambda module, args, name=n: observe(name, module, args[0]))
+        for n, m in modules.items()
+    ]
+    try:
+        for hidden, kwargs in inputs:
+            if before_call:
+                before_call()
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def calibrate_sequentially(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
