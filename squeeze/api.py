@@ -21,7 +21,8 @@ from squeeze import __version__
 from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
-from squeeze.formats.compressed_tensors import checkpoint_state_dict, compressed_weight_bytes, write_checkpoint
+from squeeze import formats
+from squeeze.formats.compressed_tensors import checkpoint_state_dict
 from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
 from squeeze.quant.apply import (
@@ -34,6 +35,7 @@ from squeeze.quant.apply import (
 )
 from squeeze.quant.awq import quantize_model_awq
 from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.nf4 import NF4Linear
 from squeeze.quant.sequential import block_list
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
 
@@ -149,6 +151,9 @@ def quantize(
         blockwise = BLOCKWISE_METHODS[config.method]
         with watch.stage("quantize"), progress.task(f"{config.method}, block by block", len(block_list(net)[1])) as advance:
             result = blockwise(net, config, batches, on_block=lambda _name: advance(1))
+        # the block-by-block methods interleave running calibration text and solving: split the time
+        watch.timings["calibrate"] = result.calibration_s
+        watch.timings["quantize"] -= result.calibration_s
     else:
         with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
             result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
@@ -158,13 +163,16 @@ def quantize(
         accuracy = _evaluate(loaded, reference, eval_windows, data, seq_len, batch_size, watch, progress)
         del reference
 
+    method_settings = _method_settings(config)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("save"), progress.status(f"writing {out}"):
-            files = write_checkpoint(
-                net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer, dtype=loaded.stored_dtype
+            written = formats.write(
+                config.format, net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer,
+                dtype=loaded.stored_dtype, method={"method": config.method, **method_settings},
             )
+        files = written.files
         linear_after = sum(
-            compressed_weight_bytes(m) for m in net.modules() if isinstance(m, QuantizedLinear)
+            formats.weight_bytes(config.format, m) for m in net.modules() if isinstance(m, (QuantizedLinear, NF4Linear))
         )
         size = SizeReport(
             parameters=parameters,
@@ -186,20 +194,9 @@ def quantize(
             },
             settings={
                 "method": config.method,
-                **(
-                    {
-                        "damp_percent": config.damp_percent,
-                        "block_size": config.block_size,
-                        "act_order": config.act_order,
-                        "true_sequential": config.true_sequential,
-                    }
-                    if config.method == "gptq"
-                    else {}
-                ),
-                **({"alpha": config.alpha} if config.method == "smoothquant" else {}),
-                **({"awq_grid": config.awq_grid, "awq_clip": config.awq_clip} if config.method == "awq" else {}),
-                "scheme": config.scheme.describe(),
-                "format": config.scheme.checkpoint_format,
+                **method_settings,
+                "scheme": "NF4 (bitsandbytes), absmax blocks of 64" if config.format == "bnb-nf4" else config.scheme.describe(),
+                "format": formats.describe_format(config.format, config.scheme),
                 "targets": list(config.targets) or ["all Linear layers"],
                 "ignore": list(config.ignore),
                 "full_precision_linear_layers": result.ignored,
@@ -215,13 +212,32 @@ def quantize(
             peak_rss_bytes=peak_rss_bytes(),
             device=device,
             accuracy=accuracy,
-            layers=[LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error) for e in result.layers],
-            notes=result.notes,
+            layers=[
+                LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error, e.output_error, e.method_loss)
+                for e in result.layers
+            ],
+            notes=result.notes + written.notes,
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         write_report(report, tmp)
     return report
+
+
+def _method_settings(config: QuantizeConfig) -> dict:
+    """The method's own parameters, for the report and the checkpoint's metadata."""
+    if config.method == "gptq":
+        return {
+            "damp_percent": config.damp_percent,
+            "block_size": config.block_size,
+            "act_order": config.act_order,
+            "true_sequential": config.true_sequential,
+        }
+    if config.method == "smoothquant":
+        return {"alpha": config.alpha}
+    if config.method == "awq":
+        return {"awq_grid": config.awq_grid, "awq_clip": config.awq_clip}
+    return {}
 
 
 def _evaluate(

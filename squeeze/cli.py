@@ -81,6 +81,7 @@ def quantize(
     awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a smaller clip range per weight group (never q/k).")] = True,
     alpha: Annotated[float, typer.Option(help="SmoothQuant: share of the activation range moved into the weights, 0..1.")] = 0.5,
     smooth_fallback: Annotated[bool, typer.Option("--smooth-fallback", help="SmoothQuant: quantize without smoothing where no norm can be folded.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="Checkpoint format: compressed-tensors (transformers, vLLM), gptq (GPTQModel, transformers + optimum), bnb-int8 or bnb-nf4 (transformers + bitsandbytes).")] = "compressed-tensors",
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
@@ -97,7 +98,7 @@ def quantize(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Quantize (round-to-nearest or GPTQ) to a compressed-tensors checkpoint, with a memory and accuracy report."""
+    """Quantize (round-to-nearest, GPTQ, AWQ or SmoothQuant) to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
     from squeeze.api import quantize as run_quantize
     from squeeze.quant.apply import QuantizeConfig
     from squeeze.quant.scheme import scheme_from_options
@@ -107,14 +108,16 @@ def quantize(
     for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples)):
         if value < 1:
             _fail(f"{name} must be at least 1, got {value}")
-    # AWQ's usual scheme is W4 group-wise asymmetric; explicit options always win
+    # AWQ's usual scheme is W4 group-wise asymmetric, NF4's is 4-bit blocks of 64; explicit options always win
     weight_only_low_bit = method == "awq"
+    if fmt == "bnb-nf4":
+        mode, bits, group_size = mode or "per-group", bits or 4, group_size or 64
     mode = mode or ("per-group" if weight_only_low_bit else "per-channel")
     bits = bits if bits is not None else (4 if weight_only_low_bit else 8)
     asym = asym if asym is not None else weight_only_low_bit
     scheme = _run(
         scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype,
-        act_asym=act_asym,
+        act_asym=act_asym, checkpoint=fmt,
     )
     config = _run(
         QuantizeConfig,
@@ -130,11 +133,14 @@ def quantize(
         awq_clip=awq_clip,
         alpha=alpha,
         smooth_fallback=smooth_fallback,
+        format=fmt,
     )
     if out_dir is None:
         stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != "rtn" else ""
+        suffix = "nf4" if fmt == "bnb-nf4" else suffix
+        suffix += f"-{fmt}" if fmt != "compressed-tensors" else ""
         out_dir = Path(f"{stem}-{suffix}")
     progress = NullProgress() if quiet else ConsoleProgress(err)
     report = _run(
@@ -158,7 +164,7 @@ def quantize(
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     elif not quiet:
         out.print(to_rich(report))
-        out.print(f"wrote {out_dir}/ (model.safetensors, config.json, report.json, report.md)")
+        out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
 
 
 @app.command()

@@ -74,6 +74,8 @@ class LayerReport:
     shape: tuple[int, int]
     relative_error: float
     max_abs_error: float
+    output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs (calibrated methods)
+    method_loss: float | None = None  # the method's own objective (GPTQ: Σ (w − ŵ)² / [H⁻¹]_jj² / 2)
 
 
 @dataclass
@@ -172,19 +174,28 @@ def to_markdown(report: Report, worst_layers: int = 0) -> str:
         layers = report.layers
         if worst_layers:
             layers = sorted(layers, key=lambda layer: -layer.relative_error)[:worst_layers]
+        has_output = any(layer.output_error is not None for layer in layers)
+        has_loss = any(layer.method_loss is not None for layer in layers)
+        header = ["layer", "shape", "relative error", "max abs error"]
+        header += ["output error"] * has_output + ["method loss"] * has_loss
         lines += [
             "",
             "## Per-layer quantization error",
             "",
             "relative error = ‖W − Ŵ‖ / ‖W‖ (Frobenius); max abs = largest elementwise |W − Ŵ|",
-            "",
-            "| layer | shape | relative error | max abs error |",
-            "|---|---|---|---|",
         ]
-        lines += [
-            f"| {layer.name} | {layer.shape[0]}x{layer.shape[1]} | {layer.relative_error:.5f} | {layer.max_abs_error:.3g} |"
-            for layer in layers
-        ]
+        if has_output:
+            lines.append("; output error = ‖(W − Ŵ)X‖ / ‖WX‖ over the layer's calibration inputs X")
+        if has_loss:
+            lines.append("; method loss = GPTQ's objective Σ (w − ŵ)² / [H⁻¹]ⱼⱼ² / 2 (its estimate of the squared output error)")
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for layer in layers:
+            cells = [layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.relative_error:.5f}", f"{layer.max_abs_error:.3g}"]
+            if has_output:
+                cells.append(_fmt(layer.output_error, ".5f"))
+            if has_loss:
+                cells.append(_fmt(layer.method_loss, ".4g"))
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +214,12 @@ def to_rich(report: Report, worst_layers: int = 8) -> Group:
         layers.add_column("layer")
         layers.add_column("shape")
         layers.add_column("relative error", justify="right")
+        has_output = any(layer.output_error is not None for layer in worst)
+        if has_output:
+            layers.add_column("output error", justify="right")
         for layer in worst:
-            layers.add_row(layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.relative_error:.5f}")
+            cells = [layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.relative_error:.5f}"]
+            layers.add_row(*cells, *([_fmt(layer.output_error, ".5f")] if has_output else []))
         parts.append(layers)
     return Group(*parts)
 

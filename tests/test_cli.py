@@ -46,7 +46,7 @@ def test_w8a8_static_calibrates(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = run("quantize", tiny_llama_dir, "--act", "per-tensor", "--out", tmp_path / "o", "--json", "-q", "--data", "bbc", *FAST)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["settings"]["format"] == "int-quantized"
+    assert report["settings"]["format"] == "compressed-tensors (int-quantized)"
     assert report["settings"]["calibration"].startswith("bbc: 2 x 64")
     assert "calibrate" in report["timings_s"]
 
@@ -129,7 +129,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_llama_dir: Path, tmp_p
     assert not (out / "keep.txt").exists() and (out / "report.json").exists()
 
 
-@pytest.mark.parametrize("where", ["squeeze.api.write_checkpoint", "squeeze.api.write_report", "squeeze.api.compare_causal"])
+@pytest.mark.parametrize("where", ["squeeze.formats.write", "squeeze.api.write_report", "squeeze.api.compare_causal"])
 def test_ctrl_c_leaves_nothing(where: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -200,7 +200,7 @@ def test_smoothquant_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["settings"]["alpha"] == 0.8 and report["settings"]["format"] == "int-quantized"
+    assert report["settings"]["alpha"] == 0.8 and report["settings"]["format"] == "compressed-tensors (int-quantized)"
     assert any("smoothed" in note for note in report["notes"])
 
 

@@ -75,5 +75,5 @@ def test_minilm_cli_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["model"]["kind"] == "encoder"
-    assert report["settings"]["format"] == "int-quantized"
+    assert report["settings"]["format"] == "compressed-tensors (int-quantized)"
     assert report["accuracy"]["embedding_cosine_mean"] > 0.95

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create benchmarks/peers/.venv with llm-compressor, the peer the RTN benchmark compares against.
+# Create benchmarks/peers/.venv with llm-compressor, the peer the RTN and calibrated benchmarks compare
+# against, then benchmarks/peers/.venv-gptqmodel with GPTQModel (setup_gptqmodel.sh; skip it with
+# SKIP_GPTQMODEL=1).
 #
 # llm-compressor caps transformers below the version squeeze's own venv uses, so it lives in a venv
 # of its own. torch is pinned by the project's constraints file (the CPU wheel); squeeze is
@@ -27,3 +29,7 @@ import importlib.metadata as md
 for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "squeeze"):
     print(f"{name} {md.version(name)}")
 PY
+
+if [[ "${SKIP_GPTQMODEL:-0}" != 1 ]]; then
+  "$here/setup_gptqmodel.sh"
+fi

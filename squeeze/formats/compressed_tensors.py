@@ -72,10 +72,18 @@ def checkpoint_state_dict(model: nn.Module, dtype: torch.dtype | None = None) ->
     biases), e.g. back to the bfloat16 a model was stored in; scales keep their own dtype.
     """
     state: dict[str, torch.Tensor] = {}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    for name, layer in quantized.items():
-        state.update(quantized_tensors(name, layer))
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear):
+            state.update(quantized_tensors(name, layer))
+    state.update(dense_tensors(model, dtype))
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type = QuantizedLinear) -> dict[str, torch.Tensor]:
+    """The tensors outside the quantized layers (modules of type ``skip``), tied copies stored once."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, skip)]
     inside_quantized = tuple(f"{n}." for n in quantized)
+    state: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
         if key.startswith(inside_quantized):
@@ -159,6 +167,20 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
     return paths
 
 
+def write_config_files(model: nn.Module, out_dir: Path, quant_config: dict, tokenizer=None, dtype: torch.dtype | None = None) -> None:
+    """config.json (with ``quant_config`` as its quantization_config), generation config, tokenizer."""
+    config_dict = model.config.to_dict()
+    config_dict["quantization_config"] = quant_config
+    if dtype is not None:
+        config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
 def write_checkpoint(
     model: nn.Module,
     scheme: QuantScheme,
@@ -173,15 +195,5 @@ def write_checkpoint(
     Returns the safetensors files written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    config_dict = config.to_dict()
-    config_dict["quantization_config"] = quantization_config(scheme, ignored)
-    if dtype is not None:
-        config_dict["dtype"] = str(dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    write_config_files(model, out_dir, quantization_config(scheme, ignored), tokenizer, dtype)
     return save_safetensors(checkpoint_state_dict(model, dtype), out_dir)

@@ -33,6 +33,7 @@ class QuantizeConfig:
     awq_clip: bool = True  # AWQ: search a smaller clip range per weight group
     alpha: float = 0.5  # SmoothQuant: how much of the activation range moves into the weights
     smooth_fallback: bool = False  # SmoothQuant: quantize unsmoothed where no norm can be folded
+    format: str = "compressed-tensors"  # checkpoint format, one of squeeze.formats.FORMATS
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +52,9 @@ class QuantizeConfig:
             check_awq_config(self)
         if self.method == "smoothquant" and self.scheme.input_activations is None:
             raise SqueezeError("SmoothQuant is for W8A8: add --act per-token (or per-tensor) to quantize activations")
+        from squeeze.formats import check_format
+
+        check_format(self.format, self.scheme, self.method)
 
     @property
     def needs_calibration(self) -> bool:
@@ -67,6 +71,8 @@ class LayerError:
     shape: tuple[int, int]
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
     max_abs_error: float
+    output_error: float | None = None  # ‖(W − Ŵ)X‖_F / ‖WX‖_F on the calibration inputs X (calibrated methods)
+    method_loss: float | None = None  # the method's own objective, e.g. GPTQ's Σ (w − ŵ)² / [H⁻¹]_jj / 2
 
 
 @dataclass
@@ -75,6 +81,7 @@ class QuantizeResult:
     quantized: list[str]  # module names now QuantizedLinear
     ignored: list[str]  # Linear layers left in full precision
     notes: list[str] = field(default_factory=list)  # what the method had to adapt, e.g. raised damping
+    calibration_s: float = 0.0  # of the quantize time, seconds spent running calibration text
 
 
 def plan_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
@@ -159,9 +166,12 @@ def quantize_model(
         raise ValueError("quantize_model does round-to-nearest; use quantize_model_gptq for GPTQ")
     errors: list[LayerError] = []
     for name, linear in layers.items():
-        qlinear = QuantizedLinear.from_linear(
-            linear, config.scheme, input_ranges.get(name) if input_ranges else None
-        )
+        if config.format == "bnb-nf4":
+            from squeeze.quant.nf4 import NF4Linear
+
+            qlinear: nn.Module = NF4Linear.from_linear(linear, config.scheme.weights.group_size or 64)
+        else:
+            qlinear = QuantizedLinear.from_linear(linear, config.scheme, input_ranges.get(name) if input_ranges else None)
         errors.append(_replace(model, name, linear, qlinear))
         if on_layer:
             on_layer(name)
@@ -172,16 +182,34 @@ def _ignored(model: nn.Module, layers: dict[str, nn.Linear]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
 
 
-def _replace(model: nn.Module, name: str, linear: nn.Linear, qlinear: QuantizedLinear) -> LayerError:
-    """Swap ``linear`` for ``qlinear`` in ``model`` and measure how far the weight moved."""
+def _replace(
+    model: nn.Module,
+    name: str,
+    linear: nn.Linear,
+    qlinear: nn.Module,
+    hessian: torch.Tensor | None = None,
+    method_loss: float | None = None,
+) -> LayerError:
+    """Swap ``linear`` for ``qlinear`` in ``model`` and measure how far the weight moved.
+
+    With the layer's ``hessian`` (``2/n Σ x xᵀ`` of its calibration inputs) the output error
+    ``‖ΔW X‖ / ‖W X‖ = sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`` is measured too.
+    """
     weight = linear.weight.detach()
     diff = (qlinear.dequantized_weight(weight.dtype) - weight).float()
+    output_error = None
+    if hessian is not None:
+        h = hessian.to(diff.device)
+        w = weight.float()
+        output_error = float((((diff @ h) * diff).sum() / ((w @ h) * w).sum().clamp_min(1e-30)).clamp_min(0).sqrt())
     _set_module(model, name, qlinear)
     return LayerError(
         name=name,
         shape=(linear.out_features, linear.in_features),
         relative_error=float(diff.norm() / weight.float().norm().clamp_min(1e-30)),
         max_abs_error=float(diff.abs().max()),
+        output_error=output_error,
+        method_loss=method_loss,
     )
 
 
@@ -302,13 +330,16 @@ def quantize_model_gptq(
                 linear, config.scheme, solved.codes[rows].to(linear.weight.device),
                 scale.to(linear.weight.device), zero_point.to(linear.weight.device), ranges.get(name),
             )
-            errors.append(_replace(model, name, linear, qlinear))
+            rows_loss = float(solved.row_loss[rows].sum())
+            errors.append(_replace(model, name, linear, qlinear, accumulators[names[0]].hessian, rows_loss))
             done.add(name)
             pending.pop(name)
 
-    calibrate_sequentially(model, batches, compress_block, on_block)
+    calibration_s = calibrate_sequentially(model, batches, compress_block, on_block)
     finish_outside_blocks(model, config, layers, done, errors, notes)
-    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
+    return QuantizeResult(
+        layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes, calibration_s=calibration_s
+    )
 
 
 @torch.no_grad()
@@ -363,8 +394,10 @@ def quantize_model_smoothquant(
             errors.append(_replace(model, name, linear, qlinear))
             done.add(name)
 
-    calibrate_sequentially(model, batches, compress_block, on_block)
+    calibration_s = calibrate_sequentially(model, batches, compress_block, on_block)
     finish_outside_blocks(model, config, layers, done, errors, notes)
     if smoothed:
         notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {config.alpha}); the rest read inputs no norm feeds alone")
-    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
+    return QuantizeResult(
+        layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes, calibration_s=calibration_s
+    )

@@ -41,7 +41,11 @@ class GPTQResult:
     zero_point: torch.Tensor
     damp: float  # the damping finally added to H's diagonal, as a fraction of its mean
     retries: int  # times the Cholesky factorisation failed and the damping was raised tenfold
-    loss: float  # Σ (w − ŵ)² / [H⁻¹]_jj / 2: the layer's estimated output error
+    row_loss: torch.Tensor  # per output row, Σ_j (w − ŵ)² / [H⁻¹]_jj² / 2: GPTQ's estimate of its output error
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_loss.sum())
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float, int]:
@@ -110,7 +114,7 @@ def gptq_quantize(
     h_inv, damp, retries = _inverse_cholesky(h, damp_percent)
 
     codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=w.device)
-    loss = 0.0
+    row_loss = torch.zeros(out_features, dtype=torch.float64, device=w.device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         block = w[:, start:end].clone()
@@ -132,8 +136,8 @@ def gptq_quantize(
             x_hat = (q - z) * s
             d = h_inv_block[i, i]
             err = (x - x_hat) / d
-            loss += float(((x - x_hat) ** 2).sum() / d**2) / 2
+            row_loss += ((x - x_hat) ** 2 / d**2 / 2).double()
             block[:, i:] -= err.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, loss=loss)
+    return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, row_loss=row_loss.cpu())

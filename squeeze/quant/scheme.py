@@ -138,6 +138,7 @@ def scheme_from_options(
     act_bits: int = 8,
     scale_dtype: str | None = "auto",
     act_asym: bool = False,
+    checkpoint: str = "compressed-tensors",
 ) -> QuantScheme:
     """Build a scheme from the CLI's words (``--mode``, ``--bits``, ``--group-size``, ``--asym``, ``--act``).
 
@@ -146,8 +147,8 @@ def scheme_from_options(
     float16, as GPTQ and AWQ checkpoints do (4.25 rather than 4.5 bits per int4 weight at group
     size 64), except for asymmetric weight-only schemes: transformers dequantizes those at load
     time in the scales' own dtype, so float16 scales would make the reloaded model differ from
-    the one squeeze evaluated; they keep float32 scales. Raises SqueezeError for impossible
-    combinations.
+    the one squeeze evaluated; they keep float32 scales. GPTQ checkpoints (``checkpoint="gptq"``)
+    always store float16 scales. Raises SqueezeError for impossible combinations.
     """
     if mode not in MODES:
         raise SqueezeError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -159,7 +160,7 @@ def scheme_from_options(
     if strategy != "group" and group_size is not None:
         raise SqueezeError(f"--group-size only applies to --mode per-group, not {mode}")
     if scale_dtype == "auto":
-        scale_dtype = "float32" if asym and act == "none" else "float16"
+        scale_dtype = "float32" if asym and act == "none" and checkpoint == "compressed-tensors" else "float16"
     weights = QuantArgs(
         num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype
     )

@@ -9,7 +9,9 @@ calibrated on what the compressed blocks before it really produce.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +21,25 @@ from squeeze.errors import SqueezeError
 from squeeze.models import find_blocks
 
 BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]]
+
+
+class _ForwardClock:
+    """Seconds spent running calibration text through the model: capturing block inputs, the
+    observation passes that collect statistics, and producing each block's outputs."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+CALIBRATION_CLOCK = _ForwardClock()
 
 
 class _StopForward(Exception):
@@ -48,11 +69,12 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Ten
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
-            except _StopForward:
-                pass
+        with CALIBRATION_CLOCK.timing():
+            for batch in batches:
+                try:
+                    model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
+                except _StopForward:
+                    pass
     finally:
         handle.remove()
     return captured
@@ -71,7 +93,8 @@ def _hidden(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """The block's outputs for every captured input, paired with the same keyword arguments."""
-    return [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+    with CALIBRATION_CLOCK.timing():
+        return [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
 
 
 @torch.no_grad()
@@ -90,10 +113,11 @@ def run_block_observed(
         for n, m in modules.items()
     ]
     try:
-        for hidden, kwargs in inputs:
-            if before_call:
-                before_call()
-            block(hidden, **kwargs)
+        with CALIBRATION_CLOCK.timing():
+            for hidden, kwargs in inputs:
+                if before_call:
+                    before_call()
+                block(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -105,10 +129,12 @@ def calibrate_sequentially(
     batches: Iterable[dict[str, torch.Tensor]],
     compress_block: Callable[[str, nn.Module, BlockInputs], None],
     on_block: Callable[[str], None] | None = None,
-) -> None:
+) -> float:
     """Call ``compress_block(name, block, inputs)`` for each block in order, feeding each block the
     outputs of the already-compressed blocks before it. ``compress_block`` changes the block in
-    place (it may run it on ``inputs`` as often as it needs)."""
+    place (it may run it on ``inputs`` as often as it needs). Returns the seconds spent running
+    calibration text (capture, observation passes, block outputs); the rest is the method's own work."""
+    CALIBRATION_CLOCK.seconds = 0.0
     prefix, blocks = block_list(model)
     inputs = capture_block_inputs(model, batches)
     if not inputs:
@@ -119,3 +145,4 @@ def calibrate_sequentially(
         inputs = run_block(block, inputs)
         if on_block:
             on_block(name)
+    return CALIBRATION_CLOCK.seconds
