@@ -33,7 +33,6 @@ RESULTS = BENCH / "results" / "quantize_rtn.json"
 README = BENCH / "README.md"
 PEER_PYTHON = BENCH / "peers" / ".venv" / "bin" / "python"
 PEER_SCRIPT = BENCH / "peers" / "llmcompressor_rtn.py"
-START, END = "<!-- quantize_rtn:start -->", "<!-- quantize_rtn:end -->"
 
 MODEL = "smollm2"
 DATA = "wikipedia"
@@ -359,14 +358,16 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
-def update_readme(section: str) -> None:
+def update_readme(section: str, name: str = "quantize_rtn") -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in benchmarks/README.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = README.read_text() if README.exists() else ""
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## quantize_rtn\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {name}\n\n" + block + "\n"
     README.write_text(text)
 
 

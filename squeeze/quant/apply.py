@@ -233,6 +233,44 @@ def finish_outside_blocks(
 
 
 @torch.no_grad()
+def observe_hessians(block: nn.Module, inputs, modules: dict[str, nn.Linear], static: bool = False):
+    """Run ``block`` on its calibration ``inputs``; return (Hessian accumulator per layer, input
+    ranges per layer when ``static``, layer names in call order).
+
+    Layers reading the very same tensor in one call (q/k/v, gate/up) share one accumulator.
+    """
+    from squeeze.quant.gptq import HessianAccumulator
+    from squeeze.quant.sequential import run_block_observed
+
+    accumulators: dict[str, HessianAccumulator] = {}
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    order: list[str] = []
+    # holding each tensor until the call ends keeps its memory from being reused by a later input
+    # of the same call, whose address would then match (the MLP would inherit attention's Hessian)
+    same_call: dict[tuple, tuple[HessianAccumulator, torch.Tensor]] = {}
+
+    def observe_input(name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key in same_call:
+            acc = same_call[key][0]
+        else:
+            acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
+            acc.add(x)
+            same_call[key] = (acc, x)
+        accumulators[name] = acc
+        if name not in order:
+            order.append(name)
+        if static:
+            merge_range(ranges, name, x)
+
+    try:
+        run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear)
+    finally:
+        same_call.clear()
+    return accumulators, ranges, order
+
+
+@torch.no_grad()
 def quantize_model_gptq(
     model: nn.Module,
     config: QuantizeConfig,
@@ -245,8 +283,8 @@ def quantize_model_gptq(
     per-group scales, are solved as one stacked matrix. Targeted Linear layers outside the blocks
     (rare; lm_head is ignored by default) fall back to round-to-nearest, noted in the result.
     """
-    from squeeze.quant.gptq import HessianAccumulator, gptq_quantize
-    from squeeze.quant.sequential import calibrate_sequentially, run_block_observed
+    from squeeze.quant.gptq import gptq_quantize
+    from squeeze.quant.sequential import calibrate_sequentially
 
     layers = plan_layers(model, config)
     errors: list[LayerError] = []
@@ -254,33 +292,10 @@ def quantize_model_gptq(
     done: set[str] = set()
     static = config.scheme.input_activations is not None and not config.scheme.input_activations.dynamic
 
-    def observe(block: nn.Module, inputs, modules: dict[str, nn.Linear]):
-        """Hessians (shared by layers reading the same tensor), static input ranges, and call order."""
-        accumulators: dict[str, HessianAccumulator] = {}
-        ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        order: list[str] = []
-        same_call: dict[tuple, HessianAccumulator] = {}
-
-        def observe_input(name: str, module: nn.Linear, x: torch.Tensor) -> None:
-            key = (x.data_ptr(), tuple(x.shape))
-            acc = same_call.get(key)
-            if acc is None:
-                acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
-                acc.add(x)
-                same_call[key] = acc
-            accumulators[name] = acc
-            if name not in order:
-                order.append(name)
-            if static:
-                merge_range(ranges, name, x)
-
-        run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear)
-        return accumulators, ranges, order
-
     def compress_block(block_name: str, block: nn.Module, inputs) -> None:
         pending = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
         while pending:
-            accumulators, ranges, order = observe(block, inputs, pending)
+            accumulators, ranges, order = observe_hessians(block, inputs, pending, static)
             # layers sharing a Hessian form one stacked solve (per-tensor scales: one layer each), in call order
             groups: dict[int, list[str]] = {}
             for name in order:

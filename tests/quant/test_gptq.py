@@ -107,3 +107,32 @@ def test_true_sequential_recalibrates_later_layers(tiny_llama_dir) -> None:
         codes[true_sequential] = (layer.self_attn.q_proj.weight_codes, layer.self_attn.o_proj.weight_codes)
     assert torch.equal(codes[True][0], codes[False][0])
     assert not torch.equal(codes[True][1], codes[False][1])
+
+
+def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
+    """q/k/v (one tensor) share a Hessian; every other layer's is 2/n Σ xxᵀ of exactly its inputs,
+    even when the allocator hands a later input of the same shape a freed tensor's address."""
+    import transformers
+
+    from squeeze.quant.apply import observe_hessians
+    from squeeze.quant.sequential import capture_block_inputs
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, [{"input_ids": ids}, {"input_ids": ids.flip(0)}])
+    block = model.model.layers[0]
+    modules = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n, m in modules.items()]
+    try:
+        accumulators, _, order = observe_hessians(block, inputs, modules)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert order[:3] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert accumulators["self_attn.q_proj"] is accumulators["self_attn.v_proj"]
+    assert accumulators["mlp.gate_proj"] is accumulators["mlp.up_proj"]
+    assert accumulators["mlp.gate_proj"] is not accumulators["self_attn.q_proj"]
+    for name, xs in seen.items():
+        x = torch.cat(xs).float()
+        assert torch.allclose(accumulators[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6), name

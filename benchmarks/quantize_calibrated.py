@@ -1,0 +1,388 @@
+"""Calibrated quantization of SmolLM2 (GPTQ, AWQ, SmoothQuant) next to RTN, llm-compressor and GPTQModel.
+
+    python benchmarks/quantize_calibrated.py [--calib-samples 64] [--eval-tokens 8192] [--only NAME ...] [--no-peers]
+
+Every row quantizes the same fp32 model on the same calibration token rows (squeeze's
+``calibration_windows`` of the Wikipedia calibration split) and is scored on the same evaluation
+windows of two texts (Wikipedia and BBC news evaluation splits) by squeeze's ``compare_causal``.
+Each configuration runs in a fresh subprocess so that peak RSS is its own: squeeze through
+``squeeze.api.quantize`` (its report gives time, bytes and the Wikipedia score; the BBC score is
+taken from the checkpoint reloaded by plain transformers), llm-compressor through
+``benchmarks/peers/llmcompressor_calibrated.py`` and GPTQModel through
+``benchmarks/peers/gptqmodel_gptq.py``, each in its own venv (``benchmarks/peers/setup.sh``).
+Results go to ``benchmarks/results/quantize_calibrated.json`` and to the table in
+``benchmarks/README.md`` between the ``quantize_calibrated`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantize_rtn import BENCH, REPO, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, machine, snapshot_squeeze, update_readme
+
+NAME = "quantize_calibrated"
+RESULTS = BENCH / "results" / f"{NAME}.json"
+PEERS = {
+    "llm-compressor": (BENCH / "peers" / ".venv" / "bin" / "python", BENCH / "peers" / "llmcompressor_calibrated.py"),
+    "gptqmodel": (BENCH / "peers" / ".venv-gptqmodel" / "bin" / "python", BENCH / "peers" / "gptqmodel_gptq.py"),
+}
+MODEL = "smollm2"
+TEXTS = ("wikipedia", "bbc")
+SEQ_LEN = 512
+BATCH_SIZE = 2
+
+W4_CHANNEL = dict(mode="per-channel", bits=4)
+W4_G64 = dict(mode="per-group", bits=4, group_size=64)
+W8A8 = dict(mode="per-channel", bits=8, act="per-token")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    label: str
+    scheme: dict  # squeeze.quant.scheme.scheme_from_options keywords
+    method: dict  # QuantizeConfig keywords: method and its parameters
+    peers: tuple[str, ...] = ("llm-compressor",)
+    notes: list[str] = field(default_factory=list)
+
+
+CONFIGS = [
+    Config("rtn-w4-per-channel", "RTN W4 per-channel sym", W4_CHANNEL, dict(method="rtn")),
+    Config("gptq-w4-per-channel", "GPTQ W4 per-channel sym", W4_CHANNEL, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
+    Config("awq-w4-per-channel", "AWQ W4 per-channel sym", W4_CHANNEL, dict(method="awq")),
+    Config("rtn-w4-g64", "RTN W4 group-64 sym", W4_G64, dict(method="rtn")),
+    Config("gptq-w4-g64", "GPTQ W4 group-64 sym", W4_G64, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
+    Config("awq-w4-g64", "AWQ W4 group-64 sym", W4_G64, dict(method="awq")),
+    Config("w8a8", "W8A8 RTN (no smoothing)", W8A8, dict(method="rtn")),
+    Config("smoothquant-a0.5", "SmoothQuant W8A8, alpha 0.5", W8A8, dict(method="smoothquant", alpha=0.5)),
+    Config("smoothquant-a0.8", "SmoothQuant W8A8, alpha 0.8", W8A8, dict(method="smoothquant", alpha=0.8)),
+]
+BY_NAME = {c.name: c for c in CONFIGS}
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration, in its own process
+
+
+def worker(name: str, calib_samples: int, eval_tokens: int, out: Path, result: Path) -> None:
+    """squeeze's row: quantize through the API, then score the reloaded checkpoint on the second text."""
+    import torch
+    import transformers
+
+    import squeeze
+    from squeeze.api import quantize
+    from squeeze.data import evaluation_windows
+    from squeeze.evaluate import compare_causal
+    from squeeze.models import load_model
+    from squeeze.quant.apply import QuantizeConfig
+    from squeeze.quant.scheme import scheme_from_options
+
+    print(f"squeeze imported from {squeeze.__file__}", flush=True)  # the run's snapshot, not the live tree
+    config = BY_NAME[name]
+    quantize_config = QuantizeConfig(scheme=scheme_from_options(**config.scheme), **config.method)
+    report = quantize(
+        MODEL, out, quantize_config, data=TEXTS[0], eval_tokens=eval_tokens, seq_len=SEQ_LEN,
+        calibration_samples=calib_samples, batch_size=BATCH_SIZE, overwrite=True,
+    ).to_dict()
+    acc = report["accuracy"]
+    scores = {TEXTS[0]: {k: acc[k] for k in ("perplexity_before", "perplexity_after", "perplexity_change", "kl_divergence", "top1_agreement")}}
+    scores[TEXTS[0]].update(eval_tokens=acc["tokens"], eval_windows=acc["windows"])
+
+    reference = load_model(MODEL)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for text in TEXTS[1:]:
+        windows = evaluation_windows(reference.tokenizer, text, SEQ_LEN, eval_tokens)
+        cmp = compare_causal(reloaded, windows, reference.model, batch_size=BATCH_SIZE)
+        scores[text] = {
+            "perplexity_before": cmp.reference_perplexity,
+            "perplexity_after": cmp.perplexity,
+            "perplexity_change": cmp.perplexity / cmp.reference_perplexity - 1,
+            "kl_divergence": cmp.kl_divergence,
+            "top1_agreement": cmp.top1_agreement,
+            "eval_tokens": cmp.tokens,
+            "eval_windows": int(windows.shape[0]),
+        }
+    size, timings = report["size"], report["timings_s"]
+    row = {
+        "scheme": report["settings"]["scheme"],
+        "format": report["settings"]["format"],
+        "eval": scores,
+        "checkpoint_bytes": size["disk_bytes_after"],
+        "dense_checkpoint_bytes": size["disk_bytes_before"],
+        "linear_bytes_before": size["linear_bytes_before"],
+        "linear_bytes_after": size["linear_bytes_after"],
+        "linear_ratio": size["linear_ratio"],
+        "bits_per_weight": size["bits_per_weight"],
+        "calibration_tokens": report["settings"]["calibration_tokens"],
+        "quantize_s": timings.get("quantize", 0.0) + timings.get("calibrate", 0.0),
+        "timings_s": timings,
+        "peak_rss_bytes": report["peak_rss_bytes"],
+        "settings": {k: v for k, v in report["settings"].items() if k not in ("full_precision_linear_layers",)},
+        "notes": report["notes"],
+    }
+    result.write_text(json.dumps(row, indent=2) + "\n")
+
+
+def run(tool: str, config: Config, calib_samples: int, eval_tokens: int) -> dict:
+    """One row, by ``tool`` (squeeze or a peer), in a subprocess."""
+    stem = f"{tool}-{config.name}"
+    out, log, result = WORK / stem, WORK / f"{stem}.log", WORK / f"{stem}.json"
+    result.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    common = ["--calib-samples", str(calib_samples), "--eval-tokens", str(eval_tokens), "--out", str(out), "--result", str(result)]
+    if tool == "squeeze":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config.name, *common]
+    else:
+        python, script = PEERS[tool]
+        cmd = [str(python), str(script), config.name, "--seq-len", str(SEQ_LEN), *common]
+    code, wall, load = _run_child(cmd, log)
+    shutil.rmtree(out, ignore_errors=True)  # only the measurements are kept; disk is finite
+    base = {"tool": tool, "config": config.name, "label": config.label}
+    if code != 0 or not result.exists():
+        return {**base, "error": f"exit {code}: {_tail(log)}"}
+    return {**base, **json.loads(result.read_text()), "wall_s": wall, "load_avg_before": load}
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets, ratios, table
+
+
+def _ppl(row: dict, text: str) -> float:
+    return row["eval"][text]["perplexity_after"]
+
+
+def _fp32(row: dict, text: str) -> float:
+    return row["eval"][text]["perplexity_before"]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each checked on this run's rows."""
+    ok = [r for r in rows if "error" not in r]
+    ours = {r["config"]: r for r in ok if r["tool"] == "squeeze"}
+    peer = {(r["tool"], r["config"]): r for r in ok if r["tool"] != "squeeze"}
+    checks: list[dict] = []
+
+    def add(claim: str, rows_needed: list, test, measured) -> None:
+        if all(r is not None for r in rows_needed):
+            checks.append({"target": claim, "measured": measured(*rows_needed), "pass": bool(test(*rows_needed))})
+        else:
+            checks.append({"target": claim, "measured": "not run", "pass": None})
+
+    both = lambda f: lambda *rs: all(f(*rs, t) for t in TEXTS)  # noqa: E731
+    show = lambda *rs: "; ".join(f"{t}: " + " vs ".join(f"{_ppl(r, t):.3f}" for r in rs) for t in TEXTS)  # noqa: E731
+    for method in ("gptq", "awq"):
+        name = f"{method}-w4-g64"
+        add(
+            f"{method.upper()} W4 g64 perplexity ≤ llm-compressor's, both texts",
+            [ours.get(name), peer.get(("llm-compressor", name))],
+            both(lambda a, b, t: _ppl(a, t) <= _ppl(b, t)),
+            show,
+        )
+    for scheme in ("w4-per-channel", "w4-g64"):
+        add(
+            f"GPTQ strictly better than RTN, {scheme}, both texts",
+            [ours.get(f"gptq-{scheme}"), ours.get(f"rtn-{scheme}")],
+            both(lambda g, r, t: _ppl(g, t) < _ppl(r, t)),
+            show,
+        )
+    add(
+        "stretch: GPTQ W4 g64 closes half of RTN's gap to fp32, both texts",
+        [ours.get("gptq-w4-g64"), ours.get("rtn-w4-g64")],
+        both(lambda g, r, t: _ppl(g, t) - _fp32(g, t) <= 0.5 * (_ppl(r, t) - _fp32(r, t))),
+        lambda g, r: "; ".join(
+            f"{t}: {(_ppl(g, t) - _fp32(g, t)) / (_ppl(r, t) - _fp32(r, t)):.2f} of RTN's gap" for t in TEXTS
+        ),
+    )
+    add(
+        "AWQ W4 g64 in minutes (quantize time < 10 min)",
+        [ours.get("awq-w4-g64")],
+        lambda r: r["quantize_s"] < 600,
+        lambda r: f"{r['quantize_s']:.0f} s",
+    )
+    for name in ("smoothquant-a0.5", "smoothquant-a0.8"):
+        add(
+            f"{BY_NAME[name].label} within 1% of fp32 perplexity (Wikipedia)",
+            [ours.get(name)],
+            lambda r: abs(r["eval"]["wikipedia"]["perplexity_change"]) <= 0.01,
+            lambda r: "; ".join(f"{t}: {100 * r['eval'][t]['perplexity_change']:+.2f}%" for t in TEXTS),
+        )
+    for (tool, name), p in sorted(peer.items()):
+        if tool != "llm-compressor" or name not in ours:
+            continue
+        r = ours[name]
+        add(
+            f"{BY_NAME[name].label}: quantize time ≤ 0.5x llm-compressor's, peak RSS ≤ its",
+            [r, p],
+            lambda a, b: a["quantize_s"] <= 0.5 * b["quantize_s"] and a["peak_rss_bytes"] <= b["peak_rss_bytes"],
+            lambda a, b: f"time {_ratio(a['quantize_s'], b['quantize_s'])}, RSS {_ratio(a['peak_rss_bytes'], b['peak_rss_bytes'])}",
+        )
+    return checks
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """squeeze ÷ peer for every (config, peer) both ran."""
+    ok = [r for r in rows if "error" not in r]
+    ours = {r["config"]: r for r in ok if r["tool"] == "squeeze"}
+    out = []
+    for p in ok:
+        if p["tool"] == "squeeze" or p["config"] not in ours:
+            continue
+        r = ours[p["config"]]
+        out.append(
+            {
+                "config": r["config"],
+                "label": r["label"],
+                "peer": p["tool"],
+                **{f"perplexity_{t}": _ratio(_ppl(r, t), _ppl(p, t)) for t in TEXTS},
+                "quantize_s": _ratio(r["quantize_s"], p["quantize_s"]),
+                "peak_rss_bytes": _ratio(r["peak_rss_bytes"], p["peak_rss_bytes"]),
+                "checkpoint_bytes": _ratio(r["checkpoint_bytes"], p["checkpoint_bytes"]),
+            }
+        )
+    return out
+
+
+def table(result: dict) -> str:
+    m, rows = result["machine"], result["rows"]
+    first = next((r for r in rows if "error" not in r), None)
+    lines = [
+        f"Model: SmolLM2-135M-Instruct (squeeze built-in `{MODEL}`, fp32), every Linear layer but lm_head. "
+        f"Calibration: {result['calib_samples']} windows x {SEQ_LEN} tokens of the Wikipedia calibration split, the same token rows for every tool. "
+        f"Evaluation: {result['eval_tokens']:,} tokens ({SEQ_LEN}-token windows) of the Wikipedia and of the BBC news evaluation splits, "
+        "scored by squeeze's compare_causal against the fp32 model for every row.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM, {m['os']}; Python {m['python']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        "",
+    ]
+    if first is not None:
+        lines.append(
+            "fp32 perplexity: " + ", ".join(f"{t} {_fp32(first, t):.3f}" for t in TEXTS) + "."
+        )
+        lines.append("")
+    lines += [
+        "| tool | configuration | Wikipedia ppl | Δ | KL | BBC ppl | Δ | KL | checkpoint MiB | bits/weight | quantize s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['tool']} | {r['label']} | failed: {r['error'].replace('|', '/')[:200]} | | | | | | | | | |")
+            continue
+        cells = [r["tool"], r["label"]]
+        for t in TEXTS:
+            e = r["eval"][t]
+            cells += [f"{e['perplexity_after']:.3f}", f"{100 * e['perplexity_change']:+.2f}%", f"{e['kl_divergence']:.4f}"]
+        cells += [_mib(r["checkpoint_bytes"]), f"{r['bits_per_weight']:.2f}", f"{r['quantize_s']:.1f}", _mib(r["peak_rss_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["comparisons"]:
+        lines += [
+            "",
+            "**squeeze ÷ peer**, same configuration, same run (below 1 favours squeeze):",
+            "",
+            "| configuration | peer | Wikipedia ppl | BBC ppl | quantize time | peak RSS | checkpoint bytes |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['label']} | {c['peer']} | {c['perplexity_wikipedia']} | {c['perplexity_bbc']} | {c['quantize_s']} | {c['peak_rss_bytes']} | {c['checkpoint_bytes']} |"
+            for c in result["comparisons"]
+        ]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
+    loads = [r["load_avg_before"] for r in rows if "load_avg_before" in r]
+    if loads:
+        lines.append(
+            f"- 1-minute load average when each row started: {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "
+            "(above the core count, other work shared the CPU and that row's time is inflated)."
+        )
+    lines += ["", "Targets from the issue, checked on this run:", "", "| target | measured | result |", "|---|---|---|"]
+    for c in result["targets"]:
+        verdict = "not run" if c["pass"] is None else ("pass" if c["pass"] else "**FAIL**")
+        lines.append(f"| {c['target']} | {c['measured']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def write(result: dict) -> None:
+    result["comparisons"] = comparisons(result["rows"])
+    result["targets"] = targets(result["rows"])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    section = table(result)
+    update_readme(section, NAME)
+    print(section)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (every tool)")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens per text")
+    parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run only these configurations")
+    parser.add_argument("--no-peers", action="store_true", help="squeeze rows only")
+    parser.add_argument("--peers-only", action="store_true", help="peer rows only, merged into the existing results")
+    parser.add_argument("--render", action="store_true", help=f"only rebuild the README table from {RESULTS.relative_to(REPO)}")
+    parser.add_argument("--worker", choices=list(BY_NAME), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.calib_samples, args.eval_tokens, args.out, args.result)
+        return
+    if args.render:
+        write(json.loads(RESULTS.read_text()))
+        return
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = snapshot_squeeze()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    notes = []
+    tools = [] if args.no_peers else [t for t, (python, _) in PEERS.items() if python.exists()]
+    for tool, (python, _) in PEERS.items():
+        if not args.no_peers and not python.exists():
+            notes.append(f"{tool} skipped: {python.relative_to(REPO)} is missing; run benchmarks/peers/setup.sh.")
+    rows = []
+    for config in [BY_NAME[n] for n in args.only] if args.only else CONFIGS:
+        runs = ([] if args.peers_only else ["squeeze"]) + [t for t in config.peers if t in tools]
+        for tool in runs:
+            print(f"{tool} {config.name} ...", flush=True)
+            rows.append(run(tool, config, args.calib_samples, args.eval_tokens))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k in ("tool", "config", "eval", "quantize_s", "peak_rss_bytes", "error")}), flush=True)
+    if args.peers_only or args.only:
+        if RESULTS.exists():  # keep the rows this invocation did not rerun
+            previous = json.loads(RESULTS.read_text())
+            fresh = {(r["tool"], r["config"]) for r in rows}
+            rows = [r for r in previous["rows"] if (r["tool"], r["config"]) not in fresh] + rows
+            order = {c.name: i for i, c in enumerate(CONFIGS)}
+            rows.sort(key=lambda r: (order.get(r["config"], 99), r["tool"] != "squeeze", r["tool"]))
+            notes.append("rows from more than one invocation: see each row's load average and the run dates in the JSON")
+    notes += [
+        "quantize s: calibration and quantization (squeeze: its report's calibrate + quantize stages; llm-compressor: the oneshot call; "
+        "GPTQModel: its quantize call); model load, evaluation and saving excluded. Peak RSS is the whole process (ru_maxrss), "
+        "evaluation and the fp32 reference copy every tool keeps for scoring included.",
+        "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
+    ]
+    for r in rows:
+        if r["tool"] != "squeeze" and "how" in r:
+            notes.append(f"{r['tool']}, {r['label']}: {r['how']}")
+    write(
+        {
+            "benchmark": NAME,
+            "model": MODEL,
+            "texts": list(TEXTS),
+            "seq_len": SEQ_LEN,
+            "calib_samples": args.calib_samples,
+            "eval_tokens": args.eval_tokens,
+            "squeeze_source": source,
+            "machine": machine(),
+            "rows": rows,
+            "notes": notes,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
