@@ -74,6 +74,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """The dtype the model is loaded and run in (calibration, evaluation); a SqueezeError if unknown."""
+    if dtype not in COMPUTE_DTYPES:
+        raise SqueezeError(f"unknown dtype {dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def _eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
     limit = getattr(loaded.config, "max_position_embeddings", None)
     return min(seq_len, limit) if limit else seq_len
@@ -95,6 +105,7 @@ def quantize(
     calibration_samples: int = 128,
     batch_size: int = 2,
     device: str = "cpu",
+    dtype: str = "float32",
     evaluate: bool = True,
     overwrite: bool = False,
     trust_remote_code: bool = False,
@@ -105,7 +116,9 @@ def quantize(
     ``data`` is the text source for evaluation (and for calibration unless ``calibration_data``
     names another); calibration and evaluation use disjoint documents of it. ``eval_tokens`` is
     rounded down to whole windows of ``seq_len`` tokens. Returns the report (also written to
-    ``out/report.json`` and ``out/report.md``). ``trust_remote_code`` lets transformers run
+    ``out/report.json`` and ``out/report.md``). ``dtype`` is the compute dtype: the model is
+    loaded, calibrated and evaluated in it (the original it is compared with too); unquantized
+    tensors are saved in the dtype the source stores. ``trust_remote_code`` lets transformers run
     code shipped with the model; it is never implied.
     """
     progress = progress or NullProgress()
@@ -113,6 +126,7 @@ def quantize(
     out = Path(out)
     check_output_dir(out, overwrite)
     device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
     source = resolve_model(model, trust_remote_code=trust_remote_code)
     plan_layers(meta_model(source), config)
     if evaluate:
@@ -121,7 +135,7 @@ def quantize(
         load_documents(calibration_data or data)
 
     with watch.stage("load"), progress.status(f"loading {source.name}"):
-        loaded = load_model(source, device=device)
+        loaded = load_model(source, device=device, dtype=compute_dtype)
     net = loaded.model
     layers = plan_layers(net, config)
     seq_len = _eval_seq_len(loaded, seq_len)
@@ -210,7 +224,7 @@ def quantize(
             size=size,
             timings_s=dict(watch.timings),
             peak_rss_bytes=peak_rss_bytes(),
-            device=device,
+            device=f"{device}, {dtype} compute",
             accuracy=accuracy,
             layers=[
                 LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error, e.output_error, e.method_loss)

@@ -92,6 +92,7 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")] = "float32",
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -111,7 +112,8 @@ def quantize(
     # AWQ's usual scheme is W4 group-wise asymmetric, NF4's is 4-bit blocks of 64; explicit options always win
     weight_only_low_bit = method == "awq"
     if fmt == "bnb-nf4":
-        mode, bits, group_size = mode or "per-group", bits or 4, group_size or 64
+        mode, bits = mode or "per-group", bits or 4
+        group_size = group_size or (64 if mode == "per-group" else None)
     mode = mode or ("per-group" if weight_only_low_bit else "per-channel")
     bits = bits if bits is not None else (4 if weight_only_low_bit else 8)
     asym = asym if asym is not None else weight_only_low_bit
@@ -155,6 +157,7 @@ def quantize(
         calibration_samples=calib_samples,
         batch_size=batch_size,
         device=device,
+        dtype=dtype,
         evaluate=not no_eval,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,

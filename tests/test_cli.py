@@ -93,6 +93,15 @@ BAD = [
     (["quantize", "{llama}", "--method", "awq", "--awq-grid", "1"], "AWQ grid needs at least 2"),
     (["quantize", "{llama}", "--method", "smoothquant", "--act", "per-token", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["quantize", "{llama}", "--method", "gptq", "--data", "{tiny_text}"], "calibration"),
+    (["quantize", "{llama}", "--format", "gguf"], "unknown format 'gguf'"),
+    (["quantize", "{llama}", "--dtype", "float64"], "unknown dtype 'float64'"),
+    (["quantize", "{llama}", "--format", "gptq", "--act", "per-token"], "--format gptq stores weight-only schemes"),
+    (["quantize", "{llama}", "--format", "gptq", "--bits", "4", "--scale-dtype", "float32"], "float16 scales"),
+    (["quantize", "{llama}", "--format", "bnb-int8", "--bits", "4"], "--format bnb-int8 is int8 symmetric per-channel"),
+    (["quantize", "{llama}", "--format", "bnb-nf4", "--method", "gptq"], "use --method rtn"),
+    (["quantize", "{llama}", "--format", "bnb-nf4", "--mode", "per-channel"], "blocks of 64"),
+    (["quantize", "{llama}", "--format", "gptq", "--bits", "4", "--ignore", "lm_head", "--ignore", "model.layers.0.*"], "same Linear layers quantized in every block"),
+    (["quantize", "{llama}", "--format", "gptq", "--bits", "4", "--ignore", "*.q_proj"], "inside the transformer blocks only, not lm_head"),
 ]
 
 
@@ -220,3 +229,39 @@ def test_awq_end_to_end_defaults_to_w4_group_asym(tiny_llama_dir: Path, tmp_path
     assert report["settings"]["scheme"].startswith("W4A16: weights int4 asym per-group(32)")
     assert report["settings"]["awq_grid"] == 20 and report["settings"]["awq_clip"] is True
     assert any(note.startswith("AWQ scaled") for note in report["notes"])
+
+
+@pytest.mark.parametrize(
+    "args, fmt_word, bits",
+    [
+        (["--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32", "--format", "gptq"], "GPTQ", 4 + 16 / 32 + 4 / 32),
+        (["--format", "bnb-int8"], "LLM.int8", 8 + 32 / 64),
+        (["--format", "bnb-nf4"], "NF4", 4 + 32 / 64),
+    ],
+)
+def test_formats_end_to_end(args: list[str], fmt_word: str, bits: float, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "f"
+    result = run("quantize", tiny_llama_dir, *args, "--out", out, "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert fmt_word in report["settings"]["format"] and (out / "model.safetensors").exists()
+    # GPTQ: codes + fp16 scales + packed zeros (4 bits per 32 weights... per group) + g_idx; bnb: codes + fp32 row/block scales
+    # (GPTQ's packed zero points and g_idx weigh more on this tiny model's 32-row layers)
+    assert report["size"]["bits_per_weight"] == pytest.approx(bits, rel=0.1)
+    assert report["accuracy"]["kl_divergence"] > 0
+    if "gptq" in args:
+        assert (out / "quantize_config.json").exists()
+        assert all(layer["output_error"] is not None and layer["method_loss"] >= 0 for layer in report["layers"])
+        assert report["timings_s"]["calibrate"] > 0
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_bfloat16_compute(method: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Calibrated methods run on a bfloat16 model; the checkpoint keeps the source's float32 tensors."""
+    out = tmp_path / method
+    extra = ["--act", "per-token"] if method == "smoothquant" else ["--bits", "4", "--mode", "per-group", "--group-size", "32"]
+    result = run("quantize", tiny_llama_dir, "--method", method, *extra, "--dtype", "bfloat16", "--out", out, "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "bfloat16" in report["device"] and report["accuracy"]["kl_divergence"] >= 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"

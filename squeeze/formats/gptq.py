@@ -93,17 +93,20 @@ def gptq_version(model: nn.Module) -> str:
     return "gptq"
 
 
-def quantize_config(model: nn.Module, scheme: QuantScheme, version: str, method: dict) -> dict:
-    """The ``quantization_config`` GPTQ loaders read (also written as quantize_config.json)."""
+def check_gptq_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """The quantized layers' names relative to a block, the same in every block; raise SqueezeError
+    when GPTQ loaders could not place them (a layer outside the blocks, blocks that differ)."""
     from squeeze.quant.sequential import block_list
 
     prefix, blocks = block_list(model)
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    outside = [n for n in quantized if not n.startswith(prefix + ".")]
+    outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
-        raise SqueezeError(f"--format gptq quantizes Linear layers inside the transformer blocks only, not {', '.join(outside)}")
+        raise SqueezeError(
+            f"--format gptq quantizes Linear layers inside the transformer blocks only, not {', '.join(outside)}; "
+            "add --ignore for them or use --format compressed-tensors"
+        )
     per_block: dict[int, set[str]] = {}
-    for name in quantized:
+    for name in names:
         index, _, rest = name[len(prefix) + 1 :].partition(".")
         per_block.setdefault(int(index), set()).add(rest)
     sets = {frozenset(s) for s in per_block.values()}
@@ -112,8 +115,16 @@ def quantize_config(model: nn.Module, scheme: QuantScheme, version: str, method:
             "--format gptq needs the same Linear layers quantized in every block; adjust --target/--ignore "
             "or use --format compressed-tensors"
         )
+    return sorted(next(iter(sets)))
+
+
+def quantize_config(model: nn.Module, scheme: QuantScheme, version: str, method: dict) -> dict:
+    """The ``quantization_config`` GPTQ loaders read (also written as quantize_config.json)."""
+    from squeeze.quant.sequential import block_list
+
+    prefix, blocks = block_list(model)
+    chosen = check_gptq_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)])
     inside = [n for n, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
-    chosen = sorted(next(iter(sets)))
     config = {
         "quant_method": "gptq",
         "bits": scheme.weights.num_bits,

@@ -93,6 +93,10 @@ def plan_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear
         check_group_size(layers, weights.group_size)
     if config.method == "smoothquant" and not config.smooth_fallback:
         _check_foldable(model)
+    if config.format == "gptq":
+        from squeeze.formats.gptq import check_gptq_layers
+
+        check_gptq_layers(model, list(layers))
     return layers
 
 
@@ -366,13 +370,16 @@ def quantize_model_smoothquant(
 ) -> QuantizeResult:
     """SmoothQuant then round-to-nearest W8A8, one block at a time, on calibration ``batches``.
 
-    In each block: measure the per-channel input maxima of the Linear layers fed by a norm, fold
-    the smoothing factors into the norm and those layers (the block computes the same function),
-    measure static activation ranges if the scheme has them (after smoothing), then quantize.
-    Layers whose input no norm feeds alone (o_proj, down_proj) are quantized unsmoothed.
+    In each block: measure the per-channel input maxima of the Linear layers whose input can be
+    rescaled exactly (fed by a norm; o_proj through v_proj without grouped-query attention;
+    down_proj through up_proj in gated MLPs), fold the smoothing factors into the producer and
+    those layers (the block computes the same function), measure static activation ranges if the
+    scheme has them (after smoothing), then quantize. Layers with no such producer are quantized
+    unsmoothed.
     """
+    from squeeze.quant.awq import fold_groups, fold_scales
     from squeeze.quant.sequential import block_list, calibrate_sequentially, run_block_observed
-    from squeeze.quant.smoothquant import fold_smoothing, smoothing_factors, smoothing_groups
+    from squeeze.quant.smoothquant import smoothing_factors, smoothing_groups
 
     layers = plan_layers(model, config)
     _, blocks = block_list(model)
@@ -383,9 +390,15 @@ def quantize_model_smoothquant(
     done: set[str] = set()
     static = not config.scheme.input_activations.dynamic  # type: ignore[union-attr]
     smoothed: list[str] = []
+    skipped: dict[str, int] = {}
 
     def compress_block(block_name: str, block: nn.Module, inputs) -> None:
-        groups = smoothing_groups(block)
+        # every exact fold: norm -> q/k/v, v -> o (without grouped-query attention), norm -> gate/up,
+        # up -> down (gated MLPs); each divides only its own consumers' inputs, so one pass measures all
+        groups, reasons = fold_groups(block)
+        for reason in reasons:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        groups = [g for g in groups if all(f"{block_name}.{n}" in layers for n in g.linears)]
         channel_max: dict[str, torch.Tensor] = {}
 
         def observe_max(name: str, _module: nn.Module, x: torch.Tensor) -> None:
@@ -397,7 +410,7 @@ def quantize_model_smoothquant(
         for group in groups:
             linears = [block.get_submodule(n) for n in group.linears]
             factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], config.alpha)
-            fold_smoothing(block.get_submodule(group.norm), linears, factors)
+            fold_scales(block.get_submodule(group.prev), linears, factors)
             smoothed.extend(f"{block_name}.{n}" for n in group.linears)
 
         targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
@@ -412,7 +425,8 @@ def quantize_model_smoothquant(
     calibration_s = calibrate_sequentially(model, batches, compress_block, on_block)
     finish_outside_blocks(model, config, layers, done, errors, notes)
     if smoothed:
-        notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {config.alpha}); the rest read inputs no norm feeds alone")
+        notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {config.alpha})")
+    notes.extend(f"SmoothQuant skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
     return QuantizeResult(
         layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes, calibration_s=calibration_s
     )

@@ -68,7 +68,34 @@ def test_smoothquant_beats_plain_w8a8_with_outliers(tiny_llama_dir: Path) -> Non
     kl_plain = compare_causal(plain, evaluation, original).kl_divergence
     kl_smooth = compare_causal(smooth, evaluation, original).kl_divergence
     assert kl_smooth < 0.7 * kl_plain
-    assert len(result.layers) == 14 and any("smoothed 10 of 14" in n for n in result.notes)
+    # q/k/v, gate/up and down in both blocks; v -> o is skipped (grouped-query attention), and said so
+    assert len(result.layers) == 14 and any("smoothed 12 of 14" in n for n in result.notes)
+    assert any("v_proj -> self_attn.o_proj" in n and "grouped-query" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_every_fold_keeps_the_output(tiny_llama_dir: Path, kv_heads: int) -> None:
+    """norm -> q/k/v, v -> o (when every head has its own values), norm -> gate/up, up -> down."""
+    import transformers
+
+    from squeeze.quant.awq import fold_groups, fold_scales
+
+    config = transformers.AutoConfig.from_pretrained(tiny_llama_dir)
+    config.num_key_value_heads = kv_heads
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        for layer in model.model.layers:
+            groups, _ = fold_groups(layer)
+            expected = 4 if kv_heads == config.num_attention_heads else 3
+            assert len(groups) == expected
+            for group in groups:
+                linears = [layer.get_submodule(n) for n in group.linears]
+                act = torch.rand(linears[0].in_features) * 10
+                fold_scales(layer.get_submodule(group.prev), linears, smoothing_factors(act, [m.weight for m in linears], 0.5))
+        after = model(input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
 
 
 def test_post_norm_encoder_cannot_be_folded(tiny_bert_dir: Path) -> None:
