@@ -84,6 +84,9 @@ def worker(name: str, calib_samples: int, eval_tokens: int, out: Path, result: P
     from squeeze.quant.scheme import scheme_from_options
 
     print(f"squeeze imported from {squeeze.__file__}", flush=True)  # the run's snapshot, not the live tree
+    sys.path.insert(0, str(BENCH / "peers"))
+    from peer_common import score  # the row fields every tool's scores share
+
     config = BY_NAME[name]
     quantize_config = QuantizeConfig(scheme=scheme_from_options(**config.scheme), **config.method)
     report = quantize(
@@ -98,16 +101,7 @@ def worker(name: str, calib_samples: int, eval_tokens: int, out: Path, result: P
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for text in TEXTS[1:]:
         windows = evaluation_windows(reference.tokenizer, text, SEQ_LEN, eval_tokens)
-        cmp = compare_causal(reloaded, windows, reference.model, batch_size=BATCH_SIZE)
-        scores[text] = {
-            "perplexity_before": cmp.reference_perplexity,
-            "perplexity_after": cmp.perplexity,
-            "perplexity_change": cmp.perplexity / cmp.reference_perplexity - 1,
-            "kl_divergence": cmp.kl_divergence,
-            "top1_agreement": cmp.top1_agreement,
-            "eval_tokens": cmp.tokens,
-            "eval_windows": int(windows.shape[0]),
-        }
+        scores[text] = score(compare_causal(reloaded, windows, reference.model, batch_size=BATCH_SIZE), windows)
     size, timings = report["size"], report["timings_s"]
     row = {
         "scheme": report["settings"]["scheme"],

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from peer_common import checkpoint_bytes, score
 from squeeze.data import evaluation_windows
 from squeeze.evaluate import compare_causal, peak_rss_bytes
 from squeeze.models import load_model
@@ -59,19 +59,6 @@ def modifier(config: str):
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] not in IGNORE]
-
-
-def checkpoint_bytes(folder: Path, quantized: set[str]) -> tuple[int, int]:
-    """(bytes of all safetensors files, bytes of the quantized Linear layers' tensors in them, biases excluded)."""
-    files = sorted(folder.glob("*.safetensors"))
-    linear = 0
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                if key.rpartition(".")[0] in quantized and not key.endswith((".bias", ".weight_shape")):
-                    t = f.get_tensor(key)
-                    linear += t.numel() * t.element_size()
-    return sum(p.stat().st_size for p in files), linear
 
 
 def main() -> None:
@@ -119,13 +106,7 @@ def main() -> None:
     row = {
         "scheme": json.dumps({k: {"weights": v.get("weights"), "input_activations": v.get("input_activations")} for k, v in groups.items()}),
         "format": config.get("format"),
-        "perplexity_before": cmp.reference_perplexity,
-        "perplexity_after": cmp.perplexity,
-        "perplexity_change": cmp.perplexity / cmp.reference_perplexity - 1,
-        "kl_divergence": cmp.kl_divergence,
-        "top1_agreement": cmp.top1_agreement,
-        "eval_tokens": cmp.tokens,
-        "eval_windows": int(windows.shape[0]),
+        **score(cmp, windows),
         "checkpoint_bytes": disk,
         "linear_bytes_before": linear_before,
         "linear_bytes_after": linear_after,

@@ -48,21 +48,23 @@ def evaluation_sets(tokenizer, args: argparse.Namespace) -> dict[str, torch.Tens
     return {text: evaluation_windows(tokenizer, text, args.seq_len, args.eval_tokens) for text in EVALUATION_TEXTS}
 
 
+def score(cmp, windows: torch.Tensor) -> dict:
+    """One text's accuracy fields from squeeze's ``CausalComparison`` on ``windows``."""
+    return {
+        "perplexity_before": cmp.reference_perplexity,
+        "perplexity_after": cmp.perplexity,
+        "perplexity_change": cmp.perplexity / cmp.reference_perplexity - 1,
+        "kl_divergence": cmp.kl_divergence,
+        "top1_agreement": cmp.top1_agreement,
+        "eval_tokens": cmp.tokens,
+        "eval_windows": int(windows.shape[0]),
+    }
+
+
 def evaluate(model: torch.nn.Module, reference: torch.nn.Module, sets: dict[str, torch.Tensor]) -> tuple[dict, float]:
     """Per-text accuracy of ``model`` against ``reference``, and the seconds that took."""
     start = time.perf_counter()
-    scores = {}
-    for text, windows in sets.items():
-        cmp = compare_causal(model, windows, reference, batch_size=BATCH_SIZE)
-        scores[text] = {
-            "perplexity_before": cmp.reference_perplexity,
-            "perplexity_after": cmp.perplexity,
-            "perplexity_change": cmp.perplexity / cmp.reference_perplexity - 1,
-            "kl_divergence": cmp.kl_divergence,
-            "top1_agreement": cmp.top1_agreement,
-            "eval_tokens": cmp.tokens,
-            "eval_windows": int(windows.shape[0]),
-        }
+    scores = {text: score(compare_causal(model, windows, reference, batch_size=BATCH_SIZE), windows) for text, windows in sets.items()}
     return scores, time.perf_counter() - start
 
 
