@@ -1,6 +1,6 @@
 """Calibrated quantization of SmolLM2 (GPTQ, AWQ, SmoothQuant) next to RTN, llm-compressor and GPTQModel.
 
-    python benchmarks/quantize_calibrated.py [--calib-samples 64] [--eval-tokens 8192] [--only NAME ...] [--no-peers]
+    python benchmarks/quantize_calibrated.py [--calib-samples 32] [--eval-tokens 4096] [--only NAME ...] [--no-peers]
 
 Every row quantizes the same fp32 model on the same calibration token rows (squeeze's
 ``calibration_windows`` of the Wikipedia calibration split) and is scored on the same evaluation
@@ -52,16 +52,17 @@ class Config:
     notes: list[str] = field(default_factory=list)
 
 
+# the issue's headline comparisons first, so that a run cut short still answers them
 CONFIGS = [
-    Config("rtn-w4-per-channel", "RTN W4 per-channel sym", W4_CHANNEL, dict(method="rtn")),
-    Config("gptq-w4-per-channel", "GPTQ W4 per-channel sym", W4_CHANNEL, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
-    Config("awq-w4-per-channel", "AWQ W4 per-channel sym", W4_CHANNEL, dict(method="awq")),
-    Config("rtn-w4-g64", "RTN W4 group-64 sym", W4_G64, dict(method="rtn")),
     Config("gptq-w4-g64", "GPTQ W4 group-64 sym", W4_G64, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
+    Config("rtn-w4-g64", "RTN W4 group-64 sym", W4_G64, dict(method="rtn")),
     Config("awq-w4-g64", "AWQ W4 group-64 sym", W4_G64, dict(method="awq")),
-    Config("w8a8", "W8A8 RTN (no smoothing)", W8A8, dict(method="rtn")),
     Config("smoothquant-a0.5", "SmoothQuant W8A8, alpha 0.5", W8A8, dict(method="smoothquant", alpha=0.5)),
+    Config("w8a8", "W8A8 RTN (no smoothing)", W8A8, dict(method="rtn")),
     Config("smoothquant-a0.8", "SmoothQuant W8A8, alpha 0.8", W8A8, dict(method="smoothquant", alpha=0.8)),
+    Config("gptq-w4-per-channel", "GPTQ W4 per-channel sym", W4_CHANNEL, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
+    Config("rtn-w4-per-channel", "RTN W4 per-channel sym", W4_CHANNEL, dict(method="rtn")),
+    Config("awq-w4-per-channel", "AWQ W4 per-channel sym", W4_CHANNEL, dict(method="awq")),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -312,8 +313,8 @@ def write(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (every tool)")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens per text")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens (every tool)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per text")
     parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run only these configurations")
     parser.add_argument("--no-peers", action="store_true", help="squeeze rows only")
     parser.add_argument("--peers-only", action="store_true", help="peer rows only, merged into the existing results")
@@ -338,45 +339,53 @@ def main() -> None:
     for tool, (python, _) in PEERS.items():
         if not args.no_peers and not python.exists():
             notes.append(f"{tool} skipped: {python.relative_to(REPO)} is missing; run benchmarks/peers/setup.sh.")
-    rows = []
+    rows: list[dict] = []
+    previous = json.loads(RESULTS.read_text())["rows"] if (args.peers_only or args.only) and RESULTS.exists() else []
     for config in [BY_NAME[n] for n in args.only] if args.only else CONFIGS:
         runs = ([] if args.peers_only else ["squeeze"]) + [t for t in config.peers if t in tools]
         for tool in runs:
             print(f"{tool} {config.name} ...", flush=True)
             rows.append(run(tool, config, args.calib_samples, args.eval_tokens))
             print(json.dumps({k: v for k, v in rows[-1].items() if k in ("tool", "config", "eval", "quantize_s", "peak_rss_bytes", "error")}), flush=True)
-    if args.peers_only or args.only:
-        if RESULTS.exists():  # keep the rows this invocation did not rerun
-            previous = json.loads(RESULTS.read_text())
-            fresh = {(r["tool"], r["config"]) for r in rows}
-            rows = [r for r in previous["rows"] if (r["tool"], r["config"]) not in fresh] + rows
-            order = {c.name: i for i, c in enumerate(CONFIGS)}
-            rows.sort(key=lambda r: (order.get(r["config"], 99), r["tool"] != "squeeze", r["tool"]))
-            notes.append("rows from more than one invocation: see each row's load average and the run dates in the JSON")
-    notes += [
-        "quantize s: calibration and quantization (squeeze: its report's calibrate + quantize stages; llm-compressor: the oneshot call; "
-        "GPTQModel: its quantize call); model load, evaluation and saving excluded. Peak RSS is the whole process (ru_maxrss), "
-        "evaluation and the fp32 reference copy every tool keeps for scoring included.",
-        "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
-    ]
-    for r in rows:
-        if r["tool"] != "squeeze" and "how" in r:
-            notes.append(f"{r['tool']}, {r['label']}: {r['how']}")
-    write(
-        {
-            "benchmark": NAME,
-            "model": MODEL,
-            "texts": list(TEXTS),
-            "seq_len": SEQ_LEN,
-            "calib_samples": args.calib_samples,
-            "eval_tokens": args.eval_tokens,
-            "squeeze_source": source,
-            "machine": machine(),
-            "rows": rows,
-            "notes": notes,
-        }
-    )
+            # written after every row: a run cut short keeps what it measured
+            write(_result(args, source, _merge(previous, rows), notes))
+    if previous:
+        notes.append("rows from more than one invocation: see each row's load average and the run dates in the JSON")
+    write(_result(args, source, _merge(previous, rows), notes))
 
+
+def _merge(previous: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` plus the earlier rows this invocation did not rerun, in the configuration order."""
+    fresh = {(r["tool"], r["config"]) for r in rows}
+    merged = [r for r in previous if (r["tool"], r["config"]) not in fresh] + rows
+    order = {c.name: i for i, c in enumerate(CONFIGS)}
+    return sorted(merged, key=lambda r: (order.get(r["config"], 99), r["tool"] != "squeeze", r["tool"]))
+
+
+def _result(args: argparse.Namespace, source: str, rows: list[dict], notes: list[str]) -> dict:
+    how = [f"{r['tool']}, {r['label']}: {r['how']}" for r in rows if r["tool"] != "squeeze" and "how" in r]
+    return {
+        "benchmark": NAME,
+        "model": MODEL,
+        "texts": list(TEXTS),
+        "seq_len": SEQ_LEN,
+        "calib_samples": args.calib_samples,
+        "eval_tokens": args.eval_tokens,
+        "squeeze_source": source,
+        "machine": machine(),
+        "rows": rows,
+        "notes": [*notes, *STANDING_NOTES, *how],
+    }
+
+
+STANDING_NOTES = [
+    "quantize s: calibration and quantization (squeeze: its report's calibrate + quantize stages; llm-compressor: the oneshot call; "
+    "GPTQModel: its quantize call); model load, evaluation and saving excluded. Peak RSS is the whole process (ru_maxrss), "
+    "evaluation and the fp32 reference copy every tool keeps for scoring included.",
+    "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
+    "squeeze's GPTQ runs with its defaults: act-order with group scales fixed up front, damping 0.01, block 128, statistics of "
+    "each block from one pass over the unquantized block, the quantized block producing the next block's inputs.",
+]
 
 if __name__ == "__main__":
     main()

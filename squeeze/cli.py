@@ -75,7 +75,7 @@ def quantize(
     scale_dtype: Annotated[str, typer.Option(help="Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.")] = "auto",
     damp_percent: Annotated[float, typer.Option(help="GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
     block_size: Annotated[int, typer.Option(help="GPTQ: columns updated together.")] = 128,
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize the inputs with the most energy first.")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="GPTQ: quantize the inputs with the most energy first, group scales fixed up front (default on).")] = True,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.")] = False,
     awq_grid: Annotated[int, typer.Option(help="AWQ: scale ratios tried per fold (0, 1/n, ..., (n-1)/n).")] = 20,
     awq_clip: Annotated[bool, typer.Option("--awq-clip/--no-awq-clip", help="AWQ: search a smaller clip range per weight group (never q/k).")] = True,

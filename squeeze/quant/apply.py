@@ -27,7 +27,7 @@ class QuantizeConfig:
     method: str = "rtn"  # one of METHODS
     damp_percent: float = 0.01  # GPTQ: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # GPTQ: columns updated together
-    act_order: bool = False  # GPTQ: quantize the columns with the largest Hessian diagonal first
+    act_order: bool = True  # GPTQ: quantize the columns with the largest Hessian diagonal first (static groups)
     true_sequential: bool = False  # GPTQ: calibrate each layer on the outputs of the already-quantized ones
     awq_grid: int = 20  # AWQ: scale ratios tried per fold (0, 1/n, ..., (n-1)/n)
     awq_clip: bool = True  # AWQ: search a smaller clip range per weight group
