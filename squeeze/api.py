@@ -84,6 +84,15 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def default_group_size(model: str, targets: tuple[str, ...], ignore: tuple[str, ...], trust_remote_code: bool = False) -> int:
+    """Group 128 where it divides every targeted layer, else the largest power of two that does
+    (read from the model's config on the meta device: no weights are loaded)."""
+    from squeeze.quant.targets import fitting_group_size, select_linears
+
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    return fitting_group_size(select_linears(meta_model(source), targets, ignore))
+
+
 def _eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
     limit = getattr(loaded.config, "max_position_embeddings", None)
     return min(seq_len, limit) if limit else seq_len

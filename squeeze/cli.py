@@ -68,7 +68,7 @@ def quantize(
     method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data), gptq, awq (weight-only, activation-aware scales) or smoothquant (W8A8); all but rtn calibrate block by block.")] = "rtn",
     mode: Annotated[Optional[str], typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group (default per-channel; per-group for awq).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Weight bits, 2..8 (default 8; 4 for awq).")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128; for awq, 128 where it divides every layer, else 64, 32 or 16).")] = None,
     asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric weights (scale and zero point); default symmetric, asymmetric for awq.")] = None,
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
     act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (scale and zero point).")] = False,
@@ -115,6 +115,11 @@ def quantize(
         mode, bits = mode or "per-group", bits or 4
         group_size = group_size or (64 if mode == "per-group" else None)
     mode = mode or ("per-group" if weight_only_low_bit else "per-channel")
+    if weight_only_low_bit and mode == "per-group" and group_size is None:
+        from squeeze.api import default_group_size
+
+        ignored = tuple(ignore) if ignore is not None else DEFAULT_IGNORE
+        group_size = _run(default_group_size, model, tuple(target), ignored, trust_remote_code)
     bits = bits if bits is not None else (4 if weight_only_low_bit else 8)
     asym = asym if asym is not None else weight_only_low_bit
     scheme = _run(

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from squeeze.cli import app
+from squeeze.errors import SqueezeError
 
 runner = CliRunner()
 FAST = ["--eval-tokens", "1024", "--seq-len", "64", "--calib-samples", "2"]
@@ -265,3 +266,21 @@ def test_bfloat16_compute(method: str, tiny_llama_dir: Path, tmp_path: Path) -> 
     report = json.loads(result.stdout)
     assert "bfloat16" in report["device"] and report["accuracy"]["kl_divergence"] >= 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_awq_picks_the_largest_group_that_fits(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Group 128 does not divide the tiny model's 64-wide inputs: AWQ's default falls back to 64."""
+    result = run("quantize", tiny_llama_dir, "--method", "awq", "--out", tmp_path / "a", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "per-group(64)" in json.loads(result.stdout)["settings"]["scheme"]
+
+
+def test_fitting_group_size() -> None:
+    from torch import nn
+
+    from squeeze.quant.targets import fitting_group_size
+
+    assert fitting_group_size({"a": nn.Linear(576, 8), "b": nn.Linear(1536, 8)}) == 64
+    assert fitting_group_size({"a": nn.Linear(4096, 8), "b": nn.Linear(11008, 8)}) == 128
+    with pytest.raises(SqueezeError, match="group size"):
+        fitting_group_size({"a": nn.Linear(24, 8)})

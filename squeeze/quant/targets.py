@@ -70,3 +70,15 @@ def check_group_size(layers: dict[str, nn.Linear], group_size: int) -> None:
     raise SqueezeError(
         f"group size {group_size} does not divide the input dimension ({', '.join(map(str, dims))}) of {shown}; {hint}"
     )
+
+
+def fitting_group_size(layers: dict[str, nn.Linear], preferred: int = 128) -> int:
+    """``preferred`` if it divides every layer's input dimension, else the largest power of two
+    below it that does (SmolLM2's 576-wide inputs take 64); SqueezeError if not even 16 fits."""
+    size = preferred
+    while size >= 16:
+        if all(m.in_features % size == 0 for m in layers.values()):
+            return size
+        size //= 2
+    check_group_size(layers, preferred)  # raises, naming the layers and what fits
+    return preferred
