@@ -340,7 +340,9 @@ def main() -> None:
         if not args.no_peers and not python.exists():
             notes.append(f"{tool} skipped: {python.relative_to(REPO)} is missing; run benchmarks/peers/setup.sh.")
     rows: list[dict] = []
-    previous = json.loads(RESULTS.read_text())["rows"] if (args.peers_only or args.only) and RESULTS.exists() else []
+    # a partial invocation (some configurations, or one side only) keeps the other rows already measured
+    partial = args.peers_only or args.only or args.no_peers
+    previous = json.loads(RESULTS.read_text())["rows"] if partial and RESULTS.exists() else []
     for config in [BY_NAME[n] for n in args.only] if args.only else CONFIGS:
         runs = ([] if args.peers_only else ["squeeze"]) + [t for t in config.peers if t in tools]
         for tool in runs:

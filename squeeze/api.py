@@ -161,6 +161,8 @@ def quantize(
     memory_before = tensor_bytes(net)
     disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values())
     linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
+    compressed_parameters = sum(m.weight.numel() for m in layers.values())
+    layer_count = len(layers)
 
     ranges = None
     if calib_windows is not None and config.method == "rtn":
@@ -170,6 +172,7 @@ def quantize(
             )
     if config.method in BLOCKWISE_METHODS:
         assert calib_windows is not None
+        del layers  # as below: let each dense weight go once its layer is quantized
         batches = list(_batches(calib_windows, batch_size, device))
         blockwise = BLOCKWISE_METHODS[config.method]
         with watch.stage("quantize"), progress.task(f"{config.method}, block by block", len(block_list(net)[1])) as advance:
@@ -178,7 +181,9 @@ def quantize(
         watch.timings["calibrate"] = result.calibration_s
         watch.timings["quantize"] -= result.calibration_s
     else:
-        with watch.stage("quantize"), progress.task("quantizing layers", len(layers)) as advance:
+        # the pass replaces each Linear in place; holding them here would keep every dense weight alive
+        del layers
+        with watch.stage("quantize"), progress.task("quantizing layers", layer_count) as advance:
             result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
 
     accuracy = None
@@ -199,7 +204,7 @@ def quantize(
         )
         size = SizeReport(
             parameters=parameters,
-            compressed_parameters=sum(m.weight.numel() for m in layers.values()),
+            compressed_parameters=compressed_parameters,
             disk_bytes_before=disk_before,
             disk_bytes_after=sum(f.stat().st_size for f in files),
             memory_bytes_before=memory_before,
