@@ -265,6 +265,7 @@ def test_bfloat16_compute(method: str, tiny_llama_dir: Path, tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert "bfloat16" in report["device"] and report["accuracy"]["kl_divergence"] >= 0
+    assert 0 < report["timings_s"]["calibrate"] < report["timings_s"]["total"]
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 

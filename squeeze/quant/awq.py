@@ -345,11 +345,13 @@ def quantize_model_awq(
             errors.append(_replace(model, prefix + name, linear, qlinear))
             done.add(prefix + name)
 
-    calibrate_sequentially(model, batches, compress_block, on_block)
+    calibration_s = calibrate_sequentially(model, batches, compress_block, on_block)
     finish_outside_blocks(model, config, layers, done, errors, notes)
     if scaled:
         notes.append(f"AWQ scaled {len(scaled)} of {len(layers)} layers (grid of {n_grid} ratios)")
     notes.extend(f"AWQ skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
     if clipped:
         notes.append(f"clipped the weight range of {len(clipped)} layers (q/k projections are never clipped)")
-    return QuantizeResult(layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes)
+    return QuantizeResult(
+        layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes, calibration_s=calibration_s
+    )
