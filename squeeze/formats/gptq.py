@@ -60,15 +60,8 @@ def gptq_tensors(name: str, layer: QuantizedLinear, version: str = "gptq") -> di
     """One layer's GPTQ tensors. ``version`` is ``gptq`` (v1, zero − 1 stored) or ``gptq_v2``."""
     args = layer.scheme.weights
     bits = args.num_bits
-    per_word = 32 // bits
-    if layer.in_features % per_word or layer.out_features % per_word:
-        raise SqueezeError(
-            f"--format gptq packs {per_word} codes per int32 word: {name} is {layer.out_features}x{layer.in_features}, "
-            f"not a multiple of {per_word}; use --format compressed-tensors"
-        )
     scale = layer.weight_scale.reshape(layer.out_features, -1)
     zero = layer.weight_zero_point.reshape(layer.out_features, -1).to(torch.int64)
-    groups = scale.shape[1]
     stored_zero = zero - 1 if version == "gptq" else zero  # signed codes: pack_int32 adds 2^(bits-1)
     if int(stored_zero.min()) < args.qmin:
         raise ValueError(f"{name}: a zero point of 0 cannot be stored in GPTQ v1; write gptq_v2")
@@ -79,7 +72,6 @@ def gptq_tensors(name: str, layer: QuantizedLinear, version: str = "gptq") -> di
         f"{name}.scales": scale.t().to(torch.float16).contiguous(),
         f"{name}.g_idx": (torch.arange(layer.in_features) // group_size).to(torch.int32),
     }
-    assert out[f"{name}.scales"].shape[0] == groups
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach()
     return out
@@ -93,9 +85,10 @@ def gptq_version(model: nn.Module) -> str:
     return "gptq"
 
 
-def check_gptq_layers(model: nn.Module, names: list[str]) -> list[str]:
+def check_gptq_layers(model: nn.Module, names: list[str], bits: int) -> list[str]:
     """The quantized layers' names relative to a block, the same in every block; raise SqueezeError
-    when GPTQ loaders could not place them (a layer outside the blocks, blocks that differ)."""
+    when GPTQ loaders could not place them (a layer outside the blocks, blocks that differ) or
+    when a layer's sides do not fill whole int32 words of ``bits``-bit codes."""
     from squeeze.quant.sequential import block_list
 
     prefix, blocks = block_list(model)
@@ -105,6 +98,14 @@ def check_gptq_layers(model: nn.Module, names: list[str]) -> list[str]:
             f"--format gptq quantizes Linear layers inside the transformer blocks only, not {', '.join(outside)}; "
             "add --ignore for them or use --format compressed-tensors"
         )
+    per_word = 32 // bits
+    for name in names:
+        layer = model.get_submodule(name)
+        if layer.in_features % per_word or layer.out_features % per_word:
+            raise SqueezeError(
+                f"--format gptq packs {per_word} codes per int32 word: {name} is {layer.out_features}x{layer.in_features}, "
+                f"not a multiple of {per_word}; use --format compressed-tensors"
+            )
     per_block: dict[int, set[str]] = {}
     for name in names:
         index, _, rest = name[len(prefix) + 1 :].partition(".")
@@ -123,7 +124,8 @@ def quantize_config(model: nn.Module, scheme: QuantScheme, version: str, method:
     from squeeze.quant.sequential import block_list
 
     prefix, blocks = block_list(model)
-    chosen = check_gptq_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)])
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    chosen = check_gptq_layers(model, quantized, scheme.weights.num_bits)
     inside = [n for n, m in blocks[0].named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
     config = {
         "quant_method": "gptq",

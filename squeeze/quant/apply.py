@@ -96,7 +96,7 @@ def plan_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear
     if config.format == "gptq":
         from squeeze.formats.gptq import check_gptq_layers
 
-        check_gptq_layers(model, list(layers))
+        check_gptq_layers(model, list(layers), config.scheme.weights.num_bits)
     return layers
 
 
