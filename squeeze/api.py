@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze import formats
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.models import LoadedModel, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
+from squeeze.models import LoadedModel, ModelSource, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
+from squeeze.formats.sparse import LOADING_SNIPPET, bitmask_bytes, write_pruned_checkpoint
 from squeeze.progress import NullProgress, Progress
+from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
 from squeeze.quant.apply import (
     QuantizeConfig,
     observe_input_ranges,
@@ -37,7 +40,7 @@ from squeeze.quant.awq import quantize_model_awq
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.nf4 import NF4Linear
 from squeeze.quant.sequential import block_list
-from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, write_report
+from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, SparsityReport, write_report
 
 
 def _awq(net, config: QuantizeConfig, batches, on_block=None):
@@ -103,6 +106,116 @@ def _batches(windows: torch.Tensor, batch_size: int, device: str) -> Iterator[di
         yield {"input_ids": windows[start : start + batch_size].to(device)}
 
 
+@dataclass
+class _Prepared:
+    """What every pass has once its cheap checks passed and the model is loaded."""
+
+    source: ModelSource
+    loaded: LoadedModel
+    device: str
+    plan: dict
+    seq_len: int
+    eval_windows: torch.Tensor | None
+    calib_windows: torch.Tensor | None
+    reference: torch.nn.Module | None
+    parameters: int
+    memory_before: int
+    disk_before: int
+    linear_flops: int  # 2 · Σ out · in over every Linear layer: matmul FLOPs per token
+
+
+def _prepare(
+    model: str,
+    out: Path,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    data: str,
+    calibration_data: str | None,
+    evaluate: bool,
+    needs_calibration: bool,
+    plan: Callable[[torch.nn.Module], dict],
+    eval_tokens: int,
+    seq_len: int,
+    calibration_samples: int,
+    watch: _Stopwatch,
+    progress: Progress,
+) -> _Prepared:
+    """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
+    model, text sources), then load the model and cut the evaluation and calibration windows."""
+    check_output_dir(out, overwrite)
+    device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    plan(meta_model(source))
+    if evaluate:
+        load_documents(data)
+    if needs_calibration:
+        load_documents(calibration_data or data)
+
+    with watch.stage("load"), progress.status(f"loading {source.name}"):
+        loaded = load_model(source, device=device, dtype=compute_dtype)
+    net = loaded.model
+    layers = plan(net)
+    seq_len = _eval_seq_len(loaded, seq_len)
+    eval_windows = evaluation_windows(loaded.tokenizer, data, seq_len, eval_tokens) if evaluate else None
+    calib_windows = None
+    if needs_calibration:
+        calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
+    return _Prepared(
+        source=source,
+        loaded=loaded,
+        device=device,
+        plan=layers,
+        seq_len=seq_len,
+        eval_windows=eval_windows,
+        calib_windows=calib_windows,
+        reference=copy.deepcopy(net) if evaluate else None,
+        parameters=parameter_count(net),
+        memory_before=tensor_bytes(net),
+        disk_before=sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values()),
+        linear_flops=sum(2 * m.in_features * m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)),
+    )
+
+
+SPARSE_INPUT_SHARE = 0.01  # a model with at least this share of exact zeros in its layers counts as pruned
+
+
+def _sparsity_structure(layers: dict[str, torch.nn.Module], zeros: dict[str, int]) -> str | None:
+    """``N:M`` if every layer holding zeros follows one of the common patterns, ``unstructured``
+    if the layers hold at least SPARSE_INPUT_SHARE exact zeros otherwise, None for a dense model."""
+    from squeeze.prune.masks import is_n_m
+
+    total = sum(m.weight.numel() for m in layers.values())
+    if sum(zeros.values()) < SPARSE_INPUT_SHARE * total:
+        return None
+    sparse = [m.weight for name, m in layers.items() if zeros[name]]
+    for n, m in ((2, 4), (4, 8), (1, 4)):
+        if all(is_n_m(w, n, m) for w in sparse):
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+def _sparsity_report(
+    structure: str, target: float, layers: list[tuple[int, int]], stored_dtype: torch.dtype | None,
+    linear_flops: int, dense_bytes: int | None = None, sparse_bytes: int | None = None,
+) -> SparsityReport:
+    """From (parameters, zeros) per sparse layer: totals, and FLOPs with those zeros skipped."""
+    parameters = sum(p for p, _ in layers)
+    zeros = sum(z for _, z in layers)
+    return SparsityReport(
+        structure=structure,
+        target=target,
+        parameters=parameters,
+        zeros=zeros,
+        dense_bytes=dense_bytes,
+        sparse_bytes=sparse_bytes,
+        linear_flops_dense=linear_flops,
+        linear_flops_sparse=linear_flops - 2 * zeros,
+    )
+
+
 def quantize(
     model: str,
     out: Path,
@@ -133,36 +246,20 @@ def quantize(
     progress = progress or NullProgress()
     watch = _Stopwatch()
     out = Path(out)
-    check_output_dir(out, overwrite)
-    device = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype)
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
-    plan_layers(meta_model(source), config)
-    if evaluate:
-        load_documents(data)
-    if config.needs_calibration:
-        load_documents(calibration_data or data)
-
-    with watch.stage("load"), progress.status(f"loading {source.name}"):
-        loaded = load_model(source, device=device, dtype=compute_dtype)
-    net = loaded.model
-    layers = plan_layers(net, config)
-    seq_len = _eval_seq_len(loaded, seq_len)
-
-    eval_windows = None
-    if evaluate:
-        eval_windows = evaluation_windows(loaded.tokenizer, data, seq_len, eval_tokens)
-    calib_windows = None
-    if config.needs_calibration:
-        calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
-
-    reference = copy.deepcopy(net) if evaluate else None
-    parameters = parameter_count(net)
-    memory_before = tensor_bytes(net)
-    disk_before = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values())
+    prep = _prepare(
+        model, out, overwrite, device, dtype, trust_remote_code, data, calibration_data, evaluate,
+        config.needs_calibration, lambda net: plan_layers(net, config), eval_tokens, seq_len, calibration_samples,
+        watch, progress,
+    )
+    loaded, net, layers, device = prep.loaded, prep.loaded.model, prep.plan, prep.device
+    source, seq_len, eval_windows, calib_windows, reference = prep.source, prep.seq_len, prep.eval_windows, prep.calib_windows, prep.reference
+    parameters, memory_before, disk_before, linear_flops = prep.parameters, prep.memory_before, prep.disk_before, prep.linear_flops
     linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
     compressed_parameters = sum(m.weight.numel() for m in layers.values())
     layer_count = len(layers)
+    input_zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
+    sparse_input = _sparsity_structure(layers, input_zeros)
+    del prep
 
     ranges = None
     if calib_windows is not None and config.method == "rtn":
@@ -192,11 +289,25 @@ def quantize(
         del reference
 
     method_settings = _method_settings(config)
+    sparsity = None
+    notes = list(result.notes)
+    if sparse_input is not None:
+        sparsity = _sparsity_report(
+            sparse_input, sum(input_zeros.values()) / max(compressed_parameters, 1),
+            [(e.shape[0] * e.shape[1], e.zeros) for e in result.layers], None, linear_flops,
+        )
+        lost = sum(e.zeros_lost for e in result.layers)
+        kept = sum(input_zeros.values()) - lost
+        notes.append(
+            f"the model was pruned ({sparse_input}, {sparsity.target:.2%} zeros): {kept:,} of its {sum(input_zeros.values()):,} "
+            f"zero weights are still exactly zero after quantization" + (f"; {lost:,} are not" if lost else "")
+        )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("save"), progress.status(f"writing {out}"):
             written = formats.write(
                 config.format, net, config.scheme, result.ignored, tmp, tokenizer=loaded.tokenizer,
                 dtype=loaded.stored_dtype, method={"method": config.method, **method_settings},
+                sparsity=(sparse_input, sparsity.sparsity, [e.name for e in result.layers if e.zeros]) if sparsity else None,
             )
         files = written.files
         linear_after = sum(
@@ -241,10 +352,14 @@ def quantize(
             device=f"{device}, {dtype} compute",
             accuracy=accuracy,
             layers=[
-                LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error, e.output_error, e.method_loss)
+                LayerReport(
+                    e.name, e.shape, e.relative_error, e.max_abs_error, e.output_error, e.method_loss,
+                    *((e.zeros / (e.shape[0] * e.shape[1]), e.shape[0] * e.shape[1] - e.zeros) if sparsity else (None, None)),
+                )
                 for e in result.layers
             ],
-            notes=result.notes + written.notes,
+            notes=notes + written.notes,
+            sparsity=sparsity,
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -300,3 +415,148 @@ def _evaluate(
             embedding_cosine_mean=enc.cosine_mean,
             embedding_cosine_min=enc.cosine_min,
         )
+
+
+def prune(
+    model: str,
+    out: Path,
+    config: PruneConfig,
+    data: str = "wikipedia",
+    calibration_data: str | None = None,
+    eval_tokens: int = 16384,
+    seq_len: int = 512,
+    calibration_samples: int = 128,
+    batch_size: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    evaluate: bool = True,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
+    the report to ``out``.
+
+    Text, windows, devices and dtypes work as in :func:`quantize`. Wanda calibrates on
+    ``calibration_samples`` windows of ``calibration_data`` (default: ``data``); magnitude pruning
+    reads no text but the evaluation's.
+    """
+    if config.needs_calibration and (calibration_samples < 1 or calibration_data == "none"):
+        raise SqueezeError("Wanda scores each weight by its input activations: it needs calibration text (--calib-samples >= 1)")
+    progress = progress or NullProgress()
+    watch = _Stopwatch()
+    out = Path(out)
+    prep = _prepare(
+        model, out, overwrite, device, dtype, trust_remote_code, data, calibration_data, evaluate,
+        config.needs_calibration, lambda net: plan_prune(net, config), eval_tokens, seq_len, calibration_samples,
+        watch, progress,
+    )
+    loaded, net, plan = prep.loaded, prep.loaded.model, prep.plan
+    stored = loaded.stored_dtype
+    targets = {name: sparsity for name, (_, sparsity) in plan.items()}
+    del plan
+
+    if config.needs_calibration:
+        assert prep.calib_windows is not None
+        batches = list(_batches(prep.calib_windows, batch_size, prep.device))
+        with watch.stage("prune"), progress.task("wanda, block by block", len(block_list(net)[1])) as advance:
+            result = prune_model(net, config, batches, on_step=lambda _name: advance(1))
+        watch.timings["calibrate"] = result.calibration_s
+        watch.timings["prune"] -= result.calibration_s
+    else:
+        with watch.stage("prune"), progress.task("pruning layers", len(targets)) as advance:
+            result = prune_model(net, config, on_step=lambda _name: advance(1))
+
+    accuracy = None
+    if prep.eval_windows is not None and prep.reference is not None:
+        accuracy = _evaluate(loaded, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress)
+        prep.reference = None
+
+    sparse_names = [layer.name for layer in result.layers]
+    modules = dict(net.named_modules())
+    dense_bytes = sum(layer.numel * stored.itemsize for layer in result.layers)
+    sparse_bytes = sum(bitmask_bytes(modules[name].weight, stored) for name in sparse_names)
+    sparsity = _sparsity_report(
+        config.structure,
+        sum(targets[layer.name] * layer.numel for layer in result.layers) / max(sum(layer.numel for layer in result.layers), 1),
+        [(layer.numel, layer.zeros) for layer in result.layers],
+        stored,
+        prep.linear_flops,
+        dense_bytes,
+        sparse_bytes,
+    )
+    notes = list(result.notes)
+    if result.dense:
+        notes.append(f"{len(result.dense)} targeted layer(s) left dense by --layer-sparsity: {', '.join(result.dense)}")
+    if config.format == "sparse-bitmask":
+        notes.append(
+            "sparse-bitmask checkpoint: transformers 5 cannot decompress it by itself (compressed-tensors dropped sparse "
+            "decompression in 0.15); squeeze loads it, and so does the snippet below; --format dense writes one "
+            "that from_pretrained loads as is"
+        )
+    settings = {
+        "method": config.method,
+        "sparsity": config.sparsity,
+        "pattern": config.pattern or "unstructured",
+        "scope": config.scope if config.n_m is None else "per group of M inputs",
+        "layer_sparsity": [f"{p}={v:g}" for p, v in config.layer_sparsity],
+        "sparsity_ramp": config.sparsity_ramp,
+        "format": f"{config.format} (compressed-tensors sparsity_config)",
+        "targets": list(config.targets) or ["all Linear layers"],
+        "ignore": list(config.ignore),
+        "calibration": (
+            f"{calibration_data or data}: {prep.calib_windows.shape[0]} x {prep.calib_windows.shape[1]} tokens"
+            if prep.calib_windows is not None
+            else "none (magnitude pruning needs no data)"
+        ),
+        "calibration_tokens": int(prep.calib_windows.numel()) if prep.calib_windows is not None else 0,
+    }
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with watch.stage("save"), progress.status(f"writing {out}"):
+            files = write_pruned_checkpoint(
+                net, config.format, config.structure, sparsity.sparsity, sparse_names, tmp, loaded.tokenizer, stored
+            )
+        size = SizeReport(
+            parameters=prep.parameters,
+            compressed_parameters=sparsity.parameters,
+            disk_bytes_before=prep.disk_before,
+            disk_bytes_after=sum(f.stat().st_size for f in files),
+            memory_bytes_before=prep.memory_before,
+            memory_bytes_after=tensor_bytes(net),
+            linear_bytes_before=dense_bytes,
+            linear_bytes_after=sparse_bytes if config.format == "sparse-bitmask" else dense_bytes,
+        )
+        auto_class = "AutoModelForCausalLM" if prep.source.kind == "causal" else "AutoModel"
+        report = Report(
+            pass_name="prune",
+            model={
+                "spec": model,
+                "name": prep.source.name,
+                "kind": prep.source.kind,
+                "architecture": type(net).__name__,
+            },
+            settings=settings,
+            size=size,
+            timings_s=dict(watch.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            device=f"{prep.device}, {dtype} compute",
+            accuracy=accuracy,
+            layers=[
+                LayerReport(
+                    layer.name, layer.shape, layer.relative_error, layer.max_pruned, None, None,
+                    layer.sparsity, layer.numel - layer.zeros,
+                )
+                for layer in result.layers
+            ],
+            notes=notes,
+            sparsity=sparsity,
+            loading=(
+                "```python\n" + LOADING_SNIPPET.format(folder=out, auto_class=auto_class) + "```\n"
+                if config.format == "sparse-bitmask"
+                else f"`transformers.{auto_class}.from_pretrained(\"{out}\")`: the zeros are stored dense.\n"
+            ),
+            squeeze_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_report(report, tmp)
+    return report

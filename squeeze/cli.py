@@ -175,6 +175,99 @@ def quantize(
         out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
 
 
+def _layer_sparsity(entries: list[str]) -> tuple[tuple[str, float], ...]:
+    parsed = []
+    for entry in entries:
+        pattern, sep, value = entry.rpartition("=")
+        try:
+            if not sep or not pattern:
+                raise ValueError
+            parsed.append((pattern, float(value)))
+        except ValueError:
+            _fail(f"--layer-sparsity takes PATTERN=SPARSITY (for example '*.self_attn.*=0.3'), got {entry!r}")
+    return tuple(parsed)
+
+
+@app.command()
+def prune(
+    model: ModelArg,
+    method: Annotated[str, typer.Option(help="magnitude (smallest |W|, no data) or wanda (|W| times input-feature norm, calibrated block by block).")] = "magnitude",
+    sparsity: Annotated[Optional[float], typer.Option(help="Share of weights removed per layer, in [0, 1) (default 0.5; an N:M pattern sets it).")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M structure, e.g. 2:4 or 4:8: keep N of every M consecutive input weights.")] = None,
+    scope: Annotated[str, typer.Option(help="magnitude: rank weights per layer, or across all targeted layers at once (global).")] = "layer",
+    layer_sparsity: Annotated[list[str], typer.Option(help="PATTERN=SPARSITY for matching layers, repeatable, the last match wins; 0 leaves a layer dense.")] = [],
+    sparsity_ramp: Annotated[float, typer.Option(help="Rule over depth: the first block gets sparsity - ramp, the last sparsity + ramp, linear between.")] = 0.0,
+    fmt: Annotated[str, typer.Option("--format", help="sparse-bitmask (compressed-tensors layout, smaller on disk) or dense (zeros stored, loads with from_pretrained).")] = "sparse-bitmask",
+    target: Annotated[list[str], typer.Option(help="Prune only Linear layers matching this glob or re:regex (repeatable).")] = [],
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers dense (repeatable) (default: lm_head and classifier heads).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-METHOD-SPARSITY).")] = None,
+    data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for Wanda (default: the --data text).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Wanda: calibration windows of --seq-len tokens.")] = 128,
+    eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")] = "float32",
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Prune (magnitude or Wanda; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
+    from squeeze.api import prune as run_prune
+    from squeeze.prune.apply import PruneConfig
+    from squeeze.quant.targets import DEFAULT_IGNORE
+    from squeeze.report import to_rich
+
+    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    if calib_samples < 0:
+        _fail(f"--calib-samples must not be negative, got {calib_samples}")
+    config = _run(
+        PruneConfig,
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        scope=scope,
+        layer_sparsity=_layer_sparsity(layer_sparsity),
+        sparsity_ramp=sparsity_ramp,
+        targets=tuple(target),
+        ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE,
+        format=fmt,
+    )
+    if out_dir is None:
+        stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+        amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
+        out_dir = Path(f"{stem}-{method}-{amount}" + ("-dense" if fmt == "dense" else ""))
+    progress = NullProgress() if quiet else ConsoleProgress(err)
+    report = _run(
+        run_prune,
+        model,
+        out_dir,
+        config,
+        data=data,
+        calibration_data=calib_data,
+        eval_tokens=eval_tokens,
+        seq_len=seq_len,
+        calibration_samples=calib_samples,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        evaluate=not no_eval,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        out.print(to_rich(report))
+        out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
+
+
 @app.command()
 def inspect(
     model: ModelArg,

@@ -378,7 +378,10 @@ def load_model(
         else:
             auto = transformers.AutoModelForCausalLM if source.kind == "causal" else transformers.AutoModel
             try:
-                model = auto.from_pretrained(source.path, use_safetensors=True, dtype=dtype, trust_remote_code=trust)
+                if _is_sparse_bitmask(source.path):
+                    model = _load_sparse_bitmask(source.path, auto, dtype, trust)
+                else:
+                    model = auto.from_pretrained(source.path, use_safetensors=True, dtype=dtype, trust_remote_code=trust)
             except (OSError, ValueError) as exc:
                 raise SqueezeError(f"cannot load model {source.spec}: {_first_line(exc)}") from exc
             tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust)
@@ -387,6 +390,37 @@ def load_model(
     model = model.to(device=target_device, dtype=dtype).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, model.config, stored_dtype(source))
+
+
+def _is_sparse_bitmask(folder: Path) -> bool:
+    from squeeze.formats.sparse import is_sparse_bitmask
+
+    return folder.is_dir() and is_sparse_bitmask(_read_config_json(folder))
+
+
+def _load_sparse_bitmask(folder: Path, auto, dtype: torch.dtype, trust: bool) -> torch.nn.Module:
+    """A sparse-bitmask checkpoint (squeeze prune's default), decoded to dense weights with zeros:
+    transformers 5 no longer decompresses sparse checkpoints itself."""
+    from safetensors.torch import load_file
+
+    from squeeze.formats.sparse import decode_bitmask_state
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    state = decode_bitmask_state(state)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k not in tied and k in dict(model.named_parameters(remove_duplicate=False))]
+    if missing or unexpected:
+        raise SqueezeError(
+            f"sparse checkpoint {folder} does not match its config: "
+            + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}")
+        )
+    return model
 
 
 def _load_gguf_model(path: Path) -> torch.nn.Module:

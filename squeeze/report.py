@@ -76,6 +76,42 @@ class LayerReport:
     max_abs_error: float
     output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on the calibration inputs (calibrated methods)
     method_loss: float | None = None  # the method's own objective (GPTQ: Σ (w − ŵ)² / [H⁻¹]_jj² / 2)
+    sparsity: float | None = None  # share of the weights exactly zero after the pass
+    nonzeros: int | None = None
+
+
+@dataclass
+class SparsityReport:
+    """How sparse the compressed layers are and what it buys. FLOPs are multiply-adds × 2 of the
+    Linear layers per token (attention's own matmuls and embeddings excluded)."""
+
+    structure: str  # unstructured or N:M
+    target: float  # the sparsity asked for (the mean of the per-layer targets for pruning)
+    parameters: int  # weights in the sparse layers
+    zeros: int
+    dense_bytes: int | None  # the sparse layers' weights stored dense, at the checkpoint dtype (pruning)
+    sparse_bytes: int | None  # the same weights in sparse-bitmask layout (values + bitmask + row offsets)
+    linear_flops_dense: int  # per token, over every Linear layer (heads included)
+    linear_flops_sparse: int  # the same with the sparse layers computing only their nonzeros
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / max(self.parameters, 1)
+
+    @property
+    def nonzeros(self) -> int:
+        return self.parameters - self.zeros
+
+    @property
+    def sparse_ratio(self) -> float | None:
+        if self.sparse_bytes is None or self.dense_bytes is None:
+            return None
+        return self.sparse_bytes / max(self.dense_bytes, 1)
+
+    @property
+    def flop_reduction(self) -> float:
+        """Share of the Linear FLOPs per token a sparse kernel could skip, e.g. 0.45."""
+        return 1 - self.linear_flops_sparse / max(self.linear_flops_dense, 1)
 
 
 @dataclass
@@ -92,6 +128,8 @@ class Report:
     accuracy: AccuracyReport | None = None
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    sparsity: SparsityReport | None = None
+    loading: str = ""  # markdown: how to load the checkpoint without squeeze, when it takes more than from_pretrained
     squeeze_version: str = ""
     created: str = ""
 
@@ -105,6 +143,13 @@ class Report:
         )
         if self.accuracy is not None:
             data["accuracy"]["perplexity_change"] = self.accuracy.perplexity_change
+        if self.sparsity is not None:
+            data["sparsity"].update(
+                sparsity=self.sparsity.sparsity,
+                nonzeros=self.sparsity.nonzeros,
+                sparse_ratio=self.sparsity.sparse_ratio,
+                flop_reduction=self.sparsity.flop_reduction,
+            )
         data["timings_s"]["total"] = sum(self.timings_s.values())
         return data
 
@@ -138,6 +183,25 @@ def summary_rows(report: Report) -> list[tuple[str, str, str]]:
         ("bits per weight (compressed layers)", "32" if s.linear_bytes_before == 4 * s.compressed_parameters else "-", f"{s.bits_per_weight:.2f}"),
         ("bits per weight (whole model)", f"{8 * s.disk_bytes_before / max(s.parameters, 1):.2f}", f"{s.model_bits_per_weight:.2f}"),
     ]
+    sp = report.sparsity
+    if sp is not None:
+        rows += [
+            ("sparsity (" + sp.structure + ")", f"target {sp.target:.2%}", f"{sp.sparsity:.2%} ({sp.zeros:,} zeros)"),
+            ("nonzero weights (sparse layers)", f"{sp.parameters:,}", f"{sp.nonzeros:,}"),
+        ]
+        if sp.sparse_ratio is not None:
+            rows.append((
+                "sparse layers: dense vs sparse-bitmask bytes",
+                _fmt_bytes(sp.dense_bytes),
+                f"{_fmt_bytes(sp.sparse_bytes)} ({sp.sparse_ratio:.1%} of dense)",
+            ))
+        rows += [
+            (
+                "Linear matmul FLOPs per token",
+                f"{sp.linear_flops_dense:,}",
+                f"{sp.linear_flops_sparse:,} ({sp.flop_reduction:.1%} fewer with a sparse kernel)",
+            ),
+        ]
     a = report.accuracy
     if a is not None:
         if a.perplexity_before is not None:
@@ -170,20 +234,25 @@ def to_markdown(report: Report, worst_layers: int = 0) -> str:
     lines += [f"- **device**: {report.device}"]
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    if report.loading:
+        lines += ["", "## Loading without squeeze", "", report.loading.rstrip()]
     if report.layers:
         layers = report.layers
         if worst_layers:
             layers = sorted(layers, key=lambda layer: -layer.relative_error)[:worst_layers]
         has_output = any(layer.output_error is not None for layer in layers)
         has_loss = any(layer.method_loss is not None for layer in layers)
+        has_sparsity = any(layer.sparsity is not None for layer in layers)
         header = ["layer", "shape", "relative error", "max abs error"]
-        header += ["output error"] * has_output + ["method loss"] * has_loss
+        header += ["output error"] * has_output + ["method loss"] * has_loss + ["sparsity", "nonzeros"] * has_sparsity
         lines += [
             "",
-            "## Per-layer quantization error",
+            f"## Per-layer {'pruning' if report.pass_name == 'prune' else 'quantization'} error",
             "",
             "relative error = ‖W − Ŵ‖ / ‖W‖ (Frobenius); max abs = largest elementwise |W − Ŵ|",
         ]
+        if has_sparsity:
+            lines.append("; sparsity = share of the layer's weights exactly zero after the pass")
         if has_output:
             lines.append("; output error = ‖(W − Ŵ)X‖ / ‖WX‖ over the layer's calibration inputs X")
         if has_loss:
@@ -195,6 +264,8 @@ def to_markdown(report: Report, worst_layers: int = 0) -> str:
                 cells.append(_fmt(layer.output_error, ".5f"))
             if has_loss:
                 cells.append(_fmt(layer.method_loss, ".4g"))
+            if has_sparsity:
+                cells += [_fmt(layer.sparsity, ".2%"), f"{layer.nonzeros:,}" if layer.nonzeros is not None else "-"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -215,11 +286,16 @@ def to_rich(report: Report, worst_layers: int = 8) -> Group:
         layers.add_column("shape")
         layers.add_column("relative error", justify="right")
         has_output = any(layer.output_error is not None for layer in worst)
+        has_sparsity = any(layer.sparsity is not None for layer in worst)
         if has_output:
             layers.add_column("output error", justify="right")
+        if has_sparsity:
+            layers.add_column("sparsity", justify="right")
         for layer in worst:
             cells = [layer.name, f"{layer.shape[0]}x{layer.shape[1]}", f"{layer.relative_error:.5f}"]
-            layers.add_row(*cells, *([_fmt(layer.output_error, ".5f")] if has_output else []))
+            cells += [_fmt(layer.output_error, ".5f")] if has_output else []
+            cells += [_fmt(layer.sparsity, ".2%")] if has_sparsity else []
+            layers.add_row(*cells)
         parts.append(layers)
     return Group(*parts)
 

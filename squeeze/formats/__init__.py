@@ -88,8 +88,19 @@ def write(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     method: dict | None = None,
+    sparsity: tuple[str, float, list[str]] | None = None,
 ) -> Written:
-    """Write ``model`` to ``out_dir`` in ``fmt``; notes say what a consumer should know."""
+    """Write ``model`` to ``out_dir`` in ``fmt``; notes say what a consumer should know.
+
+    ``sparsity`` (structure, overall sparsity, sparse layer names) describes a pruned model:
+    compressed-tensors records it as a ``sparsity_config`` beside the quantization config (the
+    codes, zeros included, are stored dense); the other formats have no field for it.
+    """
+    sparse_notes = []
+    if sparsity is not None and fmt != "compressed-tensors":
+        sparse_notes.append(
+            f"{fmt} has no field for sparsity: the zeros are stored as zero codes and a loader sees a dense layer"
+        )
     if fmt == "gptq":
         from squeeze.formats.gptq import write_gptq_checkpoint
 
@@ -100,7 +111,7 @@ def write(
                 "written as gptq_v2: some group's zero point is 0, which GPTQ v1 cannot store; "
                 "GPTQModel and transformers + optimum read it, AutoGPTQ does not"
             )
-        return Written(files, notes)
+        return Written(files, notes + sparse_notes)
     if fmt.startswith("bnb-"):
         from squeeze.formats.bnb import write_bnb_checkpoint
 
@@ -110,7 +121,12 @@ def write(
                 "bitsandbytes runs LLM.int8() on these weights: it also quantizes activations per row at run time "
                 "(outlier columns above 6.0 stay 16-bit), so its outputs differ slightly from this weight-only evaluation"
             )
-        return Written(write_bnb_checkpoint(model, fmt, ignored, out_dir, tokenizer, dtype), notes)
+        return Written(write_bnb_checkpoint(model, fmt, ignored, out_dir, tokenizer, dtype), notes + sparse_notes)
     from squeeze.formats.compressed_tensors import write_checkpoint
 
-    return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype), [])
+    sparsity_config = None
+    if sparsity is not None:
+        from squeeze.formats.sparse import sparsity_config as make_sparsity_config
+
+        sparsity_config = make_sparsity_config("dense", *sparsity)
+    return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype, sparsity_config), [])

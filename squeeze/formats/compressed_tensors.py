@@ -97,8 +97,9 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
-    """The ``quantization_config`` entry of config.json for one scheme over all Linear layers."""
+def quantization_config(scheme: QuantScheme, ignore: list[str], sparsity: dict | None = None) -> dict:
+    """The ``quantization_config`` entry of config.json for one scheme over all Linear layers
+    (``sparsity``: the ``sparsity_config`` of a pruned model)."""
     group = {
         "targets": ["Linear"],
         "weights": scheme.weights.to_compressed_tensors(),
@@ -115,7 +116,7 @@ def quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict:
         "config_groups": {"group_0": group},
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
-        "sparsity_config": {},
+        "sparsity_config": sparsity or {},
         "transform_config": {},
         "version": compressed_tensors.__version__,
         "producer": "squeeze",
@@ -188,6 +189,7 @@ def write_checkpoint(
     out_dir: Path,
     tokenizer=None,
     dtype: torch.dtype | None = None,
+    sparsity: dict | None = None,
 ) -> list[Path]:
     """Save ``model`` (with QuantizedLinear layers) to ``out_dir``: safetensors, config.json, tokenizer.
 
@@ -195,5 +197,5 @@ def write_checkpoint(
     Returns the safetensors files written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_config_files(model, out_dir, quantization_config(scheme, ignored), tokenizer, dtype)
+    write_config_files(model, out_dir, quantization_config(scheme, ignored, sparsity), tokenizer, dtype)
     return save_safetensors(checkpoint_state_dict(model, dtype), out_dir)

@@ -73,6 +73,8 @@ class LayerError:
     max_abs_error: float
     output_error: float | None = None  # ‖(W − Ŵ)X‖_F / ‖WX‖_F on the calibration inputs X (calibrated methods)
     method_loss: float | None = None  # the method's own objective, e.g. GPTQ's Σ (w − ŵ)² / [H⁻¹]_jj / 2
+    zeros: int = 0  # weights that dequantize to exactly zero
+    zeros_lost: int = 0  # weights zero before (pruned) that are no longer zero: always 0 by design
 
 
 @dataclass
@@ -200,7 +202,8 @@ def _replace(
     ``‖ΔW X‖ / ‖W X‖ = sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`` is measured too.
     """
     weight = linear.weight.detach()
-    diff = (qlinear.dequantized_weight(weight.dtype) - weight).float()
+    dequantized = qlinear.dequantized_weight(weight.dtype)
+    diff = (dequantized - weight).float()
     output_error = None
     if hessian is not None:
         h = hessian.to(diff.device)
@@ -214,6 +217,8 @@ def _replace(
         max_abs_error=float(diff.abs().max()),
         output_error=output_error,
         method_loss=method_loss,
+        zeros=int((dequantized == 0).sum()),
+        zeros_lost=int(((weight == 0) & (dequantized != 0)).sum()),
     )
 
 
@@ -328,6 +333,7 @@ def quantize_model_gptq(
                 block_size=config.block_size,
                 damp_percent=config.damp_percent,
                 act_order=config.act_order,
+                zeros=stacked == 0,  # pruned weights stay pruned
             )
         except ArithmeticError as exc:
             raise SqueezeError(

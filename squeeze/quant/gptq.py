@@ -76,6 +76,7 @@ def gptq_quantize(
     block_size: int = 128,
     damp_percent: float = 0.01,
     act_order: bool = False,
+    zeros: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` [out, in] with GPTQ against ``hessian`` [in, in].
 
@@ -83,6 +84,10 @@ def gptq_quantize(
     most energy first); group scales are then computed up front from the original weight so the
     groups keep their contiguous layout (compressed-tensors' ``actorder: weight``). Without it,
     a group's scale is computed when its first column is reached, from the error-updated weights.
+
+    ``zeros`` (bool ``[out, in]``) marks weights that must stay exactly zero, e.g. pruned ones: each
+    is reset to zero just before its column is quantized, so it is stored as zero and passes no
+    error on (the updates earlier columns pushed onto it are dropped, as SparseGPT does).
     """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -115,6 +120,7 @@ def gptq_quantize(
             set_group(g, w[:, g * group_size : (g + 1) * group_size])
     w = w[:, perm]
     h = h[perm][:, perm]
+    zeros_t = zeros[:, perm].t().contiguous().to(w.device) if zeros is not None and bool(zeros.any()) else None
     h_inv, damp, retries = _inverse_cholesky(h, damp_percent)
     order = perm.tolist()
 
@@ -149,6 +155,8 @@ def gptq_quantize(
                 if group_size:
                     g = column // group_size
                     if not act_order and column % group_size == 0:
+                        if zeros_t is not None:
+                            block[i : i + group_size].masked_fill_(zeros_t[start + i : start + i + group_size], 0)
                         set_group(g, block[i : i + group_size].t())
                         cached_group = -1
                     if g != cached_group:
@@ -157,6 +165,8 @@ def gptq_quantize(
                 else:
                     s, z = s_all, z_all
                 x = block[i]
+                if zeros_t is not None:
+                    x.masked_fill_(zeros_t[start + i], 0)
                 q = torch.div(x, s)
                 if not symmetric:
                     q.add_(z)

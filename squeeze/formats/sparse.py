@@ -1,0 +1,147 @@
+"""Pruned checkpoints: sparse-bitmask (smaller on disk) or dense with zeros.
+
+``sparse-bitmask`` is compressed-tensors' layout for unstructured and N:M sparsity. Each pruned
+Linear ``name`` stores, instead of ``name.weight``:
+
+- ``name.compressed``: the nonzero values in row-major order (1-D, the weight's dtype);
+- ``name.bitmask``: uint8 ``[out, ceil(in / 8)]``, bit ``j % 8`` of byte ``j // 8`` (little-endian
+  bit order, numpy's ``packbits(..., bitorder="little")``) set where ``weight[row, j] != 0``;
+- ``name.row_offsets``: int64 ``[out]``, index in ``compressed`` where each row starts;
+- ``name.shape``: int64 ``[2]``, the dense shape.
+
+At 50% sparsity a float32 layer takes 0.5 · 4 + 1/8 bytes per weight (53% of dense), a bfloat16
+one 0.5 · 2 + 1/8 (56%). config.json carries ``quantization_config.sparsity_config`` with
+``format``, ``sparsity_structure`` (``unstructured`` or ``N:M``), ``global_sparsity`` and the
+sparse layers as ``targets``. compressed-tensors up to 0.14 decompresses it; later versions, and so
+transformers 5 (which needs compressed-tensors ≥ 0.15), dropped sparse decompression, so
+:data:`LOADING_SNIPPET` is the way to load it without squeeze, and ``dense`` (plain ``weight``
+tensors with the zeros, the same ``sparsity_config`` with ``format: dense``) loads with a plain
+``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from squeeze.formats.compressed_tensors import dense_tensors, save_safetensors, write_config_files
+
+BITMASK_SUFFIXES = ("compressed", "bitmask", "row_offsets", "shape")
+
+LOADING_SNIPPET = '''\
+import glob, numpy as np, torch, transformers
+from safetensors.torch import load_file
+
+folder = "{folder}"
+state = {{}}
+for file in sorted(glob.glob(f"{{folder}}/*.safetensors")):
+    state.update(load_file(file))
+for key in [k for k in state if k.endswith(".bitmask")]:
+    name = key.removesuffix(".bitmask")
+    shape = state.pop(f"{{name}}.shape").tolist()
+    keep = np.unpackbits(state.pop(key).numpy(), axis=-1, count=shape[-1], bitorder="little").astype(bool)
+    weight = torch.zeros(shape, dtype=state[f"{{name}}.compressed"].dtype)
+    weight[torch.from_numpy(keep)] = state.pop(f"{{name}}.compressed")
+    del state[f"{{name}}.row_offsets"]
+    state[f"{{name}}.weight"] = weight
+config = transformers.AutoConfig.from_pretrained(folder)
+model = transformers.{auto_class}.from_config(config, dtype=state[next(iter(state))].dtype)
+missing, unexpected = model.load_state_dict(state, strict=False)
+model.tie_weights()
+'''
+
+
+def bitmask_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sparse-bitmask tensors of one weight ``[out, in]`` (see the module docstring)."""
+    weight = weight.detach().cpu()
+    keep = weight != 0
+    row_counts = keep.sum(dim=1)
+    return {
+        f"{name}.compressed": weight[keep].contiguous(),
+        f"{name}.bitmask": torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little")),
+        f"{name}.row_offsets": (torch.cumsum(row_counts, 0) - row_counts).to(torch.int64),
+        f"{name}.shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+    }
+
+
+def bitmask_bytes(weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """Checkpoint bytes of one weight in sparse-bitmask layout, values stored in ``dtype``."""
+    rows, cols = weight.shape
+    values = int((weight != 0).sum()) * (dtype or weight.dtype).itemsize
+    return values + rows * ((cols + 7) // 8) + rows * 8 + 2 * 8
+
+
+def decode_bitmask_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every sparse-bitmask group of tensors in ``state`` by its dense ``weight``."""
+    dense = dict(state)
+    for key in [k for k in state if k.endswith(".bitmask")]:
+        name = key[: -len(".bitmask")]
+        shape = dense.pop(f"{name}.shape").tolist()
+        keep = np.unpackbits(dense.pop(key).numpy(), axis=-1, count=shape[-1], bitorder="little").astype(bool)
+        values = dense.pop(f"{name}.compressed")
+        dense.pop(f"{name}.row_offsets")
+        weight = torch.zeros(shape, dtype=values.dtype)
+        weight[torch.from_numpy(keep)] = values
+        dense[f"{name}.weight"] = weight
+    return dense
+
+
+def sparsity_config(fmt: str, structure: str, global_sparsity: float, sparse_layers: list[str]) -> dict:
+    """The ``sparsity_config`` entry of compressed-tensors' quantization_config."""
+    return {
+        "format": fmt,
+        "global_sparsity": global_sparsity,
+        "sparsity_structure": structure,
+        "targets": sorted(sparse_layers),
+        "ignore": [],
+        "registry_requires_subclass": False,
+    }
+
+
+def sparse_only_config(sparsity: dict) -> dict:
+    """quantization_config for a pruned, unquantized model: no config groups, only sparsity.
+    transformers reads it as "nothing to quantize" and loads the weights as they are."""
+    import compressed_tensors
+
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "dense",
+        "quantization_status": "compressed",
+        "config_groups": {},
+        "ignore": [],
+        "sparsity_config": sparsity,
+        "version": compressed_tensors.__version__,
+        "producer": "squeeze",
+    }
+
+
+def write_pruned_checkpoint(
+    model: nn.Module,
+    fmt: str,
+    structure: str,
+    global_sparsity: float,
+    sparse_layers: list[str],
+    out_dir: Path,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Save a pruned (unquantized) ``model``: ``sparse_layers`` in sparse-bitmask layout when ``fmt``
+    is ``sparse-bitmask``, everything dense otherwise. Returns the safetensors files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = dense_tensors(model, dtype)
+    if fmt == "sparse-bitmask":
+        for name in sparse_layers:
+            weight = state.pop(f"{name}.weight")
+            state.update(bitmask_tensors(name, weight))
+    config = sparse_only_config(sparsity_config(fmt, structure, global_sparsity, sparse_layers))
+    write_config_files(model, out_dir, config, tokenizer, dtype)
+    return save_safetensors(state, out_dir)
+
+
+def is_sparse_bitmask(config: dict) -> bool:
+    """Whether a config.json dict describes a sparse-bitmask checkpoint."""
+    sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+    return sparsity.get("format") == "sparse-bitmask"
