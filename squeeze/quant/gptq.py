@@ -86,8 +86,8 @@ def gptq_quantize(
     a group's scale is computed when its first column is reached, from the error-updated weights.
 
     ``zeros`` (bool ``[out, in]``) marks weights that must stay exactly zero, e.g. pruned ones: each
-    is reset to zero just before its column is quantized, so it is stored as zero and passes no
-    error on (the updates earlier columns pushed onto it are dropped, as SparseGPT does).
+    is stored as the code of zero, and whatever the updates of earlier columns pushed onto it is
+    passed on to the later columns as its error (pruning it again, as SparseGPT does).
     """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -155,9 +155,10 @@ def gptq_quantize(
                 if group_size:
                     g = column // group_size
                     if not act_order and column % group_size == 0:
-                        if zeros_t is not None:
-                            block[i : i + group_size].masked_fill_(zeros_t[start + i : start + i + group_size], 0)
-                        set_group(g, block[i : i + group_size].t())
+                        columns = block[i : i + group_size]
+                        if zeros_t is not None:  # the range of the weights that will be stored
+                            columns = columns.masked_fill(zeros_t[start + i : start + i + group_size], 0)
+                        set_group(g, columns.t())
                         cached_group = -1
                     if g != cached_group:
                         s, z = column_params(g)
@@ -165,12 +166,12 @@ def gptq_quantize(
                 else:
                     s, z = s_all, z_all
                 x = block[i]
-                if zeros_t is not None:
-                    x.masked_fill_(zeros_t[start + i], 0)
                 q = torch.div(x, s)
                 if not symmetric:
                     q.add_(z)
                 q.round_().clamp_(args.qmin, args.qmax)
+                if zeros_t is not None:
+                    q = torch.where(zeros_t[start + i], z if not symmetric else 0.0, q)
                 quantized[i] = q
                 x_hat = (q - z).mul_(s) if not symmetric else q.mul_(s)
                 err = x.sub(x_hat).div_(diagonal[i])

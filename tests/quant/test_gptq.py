@@ -136,3 +136,28 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
     for name, xs in seen.items():
         x = torch.cat(xs).float()
         assert torch.allclose(accumulators[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("args", SCHEMES[:3], ids=lambda a: a.describe())
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_pruned_weights_stay_zero_and_the_rest_still_compensates(args: QuantArgs, act_order: bool, pattern: str) -> None:
+    from squeeze.prune.masks import is_n_m, n_m_mask, unstructured_mask
+
+    x = correlated_inputs()
+    w = weight()
+    keep = n_m_mask(w.abs(), 2, 4) if pattern == "2:4" else unstructured_mask(w.abs(), 0.5)
+    w = w * keep
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    solved = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64, zeros=w == 0)
+    w_gptq = dequantize(solved.codes, solved.scale, solved.zero_point, args, torch.float32)
+    assert (w_gptq[~keep] == 0).all()
+    if pattern == "2:4":
+        assert is_n_m(w_gptq, 2, 4)
+    scale, zero_point = compute_qparams(w, args)
+    w_rtn = dequantize(quantize(w, scale, zero_point, args), scale, zero_point, args, torch.float32)
+    assert ((x @ (w - w_gptq).T) ** 2).mean() < ((x @ (w - w_rtn).T) ** 2).mean()
+    # without the mask the error updates fill the pruned positions in
+    unmasked = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64)
+    assert (dequantize(unmasked.codes, unmasked.scale, unmasked.zero_point, args, torch.float32)[~keep] != 0).any()
