@@ -495,6 +495,8 @@ def prune(
             "that from_pretrained loads as is"
         )
     settings = {
+        "scheme": f"{config.method} {config.pattern or f'{config.sparsity:.0%} unstructured'}"
+        + (" (global ranking)" if config.scope == "global" else ""),
         "method": config.method,
         "sparsity": config.sparsity,
         "pattern": config.pattern or "unstructured",

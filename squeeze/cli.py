@@ -143,7 +143,7 @@ def quantize(
         format=fmt,
     )
     if out_dir is None:
-        stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+        stem = _model_stem(model)
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != "rtn" else ""
         suffix = "nf4" if fmt == "bnb-nf4" else suffix
@@ -173,6 +173,11 @@ def quantize(
     elif not quiet:
         out.print(to_rich(report))
         out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
+
+
+def _model_stem(model: str) -> str:
+    """The model's name for a default output directory: file stem of a GGUF, last path part otherwise."""
+    return Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
 
 
 def _layer_sparsity(entries: list[str]) -> tuple[tuple[str, float], ...]:
@@ -239,7 +244,7 @@ def prune(
         format=fmt,
     )
     if out_dir is None:
-        stem = Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+        stem = _model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{method}-{amount}" + ("-dense" if fmt == "dense" else ""))
     progress = NullProgress() if quiet else ConsoleProgress(err)

@@ -108,6 +108,11 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD, ids=[m for _, m in BAD])
 def test_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    check_bad_input(args, message, tiny_llama_dir, tmp_path, monkeypatch)
+
+
+def check_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """One red line containing ``message``, exit 2, and nothing written."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     tiny_text = tmp_path / "tiny.txt"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from squeeze.models import load_model
 from squeeze.prune.masks import is_n_m
-from test_cli import FAST, leftovers, run
+from test_cli import FAST, check_bad_input, run
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +133,4 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD, ids=[m for _, m in BAD])
 def test_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = tmp_path / "out"
-    tiny_text = tmp_path / "tiny.txt"
-    tiny_text.write_text("Only a few words here.\n\nAnd a second short paragraph.\n")
-    args = [a.replace("{llama}", str(tiny_llama_dir)).replace("{tiny_text}", str(tiny_text)) for a in args]
-    result = run(*args[:2], *FAST, *args[2:], "--out", out)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert message in lines[0]
-    assert not out.exists() and leftovers(tmp_path) == []
+    check_bad_input(args, message, tiny_llama_dir, tmp_path, monkeypatch)
