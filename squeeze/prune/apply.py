@@ -134,6 +134,13 @@ def plan_prune(model: nn.Module, config: PruneConfig) -> dict[str, tuple[nn.Line
     """Each targeted layer and the sparsity it gets; validates patterns and N:M divisibility
     (cheap: run it on the meta model before loading weights)."""
     layers = select_linears(model, config.targets, config.ignore)
+    embeddings = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.device.type != "meta"}
+    tied = [name for name, layer in layers.items() if layer.weight.device.type != "meta" and layer.weight.data_ptr() in embeddings]
+    if tied:
+        raise SqueezeError(
+            f"{', '.join(tied)} shares its weight with the input embeddings (tied); pruning it would prune the "
+            "embeddings too: leave it out (it is ignored by default) or untie the weights first"
+        )
     if config.n_m is not None:
         m = config.n_m[1]
         bad = {name: layer.in_features for name, layer in layers.items() if layer.in_features % m}

@@ -120,3 +120,8 @@ def test_wanda_prunes_each_row_and_differs_from_magnitude(tiny_llama_dir: Path) 
 def test_wanda_needs_calibration(tiny_llama_dir: Path) -> None:
     with pytest.raises(SqueezeError, match="needs calibration text"):
         prune_model(load(tiny_llama_dir), PruneConfig(method="wanda"), [])
+
+
+def test_a_head_tied_to_the_embeddings_is_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(SqueezeError, match="shares its weight with the input embeddings"):
+        plan_prune(load(tiny_llama_dir), PruneConfig(ignore=()))
