@@ -24,7 +24,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantize_rtn import BENCH, REPO, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, machine, snapshot_squeeze, update_readme
+from quantize_rtn import (
+    BENCH, REPO, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, add_run_options, machine, merge_rows, snapshot_squeeze,
+    table_footer, update_readme,
+)
 
 NAME = "quantize_calibrated"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -287,17 +290,7 @@ def table(result: dict) -> str:
             f"| {c['label']} | {c['peer']} | {c['perplexity_wikipedia']} | {c['perplexity_bbc']} | {c['quantize_s']} | {c['peak_rss_bytes']} | {c['checkpoint_bytes']} |"
             for c in result["comparisons"]
         ]
-    lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
-    loads = [r["load_avg_before"] for r in rows if "load_avg_before" in r]
-    if loads:
-        lines.append(
-            f"- 1-minute load average when each row started: {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "
-            "(above the core count, other work shared the CPU and that row's time is inflated)."
-        )
-    lines += ["", "Targets from the issue, checked on this run:", "", "| target | measured | result |", "|---|---|---|"]
-    for c in result["targets"]:
-        verdict = "not run" if c["pass"] is None else ("pass" if c["pass"] else "**FAIL**")
-        lines.append(f"| {c['target']} | {c['measured']} | {verdict} |")
+    lines += table_footer(result)
     return "\n".join(lines)
 
 
@@ -313,15 +306,7 @@ def write(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens (every tool)")
-    parser.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per text")
-    parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run only these configurations")
-    parser.add_argument("--no-peers", action="store_true", help="squeeze rows only")
-    parser.add_argument("--peers-only", action="store_true", help="peer rows only, merged into the existing results")
-    parser.add_argument("--render", action="store_true", help=f"only rebuild the README table from {RESULTS.relative_to(REPO)}")
-    parser.add_argument("--worker", choices=list(BY_NAME), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    add_run_options(parser, list(BY_NAME), RESULTS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.calib_samples, args.eval_tokens, args.out, args.result)
@@ -357,11 +342,7 @@ def main() -> None:
 
 
 def _merge(previous: list[dict], rows: list[dict]) -> list[dict]:
-    """``rows`` plus the earlier rows this invocation did not rerun, in the configuration order."""
-    fresh = {(r["tool"], r["config"]) for r in rows}
-    merged = [r for r in previous if (r["tool"], r["config"]) not in fresh] + rows
-    order = {c.name: i for i, c in enumerate(CONFIGS)}
-    return sorted(merged, key=lambda r: (order.get(r["config"], 99), r["tool"] != "squeeze", r["tool"]))
+    return merge_rows(previous, rows, [c.name for c in CONFIGS])
 
 
 def _result(args: argparse.Namespace, source: str, rows: list[dict], notes: list[str]) -> dict:

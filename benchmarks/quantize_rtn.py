@@ -358,6 +358,44 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+def table_footer(result: dict) -> list[str]:
+    """The notes, the load averages the rows started under, and the targets table of a result."""
+    m, rows = result["machine"], result["rows"]
+    lines = ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
+    loads = [r["load_avg_before"] for r in rows if "load_avg_before" in r]
+    if loads:
+        lines.append(
+            f"- 1-minute load average when each row started: {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "
+            "(above the core count, other work shared the CPU and that row's time is inflated)."
+        )
+    lines += ["", "Targets from the issue, checked on this run:", "", "| target | measured | result |", "|---|---|---|"]
+    for c in result["targets"]:
+        verdict = "not run" if c["pass"] is None else ("pass" if c["pass"] else "**FAIL**")
+        lines.append(f"| {c['target']} | {c['measured']} | {verdict} |")
+    return lines
+
+
+def merge_rows(previous: list[dict], rows: list[dict], order: list[str]) -> list[dict]:
+    """``rows`` plus the earlier rows this invocation did not rerun, in configuration ``order``, squeeze first."""
+    fresh = {(r["tool"], r["config"]) for r in rows}
+    merged = [r for r in previous if (r["tool"], r["config"]) not in fresh] + rows
+    index = {name: i for i, name in enumerate(order)}
+    return sorted(merged, key=lambda r: (index.get(r["config"], 99), r["tool"] != "squeeze", r["tool"]))
+
+
+def add_run_options(parser, configs: list[str], results: Path) -> None:
+    """The options every calibrated benchmark (and its per-row worker) takes."""
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens (every tool)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per text")
+    parser.add_argument("--only", nargs="+", choices=configs, help="run only these configurations")
+    parser.add_argument("--no-peers", action="store_true", help="squeeze rows only")
+    parser.add_argument("--peers-only", action="store_true", help="peer rows only, merged into the existing results")
+    parser.add_argument("--render", action="store_true", help=f"only rebuild the README table from {results.relative_to(REPO)}")
+    parser.add_argument("--worker", choices=configs, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+
+
 def update_readme(section: str, name: str = "quantize_rtn") -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in benchmarks/README.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -104,7 +104,6 @@ def quantize(
     from squeeze.quant.apply import QuantizeConfig
     from squeeze.quant.scheme import scheme_from_options
     from squeeze.quant.targets import DEFAULT_IGNORE
-    from squeeze.report import to_rich
 
     for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples)):
         if value < 1:
@@ -149,25 +148,20 @@ def quantize(
         suffix = "nf4" if fmt == "bnb-nf4" else suffix
         suffix += f"-{fmt}" if fmt != "compressed-tensors" else ""
         out_dir = Path(f"{stem}-{suffix}")
-    progress = NullProgress() if quiet else ConsoleProgress(err)
-    report = _run(
-        run_quantize,
-        model,
-        out_dir,
-        config,
-        data=data,
-        calibration_data=calib_data,
-        eval_tokens=eval_tokens,
-        seq_len=seq_len,
-        calibration_samples=calib_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        evaluate=not no_eval,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
+    _run_pass(
+        run_quantize, model, out_dir, config, fmt, as_json, quiet,
+        data=data, calibration_data=calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
+        calibration_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
+        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
+
+
+def _run_pass(fn, model: str, out_dir: Path, config, fmt: str, as_json: bool, quiet: bool, **options) -> None:
+    """Run one pass of the API with progress on stderr; print its report as JSON or as tables."""
+    from squeeze.report import to_rich
+
+    progress = NullProgress() if quiet else ConsoleProgress(err)
+    report = _run(fn, model, out_dir, config, progress=progress, **options)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     elif not quiet:
@@ -224,7 +218,6 @@ def prune(
     from squeeze.api import prune as run_prune
     from squeeze.prune.apply import PruneConfig
     from squeeze.quant.targets import DEFAULT_IGNORE
-    from squeeze.report import to_rich
 
     for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
         if value < 1:
@@ -247,31 +240,12 @@ def prune(
         stem = _model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{method}-{amount}" + ("-dense" if fmt == "dense" else ""))
-    progress = NullProgress() if quiet else ConsoleProgress(err)
-    report = _run(
-        run_prune,
-        model,
-        out_dir,
-        config,
-        data=data,
-        calibration_data=calib_data,
-        eval_tokens=eval_tokens,
-        seq_len=seq_len,
-        calibration_samples=calib_samples,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        evaluate=not no_eval,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-        progress=progress,
+    _run_pass(
+        run_prune, model, out_dir, config, fmt, as_json, quiet,
+        data=data, calibration_data=calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
+        calibration_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
+        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
-    if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
-    elif not quiet:
-        out.print(to_rich(report))
-        out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
-
 
 @app.command()
 def inspect(
