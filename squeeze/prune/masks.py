@@ -1,7 +1,8 @@
 """Pruning masks from importance scores: plain tensors in, boolean keep-masks out.
 
 A mask is ``True`` where the weight stays. Every function prunes an exact count, so the achieved
-sparsity is the requested one up to rounding to whole weights (ties are broken by position):
+sparsity is the requested one up to rounding to whole weights (among equal scores the lower
+index is pruned first):
 
 - :func:`unstructured_mask`: the ``round(sparsity · numel)`` lowest scores of the whole matrix;
 - :func:`row_mask`: the ``round(sparsity · in)`` lowest scores of every output row (Wanda's
@@ -29,24 +30,24 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
-def _keep_highest(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Keep the ``keep`` highest scores along the last dimension."""
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if keep > 0:
-        mask.scatter_(-1, torch.topk(scores, keep, dim=-1, sorted=False).indices, True)
+def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask pruning the ``count`` lowest scores along the last dimension; among equal scores
+    the one at the lower index goes first (a stable sort), so the result never depends on the kernel."""
+    mask = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if count > 0:
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        mask.scatter_(-1, order[..., :count], False)
     return mask
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``round(sparsity · numel)`` lowest scores of the whole tensor."""
-    keep = scores.numel() - round(sparsity * scores.numel())
-    return _keep_highest(scores.reshape(-1), keep).reshape(scores.shape)
+    return _prune_lowest(scores.reshape(-1), round(sparsity * scores.numel())).reshape(scores.shape)
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``round(sparsity · in)`` lowest scores of every row of ``scores [out, in]``."""
-    keep = scores.shape[-1] - round(sparsity * scores.shape[-1])
-    return _keep_highest(scores, keep)
+    return _prune_lowest(scores, round(sparsity * scores.shape[-1]))
 
 
 def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if in_features % m:
         raise ValueError(f"input dimension {in_features} is not a multiple of {m}")
     grouped = scores.reshape(out_features, in_features // m, m)
-    return _keep_highest(grouped, n).reshape(out_features, in_features)
+    return _prune_lowest(grouped, m - n).reshape(out_features, in_features)
 
 
 def is_n_m(weight: torch.Tensor, n: int, m: int) -> bool:

@@ -69,3 +69,10 @@ def test_global_threshold_matches_a_sort_and_breaks_ties_exactly() -> None:
             kept_min = min(float(s[keep].min()) for s, keep in zip(layers, keeps) if keep.any())
             pruned_max = max(float(s[~keep].max()) for s, keep in zip(layers, keeps) if (~keep).any())
             assert pruned_max <= kept_min
+
+
+def test_ties_go_by_position() -> None:
+    s = torch.ones(2, 8)
+    assert row_mask(s, 0.5).tolist() == [[False] * 4 + [True] * 4] * 2
+    assert n_m_mask(s, 2, 4).tolist() == [[False, False, True, True] * 2] * 2
+    assert unstructured_mask(s, 0.25).reshape(-1).tolist() == [False] * 4 + [True] * 12
