@@ -440,7 +440,7 @@ def prune(
     reads no text but the evaluation's.
     """
     if config.needs_calibration and (calibration_samples < 1 or calibration_data == "none"):
-        raise SqueezeError("Wanda scores each weight by its input activations: it needs calibration text (--calib-samples >= 1)")
+        raise SqueezeError(f"{config.method} measures the layers' input activations: it needs calibration text (--calib-samples >= 1)")
     progress = progress or NullProgress()
     watch = _Stopwatch()
     out = Path(out)
@@ -457,7 +457,7 @@ def prune(
     if config.needs_calibration:
         assert prep.calib_windows is not None
         batches = list(_batches(prep.calib_windows, batch_size, prep.device))
-        with watch.stage("prune"), progress.task("wanda, block by block", len(block_list(net)[1])) as advance:
+        with watch.stage("prune"), progress.task(f"{config.method}, block by block", len(block_list(net)[1])) as advance:
             result = prune_model(net, config, batches, on_step=lambda _name: advance(1))
         watch.timings["calibrate"] = result.calibration_s
         watch.timings["prune"] -= result.calibration_s
@@ -499,6 +499,7 @@ def prune(
         "pattern": config.pattern or "unstructured",
         "scope": config.scope if config.n_m is None else "per group of M inputs",
         "layer_sparsity": [f"{p}={v:g}" for p, v in config.layer_sparsity],
+        **({"block_size": config.block_size, "damp_percent": config.damp_percent} if config.method == "sparsegpt" else {}),
         "sparsity_ramp": config.sparsity_ramp,
         "format": f"{config.format} (compressed-tensors sparsity_config)",
         "targets": list(config.targets) or ["all Linear layers"],
@@ -537,7 +538,7 @@ def prune(
             accuracy=accuracy,
             layers=[
                 LayerReport(
-                    layer.name, layer.shape, layer.relative_error, layer.max_pruned, None, None,
+                    layer.name, layer.shape, layer.relative_error, layer.max_abs_error, layer.output_error, None,
                     layer.sparsity, layer.numel - layer.zeros,
                 )
                 for layer in result.layers

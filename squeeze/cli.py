@@ -190,19 +190,21 @@ def _layer_sparsity(entries: list[str]) -> tuple[tuple[str, float], ...]:
 @app.command()
 def prune(
     model: ModelArg,
-    method: Annotated[str, typer.Option(help="magnitude (smallest |W|, no data) or wanda (|W| times input-feature norm, calibrated block by block).")] = "magnitude",
+    method: Annotated[str, typer.Option(help="magnitude (smallest |W|, no data), wanda (|W| times input-feature norm) or sparsegpt (Hessian-weighted, updates the surviving weights); the last two calibrate block by block.")] = "magnitude",
     sparsity: Annotated[Optional[float], typer.Option(help="Share of weights removed per layer, in [0, 1) (default 0.5; an N:M pattern sets it).")] = None,
     pattern: Annotated[Optional[str], typer.Option(help="N:M structure, e.g. 2:4 or 4:8: keep N of every M consecutive input weights.")] = None,
     scope: Annotated[str, typer.Option(help="magnitude: rank weights per layer, or across all targeted layers at once (global).")] = "layer",
     layer_sparsity: Annotated[list[str], typer.Option(help="PATTERN=SPARSITY for matching layers, repeatable, the last match wins; 0 leaves a layer dense.")] = [],
     sparsity_ramp: Annotated[float, typer.Option(help="Rule over depth: the first block gets sparsity - ramp, the last sparsity + ramp, linear between.")] = 0.0,
+    block_size: Annotated[int, typer.Option(help="SparseGPT: columns whose mask is chosen together.")] = 128,
+    damp_percent: Annotated[float, typer.Option(help="SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean.")] = 0.01,
     fmt: Annotated[str, typer.Option("--format", help="sparse-bitmask (compressed-tensors layout, smaller on disk) or dense (zeros stored, loads with from_pretrained).")] = "sparse-bitmask",
     target: Annotated[list[str], typer.Option(help="Prune only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers dense (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-METHOD-SPARSITY).")] = None,
     data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
-    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for Wanda (default: the --data text).")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Wanda: calibration windows of --seq-len tokens.")] = 128,
+    calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for Wanda and SparseGPT (default: the --data text).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Wanda, SparseGPT: calibration windows of --seq-len tokens.")] = 128,
     eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
@@ -214,7 +216,7 @@ def prune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Prune (magnitude or Wanda; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
+    """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
     from squeeze.api import prune as run_prune
     from squeeze.prune.apply import PruneConfig
     from squeeze.quant.targets import DEFAULT_IGNORE
@@ -235,6 +237,8 @@ def prune(
         targets=tuple(target),
         ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE,
         format=fmt,
+        block_size=block_size,
+        damp_percent=damp_percent,
     )
     if out_dir is None:
         stem = _model_stem(model)

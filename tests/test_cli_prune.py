@@ -115,6 +115,15 @@ def test_global_scope_and_rules_in_the_report(tiny_llama_dir: Path, tmp_path: Pa
     assert any("left dense" in note for note in report["notes"])
 
 
+def test_sparsegpt_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("prune", tiny_llama_dir, "--method", "sparsegpt", "--pattern", "2:4", "--block-size", "32", "--out", tmp_path / "s", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["settings"]["block_size"] == 32 and report["sparsity"]["sparsity"] == 0.5
+    assert all(0 < layer["output_error"] < 1 for layer in report["layers"])
+    assert "output error" in (tmp_path / "s" / "report.md").read_text()
+
+
 BAD = [
     (["prune", "{llama}", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["prune", "{llama}", "--sparsity", "-0.2"], "sparsity must be in [0, 1)"),
@@ -124,6 +133,8 @@ BAD = [
     (["prune", "{llama}", "--method", "wanda", "--calib-data", "{tiny_text}"], "calibration"),
     (["prune", "{llama}", "--method", "wanda", "--scope", "global"], "Wanda compares weights within each output row"),
     (["prune", "{llama}", "--method", "obs"], "unknown pruning method"),
+    (["prune", "{llama}", "--method", "sparsegpt", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
+    (["prune", "{llama}", "--method", "sparsegpt", "--calib-samples", "0"], "needs calibration text"),
     (["prune", "{llama}", "--layer-sparsity", "0.3"], "--layer-sparsity takes PATTERN=SPARSITY"),
     (["prune", "{llama}", "--layer-sparsity", "*.nothing=0.3"], "matches no targeted layer"),
     (["prune", "{llama}", "--format", "csr"], "unknown sparse checkpoint format"),

@@ -1,7 +1,8 @@
 """The prune pass: a frozen config and a function that zeroes weights of a model's Linear layers.
 
-Magnitude pruning needs no data; Wanda runs calibration text through the model one transformer
-block at a time (the pipeline GPTQ uses), pruning each block before its outputs feed the next.
+Magnitude pruning needs no data; Wanda and SparseGPT run calibration text through the model one
+transformer block at a time (the pipeline GPTQ uses), pruning each block before its outputs feed
+the next.
 Pruned weights are set to exactly +0.0 in place; the layers stay ``nn.Linear``.
 """
 
@@ -17,7 +18,7 @@ from squeeze.errors import SqueezeError
 from squeeze.prune.masks import global_threshold, n_m_mask, parse_pattern, row_mask, threshold_masks, unstructured_mask
 from squeeze.quant.targets import DEFAULT_IGNORE, _matches, select_linears
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
 FORMATS = ("sparse-bitmask", "dense")
 DEFAULT_SPARSITY = 0.5
@@ -48,6 +49,8 @@ class PruneConfig:
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     format: str = "sparse-bitmask"  # one of FORMATS
+    block_size: int = 128  # SparseGPT: columns whose mask is chosen together and updated lazily
+    damp_percent: float = 0.01  # SparseGPT: added to the Hessian's diagonal, as a fraction of its mean
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +81,12 @@ class PruneConfig:
         object.__setattr__(self, "sparsity", float(sparsity))
         if self.method == "wanda" and self.scope == "global":
             raise SqueezeError("Wanda compares weights within each output row; --scope global is for magnitude pruning")
+        if self.method == "sparsegpt" and self.scope == "global":
+            raise SqueezeError("SparseGPT chooses its mask block by block inside each layer; --scope global is for magnitude pruning")
+        if self.block_size < 1:
+            raise SqueezeError(f"SparseGPT block size must be positive, got {self.block_size}")
+        if not 0 < self.damp_percent <= 1:
+            raise SqueezeError(f"damp percent must be in (0, 1], got {self.damp_percent:g}")
         if self.sparsity_ramp < 0:
             raise SqueezeError(f"sparsity ramp must be non-negative, got {self.sparsity_ramp:g}")
         if self.sparsity_ramp:
@@ -94,7 +103,7 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "wanda"
+        return self.method in ("wanda", "sparsegpt")
 
     @property
     def structure(self) -> str:
@@ -111,7 +120,8 @@ class LayerSparsity:
     target: float  # the sparsity asked for
     zeros: int  # weights exactly zero afterwards (pruned ones and any that were zero before)
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
-    max_pruned: float  # the largest |w| removed
+    max_abs_error: float  # the largest |w − ŵ| (magnitude, Wanda: the largest weight removed)
+    output_error: float | None = None  # SparseGPT: ‖(W − Ŵ)X‖_F / ‖WX‖_F on the calibration inputs
 
     @property
     def numel(self) -> int:
@@ -191,7 +201,7 @@ def _apply_mask(name: str, linear: nn.Linear, keep: torch.Tensor, target: float)
         target=target,
         zeros=int((weight == 0).sum()),
         relative_error=float(removed_norm / original_norm.clamp_min(1e-30)),
-        max_pruned=float(max_pruned),
+        max_abs_error=float(max_pruned),
     )
 
 
@@ -213,10 +223,11 @@ def prune_model(
     plan = plan_prune(model, config)
     dense = [name for name, (_, sparsity) in plan.items() if sparsity == 0]
     plan = {name: entry for name, entry in plan.items() if entry[1] > 0}
-    if config.method == "wanda":
+    if config.needs_calibration:
         if not batches:
-            raise SqueezeError("Wanda scores weights by their input activations: it needs calibration text")
-        result = _prune_wanda(model, config, plan, batches, on_step)
+            raise SqueezeError(f"{config.method} measures the layers' input activations: it needs calibration text")
+        prune_blocks = _prune_wanda if config.method == "wanda" else _prune_sparsegpt
+        result = prune_blocks(model, config, plan, batches, on_step)
     else:
         result = PruneResult(layers=_prune_magnitude(config, plan, on_step), dense=[])
     result.dense = dense
@@ -280,6 +291,63 @@ def _prune_wanda(
 
     calibration_s = calibrate_sequentially(model, batches, prune_block, on_block)
     notes = []
+    leftover = {name: entry for name, entry in plan.items() if name not in {layer.name for layer in done}}
+    if leftover:
+        done.extend(_prune_magnitude(config, leftover, None))
+        notes.append(f"magnitude pruning for {len(leftover)} layer(s) no block ran on calibration text: {', '.join(leftover)}")
+    return PruneResult(layers=done, dense=[], notes=notes, calibration_s=calibration_s)
+
+
+def _prune_sparsegpt(
+    model: nn.Module,
+    config: PruneConfig,
+    plan: dict[str, tuple[nn.Linear, float]],
+    batches: list[dict[str, torch.Tensor]],
+    on_block: Callable[[str], None] | None,
+) -> PruneResult:
+    from squeeze.prune.sparsegpt import sparsegpt_prune
+    from squeeze.quant.apply import observe_hessians
+    from squeeze.quant.sequential import calibrate_sequentially
+
+    done: list[LayerSparsity] = []
+    notes: list[str] = []
+
+    def prune_block(block_name: str, block: nn.Module, inputs) -> None:
+        targets = {name: plan[name][0] for name in plan if name.startswith(block_name + ".")}
+        # one pass over the block as it is: layers reading the same input share one Hessian
+        accumulators, _, _ = observe_hessians(block, inputs, targets)
+        for name, linear in targets.items():
+            if name not in accumulators:
+                continue  # never called by the block's forward: left for the magnitude fallback
+            hessian = accumulators[name].hessian
+            try:
+                solved = sparsegpt_prune(
+                    linear.weight, hessian, plan[name][1], config.n_m, config.block_size, config.damp_percent
+                )
+            except ArithmeticError as exc:
+                raise SqueezeError(f"SparseGPT failed on {name}: {exc}; use more calibration text or a larger --damp-percent") from None
+            if solved.retries:
+                notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
+            original = linear.weight.detach().float()
+            diff = solved.weight.to(original.device) - original
+            h = hessian.to(original.device)
+            output_error = float(
+                (((diff @ h) * diff).sum() / ((original @ h) * original).sum().clamp_min(1e-30)).clamp_min(0).sqrt()
+            )
+            linear.weight.data.copy_(solved.weight)
+            done.append(
+                LayerSparsity(
+                    name=name,
+                    shape=(linear.out_features, linear.in_features),
+                    target=plan[name][1],
+                    zeros=int((linear.weight == 0).sum()),
+                    relative_error=float(diff.norm() / original.norm().clamp_min(1e-30)),
+                    max_abs_error=float(diff.abs().max()),
+                    output_error=output_error,
+                )
+            )
+
+    calibration_s = calibrate_sequentially(model, batches, prune_block, on_block)
     leftover = {name: entry for name, entry in plan.items() if name not in {layer.name for layer in done}}
     if leftover:
         done.extend(_prune_magnitude(config, leftover, None))

@@ -28,7 +28,7 @@ def batches() -> list[dict[str, torch.Tensor]]:
         (dict(pattern="2:4", sparsity=0.6), "pattern 2:4 removes 0.5"),
         (dict(pattern="2:4", scope="global"), "--scope global does not apply"),
         (dict(method="wanda", scope="global"), "Wanda compares weights within each output row"),
-        (dict(method="sparsegpt"), "unknown pruning method"),
+        (dict(method="obs"), "unknown pruning method"),
         (dict(scope="model"), "unknown scope"),
         (dict(format="csr"), "unknown sparse checkpoint format"),
         (dict(sparsity=0.5, sparsity_ramp=0.6), "sparsity - ramp"),
@@ -125,3 +125,22 @@ def test_wanda_needs_calibration(tiny_llama_dir: Path) -> None:
 def test_a_head_tied_to_the_embeddings_is_refused(tiny_llama_dir: Path) -> None:
     with pytest.raises(SqueezeError, match="shares its weight with the input embeddings"):
         plan_prune(load(tiny_llama_dir), PruneConfig(ignore=()))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_pass(tiny_llama_dir: Path, pattern) -> None:
+    model, original = load(tiny_llama_dir), load(tiny_llama_dir)
+    result = prune_model(model, PruneConfig(method="sparsegpt", sparsity=None if pattern else 0.5, pattern=pattern, block_size=32), batches())
+    assert len(result.layers) == 14
+    for layer in result.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert layer.zeros == int((weight == 0).sum()) and layer.sparsity == pytest.approx(0.5, abs=1e-9)
+        assert 0 < layer.output_error < 1 and layer.relative_error > 0
+        if pattern:
+            assert is_n_m(weight, 2, 4)
+    # survivors move to make up for the pruned weights (unlike Wanda)
+    name = result.layers[0].name
+    kept = model.get_submodule(name).weight != 0
+    assert not torch.equal(model.get_submodule(name).weight[kept], original.get_submodule(name).weight[kept])
+    with pytest.raises(SqueezeError, match="--scope global is for magnitude"):
+        PruneConfig(method="sparsegpt", scope="global")
