@@ -340,6 +340,8 @@ def main() -> None:
             rows.append(run(tool, config, args.calib_samples, args.eval_tokens))
             print(json.dumps({k: v for k, v in rows[-1].items() if k in ("tool", "config", "eval", "compress_s", "peak_rss_bytes", "error")}), flush=True)
             write(_result(args, source, _merge(previous, rows), notes))
+    if previous:
+        notes.append("rows from more than one invocation: see each row's load average, and the JSON for each row's run")
     write(_result(args, source, _merge(previous, rows), notes))
 
 
