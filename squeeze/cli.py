@@ -60,6 +60,17 @@ TrustOption = Annotated[
     bool, typer.Option("--trust-remote-code", help="Let transformers run Python code shipped with the model.")
 ]
 ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), local HF directory, .gguf file, or hub id.")]
+# options every pass takes
+DataOption = Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")]
+EvalTokensOption = Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")]
+SeqLenOption = Annotated[int, typer.Option(help="Tokens per window.")]
+BatchSizeOption = Annotated[int, typer.Option(help="Windows per forward pass.")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOption = Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")]
+NoEvalOption = Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")]
 
 
 @app.command()
@@ -85,18 +96,18 @@ def quantize(
     target: Annotated[list[str], typer.Option(help="Quantize only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-SCHEME).")] = None,
-    data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
+    data: DataOption = "wikipedia",
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for static activation scales (default: the --data text).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows of --seq-len tokens (GPTQ and static activation scales).")] = 128,
-    eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")] = "float32",
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    eval_tokens: EvalTokensOption = 16384,
+    seq_len: SeqLenOption = 512,
+    batch_size: BatchSizeOption = 2,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    no_eval: NoEvalOption = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Quantize (round-to-nearest, GPTQ, AWQ or SmoothQuant) to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -202,18 +213,18 @@ def prune(
     target: Annotated[list[str], typer.Option(help="Prune only Linear layers matching this glob or re:regex (repeatable).")] = [],
     ignore: Annotated[Optional[list[str]], typer.Option(help="Leave matching layers dense (repeatable) (default: lm_head and classifier heads).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./MODEL-METHOD-SPARSITY).")] = None,
-    data: Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
+    data: DataOption = "wikipedia",
     calib_data: Annotated[Optional[str], typer.Option(help="Calibration text for Wanda and SparseGPT (default: the --data text).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Wanda, SparseGPT: calibration windows of --seq-len tokens.")] = 128,
-    eval_tokens: Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")] = 16384,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 2,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")] = "float32",
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")] = False,
+    eval_tokens: EvalTokensOption = 16384,
+    seq_len: SeqLenOption = 512,
+    batch_size: BatchSizeOption = 2,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    no_eval: NoEvalOption = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""

@@ -226,8 +226,7 @@ def prune_model(
     if config.needs_calibration:
         if not batches:
             raise SqueezeError(f"{config.method} measures the layers' input activations: it needs calibration text")
-        prune_blocks = _prune_wanda if config.method == "wanda" else _prune_sparsegpt
-        result = prune_blocks(model, config, plan, batches, on_step)
+        result = _prune_calibrated(model, config, plan, batches, on_step)
     else:
         result = PruneResult(layers=_prune_magnitude(config, plan, on_step), dense=[])
     result.dense = dense
@@ -260,96 +259,80 @@ def _prune_magnitude(
     return done
 
 
-def _prune_wanda(
+def _prune_calibrated(
     model: nn.Module,
     config: PruneConfig,
     plan: dict[str, tuple[nn.Linear, float]],
     batches: list[dict[str, torch.Tensor]],
     on_block: Callable[[str], None] | None,
 ) -> PruneResult:
-    from squeeze.prune.wanda import InputNormAccumulator, wanda_scores
-    from squeeze.quant.sequential import calibrate_sequentially, run_block_observed
-
-    done: list[LayerSparsity] = []
-
-    def prune_block(block_name: str, block: nn.Module, inputs) -> None:
-        targets = {name: plan[name][0] for name in plan if name.startswith(block_name + ".")}
-        norms: dict[str, InputNormAccumulator] = {}
-
-        def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
-            if name not in norms:
-                norms[name] = InputNormAccumulator(module.in_features, x.device)
-            norms[name].add(x)
-
-        run_block_observed(block, inputs, targets, observe)
-        for name, linear in targets.items():
-            if name not in norms:
-                continue  # never called by the block's forward: left for the magnitude fallback
-            scores = wanda_scores(linear.weight, norms[name].norms)
-            keep = _layer_mask(scores, plan[name][1], config, per_row=True)
-            done.append(_apply_mask(name, linear, keep, plan[name][1]))
-
-    calibration_s = calibrate_sequentially(model, batches, prune_block, on_block)
-    notes = []
-    leftover = {name: entry for name, entry in plan.items() if name not in {layer.name for layer in done}}
-    if leftover:
-        done.extend(_prune_magnitude(config, leftover, None))
-        notes.append(f"magnitude pruning for {len(leftover)} layer(s) no block ran on calibration text: {', '.join(leftover)}")
-    return PruneResult(layers=done, dense=[], notes=notes, calibration_s=calibration_s)
-
-
-def _prune_sparsegpt(
-    model: nn.Module,
-    config: PruneConfig,
-    plan: dict[str, tuple[nn.Linear, float]],
-    batches: list[dict[str, torch.Tensor]],
-    on_block: Callable[[str], None] | None,
-) -> PruneResult:
-    from squeeze.prune.sparsegpt import sparsegpt_prune
-    from squeeze.quant.apply import observe_hessians
+    """Wanda or SparseGPT, one transformer block at a time; each block's pruned outputs feed the next."""
     from squeeze.quant.sequential import calibrate_sequentially
 
     done: list[LayerSparsity] = []
     notes: list[str] = []
+    prune_layers = _wanda_block if config.method == "wanda" else _sparsegpt_block
 
     def prune_block(block_name: str, block: nn.Module, inputs) -> None:
         targets = {name: plan[name][0] for name in plan if name.startswith(block_name + ".")}
-        # one pass over the block as it is: layers reading the same input share one Hessian
-        accumulators, _, _ = observe_hessians(block, inputs, targets)
-        for name, linear in targets.items():
-            if name not in accumulators:
-                continue  # never called by the block's forward: left for the magnitude fallback
-            hessian = accumulators[name].hessian
-            try:
-                solved = sparsegpt_prune(
-                    linear.weight, hessian, plan[name][1], config.n_m, config.block_size, config.damp_percent
-                )
-            except ArithmeticError as exc:
-                raise SqueezeError(f"SparseGPT failed on {name}: {exc}; use more calibration text or a larger --damp-percent") from None
-            if solved.retries:
-                notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
-            original = linear.weight.detach().float()
-            diff = solved.weight.to(original.device) - original
-            h = hessian.to(original.device)
-            output_error = float(
-                (((diff @ h) * diff).sum() / ((original @ h) * original).sum().clamp_min(1e-30)).clamp_min(0).sqrt()
-            )
-            linear.weight.data.copy_(solved.weight)
-            done.append(
-                LayerSparsity(
-                    name=name,
-                    shape=(linear.out_features, linear.in_features),
-                    target=plan[name][1],
-                    zeros=int((linear.weight == 0).sum()),
-                    relative_error=float(diff.norm() / original.norm().clamp_min(1e-30)),
-                    max_abs_error=float(diff.abs().max()),
-                    output_error=output_error,
-                )
-            )
+        prune_layers(block, inputs, targets, plan, config, done, notes)
 
     calibration_s = calibrate_sequentially(model, batches, prune_block, on_block)
+    # a targeted layer no block's forward called (or one outside the blocks) has no statistics
     leftover = {name: entry for name, entry in plan.items() if name not in {layer.name for layer in done}}
     if leftover:
         done.extend(_prune_magnitude(config, leftover, None))
         notes.append(f"magnitude pruning for {len(leftover)} layer(s) no block ran on calibration text: {', '.join(leftover)}")
     return PruneResult(layers=done, dense=[], notes=notes, calibration_s=calibration_s)
+
+
+def _wanda_block(block, inputs, targets, plan, config: PruneConfig, done: list[LayerSparsity], notes: list[str]) -> None:
+    from squeeze.prune.wanda import InputNormAccumulator, wanda_scores
+    from squeeze.quant.sequential import run_block_observed
+
+    norms: dict[str, InputNormAccumulator] = {}
+
+    def observe(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name not in norms:
+            norms[name] = InputNormAccumulator(module.in_features, x.device)
+        norms[name].add(x)
+
+    run_block_observed(block, inputs, targets, observe)
+    for name, linear in targets.items():
+        if name in norms:
+            keep = _layer_mask(wanda_scores(linear.weight, norms[name].norms), plan[name][1], config, per_row=True)
+            done.append(_apply_mask(name, linear, keep, plan[name][1]))
+
+
+def _sparsegpt_block(block, inputs, targets, plan, config: PruneConfig, done: list[LayerSparsity], notes: list[str]) -> None:
+    from squeeze.prune.sparsegpt import sparsegpt_prune
+    from squeeze.quant.apply import observe_hessians
+    from squeeze.quant.gptq import relative_output_error
+
+    # one pass over the block as it is: layers reading the same input share one Hessian
+    accumulators, _, _ = observe_hessians(block, inputs, targets)
+    for name, linear in targets.items():
+        if name not in accumulators:
+            continue
+        hessian = accumulators[name].hessian
+        try:
+            solved = sparsegpt_prune(linear.weight, hessian, plan[name][1], config.n_m, config.block_size, config.damp_percent)
+        except ArithmeticError as exc:
+            raise SqueezeError(f"SparseGPT failed on {name}: {exc}; use more calibration text or a larger --damp-percent") from None
+        if solved.retries:
+            notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
+        original = linear.weight.detach().float()
+        diff = solved.weight.to(original.device) - original
+        output_error = relative_output_error(diff, original, hessian)
+        linear.weight.data.copy_(solved.weight)
+        done.append(
+            LayerSparsity(
+                name=name,
+                shape=(linear.out_features, linear.in_features),
+                target=plan[name][1],
+                zeros=int((linear.weight == 0).sum()),
+                relative_error=float(diff.norm() / original.norm().clamp_min(1e-30)),
+                max_abs_error=float(diff.abs().max()),
+                output_error=output_error,
+            )
+        )

@@ -206,9 +206,9 @@ def _replace(
     diff = (dequantized - weight).float()
     output_error = None
     if hessian is not None:
-        h = hessian.to(diff.device)
-        w = weight.float()
-        output_error = float((((diff @ h) * diff).sum() / ((w @ h) * w).sum().clamp_min(1e-30)).clamp_min(0).sqrt())
+        from squeeze.quant.gptq import relative_output_error
+
+        output_error = relative_output_error(diff, weight, hessian)
     _set_module(model, name, qlinear)
     return LayerError(
         name=name,

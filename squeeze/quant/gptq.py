@@ -35,6 +35,13 @@ class HessianAccumulator:
         self.rows = total
 
 
+
+def relative_output_error(diff: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``‖ΔW X‖ / ‖W X‖ = sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`` for a layer whose inputs X gave ``hessian``."""
+    h = hessian.to(diff.device).float()
+    diff, weight = diff.float(), weight.float()
+    return float((((diff @ h) * diff).sum() / ((weight @ h) * weight).sum().clamp_min(1e-30)).clamp_min(0).sqrt())
+
 @dataclass(frozen=True)
 class GPTQResult:
     codes: torch.Tensor  # int8 [out, in]
