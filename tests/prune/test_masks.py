@@ -76,3 +76,17 @@ def test_ties_go_by_position() -> None:
     assert row_mask(s, 0.5).tolist() == [[False] * 4 + [True] * 4] * 2
     assert n_m_mask(s, 2, 4).tolist() == [[False, False, True, True] * 2] * 2
     assert unstructured_mask(s, 0.25).reshape(-1).tolist() == [False] * 4 + [True] * 12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_selection_equals_a_stable_sort_with_many_ties(seed: int) -> None:
+    s = torch.randint(0, 5, (13, 24), generator=torch.Generator().manual_seed(seed)).float()
+
+    def by_sort(scores: torch.Tensor, count: int) -> torch.Tensor:
+        mask = torch.ones(scores.shape, dtype=torch.bool)
+        mask.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :count], False)
+        return mask
+
+    assert torch.equal(row_mask(s, 0.4), by_sort(s, round(0.4 * 24)))
+    assert torch.equal(unstructured_mask(s, 0.3).reshape(-1), by_sort(s.reshape(-1), round(0.3 * s.numel())))
+    assert torch.equal(n_m_mask(s, 2, 4), by_sort(s.reshape(13, 6, 4), 2).reshape(13, 24))
