@@ -439,7 +439,7 @@ def prune(
     ``calibration_samples`` windows of ``calibration_data`` (default: ``data``); magnitude pruning
     reads no text but the evaluation's.
     """
-    if config.needs_calibration and (calibration_samples < 1 or calibration_data == "none"):
+    if config.needs_calibration and calibration_samples < 1:
         raise SqueezeError(f"{config.method} measures the layers' input activations: it needs calibration text (--calib-samples >= 1)")
     progress = progress or NullProgress()
     watch = _Stopwatch()
@@ -488,7 +488,7 @@ def prune(
     if config.format == "sparse-bitmask":
         notes.append(
             "sparse-bitmask checkpoint: transformers 5 cannot decompress it by itself (compressed-tensors dropped sparse "
-            "decompression in 0.15); squeeze loads it, and so does the snippet below; --format dense writes one "
+            "decompression in 0.15); squeeze loads it, and so does the loader in report.md; --format dense writes one "
             "that from_pretrained loads as is"
         )
     settings = {

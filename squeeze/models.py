@@ -413,8 +413,9 @@ def _load_sparse_bitmask(folder: Path, auto, dtype: torch.dtype, trust: bool) ->
     model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [k for k in missing if k not in tied and k in dict(model.named_parameters(remove_duplicate=False))]
+    # tied copies (lm_head = embeddings) are not stored; buffers a config rebuilds need not be either
+    distinct = {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k in distinct]
     if missing or unexpected:
         raise SqueezeError(
             f"sparse checkpoint {folder} does not match its config: "

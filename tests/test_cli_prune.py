@@ -137,6 +137,8 @@ BAD = [
     (["prune", "{llama}", "--method", "sparsegpt", "--calib-samples", "0"], "needs calibration text"),
     (["prune", "{llama}", "--layer-sparsity", "0.3"], "--layer-sparsity takes PATTERN=SPARSITY"),
     (["prune", "{llama}", "--layer-sparsity", "*.nothing=0.3"], "matches no targeted layer"),
+    (["prune", "{llama}", "--layer-sparsity", "re:[=0.3"], "not a valid regular expression"),
+    (["prune", "{llama}", "--ignore", "re:("], "not a valid regular expression"),
     (["prune", "{llama}", "--format", "csr"], "unknown sparse checkpoint format"),
     (["prune", "./no-such-model"], "does not exist"),
 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.prune.masks import global_threshold, n_m_mask, parse_pattern, row_mask, threshold_masks, unstructured_mask
-from squeeze.quant.targets import DEFAULT_IGNORE, _matches, select_linears
+from squeeze.quant.targets import DEFAULT_IGNORE, check_patterns, matches, select_linears
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
@@ -160,8 +160,9 @@ def plan_prune(model: nn.Module, config: PruneConfig) -> dict[str, tuple[nn.Line
                 f"pattern {config.pattern} needs input dimensions divisible by {m}; "
                 f"{shown} ha{'s' if len(bad) == 1 else 've'} {', '.join(map(str, sorted(set(bad.values()))))}"
             )
+    check_patterns(pattern for pattern, _ in config.layer_sparsity)
     for layer_pattern, _ in config.layer_sparsity:
-        if not any(_matches(name, layer_pattern) for name in layers):
+        if not any(matches(name, layer_pattern) for name in layers):
             raise SqueezeError(f"--layer-sparsity pattern {layer_pattern!r} matches no targeted layer (names look like {next(iter(layers))!r})")
     depth = _block_depth(model, list(layers)) if config.sparsity_ramp else {}
     plan = {}
@@ -171,7 +172,7 @@ def plan_prune(model: nn.Module, config: PruneConfig) -> dict[str, tuple[nn.Line
             index, count = depth[name]
             sparsity += config.sparsity_ramp * (2 * index / max(count - 1, 1) - 1)
         for layer_pattern, value in config.layer_sparsity:
-            if _matches(name, layer_pattern):
+            if matches(name, layer_pattern):
                 sparsity = value
         plan[name] = (layer, float(sparsity))
     return plan
@@ -241,7 +242,7 @@ def _prune_magnitude(
     done: list[LayerSparsity] = []
     if config.scope == "global":
         # layers a per-layer rule gave their own sparsity are ranked alone; the rest share one threshold
-        own = {name for name, _ in plan.items() if any(_matches(name, p) for p, _ in config.layer_sparsity)}
+        own = {name for name, _ in plan.items() if any(matches(name, p) for p, _ in config.layer_sparsity)}
         pool = [name for name in plan if name not in own]
         scores = [plan[name][0].weight.detach().float().abs() for name in pool]
         threshold, ties = global_threshold(scores, config.sparsity)

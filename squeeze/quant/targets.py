@@ -15,11 +15,21 @@ from squeeze.errors import SqueezeError
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "*.lm_head", "re:.*(classifier|pooler|score).*")
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     """``re:`` patterns are regular expressions searched in the name; others are shell globs."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def check_patterns(patterns) -> None:
+    """SqueezeError for a ``re:`` pattern that is not a valid regular expression (before any matching)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise SqueezeError(f"module pattern {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def select_linears(
@@ -33,13 +43,9 @@ def select_linears(
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
         raise SqueezeError("the model has no Linear layers to compress")
+    check_patterns((*targets, *ignore))
     for pattern in targets:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise SqueezeError(f"module pattern {pattern!r} is not a valid regular expression: {exc}") from None
-        if not any(_matches(name, pattern) for name in linears):
+        if not any(matches(name, pattern) for name in linears):
             example = next(iter(linears))
             raise SqueezeError(
                 f"module pattern {pattern!r} matches no Linear layer (names look like {example!r})"
@@ -47,8 +53,8 @@ def select_linears(
     chosen = {
         name: m
         for name, m in linears.items()
-        if (not targets or any(_matches(name, p) for p in targets))
-        and not any(_matches(name, p) for p in ignore)
+        if (not targets or any(matches(name, p) for p in targets))
+        and not any(matches(name, p) for p in ignore)
     }
     if not chosen:
         raise SqueezeError("no Linear layer is left to compress after applying the target and ignore patterns")
