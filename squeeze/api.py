@@ -8,7 +8,9 @@ renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ import torch
 
 from squeeze import __version__
 from squeeze.data import calibration_windows, evaluation_windows, load_documents
+from squeeze.distill.config import DistillConfig
 from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze import formats
@@ -284,7 +287,7 @@ def quantize(
 
     accuracy = None
     if eval_windows is not None and reference is not None:
-        accuracy = _evaluate(loaded, reference, eval_windows, data, seq_len, batch_size, watch, progress)
+        accuracy = _evaluate(net, loaded.source.kind, reference, eval_windows, data, seq_len, batch_size, watch, progress)
         del reference
 
     method_settings = _method_settings(config)
@@ -382,7 +385,8 @@ def _method_settings(config: QuantizeConfig) -> dict:
 
 
 def _evaluate(
-    loaded: LoadedModel,
+    model: torch.nn.Module,
+    kind: str,
     reference: torch.nn.Module,
     windows: torch.Tensor,
     data: str,
@@ -392,8 +396,8 @@ def _evaluate(
     progress: Progress,
 ) -> AccuracyReport:
     with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
-        if loaded.source.kind == "causal":
-            cmp = compare_causal(loaded.model, windows, reference, batch_size=batch_size, on_batch=advance)
+        if kind == "causal":
+            cmp = compare_causal(model, windows, reference, batch_size=batch_size, on_batch=advance)
             return AccuracyReport(
                 data=data,
                 windows=windows.shape[0],
@@ -404,7 +408,7 @@ def _evaluate(
                 kl_divergence=cmp.kl_divergence,
                 top1_agreement=cmp.top1_agreement,
             )
-        enc = compare_encoder(loaded.model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+        enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
         return AccuracyReport(
             data=data,
             windows=enc.windows,
@@ -467,7 +471,7 @@ def prune(
 
     accuracy = None
     if prep.eval_windows is not None and prep.reference is not None:
-        accuracy = _evaluate(loaded, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress)
+        accuracy = _evaluate(net, loaded.source.kind, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress)
         prep.reference = None
 
     sparse_names = [layer.name for layer in result.layers]
@@ -550,6 +554,352 @@ def prune(
                 if config.format == "sparse-bitmask"
                 else f"`transformers.{auto_class}.from_pretrained(\"{out}\")`: the zeros are stored dense.\n"
             ),
+            squeeze_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_report(report, tmp)
+    return report
+
+
+def distill(
+    teacher: str,
+    student: str,
+    out: Path,
+    config: DistillConfig,
+    data: str = "wikipedia",
+    eval_data: str | None = None,
+    eval_tokens: int = 16384,
+    seq_len: int = 512,
+    device: str = "cpu",
+    dtype: str = "float32",
+    evaluate: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_dir: Path | None = None,
+    teacher_cache: Path | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> Report | None:
+    """Train ``student`` to imitate ``teacher``; write it (safetensors) and the report to ``out``.
+
+    ``student`` is ``layers:K`` / ``layers:I,J,...`` (teacher blocks kept, with their weights),
+    ``width:F`` (narrower, random init) or a model (e.g. a pruned squeeze output, whose zeros are
+    kept). Training reads back-to-back windows of ``seq_len`` tokens from the training side of
+    ``data``; evaluation uses the held-out side of ``eval_data`` (default ``data``). ``dtype`` is
+    the teacher's compute dtype; the student trains in float32 (bf16 autocast per
+    ``config.precision``). Checkpoints go to ``checkpoint_dir`` (default ``OUT.checkpoints``) every
+    ``config.checkpoint_every`` steps and are removed when the run finishes; ``resume`` continues
+    from the newest one. ``teacher_cache`` names a folder of the teacher's top-k logits: made on
+    first use, reused afterwards. Under torchrun every process calls this; only process 0 writes
+    and returns the report (the others return None).
+    """
+    from squeeze.data import training_windows
+    from squeeze.distill import cache as logit_cache
+    from squeeze.distill.checkpoint import CheckpointDir, TrainingState
+    from squeeze.distill.student import check_same_vocabulary, derive_student, parse_student, pruning_masks, resolve_layers, teacher_depth
+    from squeeze.distill.trainer import Distillable, TrainInputs, WindowOrder, autocast_for, start_processes, stop_processes, train
+
+    progress = progress or NullProgress()
+    watch = _Stopwatch()
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    compute_dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
+    spec = parse_student(student)
+    t_source = resolve_model(teacher, trust_remote_code=trust_remote_code)
+    causal = t_source.kind == "causal"
+    t_meta = meta_model(t_source)
+    depth = teacher_depth(t_meta)
+    spec = resolve_layers(spec, depth)
+    s_source = None
+    if spec.kind == "model":
+        s_source = resolve_model(spec.model, trust_remote_code=trust_remote_code)
+        if s_source.kind != t_source.kind:
+            raise SqueezeError(f"teacher {teacher} is a {t_source.kind} model but student {spec.model} is a {s_source.kind} model")
+        s_meta = meta_model(s_source)
+        if s_meta.config.vocab_size != t_meta.config.vocab_size:
+            raise SqueezeError(
+                f"teacher and student have different vocabularies ({t_meta.config.vocab_size:,} vs {s_meta.config.vocab_size:,} tokens); "
+                "distillation compares their outputs token id by token id, so the student must use the teacher's tokenizer"
+            )
+        student_depth = teacher_depth(s_meta)
+    else:
+        student_depth = len(spec.layers) if spec.kind == "layers" else depth
+    layer_map = config.layer_map
+    if config.hidden_loss is not None and not layer_map:
+        if spec.kind == "layers":
+            layer_map = tuple(enumerate(spec.layers))
+        else:  # spread the student's blocks over the teacher's, last onto last
+            layer_map = tuple((i, round((i + 1) * depth / student_depth) - 1) for i in range(student_depth))
+    for s, t in layer_map:
+        if s >= student_depth or t >= depth:
+            raise SqueezeError(f"layer map pair {s}:{t} is out of range: the student has {student_depth} blocks, the teacher {depth}")
+    if teacher_cache is not None:
+        teacher_cache = Path(teacher_cache)
+        if not causal:
+            raise SqueezeError("a teacher cache stores language-model logits; an encoder teacher has none (drop --teacher-cache)")
+        if config.alpha == 0:
+            raise SqueezeError("alpha 0 trains on cross-entropy alone: there are no teacher logits to cache (drop --teacher-cache)")
+        if config.hidden_loss is not None:
+            raise SqueezeError("the hidden-state loss needs the live teacher's hidden states; drop --teacher-cache or --hidden-loss")
+        if teacher_cache.exists() and not logit_cache.is_cache(teacher_cache):
+            raise SqueezeError(f"teacher cache {teacher_cache} exists but is not a squeeze teacher cache (no {logit_cache.META_FILE})")
+    load_documents(data)
+    if evaluate:
+        load_documents(eval_data or data)
+    checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.checkpoints")
+    if resume and checkpoints.read_run() is None:
+        raise SqueezeError(f"nothing to resume: {checkpoints.path} holds no checkpoints of a distillation run")
+    if not resume and checkpoints.path.exists() and not overwrite:
+        raise SqueezeError(
+            f"{checkpoints.path} holds checkpoints of an earlier run: pass --resume to continue it, or --overwrite to start over"
+        )
+
+    procs, device = start_processes(device)
+    if not procs.main:
+        progress = NullProgress()
+    try:
+        with watch.stage("load"), progress.status(f"loading {t_source.name}"):
+            t_loaded = load_model(t_source, device=device, dtype=compute_dtype)
+            masks: dict[str, torch.Tensor] = {}
+            input_sparse_format = None
+            if s_source is not None:
+                s_loaded = load_model(s_source, device=device, dtype=torch.float32)
+                check_same_vocabulary(t_loaded.tokenizer, s_loaded.tokenizer, t_loaded.config, s_loaded.config)
+                net = s_loaded.model
+                masks = pruning_masks(net)
+                if masks:
+                    input_sparse_format = "sparse-bitmask" if _is_sparse_folder(s_source.path) else "dense"
+            else:
+                net = derive_student(t_loaded.model, spec, config.seed)
+        net.requires_grad_(True)
+        tokenizer = t_loaded.tokenizer
+        seq_len = _eval_seq_len(t_loaded, seq_len)
+        windows = training_windows(tokenizer, data, seq_len)
+        global_batch = config.batch_size * procs.world
+        if windows.shape[0] < global_batch:
+            raise SqueezeError(
+                f"training text {data!r} gives {windows.shape[0]} window(s) of {seq_len} tokens, fewer than one batch "
+                f"({global_batch}); use more text, a smaller --batch-size or a shorter --seq-len"
+            )
+        eval_windows = evaluation_windows(tokenizer, eval_data or data, seq_len, eval_tokens) if evaluate else None
+        fingerprint = logit_cache.windows_fingerprint(windows)
+        run = {
+            "teacher": f"{t_source.name} ({t_source.path})",
+            "student": student,
+            "data": data,
+            "seq_len": seq_len,
+            "windows_sha256": fingerprint,
+            "processes": procs.world,
+            "teacher_cache": str(teacher_cache) if teacher_cache else None,
+            "config": config.trajectory() | {"layer_map": [list(p) for p in layer_map]},
+        }
+        resumed_from = None
+        if resume:
+            checkpoints.check_resumable(run)
+            latest = checkpoints.latest()
+            resumed_from = int(latest.name.removeprefix("step-")) if latest else None
+        procs.barrier()
+        if procs.main:
+            if not resume:
+                shutil.rmtree(checkpoints.path, ignore_errors=True)
+            checkpoints.remove_partial()
+            if config.checkpoint_every or resume:
+                checkpoints.start(run)
+        procs.barrier()
+
+        autocast = autocast_for(device, config.precision)
+        cache = None
+        if teacher_cache is not None:
+            identity = logit_cache.cache_identity(run["teacher"], windows, config.cache_topk, config.precision)
+            order = WindowOrder(windows.shape[0], config.seed)
+            needed = sorted(set(order.take(0, config.steps * config.grad_accum * global_batch)))
+            if procs.main and not logit_cache.is_cache(teacher_cache):
+                with watch.stage("teacher_cache"), progress.task(f"teacher logits → {teacher_cache}", len(needed)) as advance:
+                    with atomic_output_dir(teacher_cache) as tmp:
+                        logit_cache.build_cache(
+                            t_loaded.model, windows, needed, identity, tmp, config.batch_size, autocast, on_batch=advance
+                        )
+            procs.barrier()
+            cache = logit_cache.LogitCache(teacher_cache, identity, needed)
+
+        model = Distillable(net, causal, layer_map, t_loaded.config.hidden_size).to(device)
+        student_params = parameter_count(net)
+        if eval_windows is not None and config.eval_every:
+            periodic = eval_windows[:PERIODIC_EVAL_WINDOWS]
+
+            def held_out(student_net: torch.nn.Module) -> dict[str, float]:
+                if causal:
+                    return {"eval_perplexity": compare_causal(student_net, periodic, batch_size=config.batch_size).perplexity}
+                return {"eval_cosine": compare_encoder(student_net, t_loaded.model, periodic, batch_size=config.batch_size).cosine_mean}
+        else:
+            held_out = None
+        inputs = TrainInputs(
+            model=model,
+            teacher=None if cache is not None else t_loaded.model,
+            windows=windows,
+            config=config,
+            processes=procs,
+            device=device,
+            checkpoints=checkpoints if (config.checkpoint_every or resume) else None,
+            masks=masks,
+            cache=cache,
+            evaluate=held_out,
+            resume=resume,
+        )
+        with watch.stage("train"), progress.task("distilling", config.steps) as advance:
+            shown = [0, time.perf_counter(), 0]  # steps shown, clock and tokens at the last update
+
+            def on_step(step: int, entry: dict) -> None:
+                now = time.perf_counter()
+                rate = (entry["tokens"] - shown[2]) / max(now - shown[1], 1e-9) if shown[0] else 0.0
+                info = f"loss {entry['loss']:.4f}" + (f", {rate:,.0f} tok/s" if rate else "")
+                if "eval_perplexity" in entry:
+                    info += f", held-out ppl {entry['eval_perplexity']:.2f}"
+                advance(step - shown[0], info)
+                shown[:] = [step, now, entry["tokens"]]
+
+            state = train(inputs, TrainingState(), on_step=on_step)
+        if not procs.main:
+            procs.barrier()
+            return None
+
+        accuracy = None
+        if eval_windows is not None:
+            accuracy = _evaluate(net, t_source.kind, t_loaded.model, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress)
+        report = _write_student(
+            out, overwrite, teacher, t_loaded, net, tokenizer, student, spec, config, layer_map, masks, input_sparse_format,
+            state, resumed_from, procs.world, data, eval_data, windows, seq_len, teacher_cache, accuracy, device, dtype, watch, progress,
+            student_params,
+        )
+        shutil.rmtree(checkpoints.path, ignore_errors=True)
+        procs.barrier()
+        return report
+    finally:
+        stop_processes()
+
+
+PERIODIC_EVAL_WINDOWS = 8  # held-out windows scored at each --eval-every check; the final evaluation uses all
+
+
+def _is_sparse_folder(path: Path) -> bool:
+    import json
+
+    from squeeze.formats.sparse import is_sparse_bitmask
+
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and is_sparse_bitmask(json.loads(config.read_text()))
+
+
+def _write_student(
+    out, overwrite, teacher_spec, t_loaded, net, tokenizer, student_spec, spec, config, layer_map, masks, input_sparse_format,
+    state, resumed_from, processes, data, eval_data, windows, seq_len, teacher_cache, accuracy, device, dtype, watch, progress,
+    student_params,
+) -> Report:
+    """Save the trained student, its loss curve and the report into ``out``, atomically."""
+    import json
+
+    from squeeze.distill.trainer import autocast_for
+    from squeeze.formats.compressed_tensors import dense_tensors, save_safetensors, write_config_files
+    from squeeze.report import TrainingReport, plot_loss_curve
+
+    stored = t_loaded.stored_dtype
+    teacher_net = t_loaded.model
+    teacher_bytes = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(teacher_net, stored).values())
+    notes = []
+    if masks:
+        notes.append(
+            f"the student was pruned: {len(masks)} layer(s) kept their zeros through training "
+            f"({sum(int((~m).sum()) for m in masks.values()):,} weights held at exactly 0)"
+        )
+    if layer_map and net.config.hidden_size != t_loaded.config.hidden_size:
+        notes.append("the hidden-state loss trained projections onto the teacher's width; they are not part of the student")
+    if not t_loaded.source.kind == "causal" and config.alpha != DistillConfig.alpha:
+        notes.append("temperature and alpha apply to language-model logits; an encoder is distilled on its embeddings")
+    curve = state.curve or []
+    linear_teacher = sum(m.weight.numel() * stored.itemsize for m in teacher_net.modules() if isinstance(m, torch.nn.Linear))
+    linear_student = sum(m.weight.numel() * stored.itemsize for m in net.modules() if isinstance(m, torch.nn.Linear))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with watch.stage("save"), progress.status(f"writing {out}"):
+            loading = ""
+            if masks:
+                layers = {name.removesuffix(".weight"): net.get_submodule(name.removesuffix(".weight")) for name in masks}
+                zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
+                structure = _sparsity_structure(layers, zeros) or "unstructured"
+                total = sum(m.weight.numel() for m in layers.values())
+                fmt = input_sparse_format or "dense"
+                files = write_pruned_checkpoint(net, fmt, structure, sum(zeros.values()) / total, list(layers), tmp, tokenizer, stored)
+                auto_class = "AutoModelForCausalLM" if t_loaded.source.kind == "causal" else "AutoModel"
+                if fmt == "sparse-bitmask":
+                    loading = "```python\n" + LOADING_SNIPPET.format(folder=out, auto_class=auto_class) + "```\n"
+            else:
+                write_config_files(net, tmp, None, tokenizer, stored)
+                files = save_safetensors(dense_tensors(net, stored), tmp)
+            (tmp / "loss_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+            plot_loss_curve(curve, tmp / "loss_curve.png", f"distill {t_loaded.source.name} → {student_spec}")
+        student_bytes = sum(f.stat().st_size for f in files)
+        training = TrainingReport(
+            teacher=t_loaded.source.name,
+            student=student_spec,
+            teacher_parameters=parameter_count(teacher_net),
+            student_parameters=student_params,
+            teacher_bytes=teacher_bytes,
+            student_bytes=student_bytes,
+            steps=state.step,
+            tokens=state.tokens,
+            train_seconds=state.train_seconds,
+            processes=processes,
+            loss_first=curve[0]["loss"] if curve else float("nan"),
+            loss_last=curve[-1]["loss"] if curve else float("nan"),
+            teacher_cache=str(teacher_cache) if teacher_cache else None,
+            resumed_from_step=resumed_from,
+        )
+        causal = t_loaded.source.kind == "causal"
+        loss_name = (
+            (f"KD τ={config.temperature:g}, α={config.alpha:g}" if config.alpha > 0 else "cross-entropy only (α=0)")
+            if causal
+            else f"embedding {config.embedding_loss}"
+        ) + (f" + hidden {config.hidden_loss} x{config.hidden_weight:g}" if config.hidden_loss else "")
+        settings = {
+            "scheme": f"{loss_name}; student {student_spec}",
+            "student": spec.describe(),
+            "loss": loss_name,
+            "temperature": config.temperature,
+            "alpha": config.alpha,
+            "hidden_loss": config.hidden_loss,
+            "layer_map": [f"{s}:{t}" for s, t in layer_map],
+            "steps": config.steps,
+            "batch": f"{config.batch_size} windows x {config.grad_accum} accumulation x {processes} process(es) of {seq_len} tokens",
+            "optimizer": f"AdamW lr {config.lr:g} (warmup {config.warmup_steps} steps, cosine to {config.min_lr_ratio:g}x), "
+            f"weight decay {config.weight_decay:g}, clip {config.max_grad_norm:g}",
+            "precision": "bf16 autocast" if autocast_for(device, config.precision) is not contextlib.nullcontext else "fp32",
+            "seed": config.seed,
+            "training_data": f"{data}: {windows.shape[0]} windows of {seq_len} tokens (training side)",
+            "evaluation_data": eval_data or data,
+            "teacher_cache": f"{teacher_cache} (top-{config.cache_topk} logits)" if teacher_cache else None,
+        }
+        size = SizeReport(
+            parameters=training.teacher_parameters,
+            compressed_parameters=student_params,
+            disk_bytes_before=teacher_bytes,
+            disk_bytes_after=student_bytes,
+            memory_bytes_before=tensor_bytes(teacher_net),
+            memory_bytes_after=tensor_bytes(net),
+            linear_bytes_before=linear_teacher,
+            linear_bytes_after=linear_student,
+        )
+        report = Report(
+            pass_name="distill",
+            model=_model_info(teacher_spec, t_loaded.source, teacher_net),
+            settings=settings,
+            size=size,
+            timings_s=dict(watch.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            device=f"{device}, {dtype} teacher compute",
+            accuracy=accuracy,
+            notes=notes,
+            training=training,
+            loading=loading,
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )

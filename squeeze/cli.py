@@ -169,15 +169,19 @@ def quantize(
 
 def _run_pass(fn, model: str, out_dir: Path, config, fmt: str, as_json: bool, quiet: bool, **options) -> None:
     """Run one pass of the API with progress on stderr; print its report as JSON or as tables."""
-    from squeeze.report import to_rich
-
     progress = NullProgress() if quiet else ConsoleProgress(err)
     report = _run(fn, model, out_dir, config, progress=progress, **options)
+    _print_report(report, out_dir, f"{fmt} safetensors, config.json, report.json, report.md", as_json, quiet)
+
+
+def _print_report(report, out_dir: Path, written: str, as_json: bool, quiet: bool) -> None:
+    from squeeze.report import to_rich
+
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     elif not quiet:
         out.print(to_rich(report))
-        out.print(f"wrote {out_dir}/ ({fmt} safetensors, config.json, report.json, report.md)")
+        out.print(f"wrote {out_dir}/ ({written})")
 
 
 def _model_stem(model: str) -> str:
@@ -261,6 +265,86 @@ def prune(
         calibration_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code,
     )
+
+@app.command()
+def distill(
+    teacher: Annotated[str, typer.Argument(help="The model to imitate: built-in name, HF directory, .gguf file or hub id.")],
+    student: Annotated[str, typer.Argument(help="layers:K (K evenly spaced teacher blocks, teacher weights), layers:I,J,... (those blocks), width:F (hidden/MLP sizes x F, random init), or a model path (e.g. a squeeze prune output: its zeros are kept).")],
+    data: Annotated[str, typer.Option(help="Training text (its training side) and, unless --eval-data, evaluation text (its held-out side): wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
+    eval_data: Annotated[Optional[str], typer.Option(help="Evaluation text, if not the held-out side of --data.")] = None,
+    temperature: Annotated[float, typer.Option(help="KD temperature τ: both distributions are softened by it; the KD term is scaled by τ².")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the KD term; 1 - alpha weighs next-token cross-entropy (0: plain training).")] = 0.5,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 100 unless --tokens).")] = None,
+    tokens: Annotated[Optional[float], typer.Option(help="Training tokens instead of --steps (e.g. 2e6); rounded up to whole steps.")] = None,
+    grad_accum: Annotated[int, typer.Option(help="Forward passes accumulated per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on Linear matrices (not norms, biases, embeddings).")] = 0.01,
+    warmup: Annotated[float, typer.Option(help="Share of the steps with linear warmup; cosine decay after.")] = 0.05,
+    min_lr_ratio: Annotated[float, typer.Option(help="Learning rate at the last step, as a share of --lr.")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for data order and initialisation: the same seed gives the same student.")] = 0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA with bf16, else fp32), fp32 or bf16.")] = "auto",
+    hidden_loss: Annotated[Optional[str], typer.Option(help="Also match hidden states: cosine or mse (learned projections if the widths differ).")] = None,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state loss.")] = 1.0,
+    layer_map: Annotated[Optional[str], typer.Option(help="STUDENT:TEACHER block pairs for the hidden loss, e.g. 0:1,1:3 (default: each kept block to its origin).")] = None,
+    embedding_loss: Annotated[str, typer.Option(help="Encoders: loss between mean-pooled embeddings, cosine or mse.")] = "cosine",
+    checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N optimizer steps (0: none).")] = 0,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept (the newest).")] = 2,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Where checkpoints go (default OUT.checkpoints; removed when the run finishes).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint; ends with the weights an uninterrupted run would have.")] = False,
+    eval_every: Annotated[int, typer.Option(help="Held-out perplexity (encoders: cosine) on 8 windows every N steps (0: only at the end).")] = 0,
+    teacher_cache: Annotated[Optional[Path], typer.Option(help="Folder of the teacher's top-k logits: made on first use, then training reads it instead of running the teacher.")] = None,
+    cache_topk: Annotated[int, typer.Option(help="Logits per token stored in a new teacher cache.")] = 64,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./TEACHER-distill-STUDENT).")] = None,
+    eval_tokens: EvalTokensOption = 16384,
+    seq_len: SeqLenOption = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass, per process.")] = 4,
+    device: DeviceOption = "cpu",
+    dtype: Annotated[str, typer.Option(help="Teacher compute dtype: float32, bfloat16 or float16 (the student trains in float32).")] = "float32",
+    no_eval: NoEvalOption = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Distill TEACHER into STUDENT (temperature KD + cross-entropy, or embedding loss for encoders); resumable; runs under torchrun."""
+    import os
+
+    from squeeze.api import distill as run_distill
+    from squeeze.distill.config import DistillConfig, parse_layer_map
+
+    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum)):
+        if value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+    if steps is not None and tokens is not None:
+        _fail("give --steps or --tokens, not both")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tokens is not None:
+        if not tokens >= 1:
+            _fail(f"--tokens must be at least 1, got {tokens:g}")
+        per_step = batch_size * grad_accum * world * seq_len
+        steps = -(-int(tokens) // per_step)
+    config = _run(
+        DistillConfig,
+        temperature=temperature, alpha=alpha, steps=100 if steps is None else steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup, min_lr_ratio=min_lr_ratio,
+        max_grad_norm=max_grad_norm, seed=seed, precision=precision, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
+        layer_map=_run(parse_layer_map, layer_map) if layer_map else (), embedding_loss=embedding_loss,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every, cache_topk=cache_topk,
+    )
+    if out_dir is None:
+        out_dir = Path(f"{_model_stem(teacher)}-distill-{_model_stem(student).replace(':', '').replace(',', '-')}")
+    main_process = os.environ.get("RANK", "0") == "0"
+    progress = ConsoleProgress(err) if main_process and not quiet else NullProgress()
+    report = _run(
+        run_distill, teacher, student, out_dir, config, data=data, eval_data=eval_data, eval_tokens=eval_tokens,
+        seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval, overwrite=overwrite, resume=resume,
+        checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache, trust_remote_code=trust_remote_code, progress=progress,
+    )
+    if report is None:
+        return
+    _print_report(report, out_dir, "safetensors, config.json, report.json, report.md, loss_curve.json/png", as_json, quiet)
+
 
 @app.command()
 def inspect(

@@ -138,6 +138,16 @@ def calibration_windows(
         raise SqueezeError(f"calibration split of {source!r}: {exc}") from None
 
 
+def training_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int) -> torch.Tensor:
+    """Every back-to-back window of ``seq_len`` tokens on the calibration (training) side of
+    ``source``, documents in hash order. Returns int64 [n_windows, seq_len]."""
+    docs = _mixed_order(text_split(source).calibration)
+    try:
+        return token_windows(tokenizer, docs, seq_len)
+    except SqueezeError as exc:
+        raise SqueezeError(f"training split of {source!r}: {exc}") from None
+
+
 def evaluation_windows(
     tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, max_tokens: int | None = None
 ) -> torch.Tensor:

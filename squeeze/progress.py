@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, Te
 
 class Progress(Protocol):
     def task(self, description: str, total: int | None) -> AbstractContextManager[Callable[[int], None]]:
-        """A counted stage; the yielded function advances it by n units."""
+        """A counted stage; the yielded function ``advance(n=1, info=None)`` advances it by n units
+        and, given ``info``, shows that text beside the bar (e.g. the current loss)."""
 
     def status(self, description: str) -> AbstractContextManager[None]:
         """An uncounted stage (loading, writing)."""
@@ -27,7 +28,7 @@ class NullProgress:
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        yield lambda n=1: None
+        yield lambda n=1, info=None: None
 
     @contextmanager
     def status(self, description: str) -> Iterator[None]:
@@ -49,12 +50,20 @@ class ConsoleProgress:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
             console=self.console,
             transient=False,
         )
         with bar:
-            task_id = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task_id, n)
+            task_id = bar.add_task(description, total=total, info="")
+
+            def advance(n: int = 1, info: str | None = None) -> None:
+                if info is None:
+                    bar.advance(task_id, n)
+                else:
+                    bar.update(task_id, advance=n, info=info)
+
+            yield advance
 
     @contextmanager
     def status(self, description: str) -> Iterator[None]:

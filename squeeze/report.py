@@ -115,6 +115,30 @@ class SparsityReport:
 
 
 @dataclass
+class TrainingReport:
+    """What a distillation trained and what it cost. Bytes are the safetensors of each model."""
+
+    teacher: str
+    student: str  # the student spec, e.g. "layers:15" or a path
+    teacher_parameters: int
+    student_parameters: int
+    teacher_bytes: int
+    student_bytes: int
+    steps: int
+    tokens: int  # training tokens read (windows x seq_len), all processes together
+    train_seconds: float  # optimizer steps only, summed over resumed sessions
+    processes: int
+    loss_first: float
+    loss_last: float
+    teacher_cache: str | None = None  # the cache folder, when the teacher's logits came from one
+    resumed_from_step: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.train_seconds, 1e-9)
+
+
+@dataclass
 class Report:
     """Everything a pass measured. ``to_dict`` is the report.json schema."""
 
@@ -129,6 +153,7 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sparsity: SparsityReport | None = None
+    training: TrainingReport | None = None
     loading: str = ""  # markdown: how to load the checkpoint without squeeze, when it takes more than from_pretrained
     squeeze_version: str = ""
     created: str = ""
@@ -150,6 +175,8 @@ class Report:
                 sparse_ratio=self.sparsity.sparse_ratio,
                 flop_reduction=self.sparsity.flop_reduction,
             )
+        if self.training is not None:
+            data["training"]["tokens_per_second"] = self.training.tokens_per_second
         data["timings_s"]["total"] = sum(self.timings_s.values())
         return data
 
@@ -171,6 +198,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def summary_rows(report: Report) -> list[tuple[str, str, str]]:
     """(field, before, after) rows shared by the markdown and terminal renderings."""
     s = report.size
+    if report.training is not None:
+        return _training_rows(report)
     rows = [
         ("parameters", f"{s.parameters:,}", f"{s.compressed_parameters:,} compressed"),
         ("weights on disk", _fmt_bytes(s.disk_bytes_before), f"{_fmt_bytes(s.disk_bytes_after)} ({s.disk_ratio:.2f}x smaller)"),
@@ -202,12 +231,36 @@ def summary_rows(report: Report) -> list[tuple[str, str, str]]:
                 f"{sp.linear_flops_sparse:,} ({sp.flop_reduction:.1%} fewer with a sparse kernel)",
             ),
         ]
+    return rows + _accuracy_rows(report, "original")
+
+
+def _training_rows(report: Report) -> list[tuple[str, str, str]]:
+    """Distillation: the teacher in the "before" column, the student in "after"."""
+    t = report.training
+    assert t is not None
+    rows = [
+        ("model", t.teacher, t.student),
+        ("parameters", f"{t.teacher_parameters:,}", f"{t.student_parameters:,} ({t.student_parameters / max(t.teacher_parameters, 1):.1%})"),
+        ("weights on disk", _fmt_bytes(t.teacher_bytes), f"{_fmt_bytes(t.student_bytes)} ({t.teacher_bytes / max(t.student_bytes, 1):.2f}x smaller)"),
+        ("training", "", f"{t.steps:,} steps, {t.tokens:,} tokens, {t.processes} process(es)"),
+        ("training speed", "", f"{t.tokens_per_second:,.0f} tokens/s ({t.train_seconds:.1f}s of steps)"),
+        ("loss, first → last step", "", f"{t.loss_first:.4f} → {t.loss_last:.4f}"),
+    ]
+    if t.teacher_cache:
+        rows.append(("teacher logits", "", f"from the cache {t.teacher_cache}"))
+    if t.resumed_from_step is not None:
+        rows.append(("resumed", "", f"from the checkpoint of step {t.resumed_from_step}"))
+    return rows + _accuracy_rows(report, "teacher")
+
+
+def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]:
+    rows = []
     a = report.accuracy
     if a is not None:
         if a.perplexity_before is not None:
             change = a.perplexity_change
             rows.append(("perplexity", _fmt(a.perplexity_before, ".3f"), f"{_fmt(a.perplexity_after, '.3f')} ({change:+.2%})"))
-            rows.append(("KL divergence vs original (nats/token)", "0", _fmt(a.kl_divergence, ".5f")))
+            rows.append((f"KL divergence vs {reference} (nats/token)", "0", _fmt(a.kl_divergence, ".5f")))
             rows.append(("top-1 token agreement", "100%", f"{100 * (a.top1_agreement or 0):.2f}%"))
         if a.embedding_cosine_mean is not None:
             rows.append(("embedding cosine (mean / min)", "1", f"{a.embedding_cosine_mean:.5f} / {a.embedding_cosine_min:.5f}"))
@@ -218,6 +271,10 @@ def summary_rows(report: Report) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _columns(report: Report) -> tuple[str, str]:
+    return ("teacher", "student") if report.training is not None else ("before", "after")
+
+
 def to_markdown(report: Report, worst_layers: int = 0) -> str:
     """report.md: the summary table, the settings, and the per-layer error table."""
     lines = [
@@ -225,7 +282,7 @@ def to_markdown(report: Report, worst_layers: int = 0) -> str:
         "",
         f"{report.settings.get('scheme', '')}",
         "",
-        "| | before | after |",
+        "| | {} | {} |".format(*_columns(report)),
         "|---|---|---|",
     ]
     lines += [f"| {name} | {before} | {after} |" for name, before, after in summary_rows(report)]
@@ -274,8 +331,8 @@ def to_rich(report: Report, worst_layers: int = 8) -> Group:
     """Terminal rendering: summary table and the layers with the largest error."""
     table = Table(title=f"squeeze {report.pass_name}: {report.model.get('name', '')} — {report.settings.get('scheme', '')}")
     table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    for column in _columns(report):
+        table.add_column(column, justify="right")
     for row in summary_rows(report):
         table.add_row(*row)
     parts: list[Any] = [table]
@@ -304,3 +361,34 @@ def write_report(report: Report, out_dir: Path) -> None:
     """Write report.json and report.md into ``out_dir``."""
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     (out_dir / "report.md").write_text(to_markdown(report))
+
+
+def plot_loss_curve(curve: list[dict[str, Any]], file: Path, title: str) -> None:
+    """PNG of the training loss terms per step, and of held-out perplexity where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [entry["step"] for entry in curve]
+    terms = [k for k in ("loss", "kd", "ce", "hidden", "embedding") if any(k in entry for entry in curve)]
+    evaluated = [entry for entry in curve if "eval_perplexity" in entry or "eval_cosine" in entry]
+    fig, axes = plt.subplots(1, 2 if evaluated else 1, figsize=(11 if evaluated else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for term in terms:
+        ax.plot(steps, [entry.get(term, float("nan")) for entry in curve], label=term, linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if evaluated:
+        key = "eval_perplexity" if "eval_perplexity" in evaluated[0] else "eval_cosine"
+        right = axes[0][1]
+        right.plot([e["step"] for e in evaluated], [e[key] for e in evaluated], marker="o")
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("held-out perplexity" if key == "eval_perplexity" else "held-out embedding cosine")
+        right.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)

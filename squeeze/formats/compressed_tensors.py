@@ -168,10 +168,12 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
     return paths
 
 
-def write_config_files(model: nn.Module, out_dir: Path, quant_config: dict, tokenizer=None, dtype: torch.dtype | None = None) -> None:
-    """config.json (with ``quant_config`` as its quantization_config), generation config, tokenizer."""
+def write_config_files(model: nn.Module, out_dir: Path, quant_config: dict | None, tokenizer=None, dtype: torch.dtype | None = None) -> None:
+    """config.json (with ``quant_config`` as its quantization_config, none if None), generation config, tokenizer."""
     config_dict = model.config.to_dict()
-    config_dict["quantization_config"] = quant_config
+    config_dict.pop("quantization_config", None)
+    if quant_config is not None:
+        config_dict["quantization_config"] = quant_config
     if dtype is not None:
         config_dict["dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,108 @@
+"""The teacher-logit cache: run the teacher once, keep its k largest logits per token.
+
+A cache folder holds ``cache.json`` and shards ``logits-NNNNN.safetensors``, each with ``values``
+(float16 [windows, seq_len − 1, k]), ``indices`` (int32, the token ids of those values) and
+``windows`` (int64, which training windows the rows belong to). ``cache.json`` records what the
+logits depend on (teacher, text, window length, a hash of the token windows, k); a cache that does
+not match the run is refused rather than silently used. Shards are read lazily (memory-mapped), so
+a cache larger than memory works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from squeeze.distill.losses import top_k_logits
+from squeeze.errors import SqueezeError
+
+META_FILE = "cache.json"
+SHARD_WINDOWS = 256
+
+
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    """SHA-256 of the token windows: a cache is only valid for exactly these tokens."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def cache_identity(teacher: str, windows: torch.Tensor, k: int, precision: str) -> dict[str, Any]:
+    return {"teacher": teacher, "seq_len": int(windows.shape[1]), "windows_sha256": windows_fingerprint(windows), "top_k": k, "precision": precision}
+
+
+def is_cache(folder: Path) -> bool:
+    return (Path(folder) / META_FILE).is_file()
+
+
+@torch.no_grad()
+def build_cache(
+    teacher: torch.nn.Module,
+    windows: torch.Tensor,
+    needed: list[int],
+    identity: dict[str, Any],
+    folder: Path,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Write the teacher's top-k logits for the training windows ``needed`` into ``folder``."""
+    device = next(teacher.parameters()).device
+    k = identity["top_k"]
+    for shard, start in enumerate(range(0, len(needed), SHARD_WINDOWS)):
+        ids = needed[start : start + SHARD_WINDOWS]
+        values, indices = [], []
+        for batch_start in range(0, len(ids), batch_size):
+            batch = windows[ids[batch_start : batch_start + batch_size]].to(device)
+            with autocast():
+                logits = teacher(input_ids=batch).logits[:, :-1]
+            v, i = top_k_logits(logits, k)
+            values.append(v.cpu())
+            indices.append(i.cpu())
+            if on_batch:
+                on_batch(batch.shape[0])
+        save_file(
+            {"values": torch.cat(values), "indices": torch.cat(indices), "windows": torch.tensor(ids, dtype=torch.int64)},
+            str(folder / f"logits-{shard:05d}.safetensors"),
+        )
+    meta = {**identity, "windows": len(needed), "shard_windows": SHARD_WINDOWS}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class LogitCache:
+    """Read access to a finished cache: ``fetch(window ids)`` → (values, indices)."""
+
+    def __init__(self, folder: Path, identity: dict[str, Any], needed: list[int]) -> None:
+        folder = Path(folder)
+        meta = json.loads((folder / META_FILE).read_text())
+        differ = [key for key in identity if meta.get(key) != identity[key]]
+        if differ:
+            shown = ", ".join(f"{key} {meta.get(key)!r} in the cache vs {identity[key]!r} now" for key in differ[:2])
+            raise SqueezeError(f"teacher cache {folder} was made for another run ({shown}); point --teacher-cache at a new folder")
+        self._files = {}
+        self._row: dict[int, tuple[Path, int]] = {}
+        for shard in sorted(folder.glob("logits-*.safetensors")):
+            handle = safe_open(str(shard), framework="pt")
+            self._files[shard] = handle
+            for row, window in enumerate(handle.get_tensor("windows").tolist()):
+                self._row[window] = (shard, row)
+        missing = [w for w in needed if w not in self._row]
+        if missing:
+            raise SqueezeError(
+                f"teacher cache {folder} lacks {len(missing)} of the {len(needed)} windows this run trains on "
+                "(it was made for fewer steps); point --teacher-cache at a new folder"
+            )
+
+    def fetch(self, window_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        values, indices = [], []
+        for window in window_ids:
+            shard, row = self._row[window]
+            handle = self._files[shard]
+            values.append(handle.get_slice("values")[row : row + 1])
+            indices.append(handle.get_slice("indices")[row : row + 1])
+        return torch.cat(values), torch.cat(indices)

@@ -1,0 +1,151 @@
+"""Distillation losses over plain tensors: temperature KD (full or top-k cached teacher logits),
+next-token cross-entropy, hidden-state and embedding losses.
+
+Every loss is a mean over token positions (rows of the flattened [tokens, ...] tensors), so two
+processes that each average over half the tokens and then average their gradients get exactly the
+gradient of one process averaging over all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN_LOSSES = ("cosine", "mse")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)), mean over positions; logits are [..., vocab].
+
+    The τ² factor keeps the gradient's scale independent of τ (Hinton et al., 2015), so α weighs
+    KD against cross-entropy the same way at every temperature.
+    """
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def kd_loss_topk(
+    student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """:func:`kd_loss` against a teacher known only by its k largest logits per position.
+
+    The teacher distribution is the softmax of its top-k logits / τ (renormalised over those k);
+    the student's log-probabilities are taken over the full vocabulary and read at the same k ids.
+    KL = Σ_k p_t (log p_t − log q_s): exact when the teacher's mass outside its top k is zero, a
+    lower bound on the full KL otherwise. ``teacher_values``/``teacher_indices``: [..., k].
+    """
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_values.float().flatten(0, -2) / temperature, dim=-1)
+    s_at_t = s.gather(-1, teacher_indices.flatten(0, -2).long())
+    return temperature**2 * (t.exp() * (t - s_at_t)).sum(-1).mean()
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of position i predicting token i+1, mean over the predicted tokens.
+    ``logits`` [batch, L, vocab] already cut to the first L−1 positions, ``input_ids`` [batch, L+1]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """1 − cosine (per position, then mean) or mean squared error, of two [..., hidden] tensors."""
+    student, teacher = student.float(), teacher.float()
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"unknown hidden loss {kind!r}")
+
+
+def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits per position and their token ids (float16 values, int32 ids: the cache layout)."""
+    values, indices = logits.float().topk(k, dim=-1)
+    return values.to(torch.float16), indices.to(torch.int32)
+
+
+LOSS_CHUNK = 16  # positions per vocabulary-wide temporary in the fused loss: small enough to stay in cache
+
+
+class _GivenGradient(torch.autograd.Function):
+    """A loss whose gradient with respect to ``logits`` was already computed."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None
+
+
+def fused_lm_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_values: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``α · kd + (1 − α) · ce`` with the values of :func:`kd_loss` (or :func:`kd_loss_topk`) and
+    cross-entropy, computed a few hundred positions at a time with the gradient in closed form.
+
+    The autograd version of the same loss keeps several vocabulary-wide float32 copies of every
+    position alive (two log-softmaxes, their exponentials, the KL terms); here the only
+    vocabulary-wide tensor that outlives a chunk is the gradient itself. Closed forms, per position,
+    with q = softmax(z/τ), p the teacher's softmax(z_t/τ) and N positions:
+    ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N; for the top-k
+    teacher p is zero outside its k ids. ``targets`` [..] (needed when α < 1), logits [.., vocab].
+    Returns the loss (a tensor that backpropagates) and its terms as floats.
+    """
+    logits = student_logits.flatten(0, -2)
+    n, vocab = logits.shape
+    flat_targets = targets.flatten() if targets is not None else None
+    teacher_flat = teacher_logits.flatten(0, -2) if teacher_logits is not None else None
+    values_flat = teacher_values.flatten(0, -2) if teacher_values is not None else None
+    indices_flat = teacher_indices.flatten(0, -2).long() if teacher_indices is not None else None
+    grad = torch.empty_like(logits)
+    kd_sum = ce_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, n, LOSS_CHUNK):
+            span = slice(start, start + LOSS_CHUNK)
+            z = logits[span].float()
+            chunk_grad = torch.zeros_like(z)
+            if alpha < 1:
+                assert flat_targets is not None
+                target = flat_targets[span]
+                log_probs = F.log_softmax(z, dim=-1)
+                ce_sum += float(-log_probs.gather(-1, target[:, None]).sum())
+                ce_grad = log_probs.exp_()
+                ce_grad.scatter_add_(-1, target[:, None], torch.full_like(target[:, None], -1, dtype=ce_grad.dtype))
+                chunk_grad.add_(ce_grad, alpha=1 - alpha)
+                del log_probs, ce_grad
+            if alpha > 0:
+                log_q = F.log_softmax(z / temperature, dim=-1)
+                if teacher_flat is not None:
+                    log_p = F.log_softmax(teacher_flat[span].float() / temperature, dim=-1)
+                    p = log_p.exp()
+                    kd_sum += float((p * (log_p - log_q)).sum())
+                    kd_grad = log_q.exp_().sub_(p)
+                else:
+                    assert values_flat is not None and indices_flat is not None
+                    index = indices_flat[span]
+                    log_p = F.log_softmax(values_flat[span].float() / temperature, dim=-1)
+                    p = log_p.exp()
+                    kd_sum += float((p * (log_p - log_q.gather(-1, index))).sum())
+                    kd_grad = log_q.exp_()
+                    kd_grad.scatter_add_(-1, index, -p)
+                chunk_grad.add_(kd_grad, alpha=alpha * temperature)
+                del log_q, log_p, p, kd_grad
+            grad[span] = chunk_grad.div_(n)
+    kd = temperature**2 * kd_sum / n
+    ce = ce_sum / n
+    value = torch.tensor(alpha * kd + (1 - alpha) * ce, dtype=torch.float32, device=logits.device)
+    terms = {}
+    if alpha > 0:
+        terms["kd"] = kd
+    if alpha < 1:
+        terms["ce"] = ce
+    return _GivenGradient.apply(logits, value, grad), terms

@@ -1,0 +1,325 @@
+"""The training loop: student against teacher (live or cached), one or many processes.
+
+Data order is a function of (seed, position): position p of the run reads window
+``permutation(epoch = p // n)[p % n]``, so any process can find its windows for any step without
+state, a resumed run reads what the uninterrupted one would have, and N processes with batch B
+read exactly the windows one process with batch N·B reads. Every loss is a mean over tokens and
+every process holds the same number of tokens, so the averaged gradients of N processes equal the
+gradient of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from squeeze.distill.cache import LogitCache
+from squeeze.distill.checkpoint import CheckpointDir, TrainingState, load_optimizer, restore_rng
+from squeeze.distill.config import DistillConfig
+from squeeze.distill.losses import fused_lm_loss, hidden_loss
+from squeeze.distill.student import parameter_groups
+from squeeze.errors import SqueezeError
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the processes torchrun started (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Element-wise mean over processes."""
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return (tensor / self.world).tolist()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every process passed a check (so that all stop together on a user error)."""
+        if self.world == 1:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+
+def start_processes(device: str) -> tuple[Processes, str]:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
+    one process when there is none. Returns the group and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        # the main process may evaluate or build the teacher cache while the others wait
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=4))
+    return Processes(rank, world, local_rank), device
+
+
+def stop_processes() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class WindowOrder:
+    """Which training window each position of the run reads: a fresh permutation per epoch."""
+
+    def __init__(self, n_windows: int, seed: int) -> None:
+        self.n, self.seed = n_windows, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, index = divmod(position, self.n)
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=generator).tolist()}
+        return self._perms[epoch][index]
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [self[p] for p in range(start, start + count)]
+
+
+class Distillable(nn.Module):
+    """The student plus what trains with it: projections onto the teacher's width for the hidden
+    loss when the widths differ. Everything that needs gradients runs inside ``forward``, as DDP
+    requires."""
+
+    def __init__(self, student: nn.Module, causal: bool, layer_map: tuple[tuple[int, int], ...], teacher_width: int) -> None:
+        super().__init__()
+        self.student = student
+        self.causal = causal
+        self.layer_map = layer_map
+        width = student.config.hidden_size
+        project = width != teacher_width
+        self.projections = nn.ModuleDict(
+            {str(s): nn.Linear(width, teacher_width, bias=False) for s, _ in layer_map} if project else {}
+        )
+        if project and not causal:
+            self.projections["pooled"] = nn.Linear(width, teacher_width, bias=False)
+
+    def _project(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return self.projections[key](value) if key in self.projections else value
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        hidden = bool(self.layer_map)
+        if self.causal:
+            out = self.student(input_ids=input_ids, output_hidden_states=hidden)
+            result: dict[str, Any] = {"logits": out.logits[:, :-1]}
+        else:
+            out = self.student(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_hidden_states=hidden)
+            pooled = out.last_hidden_state.float().mean(dim=1)
+            result = {"pooled": self._project("pooled", pooled)}
+        if hidden:
+            result["hidden"] = [self._project(str(s), out.hidden_states[s + 1]) for s, _ in self.layer_map]
+        return result
+
+
+@dataclass
+class TrainInputs:
+    """Everything the loop reads; built and validated by the API before any training starts."""
+
+    model: Distillable
+    teacher: nn.Module | None  # None when the cache supplies the logits and no hidden loss needs the teacher
+    windows: torch.Tensor  # [n, seq_len] training windows (CPU)
+    config: DistillConfig
+    processes: Processes
+    device: str
+    checkpoints: CheckpointDir | None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter name in the student → keep mask
+    cache: LogitCache | None = None
+    resume: bool = False  # continue from the newest checkpoint in ``checkpoints``, if there is one
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # held-out metrics for --eval-every
+
+
+def autocast_for(device: str, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast when asked for, or with ``auto`` where the device has fast bf16 (CUDA)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if precision == "bf16" or (precision == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported()):
+        return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainingState:
+    """Run optimizer steps ``state.step`` .. ``config.steps``; returns the final state."""
+    cfg, procs, device = inputs.config, inputs.processes, inputs.device
+    model = inputs.model
+    model.train()
+    if inputs.teacher is not None:
+        inputs.teacher.eval()
+    trained: nn.Module = model
+    if procs.world > 1:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    torch.manual_seed(cfg.seed * 1_000_003 + procs.rank)  # dropout; identical data order needs no RNG
+    state = _resume(inputs, optimizer, state)
+    params = dict(model.student.named_parameters())
+    masks = {name: mask.to(device) for name, mask in inputs.masks.items()}
+    order = WindowOrder(inputs.windows.shape[0], cfg.seed)
+    global_batch = cfg.batch_size * procs.world
+    autocast = autocast_for(device, cfg.precision)
+    tokens_per_step = global_batch * cfg.grad_accum * inputs.windows.shape[1]
+    curve = state.curve or []
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(state.step)
+        terms_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            position = (state.step * cfg.grad_accum + micro) * global_batch + procs.rank * cfg.batch_size
+            window_ids = order.take(position, cfg.batch_size)
+            ids = inputs.windows[window_ids].to(device)
+            sync = micro == cfg.grad_accum - 1 or procs.world == 1
+            with (contextlib.nullcontext() if sync else trained.no_sync()):
+                with autocast():
+                    loss, terms = _loss(trained, inputs, ids, window_ids)
+                (loss / cfg.grad_accum).backward()
+            for key, value in terms.items():
+                terms_sum[key] = terms_sum.get(key, 0.0) + value / cfg.grad_accum
+        for name, mask in masks.items():
+            if params[name].grad is not None:
+                params[name].grad.mul_(mask)
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask)
+        keys = sorted(terms_sum)
+        means = dict(zip(keys, procs.mean([terms_sum[k] for k in keys])))
+        state.step += 1
+        state.tokens += tokens_per_step
+        state.train_seconds += time.perf_counter() - started
+        entry = {"step": state.step, "tokens": state.tokens, "lr": cfg.lr_at(state.step - 1), "grad_norm": grad_norm, **means}
+        if inputs.evaluate is not None and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            if procs.main:
+                model.eval()
+                entry.update(inputs.evaluate(model.student))
+                model.train()
+            procs.barrier()
+        curve.append(entry)
+        state.curve = curve
+        if on_step is not None:
+            on_step(state.step, entry)
+        if inputs.checkpoints is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+            save_checkpoint(inputs.checkpoints, model, optimizer, state, procs, cfg.keep_checkpoints)
+    model.eval()
+    return state
+
+
+def _loss(trained: nn.Module, inputs: TrainInputs, ids: torch.Tensor, window_ids: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    cfg = inputs.config
+    model = inputs.model
+    out = trained(ids)
+    teacher = _teacher_outputs(inputs, ids, window_ids)
+    if model.causal:
+        loss, lm_terms = fused_lm_loss(
+            out["logits"], ids[:, 1:] if cfg.alpha < 1 else None, cfg.temperature, cfg.alpha,
+            teacher_logits=teacher.get("logits"), teacher_values=teacher.get("topk_values"),
+            teacher_indices=teacher.get("topk_indices"),
+        )
+        values = dict(lm_terms)
+    else:
+        loss = hidden_loss(out["pooled"], teacher["pooled"], cfg.embedding_loss)
+        values = {"embedding": float(loss.detach())}
+    if model.layer_map:
+        pairs = zip(out["hidden"], teacher["hidden"])
+        hidden = sum(hidden_loss(s, t, cfg.hidden_loss or "cosine") for s, t in pairs) / len(model.layer_map)
+        values["hidden"] = float(hidden.detach())
+        loss = loss + cfg.hidden_weight * hidden
+    values["loss"] = float(loss.detach())
+    return loss, values
+
+
+@torch.no_grad()
+def _teacher_outputs(inputs: TrainInputs, ids: torch.Tensor, window_ids: list[int]) -> dict[str, Any]:
+    cfg, model = inputs.config, inputs.model
+    result: dict[str, Any] = {}
+    wants_logits = model.causal and cfg.alpha > 0
+    if wants_logits and inputs.cache is not None:
+        values, indices = inputs.cache.fetch(window_ids)
+        result["topk_values"], result["topk_indices"] = values.to(ids.device), indices.to(ids.device)
+        wants_logits = False
+    if not (wants_logits or model.layer_map or not model.causal):
+        return result
+    teacher = inputs.teacher
+    assert teacher is not None
+    hidden = bool(model.layer_map)
+    if model.causal:
+        out = teacher(input_ids=ids, output_hidden_states=hidden)
+        if wants_logits:
+            result["logits"] = out.logits[:, :-1]
+    else:
+        out = teacher(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=hidden)
+        result["pooled"] = out.last_hidden_state.float().mean(dim=1)
+    if hidden:
+        result["hidden"] = [out.hidden_states[t + 1] for _, t in model.layer_map]
+    return result
+
+
+def save_checkpoint(checkpoints: CheckpointDir, model: Distillable, optimizer: torch.optim.Optimizer, state: TrainingState, procs: Processes, keep: int) -> None:
+    """Every process writes its RNG state into the staging folder; the main process writes the
+    rest and publishes it."""
+    tmp_name = [str(checkpoints.staging(state.step)) if procs.main else ""]
+    if procs.world > 1:
+        dist.broadcast_object_list(tmp_name, src=0)
+    tmp = Path(tmp_name[0])
+    checkpoints.write_rng(tmp, procs.rank)
+    procs.barrier()
+    if procs.main:
+        checkpoints.write_shared(tmp, _state_dict(model), optimizer, state)
+        checkpoints.publish(tmp, state.step, keep)
+    procs.barrier()
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Distinct tensors only: a tied head is stored once, as safetensors requires."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
+def _resume(inputs: TrainInputs, optimizer: torch.optim.Optimizer, state: TrainingState) -> TrainingState:
+    if inputs.checkpoints is None or not inputs.resume:
+        return state
+    latest = inputs.checkpoints.latest()
+    if latest is None:
+        return state
+    weights, opt_tensors, opt_meta, rng, loaded = CheckpointDir.load(latest, inputs.processes.rank)
+    missing, unexpected = inputs.model.load_state_dict(weights, strict=False)
+    distinct = set(_state_dict(inputs.model))
+    if [k for k in missing if k in distinct] or unexpected:
+        raise SqueezeError(f"checkpoint {latest} does not fit this student")
+    load_optimizer(optimizer, opt_tensors, opt_meta)
+    restore_rng(rng)
+    return loaded
+
