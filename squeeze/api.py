@@ -711,7 +711,7 @@ def distill(
         autocast = autocast_for(device, config.precision)
         cache = None
         if teacher_cache is not None:
-            identity = logit_cache.cache_identity(run["teacher"], windows, config.cache_topk, config.precision)
+            identity = logit_cache.cache_identity(run["teacher"], windows, config.cache_topk, config.temperature, config.precision)
             order = WindowOrder(windows.shape[0], config.seed)
             needed = sorted(set(order.take(0, config.steps * config.grad_accum * global_batch)))
             if procs.main and not logit_cache.is_cache(teacher_cache):
@@ -876,7 +876,7 @@ def _write_student(
             "seed": config.seed,
             "training_data": f"{data}: {windows.shape[0]} windows of {seq_len} tokens (training side)",
             "evaluation_data": eval_data or data,
-            "teacher_cache": f"{teacher_cache} (top-{config.cache_topk} logits)" if teacher_cache else None,
+            "teacher_cache": f"{teacher_cache} (top-{config.cache_topk} teacher log-probabilities per token)" if teacher_cache else None,
         }
         size = SizeReport(
             parameters=training.teacher_parameters,

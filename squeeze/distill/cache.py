@@ -1,9 +1,10 @@
-"""The teacher-logit cache: run the teacher once, keep its k largest logits per token.
+"""The teacher-logit cache: run the teacher once, keep its k most likely tokens per position.
 
 A cache folder holds ``cache.json`` and shards ``logits-NNNNN.safetensors``, each with ``values``
-(float16 [windows, seq_len − 1, k]), ``indices`` (int32, the token ids of those values) and
-``windows`` (int64, which training windows the rows belong to). ``cache.json`` records what the
-logits depend on (teacher, text, window length, a hash of the token windows, k); a cache that does
+(float16 [windows, seq_len − 1, k]: log softmax(teacher logits / τ) at the k most likely ids),
+``indices`` (int32, those ids) and ``windows`` (int64, which training windows the rows belong to).
+``cache.json`` records what the values depend on (teacher, window length, a hash of the token
+windows, k, τ, precision); a cache that does
 not match the run is refused rather than silently used. Shards are read lazily (memory-mapped), so
 a cache larger than memory works.
 """
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from squeeze.distill.losses import top_k_logits
+from squeeze.distill.losses import top_k_logprobs
 from squeeze.errors import SqueezeError
 
 META_FILE = "cache.json"
@@ -32,8 +33,15 @@ def windows_fingerprint(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def cache_identity(teacher: str, windows: torch.Tensor, k: int, precision: str) -> dict[str, Any]:
-    return {"teacher": teacher, "seq_len": int(windows.shape[1]), "windows_sha256": windows_fingerprint(windows), "top_k": k, "precision": precision}
+def cache_identity(teacher: str, windows: torch.Tensor, k: int, temperature: float, precision: str) -> dict[str, Any]:
+    return {
+        "teacher": teacher,
+        "seq_len": int(windows.shape[1]),
+        "windows_sha256": windows_fingerprint(windows),
+        "top_k": k,
+        "temperature": temperature,
+        "precision": precision,
+    }
 
 
 def is_cache(folder: Path) -> bool:
@@ -61,7 +69,7 @@ def build_cache(
             batch = windows[ids[batch_start : batch_start + batch_size]].to(device)
             with autocast():
                 logits = teacher(input_ids=batch).logits[:, :-1]
-            v, i = top_k_logits(logits, k)
+            v, i = top_k_logprobs(logits, k, identity["temperature"])
             values.append(v.cpu())
             indices.append(i.cpu())
             if on_batch:

@@ -26,19 +26,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def kd_loss_topk(
-    student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """:func:`kd_loss` against a teacher known only by its k largest logits per position.
+    """:func:`kd_loss` against a teacher known only by its k most likely tokens per position.
 
-    The teacher distribution is the softmax of its top-k logits / τ (renormalised over those k);
-    the student's log-probabilities are taken over the full vocabulary and read at the same k ids.
-    KL = Σ_k p_t (log p_t − log q_s): exact when the teacher's mass outside its top k is zero, a
-    lower bound on the full KL otherwise. ``teacher_values``/``teacher_indices``: [..., k].
+    ``teacher_logprobs`` [..., k] are log softmax(z_t/τ) over the whole vocabulary at those ids
+    (``teacher_indices``), so their mass may be below 1. The rest of the vocabulary is one more
+    outcome, "none of the k", with the teacher's remaining mass and the student's mass outside the
+    same ids. The KL of these k + 1 outcomes is never more than the full KL (merging outcomes
+    cannot increase a divergence) and equals it when the k tokens hold all the teacher's mass.
     """
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    t = F.log_softmax(teacher_values.float().flatten(0, -2) / temperature, dim=-1)
-    s_at_t = s.gather(-1, teacher_indices.flatten(0, -2).long())
-    return temperature**2 * (t.exp() * (t - s_at_t)).sum(-1).mean()
+    index = teacher_indices.flatten(0, -2).long()
+    log_p = teacher_logprobs.float().flatten(0, -2)
+    p = log_p.exp()
+    kl = (p * (log_p - s.gather(-1, index))).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    log_q_rest = torch.logsumexp(s.scatter(-1, index, float("-inf")), dim=-1)
+    has_rest = (p_rest > 0) & torch.isfinite(log_q_rest)  # k = vocabulary: no rest, only rounding
+    rest = torch.where(has_rest, p_rest * (p_rest.clamp_min(1e-30).log() - log_q_rest), torch.zeros_like(p_rest))
+    return temperature**2 * (kl + rest).mean()
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -57,9 +64,10 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torc
     raise ValueError(f"unknown hidden loss {kind!r}")
 
 
-def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest logits per position and their token ids (float16 values, int32 ids: the cache layout)."""
-    values, indices = logits.float().topk(k, dim=-1)
+def top_k_logprobs(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens per position under softmax(logits/τ): their log-probabilities
+    (float16: near 0 for the likely tokens, where float16 is most precise) and ids (int32)."""
+    values, indices = F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
     return values.to(torch.float16), indices.to(torch.int32)
 
 
@@ -86,7 +94,7 @@ def fused_lm_loss(
     temperature: float,
     alpha: float,
     teacher_logits: torch.Tensor | None = None,
-    teacher_values: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
     teacher_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``α · kd + (1 − α) · ce`` with the values of :func:`kd_loss` (or :func:`kd_loss_topk`) and
@@ -96,15 +104,17 @@ def fused_lm_loss(
     position alive (two log-softmaxes, their exponentials, the KL terms); here the only
     vocabulary-wide tensor that outlives a chunk is the gradient itself. Closed forms, per position,
     with q = softmax(z/τ), p the teacher's softmax(z_t/τ) and N positions:
-    ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N; for the top-k
-    teacher p is zero outside its k ids. ``targets`` [..] (needed when α < 1), logits [.., vocab].
+    ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N. For the top-k
+    teacher (see :func:`kd_loss_topk`) p is the teacher's probability on its k ids and, outside
+    them, the student's own q scaled so that it sums to the teacher's remaining mass.
+    ``targets`` [..] (needed when α < 1), logits [.., vocab].
     Returns the loss (a tensor that backpropagates) and its terms as floats.
     """
     logits = student_logits.flatten(0, -2)
     n, vocab = logits.shape
     flat_targets = targets.flatten() if targets is not None else None
     teacher_flat = teacher_logits.flatten(0, -2) if teacher_logits is not None else None
-    values_flat = teacher_values.flatten(0, -2) if teacher_values is not None else None
+    logprobs_flat = teacher_logprobs.flatten(0, -2) if teacher_logprobs is not None else None
     indices_flat = teacher_indices.flatten(0, -2).long() if teacher_indices is not None else None
     grad = torch.empty_like(logits)
     kd_sum = ce_sum = 0.0
@@ -130,13 +140,20 @@ def fused_lm_loss(
                     kd_sum += float((p * (log_p - log_q)).sum())
                     kd_grad = log_q.exp_().sub_(p)
                 else:
-                    assert values_flat is not None and indices_flat is not None
+                    assert logprobs_flat is not None and indices_flat is not None
                     index = indices_flat[span]
-                    log_p = F.log_softmax(values_flat[span].float() / temperature, dim=-1)
+                    log_p = logprobs_flat[span].float()
                     p = log_p.exp()
+                    p_rest = (1 - p.sum(-1)).clamp_min(0)
+                    outside = log_q.scatter(-1, index, float("-inf"))  # log q off the teacher's k ids
+                    log_q_rest = torch.logsumexp(outside, dim=-1)
+                    has_rest = (p_rest > 0) & torch.isfinite(log_q_rest)
                     kd_sum += float((p * (log_p - log_q.gather(-1, index))).sum())
-                    kd_grad = log_q.exp_()
+                    kd_sum += float(torch.where(has_rest, p_rest * (p_rest.clamp_min(1e-30).log() - log_q_rest), 0.0).sum())
+                    scale = torch.where(has_rest, (p_rest.clamp_min(1e-30).log() - log_q_rest).exp(), 0.0)
+                    kd_grad = log_q.exp_().sub_(outside.exp_().mul_(scale[:, None]))
                     kd_grad.scatter_add_(-1, index, -p)
+                    del outside
                 chunk_grad.add_(kd_grad, alpha=alpha * temperature)
                 del log_q, log_p, p, kd_grad
             grad[span] = chunk_grad.div_(n)

@@ -173,7 +173,11 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
         inputs.teacher.eval()
     trained: nn.Module = model
     if procs.world > 1:
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+        trained = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[procs.local_rank] if device.startswith("cuda") else None,
+            find_unused_parameters=not model.causal,  # an encoder's pooler takes no part in the embedding loss
+        )
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     torch.manual_seed(cfg.seed * 1_000_003 + procs.rank)  # dropout; identical data order needs no RNG
     state = _resume(inputs, optimizer, state)
@@ -239,7 +243,7 @@ def _loss(trained: nn.Module, inputs: TrainInputs, ids: torch.Tensor, window_ids
     if model.causal:
         loss, lm_terms = fused_lm_loss(
             out["logits"], ids[:, 1:] if cfg.alpha < 1 else None, cfg.temperature, cfg.alpha,
-            teacher_logits=teacher.get("logits"), teacher_values=teacher.get("topk_values"),
+            teacher_logits=teacher.get("logits"), teacher_logprobs=teacher.get("topk_logprobs"),
             teacher_indices=teacher.get("topk_indices"),
         )
         values = dict(lm_terms)
@@ -262,7 +266,7 @@ def _teacher_outputs(inputs: TrainInputs, ids: torch.Tensor, window_ids: list[in
     wants_logits = model.causal and cfg.alpha > 0
     if wants_logits and inputs.cache is not None:
         values, indices = inputs.cache.fetch(window_ids)
-        result["topk_values"], result["topk_indices"] = values.to(ids.device), indices.to(ids.device)
+        result["topk_logprobs"], result["topk_indices"] = values.to(ids.device), indices.to(ids.device)
         wants_logits = False
     if not (wants_logits or model.layer_map or not model.causal):
         return result
