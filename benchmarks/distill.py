@@ -242,8 +242,9 @@ STANDING_NOTES = [
     "s/step and tokens/s: optimizer steps only (teacher forward, student forward and backward, loss, AdamW); the cache row's "
     "teacher pass is 'cache build s', done once before training. train s excludes loading, evaluation and saving.",
     "Peak RSS is the whole worker process: teacher, student, AdamW moments and the final evaluation.",
-    "KD rows use alpha 0.5 (half KD, half cross-entropy), the CLI default; the cache stores the teacher's 64 largest logits per "
-    "token (float16) and the KD term is taken over those, renormalised.",
+    "KD rows use alpha 0.5 (half KD, half cross-entropy), the CLI default. The cache stores, per token, the teacher's 64 most "
+    "likely tokens' log-probabilities at tau 2 (float16) and ids; the KD term is taken over those 64 tokens plus one outcome "
+    "'any other token' (a lower bound of the full KL).",
 ]
 
 

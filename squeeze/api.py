@@ -597,7 +597,9 @@ def distill(
     from squeeze.distill import cache as logit_cache
     from squeeze.distill.checkpoint import CheckpointDir, TrainingState
     from squeeze.distill.student import check_same_vocabulary, derive_student, parse_student, pruning_masks, resolve_layers, teacher_depth
-    from squeeze.distill.trainer import Distillable, TrainInputs, WindowOrder, autocast_for, start_processes, stop_processes, train
+    from squeeze.distill.trainer import (
+        Distillable, TrainInputs, WindowOrder, autocast_for, final_student, start_processes, stop_processes, train,
+    )
 
     progress = progress or NullProgress()
     watch = _Stopwatch()
@@ -659,6 +661,8 @@ def distill(
     if not procs.main:
         progress = NullProgress()
     try:
+        if config.fsdp and procs.world < 2:
+            raise SqueezeError("--fsdp shards the student over processes: start it with torchrun --nproc-per-node 2 (or more)")
         with watch.stage("load"), progress.status(f"loading {t_source.name}"):
             t_loaded = load_model(t_source, device=device, dtype=compute_dtype)
             masks: dict[str, torch.Tensor] = {}
@@ -760,9 +764,11 @@ def distill(
                 shown[:] = [step, now, entry["tokens"]]
 
             state = train(inputs, TrainingState(), on_step=on_step)
-        if not procs.main:
+        trained = final_student(model, config.fsdp, procs.main)
+        if trained is None:
             procs.barrier()
             return None
+        net = trained.to(device)
 
         accuracy = None
         if eval_windows is not None:
@@ -870,6 +876,7 @@ def _write_student(
             "layer_map": [f"{s}:{t}" for s, t in layer_map],
             "steps": config.steps,
             "batch": f"{config.batch_size} windows x {config.grad_accum} accumulation x {processes} process(es) of {seq_len} tokens",
+            "parallelism": "FSDP (student sharded)" if config.fsdp else ("DDP" if processes > 1 else "one process"),
             "optimizer": f"AdamW lr {config.lr:g} (warmup {config.warmup_steps} steps, cosine to {config.min_lr_ratio:g}x), "
             f"weight decay {config.weight_decay:g}, clip {config.max_grad_norm:g}",
             "precision": "bf16 autocast" if autocast_for(device, config.precision) is not contextlib.nullcontext else "fp32",

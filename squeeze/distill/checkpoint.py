@@ -138,10 +138,9 @@ class CheckpointDir:
         return tmp
 
     def write_shared(
-        self, tmp: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, state: TrainingState
+        self, tmp: Path, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], meta: dict[str, Any], state: TrainingState
     ) -> None:
         _save(weights, tmp / "weights.safetensors")
-        tensors, meta = optimizer_tensors(optimizer)
         _save(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps(state.to_json()) + "\n")

@@ -45,6 +45,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # optimizer steps between held-out perplexity checks; 0: only at the end
     cache_topk: int = 64  # logits per position stored by the teacher cache
+    fsdp: bool = False  # shard the student, its gradients and AdamW moments over the torchrun processes
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):

@@ -11,6 +11,7 @@ gradient of one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import math
 import os
@@ -25,11 +26,12 @@ import torch.distributed as dist
 from torch import nn
 
 from squeeze.distill.cache import LogitCache
-from squeeze.distill.checkpoint import CheckpointDir, TrainingState, load_optimizer, restore_rng
+from squeeze.distill.checkpoint import CheckpointDir, TrainingState, load_optimizer, optimizer_tensors, restore_rng
 from squeeze.distill.config import DistillConfig
 from squeeze.distill.losses import fused_lm_loss, hidden_loss
 from squeeze.distill.student import parameter_groups
 from squeeze.errors import SqueezeError
+from squeeze.quant.sequential import block_list
 
 @dataclass(frozen=True)
 class Processes:
@@ -172,7 +174,9 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
     if inputs.teacher is not None:
         inputs.teacher.eval()
     trained: nn.Module = model
-    if procs.world > 1:
+    if cfg.fsdp:
+        _shard(model)
+    elif procs.world > 1:
         trained = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[procs.local_rank] if device.startswith("cuda") else None,
@@ -182,7 +186,7 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
     torch.manual_seed(cfg.seed * 1_000_003 + procs.rank)  # dropout; identical data order needs no RNG
     state = _resume(inputs, optimizer, state)
     params = dict(model.student.named_parameters())
-    masks = {name: mask.to(device) for name, mask in inputs.masks.items()}
+    masks = {name: _like(params[name], mask.to(device=device, dtype=params[name].dtype)) for name, mask in inputs.masks.items()}
     order = WindowOrder(inputs.windows.shape[0], cfg.seed)
     global_batch = cfg.batch_size * procs.world
     autocast = autocast_for(device, cfg.precision)
@@ -198,7 +202,9 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
             window_ids = order.take(position, cfg.batch_size)
             ids = inputs.windows[window_ids].to(device)
             sync = micro == cfg.grad_accum - 1 or procs.world == 1
-            with (contextlib.nullcontext() if sync else trained.no_sync()):
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or cfg.fsdp else trained.no_sync()):
                 with autocast():
                     loss, terms = _loss(trained, inputs, ids, window_ids)
                 (loss / cfg.grad_accum).backward()
@@ -207,7 +213,8 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
         for name, mask in masks.items():
             if params[name].grad is not None:
                 params[name].grad.mul_(mask)
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
+        norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -220,7 +227,7 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
         state.train_seconds += time.perf_counter() - started
         entry = {"step": state.step, "tokens": state.tokens, "lr": cfg.lr_at(state.step - 1), "grad_norm": grad_norm, **means}
         if inputs.evaluate is not None and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
-            if procs.main:
+            if procs.main or cfg.fsdp:  # a sharded student's forward needs every process
                 model.eval()
                 entry.update(inputs.evaluate(model.student))
                 model.train()
@@ -230,7 +237,7 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
         if on_step is not None:
             on_step(state.step, entry)
         if inputs.checkpoints is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
-            save_checkpoint(inputs.checkpoints, model, optimizer, state, procs, cfg.keep_checkpoints)
+            save_checkpoint(inputs.checkpoints, model, optimizer, state, procs, cfg.keep_checkpoints, cfg.fsdp)
     model.eval()
     return state
 
@@ -285,9 +292,18 @@ def _teacher_outputs(inputs: TrainInputs, ids: torch.Tensor, window_ids: list[in
     return result
 
 
-def save_checkpoint(checkpoints: CheckpointDir, model: Distillable, optimizer: torch.optim.Optimizer, state: TrainingState, procs: Processes, keep: int) -> None:
+def save_checkpoint(
+    checkpoints: CheckpointDir, model: Distillable, optimizer: torch.optim.Optimizer, state: TrainingState, procs: Processes,
+    keep: int, sharded: bool = False,
+) -> None:
     """Every process writes its RNG state into the staging folder; the main process writes the
-    rest and publishes it."""
+    rest and publishes it. A sharded model is gathered first (every process takes part)."""
+    weights = opt_tensors = opt_meta = None
+    if sharded:
+        weights, opt_tensors, opt_meta = _gather_sharded(model, optimizer)
+    elif procs.main:
+        weights = _state_dict(model)
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
     tmp_name = [str(checkpoints.staging(state.step)) if procs.main else ""]
     if procs.world > 1:
         dist.broadcast_object_list(tmp_name, src=0)
@@ -295,9 +311,82 @@ def save_checkpoint(checkpoints: CheckpointDir, model: Distillable, optimizer: t
     checkpoints.write_rng(tmp, procs.rank)
     procs.barrier()
     if procs.main:
-        checkpoints.write_shared(tmp, _state_dict(model), optimizer, state)
+        assert weights is not None and opt_tensors is not None and opt_meta is not None
+        checkpoints.write_shared(tmp, weights, opt_tensors, opt_meta, state)
         checkpoints.publish(tmp, state.step, keep)
     procs.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP: the student's parameters, gradients and AdamW moments sharded over the processes
+
+
+def _shard(model: Distillable) -> None:
+    """fully_shard each transformer block, then the rest (embeddings, head, projections) as one unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in block_list(model.student)[1]:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` laid out like ``param``: sharded the same way when ``param`` is an FSDP shard."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor, param.device_mesh, param.placements)
+    return tensor
+
+
+def _full_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def _gather_sharded(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """Full weights and optimizer state of a sharded model on the main process (empty elsewhere);
+    optimizer tensors keyed ``"<parameter name>.<state name>"``."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    full = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    tensors = {f"{fqn}.{name}": value for fqn, entries in full.get("state", {}).items() for name, value in entries.items()}
+    return weights, tensors, {"param_groups": full.get("param_groups", []), "keyed_by": "name"}
+
+
+def _load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, opt_tensors: dict, opt_meta: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if opt_meta.get("keyed_by") != "name":
+        raise SqueezeError("this checkpoint was written without --fsdp; resume it without --fsdp")
+    set_model_state_dict(model, weights, options=_full_options())
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in opt_tensors.items():
+        fqn, _, name = key.rpartition(".")
+        state.setdefault(fqn, {})[name] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": opt_meta["param_groups"]}, options=_full_options())
+
+
+def final_student(model: Distillable, sharded: bool, main: bool) -> nn.Module | None:
+    """The trained student as an ordinary module: itself, or (FSDP) gathered into a fresh copy on
+    the main process (every process must call this; the others get None)."""
+    if not sharded:
+        return model.student
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    if not main:
+        return None
+    student_state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    config = copy.deepcopy(model.student.config)
+    fresh = type(model.student)(config)
+    missing, unexpected = fresh.load_state_dict(student_state, strict=False)
+    fresh.tie_weights()
+    if unexpected or [k for k in missing if k in dict(fresh.named_parameters())]:
+        raise RuntimeError(f"gathered student state does not fit its class: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return fresh.eval()
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -319,6 +408,12 @@ def _resume(inputs: TrainInputs, optimizer: torch.optim.Optimizer, state: Traini
     if latest is None:
         return state
     weights, opt_tensors, opt_meta, rng, loaded = CheckpointDir.load(latest, inputs.processes.rank)
+    if inputs.config.fsdp:
+        _load_sharded(inputs.model, optimizer, weights, opt_tensors, opt_meta)
+        restore_rng(rng)
+        return loaded
+    if opt_meta.get("keyed_by") == "name":
+        raise SqueezeError("this checkpoint was written with --fsdp; resume it with --fsdp")
     missing, unexpected = inputs.model.load_state_dict(weights, strict=False)
     distinct = set(_state_dict(inputs.model))
     if [k for k in missing if k in distinct] or unexpected:

@@ -4,6 +4,7 @@ the same under torchrun with two processes, pruned students stay pruned, and the
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,11 +78,11 @@ _DIE_MID_CHECKPOINT = """
 import os, sys
 from squeeze.distill import checkpoint
 original = checkpoint.CheckpointDir.write_shared
-def dying(self, tmp, weights, optimizer, state):
+def dying(self, tmp, weights, tensors, meta, state):
     if state.step == int(os.environ["DIE_AT_STEP"]):
         checkpoint._save(weights, tmp / "weights.safetensors")  # half a checkpoint, then the process dies
         os._exit(9)
-    return original(self, tmp, weights, optimizer, state)
+    return original(self, tmp, weights, tensors, meta, state)
 checkpoint.CheckpointDir.write_shared = dying
 from squeeze.cli import app
 app(sys.argv[1:])
@@ -239,3 +240,53 @@ def test_text_shorter_than_one_batch_is_refused(tiny_llama4_dir: Path, small_tex
     with pytest.raises(SqueezeError, match="fewer than one batch"):
         run(tiny_llama4_dir, "layers:2", tmp_path / "o", small_text, batch_size=100_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_llama4_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    run(tiny_llama4_dir, "layers:2", tmp_path / "big", small_text, batch_size=4, evaluate=False)
+    run(tiny_llama4_dir, "layers:2", tmp_path / "acc", small_text, batch_size=2, grad_accum=2, evaluate=False)
+    big = [e["loss"] for e in json.loads((tmp_path / "big" / "loss_curve.json").read_text())]
+    acc = [e["loss"] for e in json.loads((tmp_path / "acc" / "loss_curve.json").read_text())]
+    assert acc == pytest.approx(big, rel=1e-5)
+    wa, wb = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_trains(tiny_llama4_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    report = run(tiny_llama4_dir, "layers:2", tmp_path / "bf16", small_text, precision="bf16", evaluate=False).to_dict()
+    assert report["settings"]["precision"] == "bf16 autocast"
+    curve = json.loads((tmp_path / "bf16" / "loss_curve.json").read_text())
+    assert all(math.isfinite(e["loss"]) for e in curve)
+    assert weights(tmp_path / "bf16")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # the student trains and saves in fp32
+
+
+def test_fsdp_two_processes_resume_after_a_kill_and_match_one(tiny_llama4_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    run(tiny_llama4_dir, "layers:2", one, small_text, steps=6, batch_size=4, evaluate=False)
+    script = tmp_path / "die.py"
+    script.write_text(_DIE_MID_CHECKPOINT)
+    out = tmp_path / "fsdp"
+    args = cli_args(tiny_llama4_dir, out, small_text, "--fsdp", "--checkpoint-every", "2")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIE_AT_STEP": "4"}
+    killed = subprocess.run([*launch, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not out.exists()
+    assert (tmp_path / "fsdp.checkpoints" / "step-0000002").is_dir()
+    resumed = subprocess.run([*launch, "-m", "squeeze.cli", *args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["parallelism"] == "FSDP (student sharded)" and report["training"]["resumed_from_step"] == 2
+    curve_one = [e["loss"] for e in json.loads((one / "loss_curve.json").read_text())]
+    curve_fsdp = [e["loss"] for e in json.loads((out / "loss_curve.json").read_text())]
+    assert curve_fsdp == pytest.approx(curve_one, rel=1e-5)
+    wa, wb = weights(one), weights(out)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_needs_several_processes(tiny_llama4_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    with pytest.raises(SqueezeError, match="torchrun"):
+        run(tiny_llama4_dir, "layers:2", tmp_path / "o", small_text, fsdp=True)
+    assert not (tmp_path / "o").exists()
