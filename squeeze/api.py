@@ -27,7 +27,7 @@ from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze import formats
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.models import LoadedModel, ModelSource, atomic_output_dir, check_output_dir, load_model, meta_model, resolve_model
+from squeeze.models import LoadedModel, ModelSource, atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
 from squeeze.formats.sparse import LOADING_SNIPPET, bitmask_bytes, write_pruned_checkpoint
 from squeeze.progress import NullProgress, Progress
 from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
@@ -595,8 +595,11 @@ def distill(
     """
     from squeeze.data import training_windows
     from squeeze.distill import cache as logit_cache
-    from squeeze.distill.checkpoint import CheckpointDir, TrainingState
-    from squeeze.distill.student import check_same_vocabulary, derive_student, parse_student, pruning_masks, resolve_layers, teacher_depth
+    from squeeze.distill.checkpoint import CheckpointDir, TrainingState, default_checkpoint_dir
+    from squeeze.distill.student import (
+        check_same_vocabulary, check_vocab_sizes, default_layer_map, derive_student, parse_student, pruning_masks, resolve_layers,
+        teacher_depth,
+    )
     from squeeze.distill.trainer import (
         Distillable, TrainInputs, WindowOrder, autocast_for, final_student, start_processes, stop_processes, train,
     )
@@ -619,20 +622,13 @@ def distill(
         if s_source.kind != t_source.kind:
             raise SqueezeError(f"teacher {teacher} is a {t_source.kind} model but student {spec.model} is a {s_source.kind} model")
         s_meta = meta_model(s_source)
-        if s_meta.config.vocab_size != t_meta.config.vocab_size:
-            raise SqueezeError(
-                f"teacher and student have different vocabularies ({t_meta.config.vocab_size:,} vs {s_meta.config.vocab_size:,} tokens); "
-                "distillation compares their outputs token id by token id, so the student must use the teacher's tokenizer"
-            )
+        check_vocab_sizes(t_meta.config, s_meta.config)
         student_depth = teacher_depth(s_meta)
     else:
         student_depth = len(spec.layers) if spec.kind == "layers" else depth
     layer_map = config.layer_map
     if config.hidden_loss is not None and not layer_map:
-        if spec.kind == "layers":
-            layer_map = tuple(enumerate(spec.layers))
-        else:  # spread the student's blocks over the teacher's, last onto last
-            layer_map = tuple((i, round((i + 1) * depth / student_depth) - 1) for i in range(student_depth))
+        layer_map = default_layer_map(spec, depth, student_depth)
     for s, t in layer_map:
         if s >= student_depth or t >= depth:
             raise SqueezeError(f"layer map pair {s}:{t} is out of range: the student has {student_depth} blocks, the teacher {depth}")
@@ -649,7 +645,7 @@ def distill(
     load_documents(data)
     if evaluate:
         load_documents(eval_data or data)
-    checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else out.parent / f"{out.name}.checkpoints")
+    checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out))
     if resume and checkpoints.read_run() is None:
         raise SqueezeError(f"nothing to resume: {checkpoints.path} holds no checkpoints of a distillation run")
     if not resume and checkpoints.path.exists() and not overwrite:
@@ -673,7 +669,7 @@ def distill(
                 net = s_loaded.model
                 masks = pruning_masks(net)
                 if masks:
-                    input_sparse_format = "sparse-bitmask" if _is_sparse_folder(s_source.path) else "dense"
+                    input_sparse_format = "sparse-bitmask" if is_sparse_folder(s_source.path) else "dense"
             else:
                 net = derive_student(t_loaded.model, spec, config.seed)
         net.requires_grad_(True)
@@ -773,11 +769,14 @@ def distill(
         accuracy = None
         if eval_windows is not None:
             accuracy = _evaluate(net, t_source.kind, t_loaded.model, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress)
-        report = _write_student(
-            out, overwrite, teacher, t_loaded, net, tokenizer, student, spec, config, layer_map, masks, input_sparse_format,
-            state, resumed_from, procs.world, data, eval_data, windows, seq_len, teacher_cache, accuracy, device, dtype, watch, progress,
-            student_params,
+        done = _Distilled(
+            teacher_spec=teacher, student_spec=student, spec=spec, teacher=t_loaded, student=net, student_parameters=student_params,
+            config=config, layer_map=layer_map, masks=masks, sparse_format=input_sparse_format, state=state,
+            resumed_from=resumed_from, processes=procs.world, data=data, eval_data=eval_data or data,
+            training_windows=windows.shape[0], seq_len=seq_len, teacher_cache=teacher_cache, accuracy=accuracy, device=device,
+            dtype=dtype,
         )
+        report = _write_student(out, overwrite, done, watch, progress)
         shutil.rmtree(checkpoints.path, ignore_errors=True)
         procs.barrier()
         return report
@@ -788,20 +787,34 @@ def distill(
 PERIODIC_EVAL_WINDOWS = 8  # held-out windows scored at each --eval-every check; the final evaluation uses all
 
 
-def _is_sparse_folder(path: Path) -> bool:
-    import json
+@dataclass
+class _Distilled:
+    """A finished distillation, as the writer needs it."""
 
-    from squeeze.formats.sparse import is_sparse_bitmask
+    teacher_spec: str
+    student_spec: str
+    spec: object  # StudentSpec
+    teacher: LoadedModel
+    student: torch.nn.Module
+    student_parameters: int
+    config: DistillConfig
+    layer_map: tuple[tuple[int, int], ...]
+    masks: dict[str, torch.Tensor]  # pruned student: parameter name → keep mask
+    sparse_format: str | None  # the pruned student's input format, kept for the output
+    state: object  # TrainingState
+    resumed_from: int | None
+    processes: int
+    data: str
+    eval_data: str
+    training_windows: int
+    seq_len: int
+    teacher_cache: Path | None
+    accuracy: AccuracyReport | None
+    device: str
+    dtype: str
 
-    config = path / "config.json"
-    return path.is_dir() and config.is_file() and is_sparse_bitmask(json.loads(config.read_text()))
 
-
-def _write_student(
-    out, overwrite, teacher_spec, t_loaded, net, tokenizer, student_spec, spec, config, layer_map, masks, input_sparse_format,
-    state, resumed_from, processes, data, eval_data, windows, seq_len, teacher_cache, accuracy, device, dtype, watch, progress,
-    student_params,
-) -> Report:
+def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwatch, progress: Progress) -> Report:
     """Save the trained student, its loss curve and the report into ``out``, atomically."""
     import json
 
@@ -809,101 +822,104 @@ def _write_student(
     from squeeze.formats.compressed_tensors import dense_tensors, save_safetensors, write_config_files
     from squeeze.report import TrainingReport, plot_loss_curve
 
-    stored = t_loaded.stored_dtype
-    teacher_net = t_loaded.model
-    teacher_bytes = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(teacher_net, stored).values())
+    config, teacher, net, state = done.config, done.teacher, done.student, done.state
+    causal = teacher.source.kind == "causal"
+    stored = teacher.stored_dtype
+    teacher_bytes = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(teacher.model, stored).values())
     notes = []
-    if masks:
+    if done.masks:
         notes.append(
-            f"the student was pruned: {len(masks)} layer(s) kept their zeros through training "
-            f"({sum(int((~m).sum()) for m in masks.values()):,} weights held at exactly 0)"
+            f"the student was pruned: {len(done.masks)} layer(s) kept their zeros through training "
+            f"({sum(int((~m).sum()) for m in done.masks.values()):,} weights held at exactly 0)"
         )
-    if layer_map and net.config.hidden_size != t_loaded.config.hidden_size:
+    if done.layer_map and net.config.hidden_size != teacher.config.hidden_size:
         notes.append("the hidden-state loss trained projections onto the teacher's width; they are not part of the student")
-    if not t_loaded.source.kind == "causal" and config.alpha != DistillConfig.alpha:
+    if not causal and (config.alpha != DistillConfig.alpha or config.temperature != DistillConfig.temperature):
         notes.append("temperature and alpha apply to language-model logits; an encoder is distilled on its embeddings")
     curve = state.curve or []
-    linear_teacher = sum(m.weight.numel() * stored.itemsize for m in teacher_net.modules() if isinstance(m, torch.nn.Linear))
-    linear_student = sum(m.weight.numel() * stored.itemsize for m in net.modules() if isinstance(m, torch.nn.Linear))
+
+    def linear_bytes(model: torch.nn.Module) -> int:
+        return sum(m.weight.numel() * stored.itemsize for m in model.modules() if isinstance(m, torch.nn.Linear))
+
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with watch.stage("save"), progress.status(f"writing {out}"):
             loading = ""
-            if masks:
-                layers = {name.removesuffix(".weight"): net.get_submodule(name.removesuffix(".weight")) for name in masks}
+            if done.masks:
+                layers = {name.removesuffix(".weight"): net.get_submodule(name.removesuffix(".weight")) for name in done.masks}
                 zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
                 structure = _sparsity_structure(layers, zeros) or "unstructured"
-                total = sum(m.weight.numel() for m in layers.values())
-                fmt = input_sparse_format or "dense"
-                files = write_pruned_checkpoint(net, fmt, structure, sum(zeros.values()) / total, list(layers), tmp, tokenizer, stored)
-                auto_class = "AutoModelForCausalLM" if t_loaded.source.kind == "causal" else "AutoModel"
+                sparsity = sum(zeros.values()) / sum(m.weight.numel() for m in layers.values())
+                fmt = done.sparse_format or "dense"
+                files = write_pruned_checkpoint(net, fmt, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored)
                 if fmt == "sparse-bitmask":
+                    auto_class = "AutoModelForCausalLM" if causal else "AutoModel"
                     loading = "```python\n" + LOADING_SNIPPET.format(folder=out, auto_class=auto_class) + "```\n"
             else:
-                write_config_files(net, tmp, None, tokenizer, stored)
+                write_config_files(net, tmp, None, teacher.tokenizer, stored)
                 files = save_safetensors(dense_tensors(net, stored), tmp)
             (tmp / "loss_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
-            plot_loss_curve(curve, tmp / "loss_curve.png", f"distill {t_loaded.source.name} → {student_spec}")
-        student_bytes = sum(f.stat().st_size for f in files)
+            plot_loss_curve(curve, tmp / "loss_curve.png", f"distill {teacher.source.name} → {done.student_spec}")
         training = TrainingReport(
-            teacher=t_loaded.source.name,
-            student=student_spec,
-            teacher_parameters=parameter_count(teacher_net),
-            student_parameters=student_params,
+            teacher=teacher.source.name,
+            student=done.student_spec,
+            teacher_parameters=parameter_count(teacher.model),
+            student_parameters=done.student_parameters,
             teacher_bytes=teacher_bytes,
-            student_bytes=student_bytes,
+            student_bytes=sum(f.stat().st_size for f in files),
             steps=state.step,
             tokens=state.tokens,
             train_seconds=state.train_seconds,
-            processes=processes,
+            processes=done.processes,
             loss_first=curve[0]["loss"] if curve else float("nan"),
             loss_last=curve[-1]["loss"] if curve else float("nan"),
-            teacher_cache=str(teacher_cache) if teacher_cache else None,
-            resumed_from_step=resumed_from,
+            teacher_cache=str(done.teacher_cache) if done.teacher_cache else None,
+            resumed_from_step=done.resumed_from,
         )
-        causal = t_loaded.source.kind == "causal"
         loss_name = (
             (f"KD τ={config.temperature:g}, α={config.alpha:g}" if config.alpha > 0 else "cross-entropy only (α=0)")
             if causal
             else f"embedding {config.embedding_loss}"
         ) + (f" + hidden {config.hidden_loss} x{config.hidden_weight:g}" if config.hidden_loss else "")
         settings = {
-            "scheme": f"{loss_name}; student {student_spec}",
-            "student": spec.describe(),
+            "scheme": f"{loss_name}; student {done.student_spec}",
+            "student": done.spec.describe(),
             "loss": loss_name,
             "temperature": config.temperature,
             "alpha": config.alpha,
             "hidden_loss": config.hidden_loss,
-            "layer_map": [f"{s}:{t}" for s, t in layer_map],
+            "layer_map": [f"{s}:{t}" for s, t in done.layer_map],
             "steps": config.steps,
-            "batch": f"{config.batch_size} windows x {config.grad_accum} accumulation x {processes} process(es) of {seq_len} tokens",
-            "parallelism": "FSDP (student sharded)" if config.fsdp else ("DDP" if processes > 1 else "one process"),
+            "batch": f"{config.batch_size} windows x {config.grad_accum} accumulation x {done.processes} process(es) of {done.seq_len} tokens",
+            "parallelism": "FSDP (student sharded)" if config.fsdp else ("DDP" if done.processes > 1 else "one process"),
             "optimizer": f"AdamW lr {config.lr:g} (warmup {config.warmup_steps} steps, cosine to {config.min_lr_ratio:g}x), "
             f"weight decay {config.weight_decay:g}, clip {config.max_grad_norm:g}",
-            "precision": "bf16 autocast" if autocast_for(device, config.precision) is not contextlib.nullcontext else "fp32",
+            "precision": "bf16 autocast" if autocast_for(done.device, config.precision) is not contextlib.nullcontext else "fp32",
             "seed": config.seed,
-            "training_data": f"{data}: {windows.shape[0]} windows of {seq_len} tokens (training side)",
-            "evaluation_data": eval_data or data,
-            "teacher_cache": f"{teacher_cache} (top-{config.cache_topk} teacher log-probabilities per token)" if teacher_cache else None,
+            "training_data": f"{done.data}: {done.training_windows} windows of {done.seq_len} tokens (training side)",
+            "evaluation_data": done.eval_data,
+            "teacher_cache": (
+                f"{done.teacher_cache} (top-{config.cache_topk} teacher log-probabilities per token)" if done.teacher_cache else None
+            ),
         }
         size = SizeReport(
             parameters=training.teacher_parameters,
-            compressed_parameters=student_params,
+            compressed_parameters=done.student_parameters,
             disk_bytes_before=teacher_bytes,
-            disk_bytes_after=student_bytes,
-            memory_bytes_before=tensor_bytes(teacher_net),
+            disk_bytes_after=training.student_bytes,
+            memory_bytes_before=tensor_bytes(teacher.model),
             memory_bytes_after=tensor_bytes(net),
-            linear_bytes_before=linear_teacher,
-            linear_bytes_after=linear_student,
+            linear_bytes_before=linear_bytes(teacher.model),
+            linear_bytes_after=linear_bytes(net),
         )
         report = Report(
             pass_name="distill",
-            model=_model_info(teacher_spec, t_loaded.source, teacher_net),
+            model=_model_info(done.teacher_spec, teacher.source, teacher.model),
             settings=settings,
             size=size,
             timings_s=dict(watch.timings),
             peak_rss_bytes=peak_rss_bytes(),
-            device=f"{device}, {dtype} teacher compute",
-            accuracy=accuracy,
+            device=f"{done.device}, {done.dtype} teacher compute",
+            accuracy=done.accuracy,
             notes=notes,
             training=training,
             loading=loading,

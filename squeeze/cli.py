@@ -31,14 +31,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn, *args, **kwargs):
+def _run(fn, *args, interrupted: str = "interrupted; no output was written", **kwargs):
     """Call the API; user errors become one red line and exit 2, Ctrl-C exits 130 with nothing written."""
     try:
         return fn(*args, **kwargs)
     except SqueezeError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted; no output was written", code=130)
+        _fail(interrupted, code=130)
 
 
 def _version(value: bool) -> None:
@@ -312,6 +312,7 @@ def distill(
     import os
 
     from squeeze.api import distill as run_distill
+    from squeeze.distill.checkpoint import default_checkpoint_dir
     from squeeze.distill.config import DistillConfig, parse_layer_map
 
     for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum)):
@@ -337,8 +338,10 @@ def distill(
         out_dir = Path(f"{_model_stem(teacher)}-distill-{_model_stem(student).replace(':', '').replace(',', '-')}")
     main_process = os.environ.get("RANK", "0") == "0"
     progress = ConsoleProgress(err) if main_process and not quiet else NullProgress()
+    checkpoints = checkpoint_dir or default_checkpoint_dir(out_dir)
+    hint = f"; continue from the last checkpoint in {checkpoints} with --resume" if checkpoint_every else ""
     report = _run(
-        run_distill, teacher, student, out_dir, config, data=data, eval_data=eval_data, eval_tokens=eval_tokens,
+        run_distill, teacher, student, out_dir, config, interrupted=f"interrupted; no output was written{hint}", data=data, eval_data=eval_data, eval_tokens=eval_tokens,
         seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval, overwrite=overwrite, resume=resume,
         checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache, trust_remote_code=trust_remote_code, progress=progress,
     )

@@ -378,7 +378,7 @@ def load_model(
         else:
             auto = transformers.AutoModelForCausalLM if source.kind == "causal" else transformers.AutoModel
             try:
-                if _is_sparse_bitmask(source.path):
+                if is_sparse_folder(source.path):
                     model = _load_sparse_bitmask(source.path, auto, dtype, trust)
                 else:
                     model = auto.from_pretrained(source.path, use_safetensors=True, dtype=dtype, trust_remote_code=trust)
@@ -392,7 +392,8 @@ def load_model(
     return LoadedModel(model, tokenizer, source, model.config, stored_dtype(source))
 
 
-def _is_sparse_bitmask(folder: Path) -> bool:
+def is_sparse_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a sparse-bitmask checkpoint (squeeze prune's default format)."""
     from squeeze.formats.sparse import is_sparse_bitmask
 
     return folder.is_dir() and is_sparse_bitmask(_read_config_json(folder))

@@ -29,6 +29,12 @@ STATE_FILE = "state.json"  # written last: a folder without it is incomplete
 _STEP_DIR = re.compile(r"^step-(\d{7})$")
 
 
+def default_checkpoint_dir(out: Path) -> Path:
+    """``OUT.checkpoints`` beside the output directory ``OUT``."""
+    out = Path(out)
+    return out.parent / f"{out.name}.checkpoints"
+
+
 @dataclass
 class TrainingState:
     """Where a run stands after ``step`` optimizer steps."""

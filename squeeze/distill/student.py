@@ -152,19 +152,32 @@ def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> None:
-    """KD compares logits id by id: teacher and student must share one tokenizer."""
+def check_vocab_sizes(teacher_config, student_config) -> None:
+    """KD compares logits id by id: the vocabularies must have one size (read from the configs)."""
     t_vocab, s_vocab = teacher_config.vocab_size, student_config.vocab_size
     if t_vocab != s_vocab:
         raise SqueezeError(
             f"teacher and student have different vocabularies ({t_vocab:,} vs {s_vocab:,} tokens); distillation compares "
             "their outputs token id by token id, so the student must use the teacher's tokenizer"
         )
+
+
+def check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_config, student_config) -> None:
+    """KD compares logits id by id: teacher and student must share one tokenizer."""
+    check_vocab_sizes(teacher_config, student_config)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise SqueezeError(
             "teacher and student tokenizers map tokens to different ids; distillation compares their outputs token id by "
             "token id, so the student must use the teacher's tokenizer"
         )
+
+
+def default_layer_map(spec: StudentSpec, teacher_depth: int, student_depth: int) -> tuple[tuple[int, int], ...]:
+    """(student block, teacher block) pairs for the hidden loss: each kept block with the one it came
+    from; otherwise the student's blocks spread evenly over the teacher's, last onto last."""
+    if spec.kind == "layers":
+        return tuple(enumerate(spec.layers))
+    return tuple((i, round((i + 1) * teacher_depth / student_depth) - 1) for i in range(student_depth))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
