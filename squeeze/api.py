@@ -781,7 +781,7 @@ def distill(
         procs.barrier()
         return report
     finally:
-        stop_processes()
+        stop_processes(procs)
 
 
 PERIODIC_EVAL_WINDOWS = 8  # held-out windows scored at each --eval-every check; the final evaluation uses all

@@ -33,6 +33,7 @@ from squeeze.distill.student import parameter_groups
 from squeeze.errors import SqueezeError
 from squeeze.quant.sequential import block_list
 
+
 @dataclass(frozen=True)
 class Processes:
     """This process's place among the processes torchrun started (one process: rank 0 of 1)."""
@@ -40,6 +41,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process group was started by squeeze (and is ended by it)
 
     @property
     def main(self) -> bool:
@@ -57,14 +59,6 @@ class Processes:
         dist.all_reduce(tensor)
         return (tensor / self.world).tolist()
 
-    def all_ok(self, ok: bool) -> bool:
-        """True when every process passed a check (so that all stop together on a user error)."""
-        if self.world == 1:
-            return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(flag)
-        return int(flag) == 0
-
 
 def start_processes(device: str) -> tuple[Processes, str]:
     """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
@@ -76,15 +70,17 @@ def start_processes(device: str) -> tuple[Processes, str]:
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         # the main process may evaluate or build the teacher cache while the others wait
         dist.init_process_group(backend, timeout=datetime.timedelta(hours=4))
-    return Processes(rank, world, local_rank), device
+    return Processes(rank, world, local_rank, owns), device
 
 
-def stop_processes() -> None:
-    if dist.is_available() and dist.is_initialized():
+def stop_processes(procs: Processes) -> None:
+    """End the process group if squeeze started it (a caller's own group is left alone)."""
+    if procs.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
