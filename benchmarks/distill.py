@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantize_rtn import BENCH, SNAPSHOT, WORK, _mib, _run_child, _tail, machine, merge_rows, snapshot_squeeze, table_footer, update_readme
+from quantize_rtn import BENCH, SNAPSHOT, WORK, _mib, _run_child, _tail, machine, merge_rows, publish, snapshot_squeeze, table_footer
 
 NAME = "distill"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -250,11 +250,7 @@ STANDING_NOTES = [
 
 def write(result: dict) -> None:
     result["targets"] = targets(result["rows"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    section = table(result)
-    update_readme(section, NAME)
-    print(section)
+    publish(result, RESULTS, table(result), NAME)
 
 
 def main() -> None:

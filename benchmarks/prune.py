@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantize_rtn import (
-    BENCH, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, add_run_options, machine, merge_rows, snapshot_squeeze,
-    table_footer, update_readme,
+    BENCH, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, add_run_options, machine, merge_rows, publish,
+    snapshot_squeeze, table_footer,
 )
 
 NAME = "prune"
@@ -301,11 +301,7 @@ STANDING_NOTES = [
 def write(result: dict) -> None:
     result["comparisons"] = comparisons(result["rows"])
     result["targets"] = targets(result["rows"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    section = table(result)
-    update_readme(section, NAME)
-    print(section)
+    publish(result, RESULTS, table(result), NAME)
 
 
 def _merge(previous: list[dict], rows: list[dict]) -> list[dict]:

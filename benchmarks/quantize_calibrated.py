@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantize_rtn import (
-    BENCH, REPO, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, add_run_options, machine, merge_rows, snapshot_squeeze,
-    table_footer, update_readme,
+    BENCH, REPO, SNAPSHOT, WORK, _mib, _ratio, _run_child, _tail, add_run_options, machine, merge_rows, publish,
+    snapshot_squeeze, table_footer,
 )
 
 NAME = "quantize_calibrated"
@@ -297,11 +297,7 @@ def table(result: dict) -> str:
 def write(result: dict) -> None:
     result["comparisons"] = comparisons(result["rows"])
     result["targets"] = targets(result["rows"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    section = table(result)
-    update_readme(section, NAME)
-    print(section)
+    publish(result, RESULTS, table(result), NAME)
 
 
 def main() -> None:

@@ -494,10 +494,14 @@ def write(result: dict) -> None:
     """Derive ratios and target checks from the measured rows, then write the JSON and the README table."""
     result["comparisons"] = comparisons(result["rows"])
     result["targets"] = targets(result["rows"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    section = table(result)
-    update_readme(section)
+    publish(result, RESULTS, table(result), "quantize_rtn")
+
+
+def publish(result: dict, results: Path, section: str, name: str) -> None:
+    """Write a benchmark's result JSON and its README table, and print the table."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    update_readme(section, name)
     print(section)
 
 

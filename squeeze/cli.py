@@ -41,6 +41,13 @@ def _run(fn, *args, interrupted: str = "interrupted; no output was written", **k
         _fail(interrupted, code=130)
 
 
+def _at_least_one(*options: tuple[str, int]) -> None:
+    """One red line for the first count option below 1."""
+    for name, value in options:
+        if value < 1:
+            _fail(f"{name} must be at least 1, got {value}")
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"squeeze {__version__}")
@@ -116,9 +123,7 @@ def quantize(
     from squeeze.quant.scheme import scheme_from_options
     from squeeze.quant.targets import DEFAULT_IGNORE
 
-    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples)):
-        if value < 1:
-            _fail(f"{name} must be at least 1, got {value}")
+    _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples))
     # AWQ's usual scheme is W4 group-wise asymmetric, NF4's is 4-bit blocks of 64; explicit options always win
     weight_only_low_bit = method == "awq"
     if fmt == "bnb-nf4":
@@ -236,9 +241,7 @@ def prune(
     from squeeze.prune.apply import PruneConfig
     from squeeze.quant.targets import DEFAULT_IGNORE
 
-    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
-        if value < 1:
-            _fail(f"{name} must be at least 1, got {value}")
+    _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size))
     if calib_samples < 0:
         _fail(f"--calib-samples must not be negative, got {calib_samples}")
     config = _run(
@@ -315,9 +318,7 @@ def distill(
     from squeeze.distill.checkpoint import default_checkpoint_dir
     from squeeze.distill.config import DistillConfig, parse_layer_map
 
-    for name, value in (("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum)):
-        if value < 1:
-            _fail(f"{name} must be at least 1, got {value}")
+    _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum))
     if steps is not None and tokens is not None:
         _fail("give --steps or --tokens, not both")
     world = int(os.environ.get("WORLD_SIZE", "1"))

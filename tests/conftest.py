@@ -17,26 +17,36 @@ def minilm_tokenizer() -> transformers.PreTrainedTokenizerBase:
     return transformers.AutoTokenizer.from_pretrained(MINILM.root())
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer) -> Path:
-    """A 2-layer, hidden-64 random Llama (tied embeddings, like SmolLM2) with the MiniLM tokenizer."""
+def tiny_llama(out: Path, tokenizer: transformers.PreTrainedTokenizerBase, layers: int, seed: int) -> Path:
+    """A hidden-64 random Llama with ``layers`` blocks (tied embeddings, like SmolLM2) and ``tokenizer``, saved in ``out``."""
     config = transformers.LlamaConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
+        vocab_size=tokenizer.vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        pad_token_id=minilm_tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
-    out = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(out, safe_serialization=True)
-    minilm_tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer):
+    """``make_tiny_llama(layers, seed)`` → the folder of a new tiny random Llama (see :func:`tiny_llama`)."""
+    return lambda layers, seed: tiny_llama(tmp_path_factory.mktemp(f"tiny_llama{layers}"), minilm_tokenizer, layers, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(make_tiny_llama) -> Path:
+    """A 2-layer, hidden-64 random Llama (tied embeddings, like SmolLM2) with the MiniLM tokenizer."""
+    return make_tiny_llama(2, 0)
 
 
 @pytest.fixture(scope="session")
