@@ -711,7 +711,9 @@ def distill(
         autocast = autocast_for(device, config.precision)
         cache = None
         if teacher_cache is not None:
-            identity = logit_cache.cache_identity(run["teacher"], windows, config.cache_topk, config.temperature, config.precision)
+            identity = logit_cache.cache_identity(
+                run["teacher"], windows, config.cache_topk, config.cache_samples, config.temperature, config.precision, config.seed
+            )
             order = WindowOrder(windows.shape[0], config.seed)
             needed = sorted(set(order.take(0, config.steps * config.grad_accum * global_batch)))
             if procs.main and not logit_cache.is_cache(teacher_cache):
@@ -898,7 +900,10 @@ def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwat
             "training_data": f"{done.data}: {done.training_windows} windows of {done.seq_len} tokens (training side)",
             "evaluation_data": done.eval_data,
             "teacher_cache": (
-                f"{done.teacher_cache} (top-{config.cache_topk} teacher log-probabilities per token)" if done.teacher_cache else None
+                f"{done.teacher_cache} (per token: the teacher's {config.cache_topk} most likely tokens"
+                + (f" and {config.cache_samples} draws from the rest)" if config.cache_samples else ")")
+                if done.teacher_cache
+                else None
             ),
         }
         size = SizeReport(

@@ -297,7 +297,8 @@ def distill(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint; ends with the weights an uninterrupted run would have.")] = False,
     eval_every: Annotated[int, typer.Option(help="Held-out perplexity (encoders: cosine) on 8 windows every N steps (0: only at the end).")] = 0,
     teacher_cache: Annotated[Optional[Path], typer.Option(help="Folder of the teacher's top-k logits: made on first use, then training reads it instead of running the teacher.")] = None,
-    cache_topk: Annotated[int, typer.Option(help="Logits per token stored in a new teacher cache.")] = 64,
+    cache_topk: Annotated[int, typer.Option(help="Teacher cache: the teacher's most likely tokens stored per position (exact log-probabilities).")] = 16,
+    cache_samples: Annotated[int, typer.Option(help="Teacher cache: draws per position from the teacher's distribution off those tokens (an unbiased estimate of the rest; 0: top-k only, a lower bound).")] = 48,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard the student, its gradients and AdamW moments over the processes (FSDP) instead of replicating it (DDP).")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default ./TEACHER-distill-STUDENT).")] = None,
     eval_tokens: EvalTokensOption = 16384,
@@ -333,7 +334,7 @@ def distill(
         grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup, min_lr_ratio=min_lr_ratio,
         max_grad_norm=max_grad_norm, seed=seed, precision=precision, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
         layer_map=_run(parse_layer_map, layer_map) if layer_map else (), embedding_loss=embedding_loss,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every, cache_topk=cache_topk, fsdp=fsdp,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every, cache_topk=cache_topk, cache_samples=cache_samples, fsdp=fsdp,
     )
     if out_dir is None:
         out_dir = Path(f"{_model_stem(teacher)}-distill-{_model_stem(student).replace(':', '').replace(',', '-')}")

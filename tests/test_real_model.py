@@ -77,3 +77,25 @@ def test_minilm_cli_end_to_end(tmp_path: Path) -> None:
     assert report["model"]["kind"] == "encoder"
     assert report["settings"]["format"] == "compressed-tensors (int-quantized)"
     assert report["accuracy"]["embedding_cosine_mean"] > 0.95
+
+
+def test_smollm2_gguf_teacher_distills_into_a_student_plain_transformers_loads(tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    result = CliRunner().invoke(
+        app,
+        ["distill", "smollm2", "layers:15", "--data", "bbc", "--steps", "2", "--seq-len", "64", "--batch-size", "2",
+         "--eval-tokens", "256", "--out", str(out), "--json", "-q"],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    training, acc = report["training"], report["accuracy"]
+    assert training["teacher_parameters"] == 134_515_008
+    # 15 of 30 blocks; embeddings (tied head) and final norm whole
+    assert 0.55 < training["student_parameters"] / training["teacher_parameters"] < 0.65
+    assert acc["perplexity_before"] < 40 and acc["perplexity_after"] > acc["perplexity_before"]
+    ids = load_model("smollm2").tokenizer("The capital of France is", return_tensors="pt").input_ids
+    torch.save(ids, tmp_path / "ids.pt")
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = load_model(str(out)).model(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, rtol=1e-4, atol=1e-4)

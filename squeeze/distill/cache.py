@@ -1,10 +1,12 @@
-"""The teacher-logit cache: run the teacher once, keep its k most likely tokens per position.
+"""The teacher-logit cache: run the teacher once, keep a few tokens per position.
 
-A cache folder holds ``cache.json`` and shards ``logits-NNNNN.safetensors``, each with ``values``
-(float16 [windows, seq_len − 1, k]: log softmax(teacher logits / τ) at the k most likely ids),
-``indices`` (int32, those ids) and ``windows`` (int64, which training windows the rows belong to).
+Per position: the teacher's k most likely tokens, then ``samples`` draws from its distribution
+off those k (see :func:`squeeze.distill.losses.kd_loss_topk`). A cache folder holds
+``cache.json`` and shards ``logits-NNNNN.safetensors``, each with ``values`` (float16
+[windows, seq_len − 1, k + samples]: log softmax(teacher logits / τ) at those tokens),
+``indices`` (int32, their ids) and ``windows`` (int64, which training windows the rows belong to).
 ``cache.json`` records what the values depend on (teacher, window length, a hash of the token
-windows, k, τ, precision); a cache that does
+windows, k, samples, τ, precision, seed); a cache that does
 not match the run is refused rather than silently used. Shards are read lazily (memory-mapped), so
 a cache larger than memory works.
 """
@@ -33,14 +35,16 @@ def windows_fingerprint(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def cache_identity(teacher: str, windows: torch.Tensor, k: int, temperature: float, precision: str) -> dict[str, Any]:
+def cache_identity(teacher: str, windows: torch.Tensor, k: int, samples: int, temperature: float, precision: str, seed: int) -> dict[str, Any]:
     return {
         "teacher": teacher,
         "seq_len": int(windows.shape[1]),
         "windows_sha256": windows_fingerprint(windows),
         "top_k": k,
+        "samples": samples,
         "temperature": temperature,
         "precision": precision,
+        "seed": seed,
     }
 
 
@@ -59,7 +63,8 @@ def build_cache(
     autocast: Callable[[], Any],
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Write the teacher's top-k logits for the training windows ``needed`` into ``folder``."""
+    """Write the teacher's top-k log-probabilities (and tail draws) for the training windows
+    ``needed`` into ``folder``."""
     device = next(teacher.parameters()).device
     k = identity["top_k"]
     for shard, start in enumerate(range(0, len(needed), SHARD_WINDOWS)):
@@ -69,7 +74,12 @@ def build_cache(
             batch = windows[ids[batch_start : batch_start + batch_size]].to(device)
             with autocast():
                 logits = teacher(input_ids=batch).logits[:, :-1]
-            v, i = top_k_logprobs(logits, k, identity["temperature"])
+            # the tail draws of window w depend only on (seed, w): the same cache whatever the batch size
+            draws = [
+                top_k_logprobs(row[None], k, identity["temperature"], identity["samples"], _generator(identity["seed"], window))
+                for row, window in zip(logits, ids[batch_start : batch_start + batch_size])
+            ]
+            v, i = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
             values.append(v.cpu())
             indices.append(i.cpu())
             if on_batch:
@@ -82,6 +92,10 @@ def build_cache(
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _generator(seed: int, window: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + window)
+
+
 class LogitCache:
     """Read access to a finished cache: ``fetch(window ids)`` → (values, indices)."""
 
@@ -92,6 +106,7 @@ class LogitCache:
         if differ:
             shown = ", ".join(f"{key} {meta.get(key)!r} in the cache vs {identity[key]!r} now" for key in differ[:2])
             raise SqueezeError(f"teacher cache {folder} was made for another run ({shown}); point --teacher-cache at a new folder")
+        self.samples = int(meta.get("samples", 0))
         self._files = {}
         self._row: dict[int, tuple[Path, int]] = {}
         for shard in sorted(folder.glob("logits-*.safetensors")):

@@ -44,7 +44,8 @@ class DistillConfig:
     checkpoint_every: int = 0  # optimizer steps; 0: no intermediate checkpoints
     keep_checkpoints: int = 2
     eval_every: int = 0  # optimizer steps between held-out perplexity checks; 0: only at the end
-    cache_topk: int = 64  # logits per position stored by the teacher cache
+    cache_topk: int = 16  # teacher cache: the most likely tokens stored per position
+    cache_samples: int = 48  # teacher cache: draws per position from the teacher's distribution off those
     fsdp: bool = False  # shard the student, its gradients and AdamW moments over the torchrun processes
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class DistillConfig:
             raise SqueezeError(f"temperature must be positive, got {self.temperature:g}")
         if not 0 <= self.alpha <= 1:
             raise SqueezeError(f"alpha weighs KD against cross-entropy and must be in [0, 1], got {self.alpha:g}")
+        if self.cache_samples < 0:
+            raise SqueezeError(f"cache-samples must be 0 (top-k only) or positive, got {self.cache_samples}")
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "cache_topk"):
             if getattr(self, name) < 1:
                 raise SqueezeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -26,26 +26,53 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def kd_loss_topk(
-    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, temperature: float, sampled: int = 0
 ) -> torch.Tensor:
-    """:func:`kd_loss` against a teacher known only by its k most likely tokens per position.
+    """:func:`kd_loss` against a teacher known by a few tokens per position (the teacher cache).
 
-    ``teacher_logprobs`` [..., k] are log softmax(z_t/τ) over the whole vocabulary at those ids
-    (``teacher_indices``), so their mass may be below 1. The rest of the vocabulary is one more
-    outcome, "none of the k", with the teacher's remaining mass and the student's mass outside the
-    same ids. The KL of these k + 1 outcomes is never more than the full KL (merging outcomes
-    cannot increase a divergence) and equals it when the k tokens hold all the teacher's mass.
+    ``teacher_logprobs`` [..., m] are log softmax(z_t/τ) over the whole vocabulary at the ids
+    ``teacher_indices``. The first m − ``sampled`` are the teacher's most likely tokens (the head).
+
+    - ``sampled == 0``: the rest of the vocabulary is one more outcome, "none of the head", with the
+      teacher's remaining mass and the student's mass outside the same ids. The KL of these
+      outcomes never exceeds the full KL (merging outcomes cannot increase a divergence) and equals
+      it when the head holds all the teacher's mass.
+    - ``sampled > 0``: the last ``sampled`` entries are draws from the teacher's distribution off
+      the head, each standing for 1/``sampled`` of the remaining mass. The KL estimate and its
+      gradient are then unbiased: their expectation over the draws is the full KL and its gradient.
     """
+    weights, log_p, index = _sparse_teacher(teacher_logprobs, teacher_indices, sampled)
     s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    index = teacher_indices.flatten(0, -2).long()
-    log_p = teacher_logprobs.float().flatten(0, -2)
-    p = log_p.exp()
-    kl = (p * (log_p - s.gather(-1, index))).sum(-1)
-    p_rest = (1 - p.sum(-1)).clamp_min(0)
-    log_q_rest = torch.logsumexp(s.scatter(-1, index, float("-inf")), dim=-1)
-    has_rest = (p_rest > 0) & torch.isfinite(log_q_rest)  # k = vocabulary: no rest, only rounding
-    rest = torch.where(has_rest, p_rest * (p_rest.clamp_min(1e-30).log() - log_q_rest), torch.zeros_like(p_rest))
-    return temperature**2 * (kl + rest).mean()
+    kl = (weights * (log_p - s.gather(-1, index))).sum(-1)
+    if not sampled:
+        kl = kl + _rest_term(s, index, weights)[0]
+    return temperature**2 * kl.mean()
+
+
+def _sparse_teacher(logprobs: torch.Tensor, indices: torch.Tensor, sampled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened (weights, log-probabilities, ids) of a cached teacher: a head token weighs its own
+    probability, a tail draw 1/``sampled`` of the mass the head leaves."""
+    log_p = logprobs.float().flatten(0, -2)
+    index = indices.flatten(0, -2).long()
+    weights = log_p.exp()
+    if sampled:
+        head = weights[:, : weights.shape[1] - sampled]
+        rest = (1 - head.sum(-1, keepdim=True)).clamp_min(0)
+        weights = torch.cat([head, (rest / sampled).expand(-1, sampled)], dim=-1)
+    return weights, log_p, index
+
+
+def _rest_term(log_q: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "none of the head" outcome: its KL term per position, the student's log-probabilities off
+    the head (−inf on it) and the factor p_rest / q_rest that spreads the teacher's remaining mass
+    over the student's tail."""
+    p_rest = (1 - weights.sum(-1)).clamp_min(0)
+    outside = log_q.scatter(-1, index, float("-inf"))
+    log_q_rest = torch.logsumexp(outside, dim=-1)
+    has_rest = (p_rest > 0) & torch.isfinite(log_q_rest)  # a head of the whole vocabulary leaves only rounding
+    log_ratio = p_rest.clamp_min(1e-30).log() - log_q_rest
+    term = torch.where(has_rest, p_rest * log_ratio, torch.zeros_like(p_rest))
+    return term, outside, torch.where(has_rest, log_ratio.exp(), torch.zeros_like(p_rest))
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -64,10 +91,22 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torc
     raise ValueError(f"unknown hidden loss {kind!r}")
 
 
-def top_k_logprobs(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely tokens per position under softmax(logits/τ): their log-probabilities
-    (float16: near 0 for the likely tokens, where float16 is most precise) and ids (int32)."""
-    values, indices = F.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
+def top_k_logprobs(
+    logits: torch.Tensor, k: int, temperature: float, samples: int = 0, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens per position under softmax(logits/τ), then ``samples`` draws (with
+    replacement) from the distribution off those k: their log-probabilities (float16) and ids
+    (int32), [..., k + samples]. See :func:`kd_loss_topk` for how they are used."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    values, indices = log_p.topk(k, dim=-1)
+    if samples and k < log_p.shape[-1]:
+        flat = log_p.flatten(0, -2)
+        tail = flat.exp().scatter_(-1, indices.flatten(0, -2), 0.0)
+        # a head holding all the mass leaves nothing to draw: any draw then weighs 0
+        tail += (tail.sum(-1, keepdim=True) == 0).to(tail.dtype)
+        draws = torch.multinomial(tail.cpu(), samples, replacement=True, generator=generator).to(flat.device)
+        values = torch.cat([values, flat.gather(-1, draws).view(*values.shape[:-1], samples)], dim=-1)
+        indices = torch.cat([indices, draws.view(*indices.shape[:-1], samples)], dim=-1)
     return values.to(torch.float16), indices.to(torch.int32)
 
 
@@ -96,6 +135,7 @@ def fused_lm_loss(
     teacher_logits: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     teacher_indices: torch.Tensor | None = None,
+    teacher_sampled: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``α · kd + (1 − α) · ce`` with the values of :func:`kd_loss` (or :func:`kd_loss_topk`) and
     cross-entropy, computed a few hundred positions at a time with the gradient in closed form.
@@ -104,9 +144,10 @@ def fused_lm_loss(
     position alive (two log-softmaxes, their exponentials, the KL terms); here the only
     vocabulary-wide tensor that outlives a chunk is the gradient itself. Closed forms, per position,
     with q = softmax(z/τ), p the teacher's softmax(z_t/τ) and N positions:
-    ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N. For the top-k
-    teacher (see :func:`kd_loss_topk`) p is the teacher's probability on its k ids and, outside
-    them, the student's own q scaled so that it sums to the teacher's remaining mass.
+    ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N. For a cached
+    teacher (see :func:`kd_loss_topk`) p is the sparse target: the head tokens' probabilities, plus
+    either the tail draws' weights or, without draws, the student's own tail scaled to the
+    teacher's remaining mass.
     ``targets`` [..] (needed when α < 1), logits [.., vocab].
     Returns the loss (a tensor that backpropagates) and its terms as floats.
     """
@@ -115,7 +156,7 @@ def fused_lm_loss(
     flat_targets = targets.flatten() if targets is not None else None
     teacher_flat = teacher_logits.flatten(0, -2) if teacher_logits is not None else None
     logprobs_flat = teacher_logprobs.flatten(0, -2) if teacher_logprobs is not None else None
-    indices_flat = teacher_indices.flatten(0, -2).long() if teacher_indices is not None else None
+    indices_flat = teacher_indices.flatten(0, -2) if teacher_indices is not None else None
     grad = torch.empty_like(logits)
     kd_sum = ce_sum = 0.0
     with torch.no_grad():
@@ -141,21 +182,18 @@ def fused_lm_loss(
                     kd_grad = log_q.exp_().sub_(p)
                 else:
                     assert logprobs_flat is not None and indices_flat is not None
-                    index = indices_flat[span]
-                    log_p = logprobs_flat[span].float()
-                    p = log_p.exp()
-                    p_rest = (1 - p.sum(-1)).clamp_min(0)
-                    outside = log_q.scatter(-1, index, float("-inf"))  # log q off the teacher's k ids
-                    log_q_rest = torch.logsumexp(outside, dim=-1)
-                    has_rest = (p_rest > 0) & torch.isfinite(log_q_rest)
-                    kd_sum += float((p * (log_p - log_q.gather(-1, index))).sum())
-                    kd_sum += float(torch.where(has_rest, p_rest * (p_rest.clamp_min(1e-30).log() - log_q_rest), 0.0).sum())
-                    scale = torch.where(has_rest, (p_rest.clamp_min(1e-30).log() - log_q_rest).exp(), 0.0)
-                    kd_grad = log_q.exp_().sub_(outside.exp_().mul_(scale[:, None]))
-                    kd_grad.scatter_add_(-1, index, -p)
-                    del outside
+                    weights, log_p, index = _sparse_teacher(logprobs_flat[span], indices_flat[span], teacher_sampled)
+                    kd_sum += float((weights * (log_p - log_q.gather(-1, index))).sum())
+                    if teacher_sampled:
+                        kd_grad = log_q.exp_()
+                    else:
+                        rest, outside, scale = _rest_term(log_q, index, weights)
+                        kd_sum += float(rest.sum())
+                        kd_grad = log_q.exp_().sub_(outside.exp_().mul_(scale[:, None]))
+                        del outside
+                    kd_grad.scatter_add_(-1, index, -weights)
                 chunk_grad.add_(kd_grad, alpha=alpha * temperature)
-                del log_q, log_p, p, kd_grad
+                del log_q, kd_grad
             grad[span] = chunk_grad.div_(n)
     kd = temperature**2 * kd_sum / n
     ce = ce_sum / n

@@ -247,7 +247,7 @@ def _loss(trained: nn.Module, inputs: TrainInputs, ids: torch.Tensor, window_ids
         loss, lm_terms = fused_lm_loss(
             out["logits"], ids[:, 1:] if cfg.alpha < 1 else None, cfg.temperature, cfg.alpha,
             teacher_logits=teacher.get("logits"), teacher_logprobs=teacher.get("topk_logprobs"),
-            teacher_indices=teacher.get("topk_indices"),
+            teacher_indices=teacher.get("topk_indices"), teacher_sampled=inputs.cache.samples if inputs.cache else 0,
         )
         values = dict(lm_terms)
     else:
