@@ -369,7 +369,7 @@ def final_student(model: Distillable, sharded: bool, main: bool) -> nn.Module | 
     """The trained student as an ordinary module: itself, or (FSDP) gathered into a fresh copy on
     the main process (every process must call this; the others get None)."""
     if not sharded:
-        return model.student
+        return model.student if main else None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     full = get_model_state_dict(model, options=_full_options(cpu_offload=True))
