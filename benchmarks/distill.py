@@ -143,6 +143,16 @@ def run(config: Config, tokens: int, eval_tokens: int) -> dict:
     return {**base, **json.loads(result.read_text()), "wall_s": wall, "load_avg_before": load}
 
 
+def _sources(result: dict) -> str:
+    """The squeeze version each row ran, when rows come from more than one invocation."""
+    by_source: dict[str, list[str]] = {}
+    for row in result["rows"]:
+        by_source.setdefault(row.get("squeeze_source", result["squeeze_source"]), []).append(row["config"])
+    if len(by_source) == 1:
+        return next(iter(by_source))
+    return "; ".join(f"{source} ({', '.join(configs)})" for source, configs in by_source.items())
+
+
 def _rows(rows: list[dict]) -> dict[str, dict]:
     return {r["config"]: r for r in rows if "error" not in r}
 
@@ -183,7 +193,7 @@ def table(result: dict) -> str:
         f"SmolLM2-135M-Instruct (fp32) → `layers:15`, trained on {TRAIN_TEXT} (training side), scored on {result['eval_tokens']:,} held-out "
         f"{EVAL_TEXT} tokens against the teacher; {result['tokens']:,} training tokens per trained row ({SEQ_LEN}-token windows, "
         f"batch {BATCH_SIZE}, AdamW lr {LR:g}, 5% warmup, cosine to 0.1x, seed 0). Machine: {m['cpu']}, {m['cores']} cores "
-        f"({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}, {m['date']}. squeeze {result['squeeze_source']}.",
+        f"({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}, {m['date']}. squeeze {_sources(result)}.",
         "",
         "| row | perplexity | KL vs teacher | top-1 agreement | tokens | steps | s/step | tokens/s | cache build s | train s | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -276,12 +286,15 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     source = snapshot_squeeze()
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
-    previous = json.loads(RESULTS.read_text())["rows"] if args.only and RESULTS.exists() else []
+    previous = []
+    if args.only and RESULTS.exists():
+        earlier = json.loads(RESULTS.read_text())
+        previous = [{"squeeze_source": earlier["squeeze_source"], **row} for row in earlier["rows"]]
     rows: list[dict] = []
     notes: list[str] = []
     for config in [BY_NAME[n] for n in args.only] if args.only else CONFIGS:
         print(f"{config.name} ...", flush=True)
-        rows.append(run(config, args.tokens, args.eval_tokens))
+        rows.append({**run(config, args.tokens, args.eval_tokens), "squeeze_source": source})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("curve", "settings")}), flush=True)
         merged = merge_rows(previous, rows, [c.name for c in CONFIGS])
         write(_result(args, source, merged, notes))
