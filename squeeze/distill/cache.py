@@ -1,7 +1,7 @@
 """The teacher-logit cache: run the teacher once, keep a few tokens per position.
 
 Per position: the teacher's k most likely tokens, then ``samples`` draws from its distribution
-off those k (see :func:`squeeze.distill.losses.kd_loss_topk`). A cache folder holds
+off those k (see :func:`squeeze.distill.losses.kd_loss_cached`). A cache folder holds
 ``cache.json`` and shards ``logits-NNNNN.safetensors``, each with ``values`` (float16
 [windows, seq_len − 1, k + samples]: log softmax(teacher logits / τ) at those tokens),
 ``indices`` (int32, their ids) and ``windows`` (int64, which training windows the rows belong to).

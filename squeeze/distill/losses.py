@@ -25,7 +25,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def kd_loss_topk(
+def kd_loss_cached(
     student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, temperature: float, sampled: int = 0
 ) -> torch.Tensor:
     """:func:`kd_loss` against a teacher known by a few tokens per position (the teacher cache).
@@ -96,7 +96,7 @@ def top_k_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely tokens per position under softmax(logits/τ), then ``samples`` draws (with
     replacement) from the distribution off those k: their log-probabilities (float16) and ids
-    (int32), [..., k + samples]. See :func:`kd_loss_topk` for how they are used."""
+    (int32), [..., k + samples]. See :func:`kd_loss_cached` for how they are used."""
     log_p = F.log_softmax(logits.float() / temperature, dim=-1)
     values, indices = log_p.topk(k, dim=-1)
     if samples and k < log_p.shape[-1]:
@@ -137,7 +137,7 @@ def fused_lm_loss(
     teacher_indices: torch.Tensor | None = None,
     teacher_sampled: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``α · kd + (1 − α) · ce`` with the values of :func:`kd_loss` (or :func:`kd_loss_topk`) and
+    """``α · kd + (1 − α) · ce`` with the values of :func:`kd_loss` (or :func:`kd_loss_cached`) and
     cross-entropy, computed a few hundred positions at a time with the gradient in closed form.
 
     The autograd version of the same loss keeps several vocabulary-wide float32 copies of every
@@ -145,7 +145,7 @@ def fused_lm_loss(
     vocabulary-wide tensor that outlives a chunk is the gradient itself. Closed forms, per position,
     with q = softmax(z/τ), p the teacher's softmax(z_t/τ) and N positions:
     ∂(τ² KL(p‖q))/∂z = τ (q − p) / N and ∂CE/∂z = (softmax(z) − onehot(target)) / N. For a cached
-    teacher (see :func:`kd_loss_topk`) p is the sparse target: the head tokens' probabilities, plus
+    teacher (see :func:`kd_loss_cached`) p is the sparse target: the head tokens' probabilities, plus
     either the tail draws' weights or, without draws, the student's own tail scaled to the
     teacher's remaining mass.
     ``targets`` [..] (needed when α < 1), logits [.., vocab].

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from squeeze.distill.losses import fused_lm_loss, hidden_loss, kd_loss, kd_loss_topk, next_token_ce, top_k_logprobs
+from squeeze.distill.losses import fused_lm_loss, hidden_loss, kd_loss, kd_loss_cached, next_token_ce, top_k_logprobs
 
 
 def _logits(*shape, seed=0, scale=3.0):
@@ -41,7 +41,7 @@ def _top_k(teacher: torch.Tensor, k: int, tau: float = 2.0):
 def test_top_k_kd_with_the_whole_vocabulary_equals_full_kd() -> None:
     student, teacher = _logits(2, 6, 9), _logits(2, 6, 9, seed=1)
     logprobs, indices = _top_k(teacher, 9)
-    assert float(kd_loss_topk(student, logprobs, indices, 2.0)) == pytest.approx(float(kd_loss(student, teacher, 2.0)), rel=1e-6)
+    assert float(kd_loss_cached(student, logprobs, indices, 2.0)) == pytest.approx(float(kd_loss(student, teacher, 2.0)), rel=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 3, 10])
@@ -55,7 +55,7 @@ def test_top_k_kd_is_the_kl_of_k_tokens_plus_the_rest(k: int) -> None:
     p_coarse = torch.cat([p.gather(-1, indices), (p * ~kept).sum(-1, keepdim=True)], -1)
     q_coarse = torch.cat([q.gather(-1, indices), (q * ~kept).sum(-1, keepdim=True)], -1)
     expected = 4.0 * (p_coarse * (p_coarse.log() - q_coarse.log())).sum(-1).mean()
-    value = float(kd_loss_topk(student, logprobs, indices, 2.0))
+    value = float(kd_loss_cached(student, logprobs, indices, 2.0))
     assert value == pytest.approx(float(expected), rel=1e-5)
     assert value <= float(kd_loss(student, teacher, 2.0)) + 1e-6  # merging outcomes never increases a KL
 
@@ -78,7 +78,7 @@ def test_sampled_tail_gives_an_unbiased_kl_and_gradient() -> None:
     values, grads = [], []
     for _ in range(3000):
         logprobs, indices = top_k_logprobs(teacher, 4, 2.0, samples=8, generator=generator)
-        loss = kd_loss_topk(student, logprobs, indices, 2.0, sampled=8)
+        loss = kd_loss_cached(student, logprobs, indices, 2.0, sampled=8)
         values.append(float(loss.detach()))
         grads.append(torch.autograd.grad(loss, student)[0])
     mean_grad = torch.stack(grads).mean(0)
@@ -86,7 +86,7 @@ def test_sampled_tail_gives_an_unbiased_kl_and_gradient() -> None:
     assert float((mean_grad - full_grad).norm() / full_grad.norm()) < 0.08  # Monte Carlo noise ~0.04 here
     # the head alone, with the rest as one outcome, falls well short here: a strict lower bound
     head, head_ids = _top_k(teacher, 4)
-    assert float(kd_loss_topk(student, head, head_ids, 2.0).detach()) < 0.8 * float(full.detach())
+    assert float(kd_loss_cached(student, head, head_ids, 2.0).detach()) < 0.8 * float(full.detach())
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -99,7 +99,7 @@ def test_fused_loss_equals_autograd_of_the_plain_loss(alpha: float, topk) -> Non
     sampled = 5 if topk == "sampled" else 0
     logprobs, indices = top_k_logprobs(teacher, 7, 2.0, samples=sampled, generator=torch.Generator().manual_seed(3))
     logprobs = logprobs.double()
-    kd = kd_loss_topk(student, logprobs, indices, 2.0, sampled) if topk else kd_loss(student, teacher, 2.0)
+    kd = kd_loss_cached(student, logprobs, indices, 2.0, sampled) if topk else kd_loss(student, teacher, 2.0)
     plain = alpha * kd + (1 - alpha) * next_token_ce(student, ids)
     (plain_grad,) = torch.autograd.grad(plain, student)
     teacher_kw = dict(teacher_logprobs=logprobs, teacher_indices=indices, teacher_sampled=sampled) if topk else dict(teacher_logits=teacher)
