@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -648,7 +647,7 @@ def distill(
     checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out))
     if resume and checkpoints.read_run() is None:
         raise SqueezeError(f"nothing to resume: {checkpoints.path} holds no checkpoints of a distillation run")
-    if not resume and checkpoints.path.exists() and not overwrite:
+    if not resume and checkpoints.holds_run() and not overwrite:
         raise SqueezeError(
             f"{checkpoints.path} holds checkpoints of an earlier run: pass --resume to continue it, or --overwrite to start over"
         )
@@ -702,7 +701,7 @@ def distill(
         procs.barrier()
         if procs.main:
             if not resume:
-                shutil.rmtree(checkpoints.path, ignore_errors=True)
+                checkpoints.clear()
             checkpoints.remove_partial()
             if config.checkpoint_every or resume:
                 checkpoints.start(run)
@@ -779,7 +778,7 @@ def distill(
             dtype=dtype,
         )
         report = _write_student(out, overwrite, done, watch, progress)
-        shutil.rmtree(checkpoints.path, ignore_errors=True)
+        checkpoints.clear()
         procs.barrier()
         return report
     finally:

@@ -92,6 +92,11 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def _is_ours(name: str) -> bool:
+    """A checkpoint folder, published (``step-NNNNNNN``) or being written (``.step-...``)."""
+    return bool(_STEP_DIR.match(name)) or name.startswith(".step-")
+
+
 class CheckpointDir:
     """The checkpoints of one run; only process 0 writes the shared parts."""
 
@@ -107,6 +112,23 @@ class CheckpointDir:
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds anything of a run (its settings or a checkpoint, whole or partial)."""
+        return self.path.is_dir() and any(p.name == RUN_FILE or _is_ours(p.name) for p in self.path.iterdir())
+
+    def clear(self) -> None:
+        """Remove what runs wrote here (and the folder, once empty); anything else is left alone,
+        so ``--checkpoint-dir`` may point at a folder that holds other files."""
+        if not self.path.is_dir():
+            return
+        for p in self.path.iterdir():
+            if p.name == RUN_FILE or p.name.startswith(f".{RUN_FILE}."):
+                p.unlink(missing_ok=True)
+            elif _is_ours(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+        if not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def remove_partial(self) -> None:
         """Folders a killed write left behind."""

@@ -295,3 +295,12 @@ def test_fsdp_needs_several_processes(tiny_llama4_dir: Path, small_text: Path, t
     with pytest.raises(SqueezeError, match="torchrun"):
         run(tiny_llama4_dir, "layers:2", tmp_path / "o", small_text, fsdp=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shared_checkpoint_folder_keeps_its_other_files(tiny_llama4_dir: Path, small_text: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    run(tiny_llama4_dir, "layers:2", tmp_path / "a", small_text, evaluate=False, checkpoint_every=2, checkpoint_dir=folder)
+    run(tiny_llama4_dir, "layers:2", tmp_path / "b", small_text, evaluate=False, checkpoint_every=2, checkpoint_dir=folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # checkpoints removed when done, the rest untouched
