@@ -131,21 +131,23 @@ def calibration_windows(
     Documents are taken in hash order rather than file order, so a small sample mixes topics
     (BBC's file order would otherwise give only business news). Returns int64 [n_samples, seq_len].
     """
-    docs = _mixed_order(text_split(source).calibration)
-    try:
-        return token_windows(tokenizer, docs, seq_len, max_windows=n_samples)
-    except SqueezeError as exc:
-        raise SqueezeError(f"calibration split of {source!r}: {exc}") from None
+    return _calibration_side(tokenizer, source, seq_len, n_samples, "calibration")
 
 
 def training_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int) -> torch.Tensor:
-    """Every back-to-back window of ``seq_len`` tokens on the calibration (training) side of
-    ``source``, documents in hash order. Returns int64 [n_windows, seq_len]."""
+    """Every back-to-back window of ``seq_len`` tokens on the calibration side of ``source`` (the
+    side distillation trains on), documents in hash order. Returns int64 [n_windows, seq_len]."""
+    return _calibration_side(tokenizer, source, seq_len, None, "training")
+
+
+def _calibration_side(
+    tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, max_windows: int | None, purpose: str
+) -> torch.Tensor:
     docs = _mixed_order(text_split(source).calibration)
     try:
-        return token_windows(tokenizer, docs, seq_len)
+        return token_windows(tokenizer, docs, seq_len, max_windows=max_windows)
     except SqueezeError as exc:
-        raise SqueezeError(f"training split of {source!r}: {exc}") from None
+        raise SqueezeError(f"{purpose} split of {source!r}: {exc}") from None
 
 
 def evaluation_windows(
