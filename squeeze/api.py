@@ -645,6 +645,8 @@ def distill(
     if evaluate:
         load_documents(eval_data or data)
     checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out))
+    if checkpoints.path.exists() and not checkpoints.path.is_dir():
+        raise SqueezeError(f"checkpoint folder {checkpoints.path} exists and is a file")
     if resume and checkpoints.read_run() is None:
         raise SqueezeError(f"nothing to resume: {checkpoints.path} holds no checkpoints of a distillation run")
     if not resume and checkpoints.holds_run() and not overwrite:
@@ -837,7 +839,7 @@ def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwat
         notes.append("the hidden-state loss trained projections onto the teacher's width; they are not part of the student")
     if not causal and (config.alpha != DistillConfig.alpha or config.temperature != DistillConfig.temperature):
         notes.append("temperature and alpha apply to language-model logits; an encoder is distilled on its embeddings")
-    curve = state.curve or []
+    curve = state.curve
 
     def linear_bytes(model: torch.nn.Module) -> int:
         return sum(m.weight.numel() * stored.itemsize for m in model.modules() if isinstance(m, torch.nn.Linear))

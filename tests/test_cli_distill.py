@@ -63,6 +63,7 @@ BAD = [
     (["{bert}", "layers:1", "--teacher-cache", "{cache}"], "encoder"),
     (["{llama}", "layers:1", "--teacher-cache", "{llama}"], "not a squeeze teacher cache"),
     (["{llama}", "layers:1", "--device", "cuda:7"], "cuda"),
+    (["{llama}", "layers:1", "--checkpoint-every", "1", "--checkpoint-dir", "{tiny_text}"], "is a file"),
 ]
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ class TrainingState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
-    curve: list[dict[str, Any]] | None = None  # one entry per logged step (loss terms, lr, grad norm, eval)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # one entry per step (loss terms, lr, grad norm, eval)
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds, "curve": self.curve or []}
+        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds, "curve": self.curve}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -187,7 +187,6 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
     global_batch = cfg.batch_size * procs.world
     autocast = autocast_for(device, cfg.precision)
     tokens_per_step = global_batch * cfg.grad_accum * inputs.windows.shape[1]
-    curve = state.curve or []
     while state.step < cfg.steps:
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -228,8 +227,7 @@ def train(inputs: TrainInputs, state: TrainingState, on_step: Callable[[int, dic
                 entry.update(inputs.evaluate(model.student))
                 model.train()
             procs.barrier()
-        curve.append(entry)
-        state.curve = curve
+        state.curve.append(entry)
         if on_step is not None:
             on_step(state.step, entry)
         if inputs.checkpoints is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
