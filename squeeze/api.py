@@ -89,15 +89,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def default_group_size(model: str, targets: tuple[str, ...], ignore: tuple[str, ...], trust_remote_code: bool = False) -> int:
-    """Group 128 where it divides every targeted layer, else the largest power of two that does
-    (read from the model's config on the meta device: no weights are loaded)."""
-    from squeeze.quant.targets import fitting_group_size, select_linears
-
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
-    return fitting_group_size(select_linears(meta_model(source), targets, ignore))
-
-
 def _eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
     limit = getattr(loaded.config, "max_position_embeddings", None)
     return min(seq_len, limit) if limit else seq_len
@@ -143,14 +134,23 @@ def _prepare(
     calibration_samples: int,
     watch: _Stopwatch,
     progress: Progress,
+    reference: str | None = None,
 ) -> _Prepared:
     """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
-    model, text sources), then load the model and cut the evaluation and calibration windows."""
+    model, text sources), then load the model and cut the evaluation and calibration windows.
+    The evaluation compares with a copy of the input, or with ``reference`` when one is named."""
+    from squeeze.distill.student import check_vocab_sizes
+
     check_output_dir(out, overwrite)
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
     source = resolve_model(model, trust_remote_code=trust_remote_code)
-    plan(meta_model(source))
+    meta = meta_model(source)
+    plan(meta)
+    ref_source = None
+    if reference is not None and evaluate:
+        ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
+        check_vocab_sizes(meta_model(ref_source).config, meta.config)
     if evaluate:
         load_documents(data)
     if needs_calibration:
@@ -165,6 +165,12 @@ def _prepare(
     calib_windows = None
     if needs_calibration:
         calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
+    reference_model = None
+    if ref_source is not None:
+        with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
+            reference_model = load_model(ref_source, device=device, dtype=compute_dtype).model
+    elif evaluate:
+        reference_model = copy.deepcopy(net)
     return _Prepared(
         source=source,
         loaded=loaded,
@@ -173,7 +179,7 @@ def _prepare(
         seq_len=seq_len,
         eval_windows=eval_windows,
         calib_windows=calib_windows,
-        reference=copy.deepcopy(net) if evaluate else None,
+        reference=reference_model,
         parameters=parameter_count(net),
         memory_before=tensor_bytes(net),
         disk_before=sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values()),
@@ -233,6 +239,7 @@ def quantize(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    reference: str | None = None,
 ) -> Report:
     """Quantize ``model`` with ``config``, write a compressed-tensors checkpoint and report to ``out``.
 
@@ -242,7 +249,8 @@ def quantize(
     ``out/report.json`` and ``out/report.md``). ``dtype`` is the compute dtype: the model is
     loaded, calibrated and evaluated in it (the original it is compared with too); unquantized
     tensors are saved in the dtype the source stores. ``trust_remote_code`` lets transformers run
-    code shipped with the model; it is never implied.
+    code shipped with the model; it is never implied. ``reference`` names the model the evaluation
+    compares with (default: ``model`` itself), e.g. the original of a chain of passes.
     """
     progress = progress or NullProgress()
     watch = _Stopwatch()
@@ -250,10 +258,10 @@ def quantize(
     prep = _prepare(
         model, out, overwrite, device, dtype, trust_remote_code, data, calibration_data, evaluate,
         config.needs_calibration, lambda net: plan_layers(net, config), eval_tokens, seq_len, calibration_samples,
-        watch, progress,
+        watch, progress, reference,
     )
     loaded, net, layers, device = prep.loaded, prep.loaded.model, prep.plan, prep.device
-    source, seq_len, eval_windows, calib_windows, reference = prep.source, prep.seq_len, prep.eval_windows, prep.calib_windows, prep.reference
+    source, seq_len, eval_windows, calib_windows, reference_model = prep.source, prep.seq_len, prep.eval_windows, prep.calib_windows, prep.reference
     parameters, memory_before, disk_before, linear_flops = prep.parameters, prep.memory_before, prep.disk_before, prep.linear_flops
     linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
     compressed_parameters = sum(m.weight.numel() for m in layers.values())
@@ -285,9 +293,12 @@ def quantize(
             result = quantize_model(net, config, ranges, on_layer=lambda _name: advance(1))
 
     accuracy = None
-    if eval_windows is not None and reference is not None:
-        accuracy = _evaluate(net, loaded.source.kind, reference, eval_windows, data, seq_len, batch_size, watch, progress)
-        del reference
+    if eval_windows is not None and reference_model is not None:
+        accuracy = _evaluate(
+            net, loaded.source.kind, reference_model, eval_windows, data, seq_len, batch_size, watch, progress,
+            _reference_name(reference),
+        )
+        del reference_model
 
     method_settings = _method_settings(config)
     sparsity = None
@@ -383,6 +394,10 @@ def _method_settings(config: QuantizeConfig) -> dict:
     return {}
 
 
+def _reference_name(reference: str | None) -> str | None:
+    return f"original ({Path(reference).name or reference})" if reference else None
+
+
 def _evaluate(
     model: torch.nn.Module,
     kind: str,
@@ -393,6 +408,7 @@ def _evaluate(
     batch_size: int,
     watch: _Stopwatch,
     progress: Progress,
+    compared_with: str | None = None,
 ) -> AccuracyReport:
     with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
         if kind == "causal":
@@ -406,6 +422,7 @@ def _evaluate(
                 perplexity_after=cmp.perplexity,
                 kl_divergence=cmp.kl_divergence,
                 top1_agreement=cmp.top1_agreement,
+                reference=compared_with,
             )
         enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
         return AccuracyReport(
@@ -415,6 +432,7 @@ def _evaluate(
             tokens=enc.tokens,
             embedding_cosine_mean=enc.cosine_mean,
             embedding_cosine_min=enc.cosine_min,
+            reference=compared_with,
         )
 
 
@@ -434,11 +452,12 @@ def prune(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    reference: str | None = None,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
 
-    Text, windows, devices and dtypes work as in :func:`quantize`. Wanda calibrates on
+    Text, windows, devices, dtypes and ``reference`` work as in :func:`quantize`. Wanda calibrates on
     ``calibration_samples`` windows of ``calibration_data`` (default: ``data``); magnitude pruning
     reads no text but the evaluation's.
     """
@@ -450,7 +469,7 @@ def prune(
     prep = _prepare(
         model, out, overwrite, device, dtype, trust_remote_code, data, calibration_data, evaluate,
         config.needs_calibration, lambda net: plan_prune(net, config), eval_tokens, seq_len, calibration_samples,
-        watch, progress,
+        watch, progress, reference,
     )
     loaded, net, plan = prep.loaded, prep.loaded.model, prep.plan
     stored = loaded.stored_dtype
@@ -470,7 +489,10 @@ def prune(
 
     accuracy = None
     if prep.eval_windows is not None and prep.reference is not None:
-        accuracy = _evaluate(net, loaded.source.kind, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress)
+        accuracy = _evaluate(
+            net, loaded.source.kind, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress,
+            _reference_name(reference),
+        )
         prep.reference = None
 
     sparse_names = [layer.name for layer in result.layers]
@@ -596,8 +618,8 @@ def distill(
     from squeeze.distill import cache as logit_cache
     from squeeze.distill.checkpoint import CheckpointDir, TrainingState, default_checkpoint_dir
     from squeeze.distill.student import (
-        check_same_vocabulary, check_vocab_sizes, default_layer_map, derive_student, parse_student, pruning_masks, resolve_layers,
-        teacher_depth,
+        check_layer_map, check_same_vocabulary, check_vocab_sizes, default_layer_map, derive_student, parse_student, pruning_masks,
+        resolve_layers, teacher_depth,
     )
     from squeeze.distill.trainer import (
         Distillable, TrainInputs, WindowOrder, autocast_for, final_student, start_processes, stop_processes, train,
@@ -628,19 +650,10 @@ def distill(
     layer_map = config.layer_map
     if config.hidden_loss is not None and not layer_map:
         layer_map = default_layer_map(spec, depth, student_depth)
-    for s, t in layer_map:
-        if s >= student_depth or t >= depth:
-            raise SqueezeError(f"layer map pair {s}:{t} is out of range: the student has {student_depth} blocks, the teacher {depth}")
+    check_layer_map(layer_map, student_depth, depth)
     if teacher_cache is not None:
         teacher_cache = Path(teacher_cache)
-        if not causal:
-            raise SqueezeError("a teacher cache stores language-model logits; an encoder teacher has none (drop --teacher-cache)")
-        if config.alpha == 0:
-            raise SqueezeError("alpha 0 trains on cross-entropy alone: there are no teacher logits to cache (drop --teacher-cache)")
-        if config.hidden_loss is not None:
-            raise SqueezeError("the hidden-state loss needs the live teacher's hidden states; drop --teacher-cache or --hidden-loss")
-        if teacher_cache.exists() and not logit_cache.is_cache(teacher_cache):
-            raise SqueezeError(f"teacher cache {teacher_cache} exists but is not a squeeze teacher cache (no {logit_cache.META_FILE})")
+        logit_cache.check_cache_use(teacher_cache, config, causal)
     load_documents(data)
     if evaluate:
         load_documents(eval_data or data)

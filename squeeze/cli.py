@@ -86,7 +86,7 @@ def quantize(
     method: Annotated[str, typer.Option(help="rtn (round-to-nearest, no data), gptq, awq (weight-only, activation-aware scales) or smoothquant (W8A8); all but rtn calibrate block by block.")] = "rtn",
     mode: Annotated[Optional[str], typer.Option(help="Weight scales: per-tensor, per-channel (per output row) or per-group (default per-channel; per-group for awq).")] = None,
     bits: Annotated[Optional[int], typer.Option(help="Weight bits, 2..8 (default 8; 4 for awq).")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128; for awq, 128 where it divides every layer, else 64, 32 or 16).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Input columns per scale with --mode per-group (default 128 where it divides every targeted layer, else 64, 32 or 16).")] = None,
     asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric weights (scale and zero point); default symmetric, asymmetric for awq.")] = None,
     act: Annotated[str, typer.Option(help="Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")] = "none",
     act_asym: Annotated[bool, typer.Option("--act-asym", help="Asymmetric activations (scale and zero point).")] = False,
@@ -119,44 +119,18 @@ def quantize(
 ) -> None:
     """Quantize (round-to-nearest, GPTQ, AWQ or SmoothQuant) to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
     from squeeze.api import quantize as run_quantize
-    from squeeze.quant.apply import QuantizeConfig
-    from squeeze.quant.scheme import scheme_from_options
-    from squeeze.quant.targets import DEFAULT_IGNORE
+    from squeeze.recipes import QuantizeStage
 
     _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--calib-samples", calib_samples))
-    # AWQ's usual scheme is W4 group-wise asymmetric, NF4's is 4-bit blocks of 64; explicit options always win
-    weight_only_low_bit = method == "awq"
-    if fmt == "bnb-nf4":
-        mode, bits = mode or "per-group", bits or 4
-        group_size = group_size or (64 if mode == "per-group" else None)
-    mode = mode or ("per-group" if weight_only_low_bit else "per-channel")
-    if weight_only_low_bit and mode == "per-group" and group_size is None:
-        from squeeze.api import default_group_size
-
-        ignored = tuple(ignore) if ignore is not None else DEFAULT_IGNORE
-        group_size = _run(default_group_size, model, tuple(target), ignored, trust_remote_code)
-    bits = bits if bits is not None else (4 if weight_only_low_bit else 8)
-    asym = asym if asym is not None else weight_only_low_bit
-    scheme = _run(
-        scheme_from_options, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, scale_dtype=scale_dtype,
-        act_asym=act_asym, checkpoint=fmt,
+    stage = QuantizeStage(
+        method=method, mode=mode, bits=bits, group_size=group_size, asym=asym, act=act, act_asym=act_asym,
+        scale_dtype=scale_dtype, damp_percent=damp_percent, block_size=block_size, act_order=act_order,
+        true_sequential=true_sequential, awq_grid=awq_grid, awq_clip=awq_clip, alpha=alpha, smooth_fallback=smooth_fallback,
+        format=fmt, targets=tuple(target), ignore=tuple(ignore) if ignore is not None else None,
     )
-    config = _run(
-        QuantizeConfig,
-        scheme=scheme,
-        targets=tuple(target),
-        ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE,
-        method=method,
-        damp_percent=damp_percent,
-        block_size=block_size,
-        act_order=act_order,
-        true_sequential=true_sequential,
-        awq_grid=awq_grid,
-        awq_clip=awq_clip,
-        alpha=alpha,
-        smooth_fallback=smooth_fallback,
-        format=fmt,
-    )
+    shapes = _run(_meta_model, model, trust_remote_code) if stage.needs_shapes else None
+    config = _run(stage.config, shapes)
+    scheme, mode = config.scheme, stage.resolved(None).mode
     if out_dir is None:
         stem = _model_stem(model)
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
@@ -189,22 +163,31 @@ def _print_report(report, out_dir: Path, written: str, as_json: bool, quiet: boo
         out.print(f"wrote {out_dir}/ ({written})")
 
 
+def _meta_model(model: str, trust_remote_code: bool):
+    """The model's layers on the meta device (shapes only, no weights read)."""
+    from squeeze.models import meta_model, resolve_model
+
+    return meta_model(resolve_model(model, trust_remote_code=trust_remote_code))
+
+
 def _model_stem(model: str) -> str:
     """The model's name for a default output directory: file stem of a GGUF, last path part otherwise."""
     return Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
 
 
-def _layer_sparsity(entries: list[str]) -> tuple[tuple[str, float], ...]:
-    parsed = []
+def _layer_sparsity(entries: list[str]) -> dict[str, float]:
+    """PATTERN=SPARSITY entries in order; a pattern given twice moves to its last place (the last match wins)."""
+    parsed: dict[str, float] = {}
     for entry in entries:
         pattern, sep, value = entry.rpartition("=")
         try:
             if not sep or not pattern:
                 raise ValueError
-            parsed.append((pattern, float(value)))
+            parsed.pop(pattern, None)
+            parsed[pattern] = float(value)
         except ValueError:
             _fail(f"--layer-sparsity takes PATTERN=SPARSITY (for example '*.self_attn.*=0.3'), got {entry!r}")
-    return tuple(parsed)
+    return parsed
 
 
 @app.command()
@@ -238,26 +221,17 @@ def prune(
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
     from squeeze.api import prune as run_prune
-    from squeeze.prune.apply import PruneConfig
-    from squeeze.quant.targets import DEFAULT_IGNORE
+    from squeeze.recipes import PruneStage
 
     _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size))
     if calib_samples < 0:
         _fail(f"--calib-samples must not be negative, got {calib_samples}")
-    config = _run(
-        PruneConfig,
-        method=method,
-        sparsity=sparsity,
-        pattern=pattern,
-        scope=scope,
-        layer_sparsity=_layer_sparsity(layer_sparsity),
-        sparsity_ramp=sparsity_ramp,
-        targets=tuple(target),
-        ignore=tuple(ignore) if ignore is not None else DEFAULT_IGNORE,
-        format=fmt,
-        block_size=block_size,
-        damp_percent=damp_percent,
+    stage = PruneStage(
+        method=method, sparsity=sparsity, pattern=pattern, scope=scope, layer_sparsity=_layer_sparsity(layer_sparsity),
+        sparsity_ramp=sparsity_ramp, targets=tuple(target), ignore=tuple(ignore) if ignore is not None else None,
+        format=fmt, block_size=block_size, damp_percent=damp_percent,
     )
+    config = _run(stage.config)
     if out_dir is None:
         stem = _model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
@@ -272,7 +246,7 @@ def prune(
 @app.command()
 def distill(
     teacher: Annotated[str, typer.Argument(help="The model to imitate: built-in name, HF directory, .gguf file or hub id.")],
-    student: Annotated[str, typer.Argument(help="layers:K (K evenly spaced teacher blocks, teacher weights), layers:I,J,... (those blocks), width:F (hidden/MLP sizes x F, random init), or a model path (e.g. a squeeze prune output: its zeros are kept).")],
+    student: Annotated[str, typer.Argument(help="layers:K (K evenly spaced teacher blocks, teacher weights), layers:I,J,... (those blocks), depth:F (that share of the blocks, e.g. depth:0.5), width:F (hidden/MLP sizes x F, random init), or a model path (e.g. a squeeze prune output: its zeros are kept).")],
     data: Annotated[str, typer.Option(help="Training text (its training side) and, unless --eval-data, evaluation text (its held-out side): wikipedia, bbc, shakespeare, or a .txt file/folder.")] = "wikipedia",
     eval_data: Annotated[Optional[str], typer.Option(help="Evaluation text, if not the held-out side of --data.")] = None,
     temperature: Annotated[float, typer.Option(help="KD temperature τ: both distributions are softened by it; the KD term is scaled by τ².")] = 2.0,
@@ -317,25 +291,22 @@ def distill(
 
     from squeeze.api import distill as run_distill
     from squeeze.distill.checkpoint import default_checkpoint_dir
-    from squeeze.distill.config import DistillConfig, parse_layer_map
+    from squeeze.recipes import DistillStage
 
     _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum))
     if steps is not None and tokens is not None:
         _fail("give --steps or --tokens, not both")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tokens is not None:
-        if not tokens >= 1:
-            _fail(f"--tokens must be at least 1, got {tokens:g}")
-        per_step = batch_size * grad_accum * world * seq_len
-        steps = -(-int(tokens) // per_step)
-    config = _run(
-        DistillConfig,
-        temperature=temperature, alpha=alpha, steps=100 if steps is None else steps, batch_size=batch_size,
+    if tokens is not None and not tokens >= 1:
+        _fail(f"--tokens must be at least 1, got {tokens:g}")
+    stage = DistillStage.model_construct(
+        teacher=teacher, student=student, data=data, temperature=temperature, alpha=alpha, steps=steps, tokens=tokens,
         grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup, min_lr_ratio=min_lr_ratio,
         max_grad_norm=max_grad_norm, seed=seed, precision=precision, hidden_loss=hidden_loss, hidden_weight=hidden_weight,
-        layer_map=_run(parse_layer_map, layer_map) if layer_map else (), embedding_loss=embedding_loss,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, eval_every=eval_every, cache_topk=cache_topk, cache_samples=cache_samples, fsdp=fsdp,
+        layer_map=layer_map, embedding_loss=embedding_loss, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, eval_every=eval_every, teacher_cache=None, cache_topk=cache_topk,
+        cache_samples=cache_samples, batch_size=batch_size,
     )
+    config = _run(stage.config, seq_len, int(os.environ.get("WORLD_SIZE", "1")), fsdp)
     if out_dir is None:
         out_dir = Path(f"{_model_stem(teacher)}-distill-{_model_stem(student).replace(':', '').replace(',', '-')}")
     main_process = os.environ.get("RANK", "0") == "0"

@@ -59,6 +59,7 @@ class AccuracyReport:
     top1_agreement: float | None = None
     embedding_cosine_mean: float | None = None
     embedding_cosine_min: float | None = None
+    reference: str | None = None  # what the "before" numbers and the KL are measured on, when not the pass's input
 
     @property
     def perplexity_change(self) -> float | None:
@@ -257,9 +258,11 @@ def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]
     rows = []
     a = report.accuracy
     if a is not None:
+        reference = a.reference or reference
         if a.perplexity_before is not None:
             change = a.perplexity_change
-            rows.append(("perplexity", _fmt(a.perplexity_before, ".3f"), f"{_fmt(a.perplexity_after, '.3f')} ({change:+.2%})"))
+            label = f"perplexity (before: {a.reference})" if a.reference else "perplexity"
+            rows.append((label, _fmt(a.perplexity_before, ".3f"), f"{_fmt(a.perplexity_after, '.3f')} ({change:+.2%})"))
             rows.append((f"KL divergence vs {reference} (nats/token)", "0", _fmt(a.kl_divergence, ".5f")))
             rows.append(("top-1 token agreement", "100%", f"{100 * (a.top1_agreement or 0):.2f}%"))
         if a.embedding_cosine_mean is not None:

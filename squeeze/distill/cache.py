@@ -53,6 +53,18 @@ def is_cache(folder: Path) -> bool:
 
 
 @torch.no_grad()
+def check_cache_use(folder: Path, config, causal: bool) -> None:
+    """SqueezeError when a teacher cache cannot serve this run (cheap: before anything loads)."""
+    if not causal:
+        raise SqueezeError("a teacher cache stores language-model logits; an encoder teacher has none (drop --teacher-cache)")
+    if config.alpha == 0:
+        raise SqueezeError("alpha 0 trains on cross-entropy alone: there are no teacher logits to cache (drop --teacher-cache)")
+    if config.hidden_loss is not None:
+        raise SqueezeError("the hidden-state loss needs the live teacher's hidden states; drop --teacher-cache or --hidden-loss")
+    if folder.exists() and not is_cache(folder):
+        raise SqueezeError(f"teacher cache {folder} exists but is not a squeeze teacher cache (no {META_FILE})")
+
+
 def build_cache(
     teacher: torch.nn.Module,
     windows: torch.Tensor,

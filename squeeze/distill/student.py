@@ -1,7 +1,8 @@
 """The student: a spec derived from the teacher (fewer blocks, narrower) or a model of its own.
 
 ``layers:K`` keeps K of the teacher's blocks, evenly spaced from the first to the last, with their
-weights (the DistilBERT initialisation); ``layers:0,7,14`` names the blocks. ``width:F`` builds a
+weights (the DistilBERT initialisation); ``layers:0,7,14`` names the blocks; ``depth:F`` keeps
+that share of the blocks (``depth:0.5``: half, rounded), spaced like ``layers:K``. ``width:F`` builds a
 model of the teacher's family with hidden and MLP sizes scaled by F and random weights. Anything
 else is a model path or built-in name, loaded like any squeeze input; if its Linear layers hold
 exact zeros (a pruned checkpoint) those zeros are kept through training.
@@ -26,11 +27,14 @@ class StudentSpec:
     kind: str  # "layers", "width" or "model"
     layers: tuple[int, ...] = ()  # kept teacher blocks (kind "layers"), filled in by resolve_layers
     count: int = 0  # layers:K before the teacher's depth is known
+    share: float = 0.0  # depth:F before the teacher's depth is known
     width: float = 1.0
     model: str = ""
 
     def describe(self) -> str:
         if self.kind == "layers":
+            if self.share and not self.layers:
+                return f"{self.share:g} of the teacher's blocks"
             return f"{len(self.layers) or self.count} teacher blocks" + (f" {list(self.layers)}" if self.layers else "")
         if self.kind == "width":
             return f"width x{self.width:g}, random init"
@@ -38,8 +42,16 @@ class StudentSpec:
 
 
 def parse_student(spec: str) -> StudentSpec:
-    """``layers:K``, ``layers:I,J,...``, ``width:F`` or a model (checked when loaded)."""
+    """``layers:K``, ``layers:I,J,...``, ``depth:F``, ``width:F`` or a model (checked when loaded)."""
     head, sep, rest = spec.partition(":")
+    if sep and head == "depth":
+        try:
+            share = float(rest)
+        except ValueError:
+            share = 0.0
+        if not 0 < share <= 1:
+            raise SqueezeError(f"student spec {spec!r}: depth:F keeps a share of the teacher's blocks, in (0, 1], e.g. depth:0.5")
+        return StudentSpec("layers", share=share)
     if sep and head == "layers":
         items = [item.strip() for item in rest.split(",")]
         if not all(item.isdigit() for item in items):
@@ -67,6 +79,8 @@ def resolve_layers(spec: StudentSpec, depth: int) -> StudentSpec:
     """Fill in which teacher blocks a ``layers:`` student keeps; SqueezeError if they do not exist."""
     if spec.kind != "layers":
         return spec
+    if spec.share:
+        spec = StudentSpec("layers", count=max(1, round(spec.share * depth)))
     if spec.layers:
         if spec.layers[-1] >= depth:
             raise SqueezeError(f"student keeps teacher block {spec.layers[-1]}, but the teacher has blocks 0..{depth - 1}")
@@ -77,6 +91,13 @@ def resolve_layers(spec: StudentSpec, depth: int) -> StudentSpec:
         return StudentSpec("layers", layers=(depth - 1,), count=1)
     kept = tuple(round(i * (depth - 1) / (spec.count - 1)) for i in range(spec.count))
     return StudentSpec("layers", layers=kept, count=spec.count)
+
+
+def check_layer_map(layer_map: tuple[tuple[int, int], ...], student_depth: int, depth: int) -> None:
+    """SqueezeError for a (student block, teacher block) pair that does not exist."""
+    for s, t in layer_map:
+        if s >= student_depth or t >= depth:
+            raise SqueezeError(f"layer map pair {s}:{t} is out of range: the student has {student_depth} blocks, the teacher {depth}")
 
 
 def teacher_depth(model: nn.Module) -> int:
