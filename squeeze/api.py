@@ -947,3 +947,196 @@ def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwat
         )
         write_report(report, tmp)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def plan_run(
+    recipe, model: str, data: str | None = None, eval_tokens: int | None = None, seq_len: int | None = None,
+    dtype: str = "float32", evaluate: bool = True, trust_remote_code: bool = False,
+):
+    """The recipe (a file, a Recipe or a list of stage options) with the run's overrides, and its
+    checked plan; nothing is loaded but the model's config. RecipeError lists every problem."""
+    import dataclasses
+
+    from squeeze.recipes import Recipe, load_recipe, plan_recipe, recipe_from_stages
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = recipe_from_stages(list(recipe))
+    overrides = {k: v for k, v in (("data", data), ("eval_tokens", eval_tokens), ("seq_len", seq_len)) if v is not None}
+    for key in ("eval_tokens", "seq_len"):
+        if key in overrides and overrides[key] < 1:
+            raise SqueezeError(f"--{key.replace('_', '-')} must be at least 1, got {overrides[key]}")
+    recipe = dataclasses.replace(recipe, **overrides)
+    compute_dtype = resolve_dtype(dtype)
+    return recipe, plan_recipe(recipe, model, trust_remote_code, evaluate, compute_dtype.itemsize)
+
+
+STAGE_FILE = "stage.json"  # written into a stage folder once it is complete: what made it
+
+
+def run_recipe(
+    recipe,
+    model: str,
+    out: Path,
+    data: str | None = None,
+    eval_tokens: int | None = None,
+    seq_len: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    evaluate: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+    on_stage: Callable | None = None,
+) -> dict:
+    """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
+
+    ``recipe`` is a YAML file, a Recipe, or a list of stage options (QuantizeStage, PruneStage,
+    DistillStage). ``data``, ``eval_tokens`` and ``seq_len`` override the recipe's. Stage N reads
+    what stage N-1 wrote and is scored against ``model``. Stages are written into ``OUT.partial/``
+    (each stage folder atomically), which becomes ``out`` with summary.json/md/png at the end. If a
+    stage fails or is interrupted, the finished ones stay in ``OUT.partial`` and ``resume``
+    continues from the first stage whose folder is missing or was made from other settings (a
+    distill stage also continues from its checkpoints). ``on_stage(planned)`` is called as each
+    stage starts or is reused.
+    """
+    import json
+    import shutil
+
+    from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
+    from squeeze.evaluate import reset_peak_rss
+    from squeeze.recipes import DistillStage, QuantizeStage
+
+    progress = progress or NullProgress()
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    resolve_device(device)
+    recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
+    staging = out.parent / f"{out.name}.partial"
+    if staging.exists() and not staging.is_dir():
+        raise SqueezeError(f"{staging} exists and is a file")
+    if resume and not staging.is_dir():
+        raise SqueezeError(f"nothing to resume: {staging} does not exist")
+    if staging.exists() and not resume:
+        if not overwrite:
+            raise SqueezeError(f"{staging} holds the stages of an unfinished run: pass --resume to continue it, or --overwrite to start over")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "model": model, "data": recipe.data, "eval_tokens": recipe.eval_tokens, "seq_len": recipe.seq_len,
+        "dtype": dtype, "evaluate": evaluate,
+    }
+    reports: list[dict] = []
+    reusing = True
+    try:
+        for entry in plan:
+            folder = staging / entry.folder
+            stages = [{p.stage.pass_name: p.stage.model_dump(mode="json")} for p in plan[: entry.index + 1]]
+            identity = json.loads(json.dumps({"settings": settings, "stages": stages}))  # as stage.json holds it
+            done = folder / STAGE_FILE
+            if reusing and done.is_file() and json.loads(done.read_text()).get("identity") == identity:
+                if on_stage:
+                    on_stage(entry, reused=True)
+                reports.append(json.loads((folder / "report.json").read_text()))
+                continue
+            reusing = False
+            for stale in staging.iterdir():  # this stage and every later one are made again
+                if stale.name[:2].isdigit() and int(stale.name[:2]) > entry.index and not stale.name.endswith(".checkpoints"):
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            if on_stage:
+                on_stage(entry, reused=False)
+            source = model if entry.index == 0 else str(staging / plan[entry.index - 1].folder)
+            stage = entry.stage
+            reset_peak_rss()
+            common = dict(eval_tokens=recipe.eval_tokens, seq_len=recipe.seq_len, device=device, dtype=dtype, evaluate=evaluate,
+                          overwrite=True, trust_remote_code=trust_remote_code, progress=progress)
+            try:
+                if isinstance(stage, DistillStage):
+                    teacher = {"original": model, "previous": source}.get(stage.teacher, stage.teacher)
+                    student = source if stage.student == "previous" else stage.student
+                    checkpoints = CheckpointDir(default_checkpoint_dir(folder))
+                    report = distill(
+                        teacher, student, folder, entry.config, data=stage.data or recipe.data, eval_data=recipe.data,
+                        resume=resume and checkpoints.read_run() is not None,
+                        teacher_cache=Path(stage.teacher_cache) if stage.teacher_cache else None, **common,
+                    )
+                else:
+                    config = entry.config
+                    if isinstance(stage, QuantizeStage) and not entry.shapes_known and stage.needs_shapes:
+                        config = stage.config(meta_model(resolve_model(source, trust_remote_code=trust_remote_code)))
+                    run = quantize if isinstance(stage, QuantizeStage) else prune
+                    report = run(
+                        source, folder, config, data=recipe.data, calibration_data=stage.calib_data,
+                        calibration_samples=stage.calib_samples, batch_size=stage.batch_size, reference=model, **common,
+                    )
+            except SqueezeError as exc:
+                raise SqueezeError(f"stage {entry.index + 1} ({entry.folder}): {exc}") from None
+            assert report is not None
+            reports.append(report.to_dict())
+            done.write_text(json.dumps({"identity": identity, "memory_estimate_bytes": entry.memory_bytes}, indent=1) + "\n")
+        summary = _write_summary(staging, recipe, plan, reports, settings)
+    except BaseException:
+        _keep_finished(staging)
+        raise
+    if out.exists():  # --overwrite: checked up front
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+    return summary
+
+
+def _keep_finished(staging: Path) -> None:
+    """After a failed or interrupted run: drop what is not a finished stage (or a distill stage's
+    checkpoints); drop the folder entirely when nothing finished."""
+    import shutil
+
+    for item in staging.iterdir():
+        finished = (item / STAGE_FILE).is_file() or (item.name.endswith(".checkpoints") and any(item.iterdir()))
+        if not finished:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    if not any(staging.iterdir()):
+        staging.rmdir()
+
+
+def _write_summary(folder: Path, recipe, plan, reports: list[dict], settings: dict) -> dict:
+    """summary.json, summary.md and summary.png: the original and every stage, side by side."""
+    import dataclasses
+    import json
+
+    from squeeze import compare
+
+    rows = [dataclasses.replace(compare.original_row(reports[0]), name=_reference_name(settings["model"]))]
+    original = rows[0].name
+    rows += [
+        compare.stage_row(
+            report, entry.folder, memory_estimate=entry.memory_bytes,
+            compared_with=original if getattr(entry.stage, "teacher", None) == "original" else None,
+        )
+        for entry, report in zip(plan, reports)
+    ]
+    title = f"squeeze recipe {recipe.name}: {settings['model']}"
+    summary = {
+        "recipe": recipe.name,
+        "source": str(recipe.source) if recipe.source else None,
+        "description": recipe.description,
+        "settings": settings,
+        "stages": [{"folder": e.folder, "pass": e.stage.pass_name, "options": e.stage.model_dump(exclude_defaults=True)} for e in plan],
+        "rows": [row.to_dict() for row in rows],
+        "squeeze_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "summary.md").write_text(compare.to_markdown(rows, title))
+    compare.plot(rows, folder / "summary.png", title)
+    return summary

@@ -159,5 +159,16 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    """Peak resident set size of this process so far (or since ``reset_peak_rss``), in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak RSS measurement (Linux: /proc/self/clear_refs), so that each stage of a
+    recipe reports its own peak; False where the system cannot, and the peak stays the process's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
