@@ -1074,7 +1074,8 @@ def run_recipe(
                     run = quantize if isinstance(stage, QuantizeStage) else prune
                     report = run(
                         source, folder, config, data=recipe.data, calibration_data=stage.calib_data,
-                        calibration_samples=stage.calib_samples, batch_size=stage.batch_size, reference=model, **common,
+                        calibration_samples=stage.calib_samples, batch_size=stage.batch_size,
+                        reference=model if entry.index else None, **common,
                     )
             except SqueezeError as exc:
                 raise SqueezeError(f"stage {entry.index + 1} ({entry.folder}): {exc}") from None
@@ -1121,7 +1122,8 @@ def _write_summary(folder: Path, recipe, plan, reports: list[dict], settings: di
     rows += [
         compare.stage_row(
             report, entry.folder, memory_estimate=entry.memory_bytes,
-            compared_with=original if getattr(entry.stage, "teacher", None) == "original" else None,
+            # the first stage's input and a teacher named "original" are the original itself
+            compared_with=original if getattr(entry.stage, "teacher", "original" if entry.index == 0 else None) == "original" else None,
         )
         for entry, report in zip(plan, reports)
     ]

@@ -479,3 +479,48 @@ def report(
     out.print(compare.to_rich(rows, title))
     if files:
         out.print("wrote " + ", ".join(str(f) for f in files))
+
+
+@app.command()
+def bench(
+    suite: Annotated[str, typer.Option(help="ci (the quick cases, run by .ci/run) or full (every case; appended to benchmarks/history/).")] = "ci",
+    cases: Annotated[Path, typer.Option(help="The cases file; baselines/ and history/ sit beside it.")] = Path("benchmarks/cases.yaml"),
+    only: Annotated[list[str], typer.Option(help="Run only this case (repeatable).")] = [],
+    update: Annotated[bool, typer.Option("--update", help="Rewrite the suite's baseline with this run's results (deliberately).")] = False,
+    device: DeviceOption = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Run the regression cases and compare them with the committed baselines; exit 1 when a metric got worse past its tolerance."""
+    from squeeze.bench import run_suite
+
+    progress = NullProgress() if quiet else ConsoleProgress(err)
+
+    def announce(index: int, total: int, case) -> None:
+        if not quiet:
+            err.print(f"[bold]case {index + 1}/{total}[/]: {case.name} ({case.recipe} on {case.model})", highlight=False)
+
+    run = _run(run_suite, cases, suite, tuple(only), update, device, on_case=announce, progress=progress)
+    if as_json:
+        sys.stdout.write(json.dumps([{"case": o.case, "metrics": o.metrics, "regressed": o.regressed} for o in run.outcomes], indent=2) + "\n")
+    else:
+        table = Table(title=f"squeeze bench --suite {suite}: against {run.baseline_file}", title_justify="left")
+        for name in ("case", "metric", "verdict", "baseline", "new", "change", "limit"):
+            table.add_column(name, justify="left" if name in ("case", "metric", "verdict") else "right",
+                             no_wrap=name in ("metric", "verdict"), overflow="fold")
+        styles = {"REGRESSED": "bold red", "better": "green", "new": "yellow"}
+        for outcome in run.outcomes:
+            for metric, old, new, limit, verdict in outcome.rows:
+                change = "-" if old is None or old == 0 else f"{new / old - 1:+.2%}"
+                table.add_row(
+                    outcome.case, metric, f"[{styles[verdict]}]{verdict}[/]" if verdict in styles else verdict,
+                    "-" if old is None else f"{old:,.6g}", f"{new:,.6g}", change, "-" if old is None else f"{limit:,.6g}",
+                )
+        out.print(table)
+        out.print(f"reference op: {run.unit_seconds * 1000:.1f} ms; time_ratio = case seconds / reference op seconds")
+    if update:
+        err.print(f"baseline written: {run.baseline_file}")
+        return
+    if run.regressed:
+        names = sorted({o.case for o in run.outcomes if o.regressed})
+        _fail(f"regression in {', '.join(names)}: a metric is worse than its baseline past the tolerance (rerun with --update only if that is intended)", code=1)
