@@ -41,17 +41,21 @@ class StudentSpec:
         return self.model
 
 
+def _fraction(spec: str, text: str, usage: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise SqueezeError(f"student spec {spec!r}: {usage}")
+    return value
+
+
 def parse_student(spec: str) -> StudentSpec:
     """``layers:K``, ``layers:I,J,...``, ``depth:F``, ``width:F`` or a model (checked when loaded)."""
     head, sep, rest = spec.partition(":")
     if sep and head == "depth":
-        try:
-            share = float(rest)
-        except ValueError:
-            share = 0.0
-        if not 0 < share <= 1:
-            raise SqueezeError(f"student spec {spec!r}: depth:F keeps a share of the teacher's blocks, in (0, 1], e.g. depth:0.5")
-        return StudentSpec("layers", share=share)
+        return StudentSpec("layers", share=_fraction(spec, rest, "depth:F keeps a share of the teacher's blocks, in (0, 1], e.g. depth:0.5"))
     if sep and head == "layers":
         items = [item.strip() for item in rest.split(",")]
         if not all(item.isdigit() for item in items):
@@ -65,13 +69,7 @@ def parse_student(spec: str) -> StudentSpec:
             raise SqueezeError(f"student spec {spec!r}: block indices must be increasing and distinct")
         return StudentSpec("layers", layers=tuple(numbers), count=len(numbers))
     if sep and head == "width":
-        try:
-            factor = float(rest)
-        except ValueError:
-            factor = 0.0
-        if not 0 < factor <= 1:
-            raise SqueezeError(f"student spec {spec!r}: width:F takes a factor in (0, 1], e.g. width:0.5")
-        return StudentSpec("width", width=factor)
+        return StudentSpec("width", width=_fraction(spec, rest, "width:F takes a factor in (0, 1], e.g. width:0.5"))
     return StudentSpec("model", model=spec)
 
 

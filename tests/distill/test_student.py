@@ -27,7 +27,8 @@ def test_layer_specs() -> None:
     assert parse_student("layers:0,2,5").layers == (0, 2, 5)
     assert parse_student("width:0.5") == StudentSpec("width", width=0.5)
     assert parse_student("some/dir").kind == "model"
-    for bad in ("layers:0", "layers:x", "layers:3,1", "layers:2,2", "width:0", "width:1.5", "width:abc"):
+    assert parse_student("depth:0.5") == StudentSpec("layers", share=0.5)
+    for bad in ("layers:0", "layers:x", "layers:3,1", "layers:2,2", "width:0", "width:1.5", "width:abc", "depth:0", "depth:2", "depth:x"):
         with pytest.raises(SqueezeError):
             parse_student(bad)
 
@@ -41,6 +42,10 @@ def test_layers_are_evenly_spaced_from_first_to_last() -> None:
         resolve_layers(parse_student("layers:7"), 6)
     with pytest.raises(SqueezeError, match="0..5"):
         resolve_layers(parse_student("layers:1,6"), 6)
+    # depth:F is layers:round(F x depth), at least one block
+    assert resolve_layers(parse_student("depth:0.5"), 30) == resolve_layers(parse_student("layers:15"), 30)
+    assert resolve_layers(parse_student("depth:0.01"), 6).layers == (5,)
+    assert resolve_layers(parse_student("depth:1"), 4).layers == (0, 1, 2, 3)
 
 
 def test_kept_blocks_carry_the_teachers_weights(tiny_llama4_dir) -> None:
