@@ -392,15 +392,9 @@ def add_run_options(parser, configs: list[str], results: Path) -> None:
 
 def update_readme(section: str, name: str = "quantize_rtn") -> None:
     """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in benchmarks/README.md."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = README.read_text() if README.exists() else ""
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n## {name}\n\n" + block + "\n"
-    README.write_text(text)
+    from squeeze.bench import replace_section
+
+    replace_section(README, name, section)
 
 
 def main() -> None:

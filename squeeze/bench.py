@@ -217,6 +217,43 @@ class BenchRun:
         }
 
 
+def replace_section(file: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in a markdown file
+    (a new ``## name`` section at the end when the markers are not there yet)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    current = file.read_text() if file.exists() else ""
+    block = f"{start}\n{text}\n{end}"
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip() + f"\n\n## {name}\n\n" + block + "\n"
+    file.write_text(current)
+
+
+def baseline_table(record: dict[str, Any]) -> str:
+    """Markdown table of a suite's baseline, with the machine and commit it was measured on."""
+    lines = [
+        f"Baseline of `squeeze bench --suite {record['suite']}`, measured {record['created']} at commit {record['commit']} "
+        f"on {record['machine']}; reference op {record['reference_op_seconds'] * 1000:.1f} ms.",
+        "",
+        "| case | perplexity | KL vs original | top-1 | MiB on disk | seconds | time ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in sorted(record["cases"].items()):
+        cells = [
+            name,
+            f"{m['perplexity']:.3f}" if "perplexity" in m else "-",
+            f"{m['kl_divergence']:.4f}" if "kl_divergence" in m else "-",
+            f"{100 * m['top1_agreement']:.2f}%" if "top1_agreement" in m else "-",
+            f"{m['disk_bytes'] / 2**20:,.1f}",
+            f"{m['seconds']:,.1f}",
+            f"{m['time_ratio']:,.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_suite(
     cases_path: Path, suite: str, only: tuple[str, ...] = (), update: bool = False, device: str = "cpu",
     on_case=None, progress=None,
@@ -260,6 +297,7 @@ def run_suite(
         baseline_file.parent.mkdir(parents=True, exist_ok=True)
         record["cases"] = kept | record["cases"]
         baseline_file.write_text(json.dumps(record, indent=2) + "\n")
+        replace_section(cases_path.parent / "README.md", f"bench-{suite}", baseline_table(record))
     if suite == "full":
         history = cases_path.parent / "history"
         history.mkdir(exist_ok=True)

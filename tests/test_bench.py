@@ -66,6 +66,7 @@ def test_a_worsened_gptq_fails_the_suite(cases: Path, monkeypatch) -> None:
     baseline = json.loads((cases.parent / "baselines" / "ci.json").read_text())
     assert set(baseline["cases"]) == {"tiny-gptq"} and baseline["reference_op_seconds"] > 0
     assert baseline["cases"]["tiny-gptq"]["kl_divergence"] > 0
+    assert "| tiny-gptq |" in (cases.parent / "README.md").read_text()  # the baseline's table, beside the cases
 
     result = runner.invoke(app, ["bench", "--cases", str(cases)])  # the same code again: within tolerance
     assert result.exit_code == 0, result.output
