@@ -1013,8 +1013,12 @@ def run_recipe(
     from squeeze.evaluate import reset_peak_rss
     from squeeze.recipes import DistillStage, QuantizeStage
 
+    import os
+
     progress = progress or NullProgress()
     out = Path(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SqueezeError("squeeze run is one process; to distill under torchrun, run that stage with squeeze distill")
     check_output_dir(out, overwrite)
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
@@ -1047,8 +1051,9 @@ def run_recipe(
                 reports.append(json.loads((folder / "report.json").read_text()))
                 continue
             reusing = False
-            for stale in staging.iterdir():  # this stage and every later one are made again
-                if stale.name[:2].isdigit() and int(stale.name[:2]) > entry.index and not stale.name.endswith(".checkpoints"):
+            for stale in staging.iterdir():  # this stage and every later one are made again (a distill stage may resume)
+                number = int(stale.name[:2]) if stale.name[:2].isdigit() else 0
+                if number > entry.index + 1 or (number == entry.index + 1 and not stale.name.endswith(".checkpoints")):
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
             if on_stage:
                 on_stage(entry, reused=False)

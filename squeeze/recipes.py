@@ -241,9 +241,9 @@ class Recipe:
     lines: dict[tuple, int] = field(default_factory=dict, compare=False)
 
     def where(self, *path: Any) -> str:
-        """``file:line: `` for the deepest part of ``path`` the file has, or ``stage N: `` without a file."""
+        """``file:line: `` for the deepest part of ``path`` the file has ("" for a recipe built in Python)."""
         if self.source is None:
-            return f"stage {path[1] + 1}: " if len(path) > 1 and path[0] == "stages" else ""
+            return ""
         for end in range(len(path), -1, -1):
             if path[:end] in self.lines:
                 return f"{self.source}:{self.lines[path[:end]]}: "
@@ -380,15 +380,28 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def recipe_from_stages(stages: list[StageOptions], name: str = "recipe", **settings: Any) -> Recipe:
-    """A Recipe from Python stage objects, e.g. ``[PruneStage(method="wanda", pattern="2:4"),
-    QuantizeStage(method="gptq", bits=4, mode="per-group")]``."""
-    for index, stage in enumerate(stages):
-        if not isinstance(stage, _Options):
-            raise RecipeError([f"stage {index + 1}: {stage!r} is not a pass (QuantizeStage, PruneStage or DistillStage)"])
+def recipe_from_stages(stages: list, name: str = "recipe", **settings: Any) -> Recipe:
+    """A Recipe from Python: stage objects, e.g. ``[PruneStage(method="wanda", pattern="2:4"),
+    QuantizeStage(method="gptq", bits=4, mode="per-group")]``, or mappings as in a YAML file
+    (``{"prune": {"method": "wanda"}}``); RecipeError lists every problem."""
     if not stages:
         raise RecipeError(["a recipe needs at least one stage"])
-    return Recipe(stages=tuple(stages), name=name, **settings)
+    probe = Recipe(stages=())
+    built: list[StageOptions] = []
+    problems: list[str] = []
+    for index, stage in enumerate(stages):
+        if isinstance(stage, dict) and len(stage) == 1 and next(iter(stage)) in STAGE_TYPES:
+            (pass_name, options), = stage.items()
+            stage, found = build_stage(pass_name, options if options is not None else {}, probe, ("stages", index, pass_name))
+            problems += found
+        elif not isinstance(stage, _Options):
+            problems.append(f"stage {index + 1}: {stage!r} is not a pass (QuantizeStage, PruneStage, DistillStage or {{'quantize': {{...}}}})")
+            continue
+        if stage is not None:
+            built.append(stage)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(stages=tuple(built), name=name, **settings)
 
 
 def stage_folder(index: int, stage: StageOptions) -> str:

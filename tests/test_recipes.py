@@ -172,8 +172,13 @@ def test_stages_from_python_and_stage_reports_against_the_original(tmp_path: Pat
     assert quantized["accuracy"]["perplexity_before"] == pytest.approx(pruned["accuracy"]["perplexity_before"])
     assert quantized["accuracy"]["reference"].startswith("original")
     assert quantized["size"]["disk_bytes_before"] == pruned["size"]["disk_bytes_before"]  # sizes: the input, held dense
-    with pytest.raises(RecipeError, match="not a pass"):
-        api.run_recipe([{"prune": {}}], str(tiny_llama_dir), tmp_path / "other")
+    # mappings as in a YAML file work too, with the same checks
+    as_dicts = recipe_from_stages([{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": None}])
+    assert as_dicts.stages == (PruneStage(method="magnitude", sparsity=0.5), QuantizeStage())
+    with pytest.raises(RecipeError) as caught:
+        recipe_from_stages([{"prune": {"sparsty": 0.5}}, 5])
+    assert caught.value.problems[0].startswith("stage 1 (prune): unknown option 'sparsty'")
+    assert "not a pass" in caught.value.problems[1]
 
 
 def test_interrupted_run_keeps_finished_stages_and_resumes(tmp_path: Path, tiny_llama_dir: Path, small_text: Path, monkeypatch) -> None:
