@@ -161,13 +161,17 @@ def derive_student(teacher: nn.Module, spec: StudentSpec, seed: int) -> nn.Modul
 
 
 def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Keep-masks (True where a weight may be nonzero) of the Linear layers that were pruned."""
+    """Keep-masks (True where a weight may be nonzero) of the Linear layers that were pruned, by
+    parameter name. A head tied to the embeddings is never pruned (the prune pass refuses it), so
+    its zeros (a dequantized GGUF's grid holds some) are left free."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in embeddings:
             keep = module.weight != 0
             if (~keep).sum() >= PRUNED_LAYER_SHARE * keep.numel():
-                masks[f"{name}.weight"] = keep
+                masks[names[id(module.weight)]] = keep
     return masks
 
 

@@ -19,7 +19,7 @@ from squeeze.distill.student import (
     resolve_layers,
 )
 from squeeze.errors import SqueezeError
-from squeeze.models import load_model
+from squeeze.models import load_model, resolve_model
 
 
 def test_layer_specs() -> None:
@@ -73,6 +73,15 @@ def test_narrow_student_is_random_and_smaller(tiny_llama4_dir) -> None:
     assert cfg.hidden_size // cfg.num_attention_heads == 16  # head dimension kept
     assert cfg.vocab_size == teacher.config.vocab_size
     assert torch.equal(student.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight)  # seeded
+
+
+def test_pruning_masks_leave_a_tied_head_alone(tiny_llama4_dir) -> None:
+    net = load_model(resolve_model(str(tiny_llama4_dir))).model
+    assert net.lm_head.weight is net.model.embed_tokens.weight
+    with torch.no_grad():
+        net.model.embed_tokens.weight[:, ::8] = 0  # 12.5% exact zeros in the shared matrix
+        net.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
+    assert set(pruning_masks(net)) == {"model.layers.0.mlp.up_proj.weight"}
 
 
 def test_pruning_masks_find_pruned_layers_only() -> None:
