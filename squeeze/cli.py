@@ -410,6 +410,12 @@ def run(
         out.print(f"wrote {out_dir}/ (one folder per stage, summary.md, summary.json, summary.png)")
 
 
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.6g}"
+
+
 def _print_plan(recipe, plan, model: str, out_dir: Path, evaluate: bool, as_json: bool) -> None:
     def settings(stage) -> str:
         options = stage.model_dump(exclude_defaults=True)
@@ -514,7 +520,7 @@ def bench(
                 change = "-" if old is None or old == 0 else f"{new / old - 1:+.2%}"
                 table.add_row(
                     outcome.case, metric, f"[{styles[verdict]}]{verdict}[/]" if verdict in styles else verdict,
-                    "-" if old is None else f"{old:,.6g}", f"{new:,.6g}", change, "-" if old is None else f"{limit:,.6g}",
+                    _number(old), _number(new), change, "-" if old is None else _number(limit),
                 )
         out.print(table)
         out.print(f"reference op: {run.unit_seconds * 1000:.1f} ms; time_ratio = case seconds / reference op seconds")
