@@ -234,11 +234,11 @@ def replace_section(file: Path, name: str, text: str) -> None:
 def baseline_table(record: dict[str, Any]) -> str:
     """Markdown table of a suite's baseline, with the machine and commit it was measured on."""
     lines = [
-        f"Baseline of `squeeze bench --suite {record['suite']}`, measured {record['created']} at commit {record['commit']} "
-        f"on {record['machine']}; reference op {record['reference_op_seconds'] * 1000:.1f} ms.",
+        f"Baseline of `squeeze bench --suite {record['suite']}` on {record['machine']}; last updated {record['created']} "
+        f"at commit {record['commit']} (reference op {record['reference_op_seconds'] * 1000:.1f} ms in that run).",
         "",
-        "| case | perplexity | KL vs original | top-1 | MiB on disk | seconds | time ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| case | perplexity | KL vs original | top-1 | MiB on disk | seconds | time ratio | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in sorted(record["cases"].items()):
         cells = [
@@ -249,6 +249,7 @@ def baseline_table(record: dict[str, Any]) -> str:
             f"{m['disk_bytes'] / 2**20:,.1f}",
             f"{m['seconds']:,.1f}",
             f"{m['time_ratio']:,.0f}",
+            record.get("measured", {}).get(name, "-"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -293,8 +294,11 @@ def run_suite(
     run = BenchRun(suite, outcomes, unit, baseline_file, baseline)
     record = run.record(cases_path)
     if update:
-        kept = {} if baseline is None else {k: v for k, v in baseline.get("cases", {}).items() if k not in record["cases"]}
+        old_cases = {} if baseline is None else baseline.get("cases", {})
+        kept = {k: v for k, v in old_cases.items() if k not in record["cases"]}
+        measured = {k: v for k, v in (baseline or {}).get("measured", {}).items() if k in kept}
         baseline_file.parent.mkdir(parents=True, exist_ok=True)
+        record["measured"] = measured | {name: f"{record['created']} at {record['commit']}" for name in record["cases"]}
         record["cases"] = kept | record["cases"]
         baseline_file.write_text(json.dumps(record, indent=2) + "\n")
         replace_section(cases_path.parent / "README.md", f"bench-{suite}", baseline_table(record))
