@@ -1007,13 +1007,12 @@ def run_recipe(
     stage starts or is reused.
     """
     import json
+    import os
     import shutil
 
     from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
     from squeeze.evaluate import reset_peak_rss
     from squeeze.recipes import DistillStage, QuantizeStage
-
-    import os
 
     progress = progress or NullProgress()
     out = Path(out)
@@ -1083,7 +1082,8 @@ def run_recipe(
                         reference=model if entry.index else None, **common,
                     )
             except SqueezeError as exc:
-                raise SqueezeError(f"stage {entry.index + 1} ({entry.folder}): {exc}") from None
+                kept = f"; the finished stages are kept in {staging}: rerun with --resume to continue" if entry.index else ""
+                raise SqueezeError(f"stage {entry.index + 1} ({entry.folder}): {exc}{kept}") from None
             assert report is not None
             reports.append(report.to_dict())
             done.write_text(json.dumps({"identity": identity, "memory_estimate_bytes": entry.memory_bytes}, indent=1) + "\n")

@@ -275,3 +275,13 @@ def test_cli_run_and_report(tmp_path: Path, tiny_llama_dir: Path, small_text: Pa
     assert result.exit_code == 2 and "already exists" in result.output
     result = runner.invoke(app, ["report", str(tmp_path), "--no-plot"])
     assert result.exit_code == 2 and "neither summary.json" in result.output
+
+
+def test_a_failing_later_stage_names_what_was_kept(tmp_path: Path, tiny_llama_dir: Path, small_text: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise SqueezeError("disk full")
+
+    monkeypatch.setattr(api, "quantize", broken)
+    with pytest.raises(SqueezeError, match=r"stage 2 \(02-quantize-rtn-w8a16\): disk full; the finished stages are kept in .*out\.partial.*--resume"):
+        api.run_recipe([PruneStage(sparsity=0.5), QuantizeStage()], str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
+    assert sorted(p.name for p in (tmp_path / "out.partial").iterdir()) == ["01-prune-magnitude-50"]
