@@ -214,6 +214,7 @@ def plot(rows: list[Row], file: Path, title: str) -> None:
         for row in members:
             ax.annotate(row.name, (row.disk_bytes / MIB, row.perplexity), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("size on disk (MiB)")
+    ax.margins(x=0.15, y=0.08)  # room for the labels at the edges
     values = [r.perplexity for r in scored]
     if values and min(values) > 0 and max(values) / min(values) > 3:
         ax.set_yscale("log")
