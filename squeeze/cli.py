@@ -385,7 +385,7 @@ def run(
         out_dir = Path(f"{recipe.stem}-{_model_stem(model)}")
     if dry_run:
         loaded, plan = _run(plan_run, recipe, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code)
-        _print_plan(loaded, plan, model, out_dir, not no_eval, as_json)
+        _print_plan(loaded, plan, model, out_dir, as_json)
         return
     progress = NullProgress() if quiet else ConsoleProgress(err)
 
@@ -416,7 +416,7 @@ def _number(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.6g}"
 
 
-def _print_plan(recipe, plan, model: str, out_dir: Path, evaluate: bool, as_json: bool) -> None:
+def _print_plan(recipe, plan, model: str, out_dir: Path, as_json: bool) -> None:
     def settings(stage) -> str:
         options = stage.model_dump(exclude_defaults=True)
         return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
@@ -427,15 +427,16 @@ def _print_plan(recipe, plan, model: str, out_dir: Path, evaluate: bool, as_json
             parts.append(f"calibration {entry.calibration_tokens:,}")
         if entry.training_tokens:
             parts.append(f"training {entry.training_tokens:,} ({entry.config.steps} steps)")
-        if evaluate:
-            parts.append(f"evaluation {recipe.eval_tokens // recipe.seq_len * recipe.seq_len:,}")
+        if entry.evaluation_tokens:
+            parts.append(f"evaluation {entry.evaluation_tokens:,}")
         return ", ".join(parts) or "-"
 
     stages = [
         {
             "stage": entry.index + 1, "folder": entry.folder, "pass": entry.stage.pass_name, "input": entry.input,
             "options": entry.stage.model_dump(exclude_defaults=True), "calibration_tokens": entry.calibration_tokens,
-            "training_tokens": entry.training_tokens, "memory_estimate_bytes": entry.memory_bytes,
+            "training_tokens": entry.training_tokens, "evaluation_tokens": entry.evaluation_tokens,
+            "memory_estimate_bytes": entry.memory_bytes,
         }
         for entry in plan
     ]

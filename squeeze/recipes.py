@@ -422,6 +422,7 @@ class PlannedStage:
     student: str | None = None  # distill: "previous" or a student spec
     calibration_tokens: int = 0
     training_tokens: int = 0
+    evaluation_tokens: int = 0
     memory_bytes: int = 0  # estimated peak RSS, see _memory_estimate
     shapes_known: bool = True  # the input has the original's layer shapes (checked against its meta model)
 
@@ -458,6 +459,9 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
 
     if evaluate:
         check_text(recipe.data, "data")
+    # windows are capped at the model's positions, as the passes cap them
+    seq_len = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
+    evaluation_tokens = recipe.eval_tokens // seq_len * seq_len if evaluate else 0
     planned: list[PlannedStage] = []
     current: Any = original  # meta model of the current stage's input; None where a stage makes shapes we cannot know yet
     after_quantize = None
@@ -466,6 +470,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
         head = f"{recipe.where(*path)}stage {index + 1} ({stage.pass_name}): "
         entry = PlannedStage(index, stage, stage_folder(index, stage), "original" if index == 0 else planned[-1].folder, None)
         entry.shapes_known = current is not None
+        entry.evaluation_tokens = evaluation_tokens
         if after_quantize is not None:
             problems.append(
                 f"{head}comes after stage {after_quantize + 1} (quantize); a quantized checkpoint is final, so quantize must be the last stage"
@@ -477,7 +482,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
                 if current is not None:
                     plan_layers(current, entry.config)
                 if entry.config.needs_calibration:
-                    entry.calibration_tokens = stage.calib_samples * recipe.seq_len
+                    entry.calibration_tokens = stage.calib_samples * seq_len
                     check_text(stage.calib_data or recipe.data, *path, "calib_data")
             elif isinstance(stage, PruneStage):
                 entry.config = stage.config()
@@ -486,12 +491,12 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
                 if entry.config.needs_calibration:
                     if stage.calib_samples < 1:
                         raise SqueezeError(f"{stage.method} needs calibration text: calib_samples must be at least 1")
-                    entry.calibration_tokens = stage.calib_samples * recipe.seq_len
+                    entry.calibration_tokens = stage.calib_samples * seq_len
                     check_text(stage.calib_data or recipe.data, *path, "calib_data")
             else:
                 entry.teacher, entry.student = stage.teacher, stage.student
-                entry.config = stage.config(recipe.seq_len)
-                entry.training_tokens = entry.config.steps * stage.batch_size * stage.grad_accum * recipe.seq_len
+                entry.config = stage.config(seq_len)
+                entry.training_tokens = entry.config.steps * stage.batch_size * stage.grad_accum * seq_len
                 check_text(stage.data or recipe.data, *path, "data")
                 if stage.teacher == "original":
                     teacher_meta = original
@@ -546,7 +551,7 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
     vocab = getattr(config, "vocab_size", 0)
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = getattr(config, "num_attention_heads", 1)
-    seq = recipe.seq_len
+    seq = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
     params = sum(p.numel() for p in model.parameters())
     original_params = sum(p.numel() for p in original.parameters())
     evaluation = 3 * 2 * 2 * seq * vocab * 4 if evaluate else 0

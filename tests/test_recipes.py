@@ -238,7 +238,8 @@ def test_cli_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, tiny_lla
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert [s["folder"] for s in plan["stages"]] == ["01-prune-wanda-2of4", "02-distill-kd", "03-quantize-gptq-w4a16"]
-    assert plan["stages"][0]["calibration_tokens"] == 128 * 512
+    assert plan["stages"][0]["calibration_tokens"] == 128 * 256  # windows capped at the tiny model's 256 positions
+    assert plan["stages"][0]["evaluation_tokens"] == 16384
     assert plan["stages"][1]["training_tokens"] >= 131072 and plan["stages"][1]["input"] == "01-prune-wanda-2of4"
     assert all(s["memory_estimate_bytes"] > 0 for s in plan["stages"])
     result = runner.invoke(app, ["run", str(RECIPES / "w4a16-gptq.yaml"), "--model", str(tiny_llama_dir), "--dry-run"])
