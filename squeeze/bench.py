@@ -35,6 +35,7 @@ METRICS: dict[str, tuple[str, float, float]] = {
     "perplexity": ("up", 0.01, 0.0),
     "kl_divergence": ("up", 0.05, 1e-5),
     "top1_agreement": ("down", 0.01, 0.0),
+    "embedding_cosine": ("down", 0.005, 0.0),  # encoders: mean cosine of pooled embeddings vs the original
     "disk_bytes": ("up", 0.001, 0.0),
     "time_ratio": ("up", 0.5, 0.0),
 }
@@ -141,7 +142,7 @@ def run_case(case: Case, cases_path: Path, device: str = "cpu", progress=None) -
     last = summary["rows"][-1]
     seconds = sum(row["seconds"] or 0.0 for row in summary["rows"][1:])
     metrics = {"disk_bytes": float(last["disk_bytes"]), "seconds": seconds}
-    for key in ("perplexity", "kl_divergence", "top1_agreement"):
+    for key in ("perplexity", "kl_divergence", "top1_agreement", "embedding_cosine"):
         if last.get(key) is not None:
             metrics[key] = float(last[key])
     return metrics
@@ -237,8 +238,8 @@ def baseline_table(record: dict[str, Any]) -> str:
         f"Baseline of `squeeze bench --suite {record['suite']}` on {record['machine']}; last updated {record['created']} "
         f"at commit {record['commit']} (reference op {record['reference_op_seconds'] * 1000:.1f} ms in that run).",
         "",
-        "| case | perplexity | KL vs original | top-1 | MiB on disk | seconds | time ratio | measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | perplexity | KL vs original | top-1 | embedding cosine | MiB on disk | seconds | time ratio | measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in sorted(record["cases"].items()):
         cells = [
@@ -246,6 +247,7 @@ def baseline_table(record: dict[str, Any]) -> str:
             f"{m['perplexity']:.3f}" if "perplexity" in m else "-",
             f"{m['kl_divergence']:.4f}" if "kl_divergence" in m else "-",
             f"{100 * m['top1_agreement']:.2f}%" if "top1_agreement" in m else "-",
+            f"{m['embedding_cosine']:.4f}" if "embedding_cosine" in m else "-",
             f"{m['disk_bytes'] / 2**20:,.1f}",
             f"{m['seconds']:,.1f}",
             f"{m['time_ratio']:,.0f}",

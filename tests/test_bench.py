@@ -29,6 +29,9 @@ def test_compare_applies_direction_tolerance_and_slack() -> None:
     assert bench.compare("c", old | {"perplexity": 10.2}, old, {"perplexity": 0.05}).rows[0][-1] == "ok"
     assert bench.compare("c", old | {"perplexity": 9.0}, old, {}).rows[0][-1] == "better"
     assert bench.compare("c", dict(old), None, {}).rows[0][-1] == "new"
+    encoder = {"embedding_cosine": 0.95, "disk_bytes": 1000.0}
+    assert bench.compare("c", encoder | {"embedding_cosine": 0.94}, encoder, {}).regressed
+    assert not bench.compare("c", encoder | {"embedding_cosine": 0.947}, encoder, {}).regressed
 
 
 @pytest.fixture
