@@ -52,7 +52,6 @@ def is_cache(folder: Path) -> bool:
     return (Path(folder) / META_FILE).is_file()
 
 
-@torch.no_grad()
 def check_cache_use(folder: Path, config, causal: bool) -> None:
     """SqueezeError when a teacher cache cannot serve this run (cheap: before anything loads)."""
     if not causal:
@@ -65,6 +64,7 @@ def check_cache_use(folder: Path, config, causal: bool) -> None:
         raise SqueezeError(f"teacher cache {folder} exists but is not a squeeze teacher cache (no {META_FILE})")
 
 
+@torch.no_grad()
 def build_cache(
     teacher: torch.nn.Module,
     windows: torch.Tensor,
