@@ -26,7 +26,9 @@ from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze import formats
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.models import LoadedModel, ModelSource, atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
+from squeeze.models import (
+    LoadedModel, ModelSource, atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, publish_dir, resolve_model,
+)
 from squeeze.formats.sparse import LOADING_SNIPPET, bitmask_bytes, write_pruned_checkpoint
 from squeeze.progress import NullProgress, Progress
 from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
@@ -1091,14 +1093,7 @@ def run_recipe(
     except BaseException:
         _keep_finished(staging)
         raise
-    if out.exists():  # --overwrite: checked up front
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+    publish_dir(staging, out, overwrite)
     return summary
 
 
@@ -1124,12 +1119,14 @@ def _write_summary(folder: Path, recipe, plan, reports: list[dict], settings: di
 
     rows = [dataclasses.replace(compare.original_row(reports[0]), name=_reference_name(settings["model"]))]
     original = rows[0].name
+
+    def against_original(entry) -> bool:
+        """The report compared with its input or teacher, and that model was the original."""
+        teacher = getattr(entry.stage, "teacher", None)  # distill only
+        return teacher == "original" or (entry.index == 0 and teacher in (None, "previous"))
+
     rows += [
-        compare.stage_row(
-            report, entry.folder, memory_estimate=entry.memory_bytes,
-            # the first stage's input and a teacher named "original" are the original itself
-            compared_with=original if getattr(entry.stage, "teacher", "original" if entry.index == 0 else None) == "original" else None,
-        )
+        compare.stage_row(report, entry.folder, memory_estimate=entry.memory_bytes, compared_with=original if against_original(entry) else None)
         for entry, report in zip(plan, reports)
     ]
     title = f"squeeze recipe {recipe.name}: {settings['model']}"

@@ -273,8 +273,10 @@ def run_suite(
         raise SqueezeError(f"no case named {', '.join(sorted(missing))} in {cases_path}")
     if not chosen:
         raise SqueezeError(f"{cases_path} has no case in suite {suite!r}")
-    for case in chosen:  # every recipe is checked before the first case runs
-        _case_recipe(case, cases_path)
+    from squeeze.api import plan_run
+
+    for case in chosen:  # every case is checked against its model before the first one runs
+        plan_run(_case_recipe(case, cases_path), case.model)
     baseline_file = cases_path.parent / "baselines" / f"{suite}.json"
     baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
     unrecorded = [c.name for c in chosen if c.name not in (baseline or {}).get("cases", {})]

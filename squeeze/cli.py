@@ -405,7 +405,7 @@ def run(
     elif not quiet:
         from squeeze import compare
 
-        rows = [compare.Row(**{k: v for k, v in row.items() if k != "bits_per_weight"}) for row in summary["rows"]]
+        rows = [compare.Row.from_dict(row) for row in summary["rows"]]
         out.print(compare.to_rich(rows, f"recipe {summary['recipe']}: {model}"))
         out.print(f"wrote {out_dir}/ (one folder per stage, summary.md, summary.json, summary.png)")
 
@@ -474,6 +474,8 @@ def report(
             _fail(f"{file} already exists; pass --overwrite to replace it")
         if file.exists() and file.is_dir():
             _fail(f"{file} is a folder, not a file")
+        if not file.absolute().parent.is_dir():
+            _fail(f"cannot write {file}: the folder {file.parent} does not exist")
     rows = compare.merge_originals([row for folder in folders for row in _run(compare.load_rows, folder)])
     title = "squeeze runs compared"
     if markdown:

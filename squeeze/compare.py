@@ -43,6 +43,11 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"bits_per_weight": self.bits_per_weight}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **changes: Any) -> Row:
+        """A row read back from ``to_dict`` (its derived fields dropped)."""
+        return cls(**{k: v for k, v in data.items() if k != "bits_per_weight"} | changes)
+
 
 def _number(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -106,7 +111,7 @@ def load_rows(folder: Path) -> list[Row]:
     if (folder / "summary.json").is_file():
         summary = read_json(folder / "summary.json")
         try:
-            return [Row(**{k: v for k, v in row.items() if k != "bits_per_weight"} | {"group": str(folder)}) for row in summary["rows"]]
+            return [Row.from_dict(row, group=str(folder)) for row in summary["rows"]]
         except (KeyError, TypeError) as exc:
             raise SqueezeError(f"{folder / 'summary.json'} is not a squeeze recipe summary ({exc})") from None
     if (folder / "report.json").is_file():

@@ -530,27 +530,32 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output_dir(out, overwrite)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    staging = out.parent / f".{out.name}.partial-{token}"
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
         yield staging
-        if out.exists():
-            if not overwrite:
-                raise SqueezeError(f"output directory {out} appeared while working; pass --overwrite to replace it")
-            old = out.parent / f".{out.name}.old-{token}"
-            out.rename(old)
-            try:
-                staging.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
+        publish_dir(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_dir(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``staging`` to ``out``. With ``overwrite`` an existing ``out`` is
+    moved aside, replaced, then deleted (and put back if the rename fails)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not overwrite:
+        raise SqueezeError(f"output directory {out} appeared while working; pass --overwrite to replace it")
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

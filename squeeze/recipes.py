@@ -37,6 +37,12 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     pass_name: ClassVar[str]
 
+    def ignored(self) -> tuple[str, ...]:
+        """The layer patterns left alone: the stage's ``ignore``, else the heads (DEFAULT_IGNORE)."""
+        from squeeze.quant.targets import DEFAULT_IGNORE
+
+        return self.ignore if self.ignore is not None else DEFAULT_IGNORE
+
     def label(self) -> str:
         """Short name of what the stage does, for folder names and tables."""
         raise NotImplementedError
@@ -79,7 +85,7 @@ class QuantizeStage(_Options):
         NF4 is 4-bit blocks of 64, a group size left open is 128 where it divides every targeted
         layer of ``model`` (else 64, 32 or 16; 128 when ``model`` is None). Explicit options win.
         ``model`` may be the meta model: only its layer shapes are read."""
-        from squeeze.quant.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
+        from squeeze.quant.targets import fitting_group_size, select_linears
 
         low_bit = self.method == "awq"
         mode, bits, group_size = self.mode, self.bits, self.group_size
@@ -90,8 +96,7 @@ class QuantizeStage(_Options):
         if mode == "per-group" and group_size is None:
             group_size = 128
             if model is not None:
-                ignore = self.ignore if self.ignore is not None else DEFAULT_IGNORE
-                group_size = fitting_group_size(select_linears(model, self.targets, ignore))
+                group_size = fitting_group_size(select_linears(model, self.targets, self.ignored()))
         return self.model_copy(update={
             "mode": mode,
             "bits": bits if bits is not None else (4 if low_bit else 8),
@@ -104,7 +109,6 @@ class QuantizeStage(_Options):
         if they contradict each other."""
         from squeeze.quant.apply import QuantizeConfig
         from squeeze.quant.scheme import scheme_from_options
-        from squeeze.quant.targets import DEFAULT_IGNORE
 
         o = self.resolved(model)
         scheme = scheme_from_options(
@@ -112,7 +116,7 @@ class QuantizeStage(_Options):
             act_asym=o.act_asym, checkpoint=o.format,
         )
         return QuantizeConfig(
-            scheme=scheme, targets=o.targets, ignore=o.ignore if o.ignore is not None else DEFAULT_IGNORE, method=o.method,
+            scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method,
             damp_percent=o.damp_percent, block_size=o.block_size, act_order=o.act_order, true_sequential=o.true_sequential,
             awq_grid=o.awq_grid, awq_clip=o.awq_clip, alpha=o.alpha, smooth_fallback=o.smooth_fallback, format=o.format,
         )
@@ -146,12 +150,11 @@ class PruneStage(_Options):
 
     def config(self):
         from squeeze.prune.apply import PruneConfig
-        from squeeze.quant.targets import DEFAULT_IGNORE
 
         return PruneConfig(
             method=self.method, sparsity=self.sparsity, pattern=self.pattern, scope=self.scope,
             layer_sparsity=tuple(self.layer_sparsity.items()), sparsity_ramp=self.sparsity_ramp, targets=self.targets,
-            ignore=self.ignore if self.ignore is not None else DEFAULT_IGNORE, format=self.format,
+            ignore=self.ignored(), format=self.format,
             block_size=self.block_size, damp_percent=self.damp_percent,
         )
 

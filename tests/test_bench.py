@@ -118,3 +118,14 @@ def test_bad_cases_files(tmp_path: Path) -> None:
     path.write_text(f"cases:\n  - name: a\n    model: smollm2\n    recipe: {RECIPES / 'w4a16-gptq.yaml'}\n    overrides: {{steps: 3}}\n")
     with pytest.raises(SqueezeError, match="no stage of"):
         bench.run_suite(path, "ci")
+
+
+def test_a_case_with_a_missing_model_fails_before_any_case_runs(cases: Path, tmp_path: Path) -> None:
+    text = cases.read_text().replace("  - name: tiny-wanda\n    suites: [full]\n    model: ", f"  - name: tiny-wanda\n    suites: [ci]\n    model: {tmp_path / 'gone'}\n    #")
+    cases.write_text(text)
+    (cases.parent / "baselines").mkdir()
+    (cases.parent / "baselines" / "ci.json").write_text('{"cases": {"tiny-gptq": {}, "tiny-wanda": {}}}')
+    ran = []
+    with pytest.raises(SqueezeError, match="gone"):
+        bench.run_suite(cases, "ci", on_case=lambda *args: ran.append(args))
+    assert not ran

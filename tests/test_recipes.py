@@ -274,6 +274,8 @@ def test_cli_run_and_report(tmp_path: Path, tiny_llama_dir: Path, small_text: Pa
     assert plot.stat().st_size > 10_000
     result = runner.invoke(app, ["report", str(tmp_path / "a"), "--plot", str(plot)])
     assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), "--plot", str(tmp_path / "no" / "such.png")])
+    assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(app, ["report", str(tmp_path), "--no-plot"])
     assert result.exit_code == 2 and "neither summary.json" in result.output
 
