@@ -242,6 +242,7 @@ def quantize(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     reference: str | None = None,
+    measure_speed: bool = False,
 ) -> Report:
     """Quantize ``model`` with ``config``, write a compressed-tensors checkpoint and report to ``out``.
 
@@ -264,6 +265,8 @@ def quantize(
     )
     loaded, net, layers, device = prep.loaded, prep.loaded.model, prep.plan, prep.device
     source, seq_len, eval_windows, calib_windows, reference_model = prep.source, prep.seq_len, prep.eval_windows, prep.calib_windows, prep.reference
+    if measure_speed:
+        _check_speed_kind(source.kind)
     parameters, memory_before, disk_before, linear_flops = prep.parameters, prep.memory_before, prep.disk_before, prep.linear_flops
     linear_before = sum(m.weight.numel() * loaded.stored_dtype.itemsize for m in layers.values())
     compressed_parameters = sum(m.weight.numel() for m in layers.values())
@@ -372,8 +375,25 @@ def quantize(
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        if measure_speed:
+            report.speed = _measure_speed(model, tmp, data, device, watch, progress)
         write_report(report, tmp)
     return report
+
+
+def _check_speed_kind(kind: str) -> None:
+    if kind != "causal":
+        raise SqueezeError("--measure-speed measures prefill and decode of causal LMs; this is an encoder")
+
+
+def _measure_speed(model: str, written: Path, data: str, device: str, watch: _Stopwatch, progress: Progress) -> dict:
+    """--measure-speed: prefill/decode tokens/s and memory of the input (fp32) and the checkpoint just
+    written (quantized layers on integer kernels), each in its own process, as ``squeeze bench-infer``."""
+    from squeeze.speed import Form, bench_infer
+
+    forms = [Form("input", model), Form("output", str(written))]
+    with watch.stage("measure speed"), progress.status("measuring prefill and decode speed"):
+        return bench_infer(model, forms, data=data, repeats=2, agreement_prompts=0, device=device).to_dict()
 
 
 def _model_info(spec: str, source: ModelSource, net: torch.nn.Module) -> dict:
@@ -455,6 +475,7 @@ def prune(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     reference: str | None = None,
+    measure_speed: bool = False,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
@@ -474,6 +495,8 @@ def prune(
         watch, progress, reference,
     )
     loaded, net, plan = prep.loaded, prep.loaded.model, prep.plan
+    if measure_speed:
+        _check_speed_kind(prep.source.kind)
     stored = loaded.stored_dtype
     targets = {name: sparsity for name, (_, sparsity) in plan.items()}
     del plan
@@ -580,6 +603,8 @@ def prune(
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        if measure_speed:
+            report.speed = _measure_speed(model, tmp, data, device, watch, progress)
         write_report(report, tmp)
     return report
 
@@ -602,6 +627,7 @@ def distill(
     teacher_cache: Path | None = None,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    measure_speed: bool = False,
 ) -> Report | None:
     """Train ``student`` to imitate ``teacher``; write it (safetensors) and the report to ``out``.
 
@@ -659,6 +685,8 @@ def distill(
     load_documents(data)
     if evaluate:
         load_documents(eval_data or data)
+    if measure_speed:
+        _check_speed_kind("causal" if causal else "encoder")
     checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out))
     if checkpoints.path.exists() and not checkpoints.path.is_dir():
         raise SqueezeError(f"checkpoint folder {checkpoints.path} exists and is a file")
@@ -794,7 +822,7 @@ def distill(
             training_windows=windows.shape[0], seq_len=seq_len, teacher_cache=teacher_cache, accuracy=accuracy, device=device,
             dtype=dtype,
         )
-        report = _write_student(out, overwrite, done, watch, progress)
+        report = _write_student(out, overwrite, done, watch, progress, measure_speed)
         checkpoints.clear()
         procs.barrier()
         return report
@@ -832,7 +860,7 @@ class _Distilled:
     dtype: str
 
 
-def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwatch, progress: Progress) -> Report:
+def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwatch, progress: Progress, measure_speed: bool = False) -> Report:
     """Save the trained student, its loss curve and the report into ``out``, atomically."""
     import json
 
@@ -947,6 +975,8 @@ def _write_student(out: Path, overwrite: bool, done: _Distilled, watch: _Stopwat
             squeeze_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        if measure_speed:
+            report.speed = _measure_speed(done.teacher_spec, tmp, done.eval_data, done.device.split(',')[0], watch, progress)
         write_report(report, tmp)
     return report
 

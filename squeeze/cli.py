@@ -78,6 +78,7 @@ NoEvalOption = Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")]
+MeasureSpeedOption = Annotated[bool, typer.Option("--measure-speed", help="Also measure prefill/decode tokens/s and memory of input and output (as squeeze bench-infer; causal LMs).")]
 
 
 @app.command()
@@ -116,6 +117,7 @@ def quantize(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
+    measure_speed: MeasureSpeedOption = False,
 ) -> None:
     """Quantize (round-to-nearest, GPTQ, AWQ or SmoothQuant) to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
     from squeeze.api import quantize as run_quantize
@@ -142,7 +144,7 @@ def quantize(
         run_quantize, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
-        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
     )
 
 
@@ -218,6 +220,7 @@ def prune(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
+    measure_speed: MeasureSpeedOption = False,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
     from squeeze.api import prune as run_prune
@@ -240,7 +243,7 @@ def prune(
         run_prune, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=calib_samples, batch_size=batch_size, device=device, dtype=dtype,
-        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code,
+        evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
     )
 
 @app.command()
@@ -285,6 +288,7 @@ def distill(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
+    measure_speed: MeasureSpeedOption = False,
 ) -> None:
     """Distill TEACHER into STUDENT (temperature KD + cross-entropy, or embedding loss for encoders); resumable; runs under torchrun."""
     import os
@@ -317,6 +321,7 @@ def distill(
         run_distill, teacher, student, out_dir, config, interrupted=f"interrupted; no output was written{hint}", data=data, eval_data=eval_data, eval_tokens=eval_tokens,
         seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval, overwrite=overwrite, resume=resume,
         checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache, trust_remote_code=trust_remote_code, progress=progress,
+        measure_speed=measure_speed,
     )
     if report is None:
         return
@@ -533,3 +538,70 @@ def bench(
     if run.regressed:
         names = sorted({o.case for o in run.outcomes if o.regressed})
         _fail(f"regression in {', '.join(names)}: a metric is worse than its baseline past the tolerance (rerun with --update only if that is intended)", code=1)
+
+
+@app.command("bench-infer")
+def bench_infer(
+    model: ModelArg,
+    compare: Annotated[list[str], typer.Option(help="A compressed checkpoint of MODEL to measure beside it (repeatable); compressed-tensors W8A8/W4A16/W8A16 run on integer kernels.")] = [],
+    prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens of the prefill measurement.")] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens generated one at a time after the prompt.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Runs per form; the best is reported.")] = 3,
+    prompts: Annotated[int, typer.Option(help="Prompts (64 tokens of --data each) for generation agreement with fp32; 0 skips it.")] = 8,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens per agreement prompt.")] = 32,
+    no_bf16: Annotated[bool, typer.Option("--no-bf16", help="Leave out MODEL in bfloat16.")] = False,
+    reference_kernels: Annotated[bool, typer.Option("--reference-kernels", help="Also run each quantized checkpoint on the dequantize-per-call reference forward.")] = False,
+    data: DataOption = "wikipedia",
+    device: DeviceOption = "cpu",
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Also write the results as JSON to this file.")] = None,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Prefill and decode tokens/s, weight memory, peak RSS and greedy-generation agreement of MODEL in fp32 and bf16 and of each --compare checkpoint, side by side in one run (each form in its own process)."""
+    from squeeze.speed import Form, bench_infer as run_bench, default_forms
+
+    if out_file is not None and out_file.exists() and not overwrite:
+        _fail(f"{out_file} exists; pass --overwrite to replace it")
+    forms = _run(default_forms, model, compare, not no_bf16)
+    if reference_kernels:
+        forms += [Form(f.label + " (reference forward)", f.spec, f.dtype, kernels=False) for f in forms if f.label.startswith("W")]
+    progress = err if not quiet else None
+
+    def on_form(result) -> None:
+        if progress:
+            progress.print(
+                f"{result.label}: prefill {result.prefill_tokens_per_s:,.0f} tok/s, decode {result.decode_tokens_per_s:,.1f} tok/s",
+                highlight=False,
+            )
+
+    result = _run(
+        run_bench, model, forms, data=data, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, repeats=repeats,
+        agreement_prompts=prompts, agreement_tokens=new_tokens, device=device, on_form=on_form,
+    )
+    if out_file is not None:
+        out_file.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        out.print(_speed_table(result))
+
+
+def _speed_table(result) -> Table:
+    from squeeze.report import _fmt_bytes
+
+    base = result.forms[0].label
+    table = Table(title=f"{result.model}: prefill {result.prefill_tokens} / decode {result.decode_tokens} tokens, {result.machine}")
+    for column in ("form", "runs on", "prefill tok/s", "decode tok/s", "weights", "peak RSS", "ROUGE-L", "BLEU"):
+        table.add_column(column, justify="left" if column in ("form", "runs on") else "right", overflow="fold")
+    for form in result.forms:
+        r = result.ratios(form)
+        agree = form.agreement or {}
+        table.add_row(
+            form.label, form.runs_on,
+            f"{form.prefill_tokens_per_s:,.0f} ({r['prefill']:.2f}x)", f"{form.decode_tokens_per_s:,.1f} ({r['decode']:.2f}x)",
+            f"{_fmt_bytes(form.weight_bytes)} ({r['weights']:.2f}x)", f"{_fmt_bytes(form.peak_rss_bytes)}",
+            f"{agree['rougeL']:.3f}" if agree else ("ref" if form.label == base else "-"),
+            f"{agree['bleu']:.1f}" if agree else ("ref" if form.label == base else "-"),
+        )
+    return table

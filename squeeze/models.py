@@ -380,6 +380,11 @@ def load_model(
             try:
                 if is_sparse_folder(source.path):
                     model = _load_sparse_bitmask(source.path, auto, dtype, trust)
+                elif is_quantized_folder(source.path):
+                    from squeeze.runtime import load_quantized
+
+                    # squeeze's own reader: the layers compute exactly what the pass evaluated
+                    model = load_quantized(source.path, source.kind, dtype, trust)
                 else:
                     model = auto.from_pretrained(source.path, use_safetensors=True, dtype=dtype, trust_remote_code=trust)
             except (OSError, ValueError) as exc:
@@ -397,6 +402,22 @@ def is_sparse_folder(folder: Path) -> bool:
     from squeeze.formats.sparse import is_sparse_bitmask
 
     return folder.is_dir() and is_sparse_bitmask(_read_config_json(folder))
+
+
+def load_tokenizer(source: ModelSource) -> transformers.PreTrainedTokenizerBase:
+    """The model's tokenizer alone (seconds), e.g. to cut prompts before any model is loaded."""
+    with _quiet_progress_bars():
+        if source.is_gguf:
+            return transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        return transformers.AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a compressed-tensors integer checkpoint (squeeze quantize's default format)."""
+    if not folder.is_dir():
+        return False
+    qc = _read_config_json(folder).get("quantization_config") or {}
+    return qc.get("quant_method") == "compressed-tensors" and bool(qc.get("config_groups"))
 
 
 def _load_sparse_bitmask(folder: Path, auto, dtype: torch.dtype, trust: bool) -> torch.nn.Module:

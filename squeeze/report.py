@@ -60,6 +60,14 @@ class AccuracyReport:
     embedding_cosine_mean: float | None = None
     embedding_cosine_min: float | None = None
     reference: str | None = None  # what the "before" numbers and the KL are measured on, when not the pass's input
+    # generation agreement: greedy continuations of this model scored against the reference's
+    generation_prompts: int | None = None
+    generation_tokens: int | None = None  # new tokens per prompt
+    rouge1: float | None = None  # F-measures averaged over prompts, 0..1
+    rouge2: float | None = None
+    rougeL: float | None = None
+    bleu: float | None = None  # corpus BLEU, 0..100
+    exact_match: float | None = None  # share of prompts whose continuation is identical
 
     @property
     def perplexity_change(self) -> float | None:
@@ -155,6 +163,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     sparsity: SparsityReport | None = None
     training: TrainingReport | None = None
+    speed: dict[str, Any] | None = None  # --measure-speed: squeeze.speed.InferBench.to_dict() of input and output
     loading: str = ""  # markdown: how to load the checkpoint without squeeze, when it takes more than from_pretrained
     squeeze_version: str = ""
     created: str = ""
@@ -267,11 +276,32 @@ def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]
             rows.append(("top-1 token agreement", "100%", f"{100 * (a.top1_agreement or 0):.2f}%"))
         if a.embedding_cosine_mean is not None:
             rows.append(("embedding cosine (mean / min)", "1", f"{a.embedding_cosine_mean:.5f} / {a.embedding_cosine_min:.5f}"))
+        if a.rougeL is not None:
+            rows.append((
+                f"generation agreement ({a.generation_prompts} prompts x {a.generation_tokens} greedy tokens)", "1 / 100",
+                f"ROUGE-1 {a.rouge1:.3f}, ROUGE-2 {a.rouge2:.3f}, ROUGE-L {a.rougeL:.3f}, BLEU {a.bleu:.1f}",
+            ))
         rows.append(("evaluation text", "", f"{a.data}: {a.windows} x {a.seq_len} tokens"))
+    rows += speed_rows(report.speed)
     rows.append(("peak RSS", "", _fmt_bytes(report.peak_rss_bytes)))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items())
     rows.append(("wall time", "", f"{sum(report.timings_s.values()):.1f}s ({timings})"))
     return rows
+
+
+def speed_rows(speed: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """--measure-speed: the input (first form) against the output (last form)."""
+    if not speed or len(speed.get("forms", [])) < 2:
+        return []
+    before, after = speed["forms"][0], speed["forms"][-1]
+    ratios = next(v for k, v in after.items() if k.startswith("ratios_vs_"))
+    return [
+        (f"prefill tokens/s ({speed['prefill_tokens']} tokens)", f"{before['prefill_tokens_per_s']:,.0f}", f"{after['prefill_tokens_per_s']:,.0f} ({ratios['prefill']:.2f}x)"),
+        (f"decode tokens/s ({speed['decode_tokens']} tokens)", f"{before['decode_tokens_per_s']:,.1f}", f"{after['decode_tokens_per_s']:,.1f} ({ratios['decode']:.2f}x)"),
+        ("weights in memory when running", _fmt_bytes(before["weight_bytes"]), f"{_fmt_bytes(after['weight_bytes'])} ({ratios['weights']:.2f}x)"),
+        ("peak RSS when running", _fmt_bytes(before["peak_rss_bytes"]), _fmt_bytes(after["peak_rss_bytes"])),
+        ("runs on", before["runs_on"], after["runs_on"]),
+    ]
 
 
 def _columns(report: Report) -> tuple[str, str]:
