@@ -392,8 +392,13 @@ def _measure_speed(model: str, written: Path, data: str, device: str, watch: _St
     from squeeze.speed import Form, bench_infer
 
     forms = [Form("input", model), Form("output", str(written))]
+    # bench-infer's 512 + 128 tokens, or what fits a model with fewer positions
+    positions = getattr(meta_model(resolve_model(model)).config, "max_position_embeddings", None) or 640
+    prefill, decode = min(512, positions // 2), min(128, positions // 4)
     with watch.stage("measure speed"), progress.status("measuring prefill and decode speed"):
-        return bench_infer(model, forms, data=data, repeats=2, agreement_prompts=0, device=device).to_dict()
+        return bench_infer(
+            model, forms, data=data, prefill_tokens=prefill, decode_tokens=decode, repeats=2, agreement_prompts=0, device=device,
+        ).to_dict()
 
 
 def _model_info(spec: str, source: ModelSource, net: torch.nn.Module) -> dict:
