@@ -55,6 +55,11 @@ def _awq(net, config: QuantizeConfig, batches, on_block=None):
 BLOCKWISE_METHODS = {"gptq": quantize_model_gptq, "smoothquant": quantize_model_smoothquant, "awq": _awq}
 
 
+GENERATION_PROMPTS = 8  # prompts for a pass report's generation agreement (0: none)
+GENERATION_PROMPT_TOKENS = 64
+GENERATION_TOKENS = 32  # greedy new tokens per prompt
+
+
 class _Stopwatch:
     """Wall time per named stage, in seconds."""
 
@@ -243,6 +248,7 @@ def quantize(
     progress: Progress | None = None,
     reference: str | None = None,
     measure_speed: bool = False,
+    generation_prompts: int = GENERATION_PROMPTS,
 ) -> Report:
     """Quantize ``model`` with ``config``, write a compressed-tensors checkpoint and report to ``out``.
 
@@ -301,7 +307,7 @@ def quantize(
     if eval_windows is not None and reference_model is not None:
         accuracy = _evaluate(
             net, loaded.source.kind, reference_model, eval_windows, data, seq_len, batch_size, watch, progress,
-            _reference_name(reference),
+            _reference_name(reference), loaded.tokenizer, generation_prompts,
         )
         del reference_model
 
@@ -421,6 +427,19 @@ def _method_settings(config: QuantizeConfig) -> dict:
     return {}
 
 
+def _generation_agreement(model, reference, tokenizer, data: str, prompts: int, watch: _Stopwatch, progress: Progress) -> dict:
+    """ROUGE/BLEU of ``model``'s greedy continuations against ``reference``'s, as AccuracyReport fields."""
+    from squeeze.generate import greedy_agreement, prompts_from_text
+
+    with watch.stage("generate"), progress.status(f"greedy continuations of {prompts} prompts, both models"):
+        windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
+        scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS)
+    return {
+        "generation_prompts": scores.prompts, "generation_tokens": GENERATION_TOKENS, "rouge1": scores.rouge1,
+        "rouge2": scores.rouge2, "rougeL": scores.rougeL, "bleu": scores.bleu, "exact_match": scores.exact_match,
+    }
+
+
 def _reference_name(reference: str | None) -> str | None:
     return f"original ({Path(reference).name or reference})" if reference else None
 
@@ -436,31 +455,40 @@ def _evaluate(
     watch: _Stopwatch,
     progress: Progress,
     compared_with: str | None = None,
+    tokenizer=None,
+    generation_prompts: int = 0,
 ) -> AccuracyReport:
-    with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
-        if kind == "causal":
+    """Score ``model`` against ``reference`` on ``windows``; for causal LMs with ``generation_prompts``
+    also the agreement of their greedy continuations (GENERATION_TOKENS each) on prompts from ``data``."""
+    if kind == "causal":
+        with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
             cmp = compare_causal(model, windows, reference, batch_size=batch_size, on_batch=advance)
-            return AccuracyReport(
-                data=data,
-                windows=windows.shape[0],
-                seq_len=seq_len,
-                tokens=cmp.tokens,
-                perplexity_before=cmp.reference_perplexity,
-                perplexity_after=cmp.perplexity,
-                kl_divergence=cmp.kl_divergence,
-                top1_agreement=cmp.top1_agreement,
-                reference=compared_with,
-            )
-        enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+        generation = {}
+        if generation_prompts and tokenizer is not None:
+            generation = _generation_agreement(model, reference, tokenizer, data, generation_prompts, watch, progress)
         return AccuracyReport(
+            **generation,
             data=data,
-            windows=enc.windows,
+            windows=windows.shape[0],
             seq_len=seq_len,
-            tokens=enc.tokens,
-            embedding_cosine_mean=enc.cosine_mean,
-            embedding_cosine_min=enc.cosine_min,
+            tokens=cmp.tokens,
+            perplexity_before=cmp.reference_perplexity,
+            perplexity_after=cmp.perplexity,
+            kl_divergence=cmp.kl_divergence,
+            top1_agreement=cmp.top1_agreement,
             reference=compared_with,
         )
+    with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
+        enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+    return AccuracyReport(
+        data=data,
+        windows=enc.windows,
+        seq_len=seq_len,
+        tokens=enc.tokens,
+        embedding_cosine_mean=enc.cosine_mean,
+        embedding_cosine_min=enc.cosine_min,
+        reference=compared_with,
+    )
 
 
 def prune(
@@ -481,6 +509,7 @@ def prune(
     progress: Progress | None = None,
     reference: str | None = None,
     measure_speed: bool = False,
+    generation_prompts: int = GENERATION_PROMPTS,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
@@ -521,7 +550,7 @@ def prune(
     if prep.eval_windows is not None and prep.reference is not None:
         accuracy = _evaluate(
             net, loaded.source.kind, prep.reference, prep.eval_windows, data, prep.seq_len, batch_size, watch, progress,
-            _reference_name(reference),
+            _reference_name(reference), loaded.tokenizer, generation_prompts,
         )
         prep.reference = None
 
@@ -633,6 +662,7 @@ def distill(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     measure_speed: bool = False,
+    generation_prompts: int = GENERATION_PROMPTS,
 ) -> Report | None:
     """Train ``student`` to imitate ``teacher``; write it (safetensors) and the report to ``out``.
 
@@ -819,7 +849,10 @@ def distill(
 
         accuracy = None
         if eval_windows is not None:
-            accuracy = _evaluate(net, t_source.kind, t_loaded.model, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress)
+            accuracy = _evaluate(
+                net, t_source.kind, t_loaded.model, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress,
+                None, t_loaded.tokenizer, generation_prompts,
+            )
         done = _Distilled(
             teacher_spec=teacher, student_spec=student, spec=spec, teacher=t_loaded, student=net, student_parameters=student_params,
             config=config, layer_map=layer_map, masks=masks, sparse_format=input_sparse_format, state=state,
@@ -1031,6 +1064,7 @@ def run_recipe(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     on_stage: Callable | None = None,
+    generation_prompts: int = GENERATION_PROMPTS,
 ) -> dict:
     """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
 
@@ -1097,7 +1131,8 @@ def run_recipe(
             stage = entry.stage
             reset_peak_rss()
             common = dict(eval_tokens=recipe.eval_tokens, seq_len=recipe.seq_len, device=device, dtype=dtype, evaluate=evaluate,
-                          overwrite=True, trust_remote_code=trust_remote_code, progress=progress)
+                          overwrite=True, trust_remote_code=trust_remote_code, progress=progress,
+                          generation_prompts=generation_prompts)
             try:
                 if isinstance(stage, DistillStage):
                     teacher = {"original": model, "previous": source}.get(stage.teacher, stage.teacher)
@@ -1179,3 +1214,172 @@ def _write_summary(folder: Path, recipe, plan, reports: list[dict], settings: di
     (folder / "summary.md").write_text(compare.to_markdown(rows, title))
     compare.plot(rows, folder / "summary.png", title)
     return summary
+
+
+@dataclass
+class EvalResult:
+    """``squeeze eval``: one AccuracyReport per text source, the numbers a pass report gives."""
+
+    model: str
+    reference: str | None
+    kind: str
+    device: str
+    rows: list[AccuracyReport]
+    seconds: float
+    peak_rss_bytes: int
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        rows = []
+        for row in self.rows:
+            entry = dataclasses.asdict(row)
+            entry["perplexity_change"] = row.perplexity_change
+            rows.append(entry)
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "rows"}, "rows": rows}
+
+
+def evaluate_model(
+    model: str,
+    reference: str | None = None,
+    data: list[str] | tuple[str, ...] = ("wikipedia",),
+    eval_tokens: int = 16384,
+    seq_len: int = 512,
+    batch_size: int = 2,
+    device: str = "cpu",
+    dtype: str = "float32",
+    generation_prompts: int = GENERATION_PROMPTS,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` on each text source and, against ``reference``, KL, top-1 agreement
+    and generation agreement (causal LMs) or embedding cosine (encoders): the implementation the
+    pass reports use, on the same evaluation windows for the same source, tokens and window length."""
+    from squeeze.distill.student import check_vocab_sizes
+
+    progress = progress or NullProgress()
+    watch = _Stopwatch()
+    if not data:
+        raise SqueezeError("give at least one text source (--data)")
+    device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    ref_source = None
+    if reference is not None:
+        ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
+        if ref_source.kind != source.kind:
+            raise SqueezeError(f"{model} is {'a causal LM' if source.kind == 'causal' else 'an encoder'} but the reference {reference} is not")
+        check_vocab_sizes(meta_model(ref_source).config, meta_model(source).config)
+    elif source.kind == "encoder":
+        raise SqueezeError(f"{model} is an encoder: it has no perplexity; give --reference MODEL to compare its embeddings with")
+    for name in data:
+        load_documents(name)
+    start = time.perf_counter()
+    with progress.status(f"loading {source.name}"):
+        loaded = load_model(source, device=device, dtype=compute_dtype)
+    ref_model = None
+    if ref_source is not None:
+        with progress.status(f"loading the reference {ref_source.name}"):
+            ref_model = load_model(ref_source, device=device, dtype=compute_dtype).model
+    length = _eval_seq_len(loaded, seq_len)
+    rows = []
+    for name in data:
+        windows = evaluation_windows(loaded.tokenizer, name, length, eval_tokens)
+        if ref_model is None:
+            with progress.task(f"evaluating on {name}", windows.shape[0]) as advance:
+                cmp = compare_causal(loaded.model, windows, batch_size=batch_size, on_batch=advance)
+            rows.append(AccuracyReport(data=name, windows=windows.shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
+        else:
+            rows.append(_evaluate(
+                loaded.model, source.kind, ref_model, windows, name, length, batch_size, watch, progress,
+                reference, loaded.tokenizer, generation_prompts,
+            ))
+    return EvalResult(
+        model=model, reference=reference, kind=source.kind, device=f"{device}, {dtype}", rows=rows,
+        seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+    )
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompts of ``squeeze generate``: ``prompt``, or one per non-empty line of ``prompts_file``."""
+    if (prompt is None) == (prompts_file is None):
+        raise SqueezeError("give --prompt TEXT or --prompts FILE (one prompt per line)")
+    if prompt is not None:
+        if not prompt.strip():
+            raise SqueezeError("--prompt is empty")
+        return [prompt]
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise SqueezeError(f"prompts file {path} does not exist")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise SqueezeError(f"prompts file {path} is not UTF-8 text") from None
+    if not lines:
+        raise SqueezeError(f"prompts file {path} has no prompts")
+    return lines
+
+
+def generate_side_by_side(
+    models: list[str],
+    prompts: list[str],
+    sampling,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    chat: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+    kernels: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Continue every prompt with every model, with one sampler and one seed for all: greedy at
+    temperature 0, else the same random stream per prompt for each model. ``chat`` wraps each
+    prompt in the tokenizer's chat template. ``kernels`` runs quantized checkpoints on integer
+    kernels (faster; float rounding differs from the pass's evaluation)."""
+    from squeeze.generate import generate
+    from squeeze.runtime import accelerate
+
+    progress = progress or NullProgress()
+    if max_new_tokens < 1:
+        raise SqueezeError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    sources = [resolve_model(spec, trust_remote_code=trust_remote_code) for spec in models]
+    for source in sources:
+        if source.kind != "causal":
+            raise SqueezeError(f"{source.spec} is an encoder: it does not generate text")
+    first = meta_model(sources[0]).config
+    for source in sources[1:]:
+        from squeeze.distill.student import check_vocab_sizes
+
+        check_vocab_sizes(first, meta_model(source).config)
+    labels = [spec if models.count(spec) == 1 else f"{spec} ({i + 1})" for i, spec in enumerate(models)]
+    outputs: dict[str, list[dict]] = {}
+    for label, spec, source in zip(labels, models, sources):
+        with progress.status(f"loading {source.name}"):
+            loaded = load_model(source, device=device, dtype=compute_dtype)
+        if kernels:
+            accelerate(loaded.model)
+        tokenizer = loaded.tokenizer
+        rows = []
+        for index, text in enumerate(prompts):
+            if chat:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise SqueezeError(f"{spec} has no chat template; drop --chat")
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+                ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+            else:
+                ids = tokenizer(text, return_tensors="pt").input_ids
+            start = time.perf_counter()
+            with progress.status(f"{source.name}: prompt {index + 1} of {len(prompts)}"):
+                new = generate(loaded.model, ids.to(device), max_new_tokens, sampling, seed=seed + index, eos_token_id=tokenizer.eos_token_id)
+            seconds = time.perf_counter() - start
+            rows.append({"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new), "tokens_per_s": len(new) / seconds})
+        outputs[label] = rows
+        del loaded
+    return {
+        "models": models, "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p},
+        "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat, "kernels": kernels,
+        "prompts": [{"prompt": p, "outputs": {label: outputs[label][i] for label in labels}} for i, p in enumerate(prompts)],
+    }

@@ -605,3 +605,107 @@ def _speed_table(result) -> Table:
             f"{agree['bleu']:.1f}" if agree else ("ref" if form.label == base else "-"),
         )
     return table
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelArg,
+    reference: Annotated[Optional[str], typer.Option(help="Compare with this model: KL, top-1 and generation agreement (causal LMs) or embedding cosine (encoders).")] = None,
+    data: Annotated[list[str], typer.Option(help="Text source, repeatable: wikipedia, bbc, shakespeare, or a .txt file/folder (default wikipedia).")] = [],
+    generation_prompts: Annotated[int, typer.Option(help="Prompts for generation agreement with --reference (greedy, 32 tokens each); 0 skips it.")] = 8,
+    eval_tokens: EvalTokensOption = 16384,
+    seq_len: SeqLenOption = 512,
+    batch_size: BatchSizeOption = 2,
+    device: DeviceOption = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Perplexity per text source and, against --reference, KL, top-1 and generation agreement or embedding cosine: the numbers the pass reports use."""
+    from squeeze.api import evaluate_model
+
+    _at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size))
+    if generation_prompts < 0:
+        _fail(f"--generation-prompts must not be negative, got {generation_prompts}")
+    progress = NullProgress() if quiet else ConsoleProgress(err)
+    result = _run(
+        evaluate_model, model, reference, data or ["wikipedia"], eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
+        device=device, dtype=dtype, generation_prompts=generation_prompts, trust_remote_code=trust_remote_code, progress=progress,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        out.print(_eval_table(result))
+
+
+def _eval_table(result) -> Table:
+    title = f"squeeze eval: {result.model}" + (f" against {result.reference}" if result.reference else "") + f" ({result.device})"
+    table = Table(title=title)
+    encoder = result.kind == "encoder"
+    columns = ["data", "tokens"]
+    columns += ["cosine mean", "cosine min"] if encoder else ["perplexity"]
+    if result.reference and not encoder:
+        columns += ["reference perplexity", "change", "KL (nats/token)", "top-1", "ROUGE-L", "BLEU"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "data" else "right")
+    for row in result.rows:
+        cells = [row.data, f"{row.tokens:,}"]
+        if encoder:
+            cells += [f"{row.embedding_cosine_mean:.5f}", f"{row.embedding_cosine_min:.5f}"]
+        else:
+            cells.append(f"{row.perplexity_after:.3f}")
+        if result.reference and not encoder:
+            cells += [
+                f"{row.perplexity_before:.3f}", f"{row.perplexity_change:+.2%}", f"{row.kl_divergence:.5f}", f"{100 * row.top1_agreement:.2f}%",
+                f"{row.rougeL:.3f}" if row.rougeL is not None else "-", f"{row.bleu:.1f}" if row.bleu is not None else "-",
+            ]
+        table.add_row(*cells)
+    return table
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    compare: Annotated[list[str], typer.Option(help="Another model to continue the same prompts with the same sampler and seed (repeatable), e.g. a compressed checkpoint.")] = [],
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="A UTF-8 file with one prompt per line.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt at most (stops early at end of text).")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy (argmax); above 0 divides the logits before sampling.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the K most likely tokens only.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample among the smallest set of most likely tokens whose probability reaches P (nucleus).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler's random stream (prompt i uses seed + i), the same for every model.")] = 0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template (instruction-tuned models).")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Run quantized checkpoints on integer kernels (faster; rounding differs slightly from the pass's evaluation).")] = False,
+    device: DeviceOption = "cpu",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    as_json: JsonOption = False,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Continue prompts with MODEL and each --compare model, side by side: greedy, or temperature then top-k then top-p sampling with one seed for all."""
+    from rich.panel import Panel
+
+    from squeeze.api import generate_side_by_side, read_prompts
+    from squeeze.sampling import Sampling
+
+    sampling = _run(Sampling, temperature, top_k, top_p)
+    texts = _run(read_prompts, prompt, prompts)
+    progress = NullProgress() if as_json else ConsoleProgress(err)
+    result = _run(
+        generate_side_by_side, [model, *compare], texts, sampling, max_new_tokens=max_new_tokens, seed=seed, chat=chat,
+        device=device, dtype=dtype, kernels=kernels, trust_remote_code=trust_remote_code, progress=progress,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        return
+    out.print(f"[bold]{sampling.describe()}[/], seed {seed}, at most {max_new_tokens} new tokens", highlight=False)
+    for entry in result["prompts"]:
+        out.rule(entry["prompt"][:120], style="dim")
+        row = Table.grid(expand=True, padding=(0, 1))
+        for _ in entry["outputs"]:
+            row.add_column(ratio=1)
+        row.add_row(*[
+            Panel(o["text"], title=spec, subtitle=f"{o['tokens']} tokens, {o['tokens_per_s']:.1f} tok/s", expand=True)
+            for spec, o in entry["outputs"].items()
+        ])
+        out.print(row)
