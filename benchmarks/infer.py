@@ -8,8 +8,8 @@ form is measured in the same run on the same prompt: prefill of 512 tokens (last
 as generation does), 128 greedy decode steps with the KV cache, best of ``--repeats``; each form
 in its own process for a clean peak RSS. Generation agreement: ROUGE-1/2/L and BLEU of each form's
 greedy continuations (8 prompts x 32 tokens of held-out Wikipedia) against fp32's.
-Results go to ``benchmarks/results/infer.json`` and the table between the ``infer`` markers of
-benchmarks/README.md.
+Results go to ``benchmarks/results/infer.json`` (appended to ``benchmarks/history/infer.jsonl``)
+and the table between the ``infer`` markers of benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 WORK = BENCH / "work" / "infer"
 RESULTS = BENCH / "results" / "infer.json"
+HISTORY = BENCH / "history" / "infer.jsonl"  # every run, one line each: this machine's timings vary run to run
 SQUEEZE = [sys.executable, "-m", "squeeze.cli"]
 CHECKPOINTS = {
     # name: squeeze quantize options
@@ -104,6 +105,9 @@ def main() -> None:
         form["spec"] = os.path.relpath(form["spec"], REPO) if os.path.isabs(form["spec"]) else form["spec"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    with HISTORY.open("a") as history:
+        history.write(json.dumps(result) + "\n")
     replace_section(BENCH / "README.md", "infer", table(result))
     print(table(result))
 

@@ -361,10 +361,6 @@ def _human(value, key: str) -> str:
     return str(value)
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/): the passes to chain, in order.")],
@@ -709,3 +705,7 @@ def generate(
             for spec, o in entry["outputs"].items()
         ])
         out.print(row)
+
+
+if __name__ == "__main__":
+    app()

@@ -8,13 +8,20 @@ maintained implementations of ROUGE (``rouge-score``) and BLEU (``sacrebleu``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from squeeze.errors import SqueezeError
 from squeeze.sampling import Sampling, sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @torch.inference_mode()
@@ -26,14 +33,23 @@ def generate(
     seed: int = 0,
     eos_token_id: int | None = None,
 ) -> list[int]:
-    """The new token ids (at most ``max_new_tokens``; stops after ``eos_token_id``) continuing
-    ``input_ids`` [1, n]; one forward per token with the KV cache, logits of the last position only."""
+    """The new token ids (at most ``max_new_tokens``; the last is ``eos_token_id`` if it was drawn)
+    continuing ``input_ids`` [1, n] (on the model's device).
+
+    One forward per token with the KV cache, asking for the logits of the last position only
+    (``logits_to_keep=1``) when the model's forward takes that argument. Draws come from one CPU
+    generator seeded with ``seed`` per call, so every model given the same seed and prompt sees the
+    same random stream.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt, input_ids [1, n]; got shape {tuple(input_ids.shape)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     new: list[int] = []
     past = None
     ids = input_ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, past_key_values=past, use_cache=True, **last_only)
         past = out.past_key_values
         token = sample(out.logits[:, -1], sampling, generator)
         new.append(int(token[0]))
@@ -43,10 +59,23 @@ def generate(
     return new
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward names ``logits_to_keep`` (transformers >= 4.50 causal LMs do;
+    a catch-all ``**kwargs`` does not count, since it may pass the argument somewhere that fails)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
+
+
 @dataclass(frozen=True)
 class GenerationAgreement:
     """Candidates scored against references: ROUGE F-measures averaged over prompts (0..1),
-    corpus BLEU (0..100), and the share of prompts whose texts are identical."""
+    corpus BLEU (0..100), and the share of prompts whose texts are identical (0..1).
+
+    ``tokens`` is the number of new tokens asked of each model per prompt (fewer where one stopped
+    at EOS); 0 when the texts were scored without generating them (:func:`agreement`).
+    """
 
     prompts: int
     rouge1: float
@@ -54,6 +83,7 @@ class GenerationAgreement:
     rougeL: float
     bleu: float
     exact_match: float
+    tokens: int = 0
 
 
 class _WordsAndMarks:
@@ -68,8 +98,16 @@ class _WordsAndMarks:
 
 
 def agreement(references: list[str], candidates: list[str]) -> GenerationAgreement:
-    """ROUGE-1/2/L F-measures (rouge-score, no stemming, words and punctuation marks as tokens)
-    and BLEU (sacrebleu's corpus BLEU, its 13a tokenizer). A pair of empty texts scores 0 in ROUGE."""
+    """How closely ``candidates`` follow ``references`` (one pair per prompt).
+
+    ROUGE-1/2/L F-measures come from rouge-score (no stemming) with words in any script and each
+    punctuation mark as tokens, averaged over pairs; BLEU is sacrebleu's corpus BLEU (its 13a
+    tokenizer, default exponential smoothing). Empty texts do not fail; as the libraries define it,
+    a pair with an empty side scores ROUGE 0, even two empty texts (which still count as an exact
+    match). Corpus BLEU is 0 when the candidates hold no 4-gram at all (all shorter than 4 tokens),
+    even if every text is identical.
+    Raises ValueError unless there are as many candidates as references, at least one.
+    """
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -89,33 +127,63 @@ def agreement(references: list[str], candidates: list[str]) -> GenerationAgreeme
     )
 
 
-def prompts_from_text(tokenizer, source: str, count: int, prompt_tokens: int) -> list[torch.Tensor]:
-    """Up to ``count`` prompts of ``prompt_tokens`` tokens each, [1, prompt_tokens], cut back to
-    back from the evaluation side of ``source`` (the same text every time)."""
+def prompts_from_text(
+    tokenizer: PreTrainedTokenizerBase, source: str, count: int, prompt_tokens: int
+) -> list[torch.Tensor]:
+    """Up to ``count`` prompts of ``prompt_tokens`` tokens each, int64 [1, prompt_tokens], cut back
+    to back from the evaluation side of ``source`` (the same text every time).
+
+    A source too small for ``count`` prompts gives fewer; SqueezeError if not even one fits.
+    """
     from squeeze.data import evaluation_windows
 
+    if count < 1 or prompt_tokens < 1:
+        raise SqueezeError(f"need at least 1 prompt of at least 1 token, got {count} of {prompt_tokens} tokens")
     windows = evaluation_windows(tokenizer, source, prompt_tokens, count * prompt_tokens)
     return [window.unsqueeze(0) for window in windows]
+
+
+def greedy_continuations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[str]:
+    """``model``'s greedy continuation of each prompt [1, n] (at most ``max_new_tokens`` tokens,
+    stopping after ``eos_token_id``), decoded without special tokens.
+
+    Generate a reference's continuations once with this and score any number of models against
+    them with :func:`agreement`.
+    """
+    device = next(model.parameters()).device
+    continuations = [generate(model, p.to(device), max_new_tokens, eos_token_id=eos_token_id) for p in prompts]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
 
 
 def greedy_agreement(
     model: nn.Module,
     reference: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[torch.Tensor],
     max_new_tokens: int,
+    eos_token_id: int | None = None,
 ) -> tuple[GenerationAgreement, list[dict[str, str]]]:
-    """Greedy continuations of ``model`` and ``reference`` on each prompt, scored with
-    :func:`agreement`; also the texts, per prompt."""
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    rows = []
-    for prompt in prompts:
-        prompt = prompt.to(device)
-        texts = [
-            tokenizer.decode(generate(m, prompt, max_new_tokens, eos_token_id=eos), skip_special_tokens=True)
-            for m in (reference, model)
-        ]
-        rows.append({"prompt": tokenizer.decode(prompt[0], skip_special_tokens=True), "reference": texts[0], "candidate": texts[1]})
-    scores = agreement([r["reference"] for r in rows], [r["candidate"] for r in rows])
+    """Greedy continuations of ``model`` and ``reference`` on each prompt [1, n], scored with
+    :func:`agreement` (references first); also the texts, per prompt: prompt, reference, candidate.
+
+    Each model continues each prompt once, at most ``max_new_tokens`` tokens, stopping after
+    ``eos_token_id`` (default: the tokenizer's EOS id, if it has one). When ``model`` is
+    ``reference`` its continuations are generated once and used on both sides.
+    """
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    references = greedy_continuations(reference, tokenizer, prompts, max_new_tokens, eos)
+    candidates = (
+        references if model is reference else greedy_continuations(model, tokenizer, prompts, max_new_tokens, eos)
+    )
+    rows = [
+        {"prompt": tokenizer.decode(prompt[0], skip_special_tokens=True), "reference": ref, "candidate": cand}
+        for prompt, ref, cand in zip(prompts, references, candidates)
+    ]
+    scores = dataclasses.replace(agreement(references, candidates), tokens=max_new_tokens)
     return scores, rows

@@ -33,9 +33,11 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
+        """True at temperature 0: the argmax, no random draw."""
         return self.temperature == 0
 
     def describe(self) -> str:
+        """The settings in words, for a table header ("greedy", "temperature 0.8, top-k 40")."""
         if self.greedy:
             return "greedy"
         parts = [f"temperature {self.temperature:g}"]
@@ -49,7 +51,9 @@ def next_token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
     Ties: sorting is stable, so among equal probabilities the lower token id ranks first; top-k
     and top-p keep exactly their count of tokens, tied or not. Greedy gives the one-hot of the
-    argmax (the lowest id among equal maxima, as ``argmax`` does).
+    argmax (the lowest id among equal maxima, as ``argmax`` does). The top-p boundary is compared
+    on float32 cumulative sums, so a ``top_p`` equal to a cumulative mass that float32 cannot
+    represent exactly may keep one token more or fewer than exact arithmetic would.
     """
     logits = logits.float()
     if sampling.greedy:

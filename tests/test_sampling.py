@@ -115,3 +115,26 @@ def test_same_seed_same_draws_and_frequencies_follow_the_distribution() -> None:
 def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(SqueezeError, match=message):
         Sampling(**options)
+
+
+def test_ties_rank_the_lower_token_id_first() -> None:
+    logits = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
+    top2 = next_token_probs(logits, Sampling(temperature=1.0, top_k=2))
+    assert torch.equal(top2 > 0, torch.tensor([False, True, True, False, False]))
+    # the three tied maxima hold about 0.3 each; p = 0.5 needs two of them, the lower ids
+    nucleus = next_token_probs(logits, Sampling(temperature=1.0, top_p=0.5))
+    assert torch.allclose(nucleus, torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0]))
+    assert int(sample(logits, Sampling())) == 1
+    assert torch.equal(next_token_probs(logits, Sampling()), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_any_leading_shape_and_rows_sum_to_one() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    setting = Sampling(temperature=0.7, top_k=10, top_p=0.8)
+    probs = next_token_probs(logits, setting)
+    assert probs.shape == (2, 3, 40) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3), atol=1e-6)
+    assert ((probs > 0).sum(-1) <= 10).all() and ((probs > 0).sum(-1) >= 1).all()
+    drawn = sample(logits, setting, torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 3) and (probs.gather(-1, drawn.unsqueeze(-1)) > 0).all()
