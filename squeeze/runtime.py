@@ -327,7 +327,7 @@ class Speed:
     repeats: int
 
 
-class _RssSampler:
+class RssSampler:
     """Highest resident set size seen by a background thread (every 5 ms), in bytes."""
 
     def __init__(self) -> None:
@@ -342,7 +342,7 @@ class _RssSampler:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> "RssSampler":
         self._thread.start()
         return self
 

@@ -83,10 +83,10 @@ def _measure(form: Form, device: str, prompt: list[int], agreement_prompts: list
     from squeeze.evaluate import tensor_bytes
     from squeeze.generate import generate
     from squeeze.models import is_quantized_folder, load_model, resolve_model
-    from squeeze.runtime import _RssSampler, accelerate, measure_speed
+    from squeeze.runtime import RssSampler, accelerate, measure_speed
     from squeeze.sampling import Sampling
 
-    with _RssSampler() as rss:
+    with RssSampler() as rss:
         start = time.perf_counter()
         source = resolve_model(form.spec)
         loaded = load_model(source, device=device, dtype=getattr(torch, form.dtype))
