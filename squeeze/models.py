@@ -420,17 +420,22 @@ def is_quantized_folder(folder: Path) -> bool:
     return qc.get("quant_method") == "compressed-tensors" and bool(qc.get("config_groups"))
 
 
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (shards merged), on the CPU."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
 def _load_sparse_bitmask(folder: Path, auto, dtype: torch.dtype, trust: bool) -> torch.nn.Module:
     """A sparse-bitmask checkpoint (squeeze prune's default), decoded to dense weights with zeros:
     transformers 5 no longer decompresses sparse checkpoints itself."""
-    from safetensors.torch import load_file
-
     from squeeze.formats.sparse import decode_bitmask_state
 
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(file))
-    state = decode_bitmask_state(state)
+    state = decode_bitmask_state(read_safetensors_folder(folder))
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust)
     model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file
 
 try:
     from transformers.initialization import no_init_weights
@@ -38,6 +37,7 @@ except ImportError:  # transformers 4
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.models import read_safetensors_folder
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.pack import unpack_int32
 from squeeze.quant.rtn import compute_qparams
@@ -75,13 +75,6 @@ def quantization_scheme(folder: Path) -> QuantScheme | None:
         )
 
     return QuantScheme(weights=args(group["weights"]), input_activations=args(group.get("input_activations")))
-
-
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(file))
-    return state
 
 
 def _quantized_layer(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], scheme: QuantScheme) -> QuantizedLinear:
@@ -123,7 +116,7 @@ def load_quantized(folder: Path, kind: str, dtype: torch.dtype = torch.float32, 
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
-    state = _read_state(folder)
+    state = read_safetensors_folder(folder)
     with no_init_weights():  # every tensor is overwritten from the checkpoint
         model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, module in list(model.named_modules()):
@@ -312,19 +305,6 @@ def accelerate(model: nn.Module) -> Accelerated:
 
 # ---------------------------------------------------------------------------------------------
 # speed
-
-
-@dataclass(frozen=True)
-class Speed:
-    """Prefill and decode throughput of one model, in tokens per second, and memory in bytes."""
-
-    prefill_tokens: int
-    decode_tokens: int
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    weight_bytes: int  # parameters and buffers as held for inference (shared storage once)
-    peak_rss_bytes: int  # the process's resident peak while this model loaded and ran
-    repeats: int
 
 
 class RssSampler:
