@@ -183,7 +183,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from squeeze.bench import cpu_name
+    from squeeze.device import cpu_name
 
     info = {
         "cpu": cpu_name(),

@@ -22,6 +22,7 @@ import torch
 from squeeze import __version__
 from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.distill.config import DistillConfig
+from squeeze.device import COMPUTE_DTYPES, resolve_device, resolve_dtype
 from squeeze.errors import SqueezeError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze import formats
@@ -73,27 +74,6 @@ class _Stopwatch:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda when available, else cpu; a CUDA device that is not there is a SqueezeError."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SqueezeError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise SqueezeError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
-    return device
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """The dtype the model is loaded and run in (calibration, evaluation); a SqueezeError if unknown."""
-    if dtype not in COMPUTE_DTYPES:
-        raise SqueezeError(f"unknown dtype {dtype!r}; choose one of: {', '.join(COMPUTE_DTYPES)}")
-    return getattr(torch, dtype)
 
 
 def _eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:

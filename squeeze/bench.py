@@ -12,7 +12,6 @@ products, a fixed amount of work), so a slower or busier machine moves both and 
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -27,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from squeeze import __version__
+from squeeze.device import machine
 from squeeze.errors import SqueezeError
 
 SUITES = ("ci", "full")
@@ -169,23 +169,6 @@ def compare(case: str, new: dict[str, float], old: dict[str, float] | None, tole
             verdict = "REGRESSED" if value < limit else ("better" if value > before + tolerance + slack else "ok")
         outcome.rows.append((metric, before, value, limit, verdict))
     return outcome
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    import os
-
-    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def commit(where: Path) -> str:

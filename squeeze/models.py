@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import transformers
 
+from squeeze.calib.blocks import find_blocks
 from squeeze.errors import SqueezeError
 from squeeze.packages import MINILM, SMOLLM2, PackageData, cache_dir
 
@@ -644,20 +645,6 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
         "bytes_int8": params_quantizable + 2 * params_other,
         "bytes_int4": (params_quantizable + 1) // 2 + 2 * params_other,
     }
-
-
-def find_blocks(model: torch.nn.Module, num_layers: int | None) -> str | None:
-    """Name of the ModuleList holding the transformer blocks (e.g. "model.layers", "encoder.layer")."""
-    candidates = [
-        (name, len(module))
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0
-    ]
-    if num_layers is not None:
-        exact = [name for name, length in candidates if length == num_layers]
-        if exact:
-            return exact[0]
-    return max(candidates, key=lambda c: c[1])[0] if candidates else None
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from squeeze.device import machine, resolve_device
 from squeeze.errors import SqueezeError
 
 
@@ -150,8 +151,6 @@ def bench_infer(
 
     ``isolate`` runs each form in its own spawned process (clean peak RSS); False runs them here.
     """
-    from squeeze.api import resolve_device
-    from squeeze.bench import machine
     from squeeze.distill.student import check_vocab_sizes
     from squeeze.generate import agreement, prompts_from_text
     from squeeze.models import load_tokenizer, meta_model, resolve_model

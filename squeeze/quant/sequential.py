@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.models import find_blocks
+from squeeze.calib.blocks import block_list
 
 BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]]
 
@@ -44,14 +44,6 @@ CALIBRATION_CLOCK = _ForwardClock()
 
 class _StopForward(Exception):
     """Raised by the capture hook: nothing past the first block needs to run."""
-
-
-def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module of the model's list of transformer blocks."""
-    name = find_blocks(model, getattr(getattr(model, "config", None), "num_hidden_layers", None))
-    if name is None:
-        raise SqueezeError("cannot find the model's list of transformer blocks for layer-by-layer calibration")
-    return name, model.get_submodule(name)
 
 
 @torch.no_grad()
