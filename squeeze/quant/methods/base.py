@@ -1,0 +1,77 @@
+"""What a quantization method is: the contract each file in squeeze/quant/methods fulfils.
+
+A method is a class with a name, an options model (squeeze.options.MethodOptions: the single
+source of its option names, defaults, bounds and help text), the scheme it defaults to, its
+cheap checks, its memory estimate and its run. The registry in squeeze/quant/methods/__init__.py
+maps names to instances. Adding a method is one file here and one line there: the CLI's options,
+recipe keys, report settings and --help text all come from the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+from squeeze.options import MethodOptions
+
+if TYPE_CHECKING:
+    from squeeze.quant.config import QuantizeConfig
+    from squeeze.quant.layers import QuantizeResult
+
+Batches = list[dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SchemeDefaults:
+    """The weight scheme a method uses where the user leaves it open."""
+
+    mode: str = "per-channel"
+    bits: int = 8
+    asym: bool = False
+
+
+class QuantMethod:
+    """Base of every quantization method; subclasses set the class attributes and override ``run``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one phrase for the --method help, e.g. "gptq (Hessian-aware rounding)"
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    defaults: ClassVar[SchemeDefaults] = SchemeDefaults()
+    blockwise: ClassVar[bool] = True  # calibrates one transformer block at a time
+
+    def needs_calibration(self, config: QuantizeConfig) -> bool:
+        """Whether the run reads calibration text (``batches`` is then not None)."""
+        return True
+
+    def check(self, config: QuantizeConfig) -> None:
+        """Cheap checks of ``config.scheme`` and ``config.options`` before anything is read; raise
+        OptionError naming the options at fault."""
+
+    def check_model(self, model: nn.Module, config: QuantizeConfig) -> None:
+        """Checks against the model (the meta model is enough: only structure and shapes)."""
+
+    def calibration_bytes(self, block: nn.Module, tokens: int, dtype_bytes: int) -> int:
+        """Memory, in bytes, the method holds beyond the block inputs while calibrating ``block``
+        on ``tokens`` calibration tokens (e.g. one Hessian per Linear for GPTQ)."""
+        return 0
+
+    def steps(self, model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, int]:
+        """What the progress bar shows: a label and the number of ``on_step`` calls ``run`` makes."""
+        return f"{self.name}, block by block", len(block_list(model)[1])
+
+    def run(
+        self,
+        model: nn.Module,
+        config: QuantizeConfig,
+        batches: Batches | None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> QuantizeResult:
+        """Quantize the targeted layers of ``model`` in place; ``batches`` are the calibration
+        windows (None when ``needs_calibration`` is false). ``result.calibration_s`` is the time
+        spent running calibration text, within the run's time."""
+        raise NotImplementedError
