@@ -50,7 +50,7 @@ class Config:
     name: str
     label: str
     scheme: dict  # squeeze.quant.scheme.scheme_from_options keywords
-    method: dict  # QuantizeConfig keywords: method and its parameters
+    method: dict  # QuantizeConfig keywords: method and its options
     peers: tuple[str, ...] = ("llm-compressor",)
     notes: list[str] = field(default_factory=list)
 
@@ -60,9 +60,9 @@ CONFIGS = [
     Config("gptq-w4-g64", "GPTQ W4 group-64 sym", W4_G64, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
     Config("rtn-w4-g64", "RTN W4 group-64 sym", W4_G64, dict(method="rtn")),
     Config("awq-w4-g64", "AWQ W4 group-64 sym", W4_G64, dict(method="awq")),
-    Config("smoothquant-a0.5", "SmoothQuant W8A8, alpha 0.5", W8A8, dict(method="smoothquant", alpha=0.5)),
+    Config("smoothquant-a0.5", "SmoothQuant W8A8, alpha 0.5", W8A8, dict(method="smoothquant", options=dict(alpha=0.5))),
     Config("w8a8", "W8A8 RTN (no smoothing)", W8A8, dict(method="rtn")),
-    Config("smoothquant-a0.8", "SmoothQuant W8A8, alpha 0.8", W8A8, dict(method="smoothquant", alpha=0.8)),
+    Config("smoothquant-a0.8", "SmoothQuant W8A8, alpha 0.8", W8A8, dict(method="smoothquant", options=dict(alpha=0.8))),
     Config("gptq-w4-per-channel", "GPTQ W4 per-channel sym", W4_CHANNEL, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
     Config("rtn-w4-per-channel", "RTN W4 per-channel sym", W4_CHANNEL, dict(method="rtn")),
     Config("awq-w4-per-channel", "AWQ W4 per-channel sym", W4_CHANNEL, dict(method="awq")),

@@ -26,8 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from squeeze import __version__
+from squeeze.chain import plan_run, run_recipe
 from squeeze.device import machine
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError, literal
+from squeeze.recipes import load_recipe, recipe_from_stages
 
 SUITES = ("ci", "full")
 # metric → (worse when it goes "up" or "down", default tolerance, absolute slack below which changes are noise)
@@ -117,8 +119,6 @@ def reference_seconds(repeats: int = 5) -> float:
 
 def _case_recipe(case: Case, cases_path: Path):
     """The case's recipe with its overrides applied to every stage that has the option."""
-    from squeeze.recipes import load_recipe, recipe_from_stages
-
     recipe = load_recipe((cases_path.parent / case.recipe).resolve())
     stages = []
     for stage in recipe.stages:
@@ -134,8 +134,6 @@ def _case_recipe(case: Case, cases_path: Path):
 
 def run_case(case: Case, cases_path: Path, device: str = "cpu", progress=None) -> dict[str, float]:
     """Run one case in a temporary folder; its metrics (of the last stage; seconds over all stages)."""
-    from squeeze.api import run_recipe
-
     recipe = _case_recipe(case, cases_path)
     with tempfile.TemporaryDirectory(prefix="squeeze-bench-") as tmp:
         # generation agreement is not a gated metric: leave it out of the timed stages
@@ -257,15 +255,13 @@ def run_suite(
         raise SqueezeError(f"no case named {', '.join(sorted(missing))} in {cases_path}")
     if not chosen:
         raise SqueezeError(f"{cases_path} has no case in suite {suite!r}")
-    from squeeze.api import plan_run
-
     for case in chosen:  # every case is checked against its model before the first one runs
         plan_run(_case_recipe(case, cases_path), case.model)
     baseline_file = cases_path.parent / "baselines" / f"{suite}.json"
     baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
     unrecorded = [c.name for c in chosen if c.name not in (baseline or {}).get("cases", {})]
     if unrecorded and not update:
-        raise SqueezeError(f"no baseline for {', '.join(unrecorded)} in {baseline_file}: record one with --update")
+        raise OptionError(f"no baseline for {literal(', '.join(unrecorded))} in {literal(baseline_file)}: record one with {{0}}", "update")
     before = reference_seconds()
     results = []
     for index, case in enumerate(chosen):

@@ -199,7 +199,7 @@ def to_rich(rows: list[Row], title: str) -> Table:
 
 def plot(rows: list[Row], file: Path, title: str) -> None:
     """PNG: size on disk (MiB) against perplexity (log scale), one line per run through its stages."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when a plot is drawn
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

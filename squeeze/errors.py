@@ -50,3 +50,8 @@ class OptionError(SqueezeError):
 def in_words(error: SqueezeError, spell: Callable[[str], str]) -> str:
     """The message of ``error`` for a caller that spells options with ``spell``."""
     return error.render(spell) if isinstance(error, OptionError) else str(error)
+
+
+def literal(text: object) -> str:
+    """``text`` made safe to put inside an OptionError template: its braces doubled."""
+    return str(text).replace("{", "{{").replace("}", "}}")

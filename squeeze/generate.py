@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from squeeze.data import evaluation_windows
 from squeeze.errors import SqueezeError
 from squeeze.sampling import Sampling, sample
 
@@ -108,6 +109,7 @@ def agreement(references: list[str], candidates: list[str]) -> GenerationAgreeme
     even if every text is identical.
     Raises ValueError unless there are as many candidates as references, at least one.
     """
+    # heavy optional scorers, imported only when agreement is measured
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -135,8 +137,6 @@ def prompts_from_text(
 
     A source too small for ``count`` prompts gives fewer; SqueezeError if not even one fits.
     """
-    from squeeze.data import evaluation_windows
-
     if count < 1 or prompt_tokens < 1:
         raise SqueezeError(f"need at least 1 prompt of at least 1 token, got {count} of {prompt_tokens} tokens")
     windows = evaluation_windows(tokenizer, source, prompt_tokens, count * prompt_tokens)

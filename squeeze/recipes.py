@@ -28,9 +28,21 @@ from typing import Any, ClassVar, Union
 
 import yaml
 from torch import nn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from squeeze.errors import SqueezeError
+from squeeze.calib.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
+from squeeze.distill.config import DistillConfig, parse_layer_map
+from squeeze.errors import OptionError, SqueezeError
+from squeeze.formats import QUANTIZED_FORMATS
+from squeeze.formats.base import FixedScheme
+from squeeze.options import option
+from squeeze.prune.apply import PruneConfig
+from squeeze.prune.config import DEFAULT_SPARSITY
+from squeeze.prune.methods import PRUNE_METHODS
+from squeeze.quant.apply import QuantizeConfig
+from squeeze.quant.methods import METHODS
+from squeeze.quant.methods.base import SchemeDefaults
+from squeeze.quant.scheme import scheme_from_options
 
 
 class _Options(BaseModel):
@@ -39,8 +51,6 @@ class _Options(BaseModel):
 
     def ignored(self) -> tuple[str, ...]:
         """The layer patterns left alone: the stage's ``ignore``, else the heads (DEFAULT_IGNORE)."""
-        from squeeze.quant.targets import DEFAULT_IGNORE
-
         return self.ignore if self.ignore is not None else DEFAULT_IGNORE
 
     def label(self) -> str:
@@ -48,119 +58,173 @@ class _Options(BaseModel):
         raise NotImplementedError
 
 
-class QuantizeStage(_Options):
-    """``squeeze quantize`` options (``--format`` is ``format``, ``--target`` is ``targets``)."""
+def _one_of(words: list[str], last: str = "or") -> str:
+    return ", ".join(words[:-1]) + f" {last} {words[-1]}" if len(words) > 1 else "".join(words)
+
+
+def _scheme_default(what: str, words: dict | None = None) -> str:
+    """The weight scheme's default for ``what`` (mode, bits, asym) and the methods that change it,
+    e.g. ``8; 4 for awq`` (values spelt by ``words`` where it has them)."""
+    words = words or {}
+    base = getattr(SchemeDefaults(), what)
+    others: dict[Any, list[str]] = {}
+    for method in METHODS:
+        value = getattr(method.defaults, what)
+        if value != base:
+            others.setdefault(value, []).append(method.name)
+    return f"{words.get(base, base)}" + "".join(f"; {words.get(v, v)} for {_one_of(n, 'and')}" for v, n in others.items())
+
+
+def _fixed_scheme(fmt: str) -> FixedScheme | None:
+    """The one scheme format ``fmt`` stores (bnb-nf4), if it fixes one; None for unknown formats
+    too (the config reports those)."""
+    return QUANTIZED_FORMATS.get(fmt).fixed_scheme if fmt in QUANTIZED_FORMATS else None
+
+
+class _QuantizeOptions(_Options):
+    """``squeeze quantize`` options every method shares (``--format`` is ``format``, ``--target``
+    is ``targets``); :class:`QuantizeStage` adds the options of every registered method."""
 
     pass_name: ClassVar[str] = "quantize"
-    method: str = "rtn"
-    mode: str | None = None
-    bits: int | None = None
-    group_size: int | None = None
-    asym: bool | None = None
-    act: str = "none"
-    act_asym: bool = False
-    scale_dtype: str = "auto"
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    true_sequential: bool = False
-    awq_grid: int = 20
-    awq_clip: bool = True
-    alpha: float = 0.5
-    smooth_fallback: bool = False
-    format: str = "compressed-tensors"
-    targets: tuple[str, ...] = ()
-    ignore: tuple[str, ...] | None = None
-    calib_data: str | None = None
-    calib_samples: int = Field(128, ge=1)
-    batch_size: int = Field(2, ge=1)
+    method: str = option(
+        "rtn", f"{_one_of([m.summary for m in METHODS])}; "
+        f"{_one_of([m.name for m in METHODS if m.blockwise], 'and')} calibrate block by block.",
+    )
+    mode: str | None = option(
+        None, "Weight scales: per-tensor, per-channel (per output row) or per-group "
+        f"(default {_scheme_default('mode')}).",
+    )
+    bits: int | None = option(None, f"Weight bits, 2..8 (default {_scheme_default('bits')}).")
+    group_size: int | None = option(
+        None, "Input columns per scale with --mode per-group (default 128 where it divides every targeted layer, else 64, 32 or 16).",
+    )
+    asym: bool | None = option(
+        None, "Asymmetric weights (scale and zero point); default "
+        f"{_scheme_default('asym', {False: 'symmetric', True: 'asymmetric'})}.", flag="--asym/--sym",
+    )
+    act: str = option("none", "Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")
+    act_asym: bool = option(False, "Asymmetric activations (scale and zero point).", flag="--act-asym")
+    scale_dtype: str = option(
+        "auto", "Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.",
+    )
+    format: str = option(
+        "compressed-tensors", "Checkpoint format: compressed-tensors (transformers, vLLM), gptq (GPTQModel, transformers + "
+        "optimum), bnb-int8 or bnb-nf4 (transformers + bitsandbytes).", flag="--format",
+    )
+    targets: tuple[str, ...] = option((), "Quantize only Linear layers matching this glob or re:regex (repeatable).", flag="--target")
+    ignore: tuple[str, ...] | None = option(
+        None, "Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).",
+    )
+    calib_data: str | None = option(None, "Calibration text for static activation scales (default: the --data text).")
+    calib_samples: int = option(128, "Calibration windows of --seq-len tokens (GPTQ and static activation scales).", ge=1)
+    batch_size: int = option(2, "Windows per forward pass.", ge=1)
+
+    def _scheme_options(self) -> tuple[str, int, int | None, bool]:
+        """Mode, bits, group size and asymmetry with what the format fixes and the method's
+        defaults filled in; the group size stays open (None) where the model's shapes decide it."""
+        defaults = METHODS.get(self.method).defaults if self.method in METHODS else SchemeDefaults()
+        mode, bits, group_size = self.mode, self.bits, self.group_size
+        fixed = _fixed_scheme(self.format)
+        if fixed is not None:
+            mode, bits, group_size = fixed.fill(mode, bits, group_size)
+        bits = bits if bits is not None else defaults.bits
+        return mode or defaults.mode, bits, group_size, self.asym if self.asym is not None else defaults.asym
 
     @property
     def needs_shapes(self) -> bool:
         """The group size is left open, so the config depends on the model's layer shapes."""
-        return self.resolved(None).mode == "per-group" and self.group_size is None and self.format != "bnb-nf4"
+        mode, _, group_size, _ = self._scheme_options()
+        return mode == "per-group" and group_size is None
 
     def resolved(self, model: nn.Module | None) -> QuantizeStage:
-        """The options with the method's usual defaults filled in: AWQ is W4 group-wise asymmetric,
-        NF4 is 4-bit blocks of 64, a group size left open is 128 where it divides every targeted
-        layer of ``model`` (else 64, 32 or 16; 128 when ``model`` is None). Explicit options win.
-        ``model`` may be the meta model: only its layer shapes are read."""
-        from squeeze.quant.targets import fitting_group_size, select_linears
-
-        low_bit = self.method == "awq"
-        mode, bits, group_size = self.mode, self.bits, self.group_size
-        if self.format == "bnb-nf4":
-            mode, bits = mode or "per-group", bits or 4
-            group_size = group_size or (64 if mode == "per-group" else None)
-        mode = mode or ("per-group" if low_bit else "per-channel")
+        """The options with the usual defaults filled in: the method's scheme (AWQ is W4 group-wise
+        asymmetric), the scheme a format fixes (NF4 is 4-bit blocks of 64), a group size left open
+        is 128 where it divides every targeted layer of ``model`` (else 64, 32 or 16; 128 when
+        ``model`` is None). Explicit options win. ``model`` may be the meta model: only its layer
+        shapes are read."""
+        mode, bits, group_size, asym = self._scheme_options()
         if mode == "per-group" and group_size is None:
             group_size = 128
             if model is not None:
                 group_size = fitting_group_size(select_linears(model, self.targets, self.ignored()))
-        return self.model_copy(update={
-            "mode": mode,
-            "bits": bits if bits is not None else (4 if low_bit else 8),
-            "group_size": group_size,
-            "asym": self.asym if self.asym is not None else low_bit,
-        })
+        return self.model_copy(update={"mode": mode, "bits": bits, "group_size": group_size, "asym": asym})
 
-    def config(self, model: nn.Module | None):
+    def config(self, model: nn.Module | None) -> QuantizeConfig:
         """The QuantizeConfig these options describe for ``model`` (see ``resolved``); SqueezeError
-        if they contradict each other."""
-        from squeeze.quant.apply import QuantizeConfig
-        from squeeze.quant.scheme import scheme_from_options
-
+        if they contradict each other (the format is checked by the pass, squeeze.formats.check_format)."""
+        method = METHODS.get(self.method)  # an unknown name first: the scheme's defaults depend on it
         o = self.resolved(model)
         scheme = scheme_from_options(
             mode=o.mode, bits=o.bits, group_size=o.group_size, asym=o.asym, act=o.act, scale_dtype=o.scale_dtype,
             act_asym=o.act_asym, checkpoint=o.format,
         )
+        options = {name: getattr(o, name) for name in method.Options.model_fields}
         return QuantizeConfig(
-            scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method,
-            damp_percent=o.damp_percent, block_size=o.block_size, act_order=o.act_order, true_sequential=o.true_sequential,
-            awq_grid=o.awq_grid, awq_clip=o.awq_clip, alpha=o.alpha, smooth_fallback=o.smooth_fallback, format=o.format,
+            scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method, options=options, format=o.format,
         )
 
     def label(self) -> str:
-        if self.format == "bnb-nf4":
-            return "nf4"
-        bits = self.bits if self.bits is not None else (4 if self.method == "awq" else 8)
+        fixed = _fixed_scheme(self.format)
+        if fixed is not None:
+            return fixed.label
+        bits = self.bits if self.bits is not None else self._scheme_options()[1]
         act = "a8" if self.act != "none" else "a16"
         return f"{self.method}-w{bits}{act}" + (f"-g{self.group_size}" if self.group_size else "")
 
 
-class PruneStage(_Options):
-    """``squeeze prune`` options; ``layer_sparsity`` maps a layer pattern to its sparsity."""
+QuantizeStage = create_model(
+    "QuantizeStage", __base__=_QuantizeOptions, __module__=__name__,
+    __doc__="``squeeze quantize`` options: the common ones and every quantization method's own (``damp_percent``, ...).",
+    **METHODS.fields(reserved=_QuantizeOptions.model_fields),
+)
+
+
+class _PruneOptions(_Options):
+    """``squeeze prune`` options every method shares; ``layer_sparsity`` maps a layer pattern to its
+    sparsity. :class:`PruneStage` adds the options of every registered method."""
 
     pass_name: ClassVar[str] = "prune"
-    method: str = "magnitude"
-    sparsity: float | None = None
-    pattern: str | None = None
-    scope: str = "layer"
-    layer_sparsity: dict[str, float] = {}
-    sparsity_ramp: float = 0.0
-    block_size: int = 128
-    damp_percent: float = 0.01
-    format: str = "sparse-bitmask"
-    targets: tuple[str, ...] = ()
-    ignore: tuple[str, ...] | None = None
-    calib_data: str | None = None
-    calib_samples: int = Field(128, ge=0)
-    batch_size: int = Field(2, ge=1)
+    method: str = option(
+        "magnitude", f"{_one_of([m.summary for m in PRUNE_METHODS])}; "
+        f"{_one_of([m.name for m in PRUNE_METHODS if m.needs_calibration], 'and')} calibrate block by block.",
+    )
+    sparsity: float | None = option(None, "Share of weights removed per layer, in [0, 1) (default 0.5; an N:M pattern sets it).")
+    pattern: str | None = option(None, "N:M structure, e.g. 2:4 or 4:8: keep N of every M consecutive input weights.")
+    scope: str = option("layer", "magnitude: rank weights per layer, or across all targeted layers at once (global).")
+    layer_sparsity: dict[str, float] = option(
+        {}, "PATTERN=SPARSITY for matching layers, repeatable, the last match wins; 0 leaves a layer dense.",
+    )
+    sparsity_ramp: float = option(
+        0.0, "Rule over depth: the first block gets sparsity - ramp, the last sparsity + ramp, linear between.",
+    )
+    format: str = option(
+        "sparse-bitmask", "sparse-bitmask (compressed-tensors layout, smaller on disk) or dense (zeros stored, loads "
+        "with from_pretrained).", flag="--format",
+    )
+    targets: tuple[str, ...] = option((), "Prune only Linear layers matching this glob or re:regex (repeatable).", flag="--target")
+    ignore: tuple[str, ...] | None = option(None, "Leave matching layers dense (repeatable) (default: lm_head and classifier heads).")
+    calib_data: str | None = option(None, "Calibration text for Wanda and SparseGPT (default: the --data text).")
+    calib_samples: int = option(128, "Wanda, SparseGPT: calibration windows of --seq-len tokens.", ge=0)
+    batch_size: int = option(2, "Windows per forward pass.", ge=1)
 
-    def config(self):
-        from squeeze.prune.apply import PruneConfig
-
+    def config(self) -> PruneConfig:
+        options = {name: getattr(self, name) for name in PRUNE_METHODS.get(self.method).Options.model_fields}
         return PruneConfig(
             method=self.method, sparsity=self.sparsity, pattern=self.pattern, scope=self.scope,
             layer_sparsity=tuple(self.layer_sparsity.items()), sparsity_ramp=self.sparsity_ramp, targets=self.targets,
-            ignore=self.ignored(), format=self.format,
-            block_size=self.block_size, damp_percent=self.damp_percent,
+            ignore=self.ignored(), format=self.format, options=options,
         )
 
     def label(self) -> str:
-        amount = self.pattern.replace(":", "of") if self.pattern else f"{round(100 * (self.sparsity or 0.5))}"
+        amount = self.pattern.replace(":", "of") if self.pattern else f"{round(100 * (self.sparsity or DEFAULT_SPARSITY))}"
         return f"{self.method}-{amount}"
+
+
+PruneStage = create_model(
+    "PruneStage", __base__=_PruneOptions, __module__=__name__,
+    __doc__="``squeeze prune`` options: the common ones and every pruning method's own (``block_size``, ...).",
+    **PRUNE_METHODS.fields(reserved=_PruneOptions.model_fields),
+)
 
 
 class DistillStage(_Options):
@@ -173,40 +237,51 @@ class DistillStage(_Options):
     teacher: str = "original"
     student: str = "previous"
     data: str | None = None
-    temperature: float = 2.0
-    alpha: float = 0.5
-    steps: int | None = Field(None, ge=1)
-    tokens: float | None = Field(None, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    hidden_loss: str | None = None
-    hidden_weight: float = 1.0
-    layer_map: str | None = None
-    embedding_loss: str = "cosine"
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    teacher_cache: str | None = None
-    cache_topk: int = 16
-    cache_samples: int = 48
-    batch_size: int = Field(4, ge=1)
-
-    DEFAULT_STEPS: ClassVar[int] = 100
+    temperature: float = Field(
+        DistillConfig.temperature, description="KD temperature τ: both distributions are softened by it; the KD term is scaled by τ².",
+    )
+    alpha: float = Field(DistillConfig.alpha, description="Weight of the KD term; 1 - alpha weighs next-token cross-entropy (0: plain training).")
+    steps: int | None = Field(None, ge=1, description=f"Optimizer steps (default {DistillConfig.steps} unless --tokens).")
+    tokens: float | None = Field(None, ge=1, description="Training tokens instead of --steps (e.g. 2e6); rounded up to whole steps.")
+    grad_accum: int = Field(DistillConfig.grad_accum, ge=1, description="Forward passes accumulated per optimizer step.")
+    lr: float = Field(DistillConfig.lr, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(DistillConfig.weight_decay, description="AdamW weight decay on Linear matrices (not norms, biases, embeddings).")
+    warmup: float = Field(DistillConfig.warmup, description="Share of the steps with linear warmup; cosine decay after.")
+    min_lr_ratio: float = Field(DistillConfig.min_lr_ratio, description="Learning rate at the last step, as a share of --lr.")
+    max_grad_norm: float = Field(DistillConfig.max_grad_norm, description="Gradient clipping norm (0: off).")
+    seed: int = Field(DistillConfig.seed, description="Seed for data order and initialisation: the same seed gives the same student.")
+    precision: str = Field(DistillConfig.precision, description="auto (bf16 autocast on CUDA with bf16, else fp32), fp32 or bf16.")
+    hidden_loss: str | None = Field(
+        DistillConfig.hidden_loss, description="Also match hidden states: cosine or mse (learned projections if the widths differ).",
+    )
+    hidden_weight: float = Field(DistillConfig.hidden_weight, description="Weight of the hidden-state loss.")
+    layer_map: str | None = Field(None, description="STUDENT:TEACHER block pairs for the hidden loss, e.g. 0:1,1:3 (default: each kept "
+                                  "block to its origin).")
+    embedding_loss: str = Field(DistillConfig.embedding_loss, description="Encoders: loss between mean-pooled embeddings, cosine or mse.")
+    checkpoint_every: int = Field(DistillConfig.checkpoint_every, description="Write a resumable checkpoint every N optimizer steps (0: none).")
+    keep_checkpoints: int = Field(DistillConfig.keep_checkpoints, description="Checkpoints kept (the newest).")
+    eval_every: int = Field(
+        DistillConfig.eval_every, description="Held-out perplexity (encoders: cosine) on 8 windows every N steps (0: only at the end).",
+    )
+    teacher_cache: str | None = Field(None, description="Folder of the teacher's top-k logits: made on first use, then training reads it "
+                                      "instead of running the teacher.")
+    cache_topk: int = Field(
+        DistillConfig.cache_topk, description="Teacher cache: the teacher's most likely tokens stored per position (exact log-probabilities).",
+    )
+    cache_samples: int = Field(
+        DistillConfig.cache_samples, description="Teacher cache: draws per position from the teacher's distribution off those tokens "
+        "(an unbiased estimate of the rest; 0: top-k only, a lower bound).",
+    )
+    batch_size: int = Field(DistillConfig.batch_size, ge=1, description="Windows per forward pass, per process.")
 
     def config(self, seq_len: int, processes: int = 1, fsdp: bool = False):
         """The DistillConfig; ``tokens`` becomes whole optimizer steps of ``batch_size ·
         grad_accum · processes`` windows of ``seq_len`` tokens."""
-        from squeeze.distill.config import DistillConfig, parse_layer_map
-
         if self.steps is not None and self.tokens is not None:
-            raise SqueezeError("give steps or tokens, not both")
-        steps = self.steps if self.steps is not None else self.DEFAULT_STEPS
+            raise OptionError("give {0} or {1}, not both", "steps", "tokens")
+        if self.tokens is not None and not self.tokens >= 1:  # model_construct (the CLI) skips the bound
+            raise OptionError(f"{{0}} must be at least 1, got {self.tokens:g}", "tokens")
+        steps = self.steps if self.steps is not None else DistillConfig.steps
         if self.tokens is not None:
             steps = -(-int(self.tokens) // (self.batch_size * self.grad_accum * processes * seq_len))
         return DistillConfig(
@@ -410,169 +485,3 @@ def recipe_from_stages(stages: list, name: str = "recipe", **settings: Any) -> R
 def stage_folder(index: int, stage: StageOptions) -> str:
     """``01-prune-wanda-2of4``: the stage's folder inside the run's output directory."""
     return f"{index + 1:02d}-{stage.pass_name}-{stage.label()}"
-
-
-@dataclass
-class PlannedStage:
-    """One stage as it will run: its input, what it reads, and about how much memory it needs."""
-
-    index: int  # 0-based
-    stage: StageOptions
-    folder: str
-    input: str  # "original" or the folder of the stage before
-    config: Any  # QuantizeConfig, PruneConfig or DistillConfig (a quantize group size left open is settled on the real input)
-    teacher: str | None = None  # distill: "original", "previous" or a model
-    student: str | None = None  # distill: "previous" or a student spec
-    calibration_tokens: int = 0
-    training_tokens: int = 0
-    evaluation_tokens: int = 0
-    memory_bytes: int = 0  # estimated peak RSS, see _memory_estimate
-    shapes_known: bool = True  # the input has the original's layer shapes (checked against its meta model)
-
-
-PROCESS_BYTES = 700 * 2**20  # python + torch + transformers before any model is loaded
-
-
-def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, evaluate: bool = True, dtype_bytes: int = 4) -> list[PlannedStage]:
-    """Check the whole recipe against ``model`` without loading weights: each stage's options make a
-    config, its layers exist with fitting shapes, teacher and student fit, text sources exist, and
-    the stages are in an order that can run. RecipeError lists every problem found."""
-    from squeeze.data import load_documents
-    from squeeze.distill.student import check_layer_map, keep_blocks, parse_student, resolve_layers, teacher_depth
-    from squeeze.distill import cache as logit_cache
-    from squeeze.models import meta_model, resolve_model
-    from squeeze.prune.apply import plan_prune
-    from squeeze.quant.apply import plan_layers
-
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
-    original = meta_model(source)
-    causal = source.kind == "causal"
-    problems: list[str] = []
-    checked_sources: dict[str, str | None] = {}
-
-    def check_text(text: str, *path: Any) -> None:
-        if text not in checked_sources:
-            try:
-                load_documents(text)
-                checked_sources[text] = None
-            except SqueezeError as exc:
-                checked_sources[text] = str(exc)
-        if checked_sources[text] is not None:
-            problems.append(f"{recipe.where(*path)}{checked_sources[text]}")
-
-    if evaluate:
-        check_text(recipe.data, "data")
-    # windows are capped at the model's positions, as the passes cap them
-    seq_len = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
-    evaluation_tokens = recipe.eval_tokens // seq_len * seq_len if evaluate else 0
-    planned: list[PlannedStage] = []
-    current: Any = original  # meta model of the current stage's input; None where a stage makes shapes we cannot know yet
-    after_quantize = None
-    for index, stage in enumerate(recipe.stages):
-        path = ("stages", index, stage.pass_name)
-        head = f"{recipe.where(*path)}stage {index + 1} ({stage.pass_name}): "
-        entry = PlannedStage(index, stage, stage_folder(index, stage), "original" if index == 0 else planned[-1].folder, None)
-        entry.shapes_known = current is not None
-        entry.evaluation_tokens = evaluation_tokens
-        if after_quantize is not None:
-            problems.append(
-                f"{head}comes after stage {after_quantize + 1} (quantize); a quantized checkpoint is final, so quantize must be the last stage"
-            )
-        try:
-            if isinstance(stage, QuantizeStage):
-                after_quantize = index
-                entry.config = stage.config(current)
-                if current is not None:
-                    plan_layers(current, entry.config)
-                if entry.config.needs_calibration:
-                    entry.calibration_tokens = stage.calib_samples * seq_len
-                    check_text(stage.calib_data or recipe.data, *path, "calib_data")
-            elif isinstance(stage, PruneStage):
-                entry.config = stage.config()
-                if current is not None:
-                    plan_prune(current, entry.config)
-                if entry.config.needs_calibration:
-                    if stage.calib_samples < 1:
-                        raise SqueezeError(f"{stage.method} needs calibration text: calib_samples must be at least 1")
-                    entry.calibration_tokens = stage.calib_samples * seq_len
-                    check_text(stage.calib_data or recipe.data, *path, "calib_data")
-            else:
-                entry.teacher, entry.student = stage.teacher, stage.student
-                entry.config = stage.config(seq_len)
-                entry.training_tokens = entry.config.steps * stage.batch_size * stage.grad_accum * seq_len
-                check_text(stage.data or recipe.data, *path, "data")
-                if stage.teacher == "original":
-                    teacher_meta = original
-                elif stage.teacher == "previous":
-                    teacher_meta = current
-                else:
-                    teacher_meta = meta_model(resolve_model(stage.teacher, trust_remote_code=trust_remote_code))
-                if stage.student == "previous":
-                    if index == 0:
-                        raise SqueezeError("the first stage has no previous model to train: name a student (layers:K, depth:F, width:F or a model)")
-                    student_meta = current
-                else:
-                    spec = parse_student(stage.student)
-                    student_meta = None
-                    if spec.kind == "model":
-                        student_meta = meta_model(resolve_model(spec.model, trust_remote_code=trust_remote_code))
-                    elif spec.kind == "layers" and teacher_meta is not None:
-                        spec = resolve_layers(spec, teacher_depth(teacher_meta))
-                        student_meta = keep_blocks(teacher_meta, spec.layers)
-                if teacher_meta is not None and student_meta is not None:
-                    check_layer_map(entry.config.layer_map, teacher_depth(student_meta), teacher_depth(teacher_meta))
-                if stage.teacher_cache is not None:
-                    logit_cache.check_cache_use(Path(stage.teacher_cache), entry.config, causal)
-                current = student_meta
-        except SqueezeError as exc:
-            problems.append(f"{head}{exc}")
-        if entry.config is not None:
-            entry.memory_bytes = _memory_estimate(entry, current if current is not None else original, original, recipe, evaluate, dtype_bytes)
-        planned.append(entry)
-    if problems:
-        raise RecipeError(problems)
-    return planned
-
-
-def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evaluate: bool, dtype_bytes: int) -> int:
-    """A rough peak RSS in bytes: the models held at once, plus the largest activations.
-
-    Quantize and prune hold the input and the original (the reference) and, while calibrating, the
-    inputs and outputs of one block for every calibration window, plus (GPTQ, SparseGPT) one
-    in_features² Hessian per Linear of a block. Distillation holds the teacher and the student with
-    its gradients and AdamW moments (4 copies, float32), the teacher's logits of one batch and the
-    student's saved activations. Evaluation adds the logits of two models for one batch of two and
-    their log-softmax. Memory freed after calibration mostly stays with the process (the allocator
-    keeps it), so calibration and evaluation add up. On SmolLM2 (prune-distill-quantize, 128 x 512
-    calibration tokens) the estimates were 33% over, 6% over and 6% under the measured peaks of the
-    three stages; every recipe summary shows both.
-    """
-    from squeeze.quant.sequential import block_list
-
-    config = model.config
-    hidden = getattr(config, "hidden_size", 0)
-    vocab = getattr(config, "vocab_size", 0)
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    heads = getattr(config, "num_attention_heads", 1)
-    seq = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
-    params = sum(p.numel() for p in model.parameters())
-    original_params = sum(p.numel() for p in original.parameters())
-    evaluation = 3 * 2 * 2 * seq * vocab * 4 if evaluate else 0
-    stage = entry.stage
-    if isinstance(stage, DistillStage):
-        teacher = original_params * dtype_bytes
-        blocks = len(block_list(model)[1])
-        activations = stage.batch_size * seq * (blocks * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
-        return PROCESS_BYTES + teacher + 16 * params + activations + evaluation
-    held = (params + (original_params if evaluate else 0)) * dtype_bytes
-    calibration = 0
-    if entry.calibration_tokens:
-        calibration = 2 * entry.calibration_tokens * hidden * dtype_bytes
-        if stage.method in ("gptq", "sparsegpt"):
-            _, blocks = block_list(model)
-            linears = [m for m in blocks[0].modules() if hasattr(m, "in_features")] if len(blocks) else []
-            calibration += sum(m.in_features**2 * 4 for m in linears)
-        if stage.method == "awq":
-            calibration += entry.calibration_tokens * inter * dtype_bytes
-    codes = params if isinstance(stage, QuantizeStage) else 0  # integer codes, one byte per weight, beside the float weights
-    return PROCESS_BYTES + held + codes + calibration + evaluation

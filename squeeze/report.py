@@ -398,7 +398,7 @@ def write_report(report: Report, out_dir: Path) -> None:
 
 def plot_loss_curve(curve: list[dict[str, Any]], file: Path, title: str) -> None:
     """PNG of the training loss terms per step, and of held-out perplexity where it was measured."""
-    import matplotlib
+    import matplotlib  # heavy: imported only when a plot is drawn
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from squeeze.calib.targets import fitting_group_size
 from squeeze.cli import app
 from squeeze.errors import SqueezeError
 
@@ -85,7 +86,7 @@ BAD = [
     (["quantize", "{llama}", "--mode", "per-tensor", "--group-size", "64"], "only applies to --mode per-group"),
     (["quantize", "{llama}", "--target", "*.no_such_proj"], "matches no Linear layer"),
     (["quantize", "{llama}", "--data", "no-such-corpus"], "no-such-corpus"),
-    (["quantize", "{llama}", "--device", "tpu"], "unknown device"),
+    (["quantize", "{llama}", "--device", "tpu"], "unknown --device 'tpu'"),
     (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
     (["quantize", "{llama}", "--method", "hqq"], "unknown quantization method 'hqq'"),
     (["quantize", "{llama}", "--method", "gptq", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
@@ -95,7 +96,7 @@ BAD = [
     (["quantize", "{llama}", "--method", "smoothquant", "--act", "per-token", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["quantize", "{llama}", "--method", "gptq", "--data", "{tiny_text}"], "calibration"),
     (["quantize", "{llama}", "--format", "gguf"], "unknown format 'gguf'"),
-    (["quantize", "{llama}", "--dtype", "float64"], "unknown dtype 'float64'"),
+    (["quantize", "{llama}", "--dtype", "float64"], "unknown --dtype 'float64'"),
     (["quantize", "{llama}", "--format", "gptq", "--act", "per-token"], "--format gptq stores weight-only schemes"),
     (["quantize", "{llama}", "--format", "gptq", "--bits", "4", "--scale-dtype", "float32"], "float16 scales"),
     (["quantize", "{llama}", "--format", "bnb-int8", "--bits", "4"], "--format bnb-int8 is int8 symmetric per-channel"),
@@ -144,7 +145,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_llama_dir: Path, tmp_p
     assert not (out / "keep.txt").exists() and (out / "report.json").exists()
 
 
-@pytest.mark.parametrize("where", ["squeeze.formats.write", "squeeze.api.write_report", "squeeze.api.compare_causal"])
+@pytest.mark.parametrize("where", ["squeeze.formats.write", "squeeze.api.write_report", "squeeze.passes.common.compare_causal"])
 def test_ctrl_c_leaves_nothing(where: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -283,8 +284,6 @@ def test_awq_picks_the_largest_group_that_fits(tiny_llama_dir: Path, tmp_path: P
 
 def test_fitting_group_size() -> None:
     from torch import nn
-
-    from squeeze.quant.targets import fitting_group_size
 
     assert fitting_group_size({"a": nn.Linear(576, 8), "b": nn.Linear(1536, 8)}) == 64
     assert fitting_group_size({"a": nn.Linear(4096, 8), "b": nn.Linear(11008, 8)}) == 128

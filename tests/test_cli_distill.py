@@ -54,7 +54,7 @@ BAD = [
     (["{llama}", "layers:1", "--alpha", "1.5"], "alpha"),
     (["{llama}", "layers:1", "--temperature", "0"], "temperature"),
     (["{llama}", "layers:1", "--grad-accum", "0"], "--grad-accum must be at least 1"),
-    (["{llama}", "layers:1", "--hidden-loss", "l1"], "unknown hidden loss"),
+    (["{llama}", "layers:1", "--hidden-loss", "l1"], "unknown --hidden-loss 'l1'"),
     (["{llama}", "layers:1", "--hidden-loss", "cosine", "--layer-map", "0:7"], "out of range"),
     (["{llama}", "layers:1", "--layer-map", "0:1"], "--hidden-loss"),
     (["{llama}", "layers:1", "--resume"], "nothing to resume"),

@@ -1,4 +1,4 @@
-"""squeeze.api.evaluate_model: cheap checks before any weights load, one scoring path with and
+"""squeeze.passes.evaluate.evaluate_model: cheap checks before any weights load, one scoring path with and
 without a reference, and what the eval command prints (table, --quiet). The CLI's JSON and its
 agreement with a pass report are tested in test_cli_generate.py."""
 
@@ -10,9 +10,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from squeeze import api
-from squeeze.api import evaluate_model
-from squeeze.cli import _eval_table, app
+from squeeze.cli import app
+from squeeze.cli.infer import _eval_table
+from squeeze.passes import evaluate
+from squeeze.passes.evaluate import evaluate_model
 from squeeze.errors import SqueezeError
 
 runner = CliRunner()
@@ -25,7 +26,7 @@ runner = CliRunner()
         ("{llama}", "/no/such/model", None, "does not exist"),
         ("{llama}", None, "/no/such/file.txt", "/no/such/file.txt"),
         ("{llama}", "{llama}", "wikipedia|/no/such/file.txt", "/no/such/file.txt"),  # the second source too
-        ("{bert}", None, None, "give --reference"),
+        ("{bert}", None, None, "give reference MODEL"),  # a Python caller's words (the CLI says --reference)
         ("{bert}", "{llama}", None, "is not"),
         ("{llama}", None, "", "at least one text source"),
     ],
@@ -36,7 +37,7 @@ def test_bad_input_fails_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("weights loaded before the cheap checks")
 
-    monkeypatch.setattr(api, "load_model", no_loading)
+    monkeypatch.setattr(evaluate, "load_model", no_loading)
     paths = {"llama": tiny_llama_dir, "bert": tiny_bert_dir}
     sources = [str(small_text)] if data is None else [s for s in data.split("|") if s]
     with pytest.raises(SqueezeError, match=message.replace(".", r"\.")):

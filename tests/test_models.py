@@ -268,3 +268,18 @@ def test_builtin_smollm2_loads_from_cache() -> None:
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     next_token = loaded.model(ids).logits[0, -1].argmax()
     assert loaded.tokenizer.decode(next_token).strip() == "Paris"
+
+
+# --- the package's face ----------------------------------------------------------------------
+
+
+def test_the_package_exports_what_passes_import() -> None:
+    import squeeze.models
+
+    used = {
+        "BUILTIN_MODELS", "LoadedModel", "ModelSource", "atomic_output_dir", "check_output_dir", "inspect_model",
+        "is_quantized_folder", "is_sparse_folder", "load_model", "load_tokenizer", "meta_model", "publish_dir",
+        "resolve_model", "save_model", "stored_dtype",
+    }
+    assert used <= set(squeeze.models.__all__)
+    assert all(hasattr(squeeze.models, name) for name in squeeze.models.__all__)

@@ -12,10 +12,11 @@ import transformers
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from squeeze import api
+from squeeze import chain
 from squeeze.cli import app
 from squeeze.errors import SqueezeError
-from squeeze.recipes import DistillStage, PruneStage, QuantizeStage, RecipeError, load_recipe, plan_recipe, recipe_from_stages
+from squeeze.chain import plan_recipe
+from squeeze.recipes import DistillStage, PruneStage, QuantizeStage, RecipeError, load_recipe, recipe_from_stages
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(p.stem for p in RECIPES.glob("*.yaml"))
@@ -100,7 +101,7 @@ def test_impossible_combinations_are_caught_before_anything_runs(tmp_path: Path,
 
 def test_a_shipped_recipe_with_a_bad_model_fails_fast(tmp_path: Path) -> None:
     with pytest.raises(SqueezeError, match="nowhere"):
-        api.run_recipe(RECIPES / "w4a16-gptq.yaml", str(tmp_path / "nowhere"), tmp_path / "out")
+        chain.run_recipe(RECIPES / "w4a16-gptq.yaml", str(tmp_path / "nowhere"), tmp_path / "out")
     assert not list(tmp_path.iterdir())
 
 
@@ -124,7 +125,7 @@ def test_shipped_recipe_runs_on_a_tiny_model(name: str, tmp_path: Path, tiny_lla
     assert recipe.name == name and recipe.description
     plan_recipe(recipe, str(tiny_llama4_dir))  # and validates as shipped against a model
     out = tmp_path / "run"
-    summary = api.run_recipe(shrunk(name), str(tiny_llama4_dir), out, data=str(small_text))
+    summary = chain.run_recipe(shrunk(name), str(tiny_llama4_dir), out, data=str(small_text))
     assert not (tmp_path / "run.partial").exists()
     assert [r["name"] for r in summary["rows"][1:]] == [s["folder"] for s in summary["stages"]]
     assert {"summary.json", "summary.md", "summary.png"} <= {p.name for p in out.iterdir()}
@@ -150,7 +151,7 @@ def test_shipped_recipe_runs_on_a_tiny_model(name: str, tmp_path: Path, tiny_lla
 
 def test_prune_distill_quantize_keeps_zeros_and_loads_without_squeeze(tmp_path: Path, tiny_llama4_dir: Path, small_text: Path) -> None:
     out = tmp_path / "run"
-    api.run_recipe(shrunk("prune-distill-quantize"), str(tiny_llama4_dir), out, data=str(small_text))
+    chain.run_recipe(shrunk("prune-distill-quantize"), str(tiny_llama4_dir), out, data=str(small_text))
     distilled = next(out.glob("02-distill-*"))
     report = json.loads((distilled / "report.json").read_text())
     assert any("kept their zeros" in note for note in report["notes"])
@@ -164,7 +165,7 @@ def test_prune_distill_quantize_keeps_zeros_and_loads_without_squeeze(tmp_path: 
 
 def test_stages_from_python_and_stage_reports_against_the_original(tmp_path: Path, tiny_llama_dir: Path, small_text: Path) -> None:
     stages = [PruneStage(method="magnitude", sparsity=0.5), QuantizeStage(bits=4, mode="per-group", group_size=32)]
-    summary = api.run_recipe(stages, str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
+    summary = chain.run_recipe(stages, str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
     assert [s["pass"] for s in summary["stages"]] == ["prune", "quantize"]
     quantized = json.loads((tmp_path / "out" / summary["stages"][1]["folder"] / "report.json").read_text())
     pruned = json.loads((tmp_path / "out" / summary["stages"][0]["folder"] / "report.json").read_text())
@@ -184,23 +185,23 @@ def test_stages_from_python_and_stage_reports_against_the_original(tmp_path: Pat
 def test_interrupted_run_keeps_finished_stages_and_resumes(tmp_path: Path, tiny_llama_dir: Path, small_text: Path, monkeypatch) -> None:
     stages = [PruneStage(sparsity=0.5), DistillStage(steps=2, batch_size=2, data=str(small_text)), QuantizeStage()]
     out, partial = tmp_path / "out", tmp_path / "out.partial"
-    real_quantize = api.quantize
+    real_quantize = chain.PASSES["quantize"]
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "quantize", interrupted)
+    monkeypatch.setitem(chain.PASSES, "quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        api.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), **SMALL)
+        chain.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), **SMALL)
     assert not out.exists()
     assert sorted(p.name for p in partial.iterdir()) == ["01-prune-magnitude-50", "02-distill-kd"]
-    with pytest.raises(SqueezeError, match="--resume"):
-        api.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), **SMALL)
+    with pytest.raises(SqueezeError, match="pass resume to continue it, or overwrite to start over"):  # Python's words
+        chain.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), **SMALL)
 
-    monkeypatch.setattr(api, "quantize", real_quantize)
+    monkeypatch.setitem(chain.PASSES, "quantize", real_quantize)
     seen = []
     distilled = load_file(partial / "02-distill-kd" / "model.safetensors")
-    api.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), resume=True,
+    chain.run_recipe(stages, str(tiny_llama_dir), out, data=str(small_text), resume=True,
                    on_stage=lambda entry, reused: seen.append((entry.index, reused)), **SMALL)
     assert seen == [(0, True), (1, True), (2, False)]
     assert not partial.exists()
@@ -208,13 +209,13 @@ def test_interrupted_run_keeps_finished_stages_and_resumes(tmp_path: Path, tiny_
     assert all(torch.equal(kept[k], distilled[k]) for k in distilled)
 
     # a changed stage and everything after it run again; the stages before are reused
-    monkeypatch.setattr(api, "quantize", interrupted)
+    monkeypatch.setitem(chain.PASSES, "quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        api.run_recipe(stages, str(tiny_llama_dir), tmp_path / "again", data=str(small_text), **SMALL)
-    monkeypatch.setattr(api, "quantize", real_quantize)
+        chain.run_recipe(stages, str(tiny_llama_dir), tmp_path / "again", data=str(small_text), **SMALL)
+    monkeypatch.setitem(chain.PASSES, "quantize", real_quantize)
     changed = [stages[0], stages[1].model_copy(update={"steps": 3}), stages[2]]
     seen.clear()
-    api.run_recipe(changed, str(tiny_llama_dir), tmp_path / "again", data=str(small_text), resume=True,
+    chain.run_recipe(changed, str(tiny_llama_dir), tmp_path / "again", data=str(small_text), resume=True,
                    on_stage=lambda entry, reused: seen.append((entry.index, reused)), **SMALL)
     assert seen == [(0, True), (1, False), (2, False)]
 
@@ -223,9 +224,9 @@ def test_a_failing_first_stage_leaves_nothing(tmp_path: Path, tiny_llama_dir: Pa
     def broken(*args, **kwargs):
         raise SqueezeError("disk full")
 
-    monkeypatch.setattr(api, "prune", broken)
+    monkeypatch.setitem(chain.PASSES, "prune", broken)
     with pytest.raises(SqueezeError, match=r"stage 1 \(01-prune-magnitude-50\): disk full"):
-        api.run_recipe([PruneStage(sparsity=0.5)], str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
+        chain.run_recipe([PruneStage(sparsity=0.5)], str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
     assert not list(tmp_path.iterdir())
 
 
@@ -284,7 +285,42 @@ def test_a_failing_later_stage_names_what_was_kept(tmp_path: Path, tiny_llama_di
     def broken(*args, **kwargs):
         raise SqueezeError("disk full")
 
-    monkeypatch.setattr(api, "quantize", broken)
-    with pytest.raises(SqueezeError, match=r"stage 2 \(02-quantize-rtn-w8a16\): disk full; the finished stages are kept in .*out\.partial.*--resume"):
-        api.run_recipe([PruneStage(sparsity=0.5), QuantizeStage()], str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
+    monkeypatch.setitem(chain.PASSES, "quantize", broken)
+    with pytest.raises(SqueezeError, match=r"stage 2 \(02-quantize-rtn-w8a16\): disk full; the finished stages are kept in .*out\.partial.*rerun with resume"):
+        chain.run_recipe([PruneStage(sparsity=0.5), QuantizeStage()], str(tiny_llama_dir), tmp_path / "out", data=str(small_text), **SMALL)
     assert sorted(p.name for p in (tmp_path / "out.partial").iterdir()) == ["01-prune-magnitude-50"]
+
+
+@pytest.mark.parametrize(
+    "options, python, recipe, cli",
+    [
+        (
+            {"steps": 3, "tokens": 100},
+            "give steps or tokens, not both",
+            "give steps: or tokens:, not both",
+            "give --steps or --tokens, not both",
+        ),
+        (
+            {"layer_map": "0:1"},
+            "layer_map pairs hidden states for the hidden-state loss: set hidden_loss cosine or mse",
+            "layer_map: pairs hidden states for the hidden-state loss: set hidden_loss: cosine or mse",
+            "--layer-map pairs hidden states for the hidden-state loss: set --hidden-loss cosine or mse",
+        ),
+    ],
+)
+def test_an_option_error_names_options_in_the_callers_words(
+    options: dict, python: str, recipe: str, cli: str, tmp_path: Path, tiny_llama_dir: Path,
+) -> None:
+    # Python: the keyword arguments themselves
+    with pytest.raises(SqueezeError) as caught:
+        DistillStage(student="layers:1", **options).config(seq_len=32)
+    assert str(caught.value) == python
+    # a recipe: its keys, on the stage's line
+    text = "stages:\n  - distill:\n      student: layers:1\n" + "".join(f"      {k}: {v!r}\n" for k, v in options.items())
+    with pytest.raises(RecipeError) as caught:
+        plan_recipe(load_recipe(write(tmp_path, text)), str(tiny_llama_dir))
+    assert caught.value.problems == [f"{tmp_path / 'recipe.yaml'}:2: stage 1 (distill): {recipe}"]
+    # the command line: its flags
+    flags = [part for k, v in options.items() for part in (f"--{k.replace('_', '-')}", str(v))]
+    result = runner.invoke(app, ["distill", str(tiny_llama_dir), "layers:1", *flags, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and f"error: {cli}" in " ".join(result.stderr.split())

@@ -15,7 +15,8 @@ from squeeze.models import load_model
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import scheme_from_options
 from squeeze.quant.apply import QuantizeConfig
-from squeeze.runtime import Int4PackedLinear, Int8DynamicLinear, Int8WeightLinear, accelerate, load_quantized, measure_speed
+from squeeze.formats.compressed_tensors import load_quantized
+from squeeze.runtime import Int4PackedLinear, Int8DynamicLinear, Int8WeightLinear, accelerate, measure_speed
 
 
 def _layer(scheme, in_features: int = 256, out_features: int = 96, seed: int = 0) -> QuantizedLinear:

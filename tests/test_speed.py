@@ -12,7 +12,7 @@ from squeeze.api import quantize
 from squeeze.cli import app
 from squeeze.quant.apply import QuantizeConfig
 from squeeze.quant.scheme import scheme_from_options
-from squeeze.speed import Form, bench_infer, default_forms
+from squeeze.runtime import Form, bench_infer, default_forms
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from squeeze.distill.losses import top_k_logprobs
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError, literal
 
 META_FILE = "cache.json"
 SHARD_WINDOWS = 256
@@ -55,11 +55,11 @@ def is_cache(folder: Path) -> bool:
 def check_cache_use(folder: Path, config, causal: bool) -> None:
     """SqueezeError when a teacher cache cannot serve this run (cheap: before anything loads)."""
     if not causal:
-        raise SqueezeError("a teacher cache stores language-model logits; an encoder teacher has none (drop --teacher-cache)")
+        raise OptionError("a teacher cache stores language-model logits; an encoder teacher has none (drop {0})", "teacher_cache")
     if config.alpha == 0:
-        raise SqueezeError("alpha 0 trains on cross-entropy alone: there are no teacher logits to cache (drop --teacher-cache)")
+        raise OptionError("{0} 0 trains on cross-entropy alone: there are no teacher logits to cache (drop {1})", "alpha", "teacher_cache")
     if config.hidden_loss is not None:
-        raise SqueezeError("the hidden-state loss needs the live teacher's hidden states; drop --teacher-cache or --hidden-loss")
+        raise OptionError("the hidden-state loss needs the live teacher's hidden states; drop {0} or {1}", "teacher_cache", "hidden_loss")
     if folder.exists() and not is_cache(folder):
         raise SqueezeError(f"teacher cache {folder} exists but is not a squeeze teacher cache (no {META_FILE})")
 
@@ -117,7 +117,9 @@ class LogitCache:
         differ = [key for key in identity if meta.get(key) != identity[key]]
         if differ:
             shown = ", ".join(f"{key} {meta.get(key)!r} in the cache vs {identity[key]!r} now" for key in differ[:2])
-            raise SqueezeError(f"teacher cache {folder} was made for another run ({shown}); point --teacher-cache at a new folder")
+            raise OptionError(
+                f"teacher cache {literal(folder)} was made for another run ({literal(shown)}); point {{0}} at a new folder", "teacher_cache"
+            )
         self.samples = int(meta.get("samples", 0))
         self._files = {}
         self._row: dict[int, tuple[Path, int]] = {}
@@ -128,9 +130,10 @@ class LogitCache:
                 self._row[window] = (shard, row)
         missing = [w for w in needed if w not in self._row]
         if missing:
-            raise SqueezeError(
-                f"teacher cache {folder} lacks {len(missing)} of the {len(needed)} windows this run trains on "
-                "(it was made for fewer steps); point --teacher-cache at a new folder"
+            raise OptionError(
+                f"teacher cache {literal(folder)} lacks {len(missing)} of the {len(needed)} windows this run trains on "
+                "(it was made for fewer steps); point {0} at a new folder",
+                "teacher_cache",
             )
 
     def fetch(self, window_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

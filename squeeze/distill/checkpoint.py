@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError, literal
 
 RUN_FILE = "run.json"
 STATE_FILE = "state.json"  # written last: a folder without it is incomplete
@@ -155,9 +155,10 @@ class CheckpointDir:
         differ = [key for key in sorted(set(old) | set(run)) if old.get(key) != run.get(key)]
         if differ:
             shown = "; ".join(f"{k}: {old.get(k)!r} then, {run.get(k)!r} now" for k in differ[:3])
-            raise SqueezeError(
-                f"cannot resume from {self.path}: it was made with other settings ({shown}); "
-                "rerun with the same settings, or without --resume and with --overwrite to start over"
+            raise OptionError(
+                f"cannot resume from {literal(self.path)}: it was made with other settings ({literal(shown)}); "
+                "rerun with the same settings, or without {0} and with {1} to start over",
+                "resume", "overwrite",
             )
 
     def staging(self, step: int) -> Path:

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from squeeze.distill.losses import HIDDEN_LOSSES
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError, literal
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -50,33 +50,32 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise SqueezeError(f"temperature must be positive, got {self.temperature:g}")
+            raise OptionError(f"{{0}} must be positive, got {self.temperature:g}", "temperature")
         if not 0 <= self.alpha <= 1:
-            raise SqueezeError(f"alpha weighs KD against cross-entropy and must be in [0, 1], got {self.alpha:g}")
+            raise OptionError(f"{{0}} weighs KD against cross-entropy and must be in [0, 1], got {self.alpha:g}", "alpha")
         if self.cache_samples < 0:
-            raise SqueezeError(f"cache-samples must be 0 (top-k only) or positive, got {self.cache_samples}")
+            raise OptionError(f"{{0}} must be 0 (top-k only) or positive, got {self.cache_samples}", "cache_samples")
         for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "cache_topk"):
             if getattr(self, name) < 1:
-                raise SqueezeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise OptionError(f"{{0}} must be at least 1, got {getattr(self, name)}", name)
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
-                raise SqueezeError(f"{name.replace('_', '-')} must be 0 (off) or positive, got {getattr(self, name)}")
+                raise OptionError(f"{{0}} must be 0 (off) or positive, got {getattr(self, name)}", name)
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise SqueezeError(f"learning rate must be positive, got {self.lr:g}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.hidden_weight < 0:
-            raise SqueezeError("weight decay, gradient clipping norm and hidden-loss weight must be non-negative")
+            raise OptionError(f"the learning rate {{0}} must be positive, got {self.lr:g}", "lr")
+        for name in ("weight_decay", "max_grad_norm", "hidden_weight"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"{{0}} must be non-negative, got {getattr(self, name):g}", name)
         if not 0 <= self.warmup < 1:
-            raise SqueezeError(f"warmup is a share of the steps in [0, 1), got {self.warmup:g}")
+            raise OptionError(f"{{0}} is a share of the steps in [0, 1), got {self.warmup:g}", "warmup")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise SqueezeError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio:g}")
-        if self.precision not in PRECISIONS:
-            raise SqueezeError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if self.hidden_loss is not None and self.hidden_loss not in HIDDEN_LOSSES:
-            raise SqueezeError(f"unknown hidden loss {self.hidden_loss!r}; choose one of: {', '.join(HIDDEN_LOSSES)}")
-        if self.embedding_loss not in HIDDEN_LOSSES:
-            raise SqueezeError(f"unknown embedding loss {self.embedding_loss!r}; choose one of: {', '.join(HIDDEN_LOSSES)}")
+            raise OptionError(f"{{0}} must be in [0, 1], got {self.min_lr_ratio:g}", "min_lr_ratio")
+        for name, choices in (("precision", PRECISIONS), ("hidden_loss", HIDDEN_LOSSES), ("embedding_loss", HIDDEN_LOSSES)):
+            value = getattr(self, name)
+            if value not in choices and (value is not None or name != "hidden_loss"):
+                raise OptionError(f"unknown {{0}} {literal(repr(value))}; choose one of: {', '.join(choices)}", name)
         if self.layer_map and self.hidden_loss is None:
-            raise SqueezeError("a layer map pairs hidden states for the hidden-state loss: set --hidden-loss cosine or mse")
+            raise OptionError("{0} pairs hidden states for the hidden-state loss: set {1} cosine or mse", "layer_map", "hidden_loss")
 
     @property
     def warmup_steps(self) -> int:

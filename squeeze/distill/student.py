@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.quant.sequential import block_list
+from squeeze.calib.blocks import block_list
 
 PRUNED_LAYER_SHARE = 0.01  # a Linear with at least this share of exact zeros keeps them as a mask
 

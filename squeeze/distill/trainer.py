@@ -30,8 +30,8 @@ from squeeze.distill.checkpoint import CheckpointDir, TrainingState, load_optimi
 from squeeze.distill.config import DistillConfig
 from squeeze.distill.losses import fused_lm_loss, hidden_loss
 from squeeze.distill.student import parameter_groups
-from squeeze.errors import SqueezeError
-from squeeze.quant.sequential import block_list
+from squeeze.errors import OptionError, SqueezeError
+from squeeze.calib.blocks import block_list
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,9 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# FSDP: the student's parameters, gradients and AdamW moments sharded over the processes
+# FSDP: the student's parameters, gradients and AdamW moments sharded over the processes. These
+# helpers import torch.distributed.fsdp, .tensor and .checkpoint where they are used: only --fsdp
+# runs need them, and they are slow to import.
 
 
 def _shard(model: Distillable) -> None:
@@ -354,7 +356,7 @@ def _load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, weights: d
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     if opt_meta.get("keyed_by") != "name":
-        raise SqueezeError("this checkpoint was written without --fsdp; resume it without --fsdp")
+        raise OptionError("this checkpoint was written without {0}; resume it without {0}", "fsdp")
     set_model_state_dict(model, weights, options=_full_options())
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in opt_tensors.items():
@@ -407,7 +409,7 @@ def _resume(inputs: TrainInputs, optimizer: torch.optim.Optimizer, state: Traini
         restore_rng(rng)
         return loaded
     if opt_meta.get("keyed_by") == "name":
-        raise SqueezeError("this checkpoint was written with --fsdp; resume it with --fsdp")
+        raise OptionError("this checkpoint was written with {0}; resume it with {0}", "fsdp")
     missing, unexpected = inputs.model.load_state_dict(weights, strict=False)
     distinct = set(_state_dict(inputs.model))
     if [k for k in missing if k in distinct] or unexpected:

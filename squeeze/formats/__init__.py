@@ -1,82 +1,77 @@
-"""Checkpoint formats a quantize pass can write, and the one place that picks between them.
+"""Checkpoint formats: one class per format (writer, reader where squeeze reads it back, layouts,
+output-name suffix), and the registries that name them.
+
+Quantized models (``squeeze quantize --format``):
 
 - ``compressed-tensors`` (default): pack-quantized / int-quantized, read by transformers and vLLM;
 - ``gptq``: qweight / qzeros / scales / g_idx, read by GPTQModel and transformers + optimum;
 - ``bnb-int8`` and ``bnb-nf4``: bitsandbytes' serialisation, read by transformers with bitsandbytes.
+
+Pruned models (``squeeze prune --format``): ``sparse-bitmask`` (default; compressed-tensors'
+layout, smaller on disk) and ``dense`` (the zeros stored, loads with ``from_pretrained``).
+
+Adding a format is one file (a :class:`~squeeze.formats.base.QuantizedFormat` or
+:class:`~squeeze.formats.base.PrunedFormat`) and one line below.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from squeeze.errors import SqueezeError
+from squeeze.formats.base import Format, PrunedFormat, QuantizedFormat, Sparsity, Written
+from squeeze.formats.bnb import BnbInt8, BnbNf4
+from squeeze.formats.compressed_tensors import CompressedTensors
+from squeeze.formats.gptq import Gptq
+from squeeze.formats.sparse import Dense, SparseBitmask
+from squeeze.options import Registry
 from squeeze.quant.scheme import QuantScheme
 
-FORMATS = ("compressed-tensors", "gptq", "bnb-int8", "bnb-nf4")
-NF4_SCHEME_HINT = "bnb-nf4 is NF4 with absolute-maximum blocks of 64 (4-bit, symmetric, per-group 64)"
+QUANTIZED_FORMATS: Registry[QuantizedFormat] = Registry("format", "format")
+PRUNED_FORMATS: Registry[PrunedFormat] = Registry("sparse checkpoint format", "format")
+
+for _format in (CompressedTensors(), Gptq(), BnbInt8(), BnbNf4()):
+    QUANTIZED_FORMATS.add(_format.name, _format)
+for _format in (SparseBitmask(), Dense()):
+    PRUNED_FORMATS.add(_format.name, _format)
+del _format
+
+FORMATS = QUANTIZED_FORMATS.names()  # the quantized formats' names, default first
+
+
+def recognise(folder: Path) -> Format | None:
+    """The format whose reader takes the checkpoint in ``folder``; None for a plain model folder
+    (or a format squeeze does not read back). Reads config.json only. Pruned formats are asked
+    first: their config may also carry a compressed-tensors quantization_config."""
+    for fmt in (*PRUNED_FORMATS, *QUANTIZED_FORMATS):
+        if fmt.recognises(folder):
+            return fmt
+    return None
+
+
+# --- by name, for callers that hold a format's name (thin lookups in the registries) ---------
 
 
 def check_format(fmt: str, scheme: QuantScheme, method: str) -> None:
     """Raise SqueezeError when ``scheme`` or ``method`` cannot be stored as ``fmt`` (cheap; run first)."""
-    if fmt not in FORMATS:
-        raise SqueezeError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if fmt == "gptq":
-        from squeeze.formats.gptq import check_gptq_scheme
-
-        check_gptq_scheme(scheme)
-    elif fmt == "bnb-int8":
-        from squeeze.formats.bnb import check_bnb_int8_scheme
-
-        check_bnb_int8_scheme(scheme)
-    elif fmt == "bnb-nf4":
-        w = scheme.weights
-        if method != "rtn":
-            raise SqueezeError(f"--format bnb-nf4 rounds to the NF4 levels itself; {method} codes are integers: use --method rtn")
-        if scheme.input_activations is not None or w.num_bits != 4 or not w.symmetric or w.group_size != 64:
-            raise SqueezeError(f"{NF4_SCHEME_HINT}; got {scheme.describe()}: drop --bits/--mode/--group-size/--asym/--act")
+    QUANTIZED_FORMATS.get(fmt).check(scheme, method)
 
 
 def describe_format(fmt: str, scheme: QuantScheme) -> str:
-    if fmt == "compressed-tensors":
-        return f"compressed-tensors ({scheme.checkpoint_format})"
-    if fmt == "bnb-nf4":
-        return "bitsandbytes NF4 (4-bit NormalFloat, absmax blocks of 64)"
-    if fmt == "bnb-int8":
-        return "bitsandbytes LLM.int8 (int8 weights, SCB row scales)"
-    return "GPTQ (qweight/qzeros/scales/g_idx)"
+    """The quantized format ``fmt`` in a report's words."""
+    return QUANTIZED_FORMATS.get(fmt).describe(scheme)
 
 
-def layer_tensors(fmt: str, name: str, layer: nn.Module, gptq_version: str = "gptq") -> dict[str, torch.Tensor]:
+def layer_tensors(fmt: str, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one quantized layer in ``fmt``."""
-    if fmt == "gptq":
-        from squeeze.formats.gptq import gptq_tensors
-
-        return gptq_tensors(name, layer, gptq_version)  # type: ignore[arg-type]
-    if fmt.startswith("bnb-"):
-        from squeeze.formats.bnb import bnb_layer_tensors
-
-        return bnb_layer_tensors(name, layer)
-    from squeeze.formats.compressed_tensors import quantized_tensors
-
-    return quantized_tensors(name, layer)  # type: ignore[arg-type]
+    return QUANTIZED_FORMATS.get(fmt).layer_tensors(name, layer)
 
 
 def weight_bytes(fmt: str, layer: nn.Module) -> int:
     """Checkpoint bytes of one layer's compressed weight (codes, scales, zero points; bias excluded)."""
-    tensors = layer_tensors(fmt, "layer", layer, "gptq_v2")
-    # metadata of constant size (shape, bitsandbytes' state and level table) is not weight data
-    not_weight = ("bias", "input_scale", "input_zero_point", "weight_shape", "quant_map", "bitsandbytes__nf4")
-    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[2] not in not_weight)
-
-
-@dataclass
-class Written:
-    files: list[Path]
-    notes: list[str]
+    return QUANTIZED_FORMATS.get(fmt).weight_bytes(layer)
 
 
 def write(
@@ -88,45 +83,39 @@ def write(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     method: dict | None = None,
-    sparsity: tuple[str, float, list[str]] | None = None,
+    sparsity: Sparsity | None = None,
 ) -> Written:
-    """Write ``model`` to ``out_dir`` in ``fmt``; notes say what a consumer should know.
+    """Write quantized ``model`` to ``out_dir`` in ``fmt`` (see :meth:`QuantizedFormat.write`)."""
+    return QUANTIZED_FORMATS.get(fmt).write(model, scheme, ignored, out_dir, tokenizer, dtype, method, sparsity)
 
-    ``sparsity`` (structure, overall sparsity, sparse layer names) describes a pruned model:
-    compressed-tensors records it as a ``sparsity_config`` beside the quantization config (the
-    codes, zeros included, are stored dense); the other formats have no field for it.
-    """
-    sparse_notes = []
-    if sparsity is not None and fmt != "compressed-tensors":
-        sparse_notes.append(
-            f"{fmt} has no field for sparsity: the zeros are stored as zero codes and a loader sees a dense layer"
-        )
-    if fmt == "gptq":
-        from squeeze.formats.gptq import write_gptq_checkpoint
 
-        files, version = write_gptq_checkpoint(model, scheme, out_dir, tokenizer, dtype, method)
-        notes = []
-        if version == "gptq_v2":
-            notes.append(
-                "written as gptq_v2: some group's zero point is 0, which GPTQ v1 cannot store; "
-                "GPTQModel and transformers + optimum read it, AutoGPTQ does not"
-            )
-        return Written(files, notes + sparse_notes)
-    if fmt.startswith("bnb-"):
-        from squeeze.formats.bnb import write_bnb_checkpoint
+def write_pruned_checkpoint(
+    model: nn.Module,
+    fmt: str,
+    structure: str,
+    global_sparsity: float,
+    sparse_layers: list[str],
+    out_dir: Path,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """Write pruned ``model`` in ``fmt`` (see :meth:`PrunedFormat.write`); the safetensors files written."""
+    return PRUNED_FORMATS.get(fmt).write(model, structure, global_sparsity, sparse_layers, out_dir, tokenizer, dtype).files
 
-        notes = []
-        if fmt == "bnb-int8":
-            notes.append(
-                "bitsandbytes runs LLM.int8() on these weights: it also quantizes activations per row at run time "
-                "(outlier columns above 6.0 stay 16-bit), so its outputs differ slightly from this weight-only evaluation"
-            )
-        return Written(write_bnb_checkpoint(model, fmt, ignored, out_dir, tokenizer, dtype), notes + sparse_notes)
-    from squeeze.formats.compressed_tensors import write_checkpoint
 
-    sparsity_config = None
-    if sparsity is not None:
-        from squeeze.formats.sparse import sparsity_config as make_sparsity_config
-
-        sparsity_config = make_sparsity_config("dense", *sparsity)
-    return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype, sparsity_config), [])
+__all__ = [
+    "FORMATS",
+    "PRUNED_FORMATS",
+    "QUANTIZED_FORMATS",
+    "Format",
+    "PrunedFormat",
+    "QuantizedFormat",
+    "Written",
+    "check_format",
+    "describe_format",
+    "layer_tensors",
+    "recognise",
+    "weight_bytes",
+    "write",
+    "write_pruned_checkpoint",
+]

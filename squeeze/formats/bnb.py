@@ -20,23 +20,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.formats.compressed_tensors import dense_tensors, save_safetensors, write_config_files
+from squeeze.formats.base import FixedScheme, InputRange, QuantizedFormat, Sparsity, Written
+from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.nf4 import NF4Linear, nf4_levels, pack_nibbles
+from squeeze.quant.nf4 import NF4_BLOCKSIZE, NF4Linear, nf4_levels, pack_nibbles
 from squeeze.quant.scheme import QuantScheme
+
+NF4_SCHEME_HINT = "bnb-nf4 is NF4 with absolute-maximum blocks of 64 (4-bit, symmetric, per-group 64)"
 
 
 def check_bnb_int8_scheme(scheme: QuantScheme) -> None:
+    """Raise SqueezeError unless ``scheme`` is int8 symmetric per-channel weights only."""
     args = scheme.weights
     if scheme.input_activations is not None:
         raise SqueezeError("--format bnb-int8 stores int8 weights; bitsandbytes quantizes activations itself: drop --act")
     if args.num_bits != 8 or not args.symmetric or args.strategy != "channel":
         raise SqueezeError(f"--format bnb-int8 is int8 symmetric per-channel; got {args.describe()}")
+
+
+def check_bnb_nf4(scheme: QuantScheme, method: str) -> None:
+    """Raise SqueezeError unless ``method`` is RTN and ``scheme`` is NF4's own (4-bit symmetric blocks of 64)."""
+    w = scheme.weights
+    if method != "rtn":
+        raise SqueezeError(f"--format bnb-nf4 rounds to the NF4 levels itself; {method} codes are integers: use --method rtn")
+    if scheme.input_activations is not None or w.num_bits != 4 or not w.symmetric or w.group_size != NF4_BLOCKSIZE:
+        raise SqueezeError(f"{NF4_SCHEME_HINT}; got {scheme.describe()}: drop --bits/--mode/--group-size/--asym/--act")
 
 
 def int8_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -67,19 +81,13 @@ def nf4_tensors(name: str, layer: NF4Linear) -> dict[str, torch.Tensor]:
     return out
 
 
-def bnb_layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
-    if isinstance(layer, NF4Linear):
-        return nf4_tensors(name, layer)
-    assert isinstance(layer, QuantizedLinear)
-    return int8_tensors(name, layer)
-
-
-def quantization_config(kind: str, ignored: list[str], compute_dtype: torch.dtype) -> dict:
+def quantization_config(four_bit: bool, ignored: list[str], compute_dtype: torch.dtype) -> dict:
+    """The ``quantization_config`` transformers reads with BitsAndBytesConfig: 8-bit, or 4-bit NF4."""
     dtype = str(compute_dtype).removeprefix("torch.")
     config = {
         "quant_method": "bitsandbytes",
-        "load_in_8bit": kind == "bnb-int8",
-        "load_in_4bit": kind == "bnb-nf4",
+        "load_in_8bit": not four_bit,
+        "load_in_4bit": four_bit,
         "llm_int8_threshold": 6.0,
         "llm_int8_skip_modules": sorted(ignored),
         "llm_int8_has_fp16_weight": False,
@@ -91,23 +99,69 @@ def quantization_config(kind: str, ignored: list[str], compute_dtype: torch.dtyp
     return config
 
 
-def write_bnb_checkpoint(
-    model: nn.Module,
-    kind: str,
-    ignored: list[str],
-    out_dir: Path,
-    tokenizer=None,
-    dtype: torch.dtype | None = None,
-) -> list[Path]:
-    """Save ``model`` (QuantizedLinear int8 layers for bnb-int8, NF4Linear for bnb-nf4) for bitsandbytes."""
-    layer_type = NF4Linear if kind == "bnb-nf4" else QuantizedLinear
-    state: dict[str, torch.Tensor] = {}
-    compute_dtype = dtype or torch.float32
-    for name, layer in model.named_modules():
-        if isinstance(layer, layer_type):
-            state.update(bnb_layer_tensors(name, layer))
-            compute_dtype = dtype or layer.compute_dtype
-    state.update(dense_tensors(model, dtype, skip=layer_type))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config_files(model, out_dir, quantization_config(kind, ignored, compute_dtype), tokenizer, dtype)
-    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, out_dir)
+class _Bitsandbytes(QuantizedFormat):
+    """What bnb-int8 and bnb-nf4 share: the layers' tensors beside the dense rest, and the config."""
+
+    four_bit: ClassVar[bool]
+
+    def _write(
+        self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
+        method: dict, sparsity: Sparsity | None,
+    ) -> Written:
+        state: dict[str, torch.Tensor] = {}
+        compute_dtype = dtype or torch.float32
+        for name, layer in model.named_modules():
+            if isinstance(layer, self.layer_type):
+                state.update(self.layer_tensors(name, layer))
+                compute_dtype = dtype or layer.compute_dtype
+        state.update(dense_tensors(model, dtype, skip=self.layer_type))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_config_files(model, out_dir, quantization_config(self.four_bit, ignored, compute_dtype), tokenizer, dtype)
+        files = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, out_dir)
+        return Written(files, [])
+
+
+class BnbInt8(_Bitsandbytes):
+    """bitsandbytes LLM.int8() storage: int8 weights with SCB row scales."""
+
+    name = "bnb-int8"
+    suffix = "-bnb-int8"
+    four_bit = False
+    notes = (
+        "bitsandbytes runs LLM.int8() on these weights: it also quantizes activations per row at run time "
+        "(outlier columns above 6.0 stay 16-bit), so its outputs differ slightly from this weight-only evaluation",
+    )
+
+    def check(self, scheme: QuantScheme, method: str) -> None:
+        check_bnb_int8_scheme(scheme)
+
+    def describe(self, scheme: QuantScheme) -> str:
+        return "bitsandbytes LLM.int8 (int8 weights, SCB row scales)"
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        return int8_tensors(name, layer)  # type: ignore[arg-type]
+
+
+class BnbNf4(_Bitsandbytes):
+    """bitsandbytes 4-bit NormalFloat: it fixes the scheme (4-bit symmetric blocks of 64) and its
+    own rounding, so only RTN writes it."""
+
+    name = "bnb-nf4"
+    suffix = "-bnb-nf4"
+    four_bit = True
+    layer_type = NF4Linear
+    fixed_scheme = FixedScheme(
+        mode="per-group", bits=4, group_size=NF4_BLOCKSIZE, label="nf4", description="NF4 (bitsandbytes), absmax blocks of 64",
+    )
+
+    def check(self, scheme: QuantScheme, method: str) -> None:
+        check_bnb_nf4(scheme, method)
+
+    def describe(self, scheme: QuantScheme) -> str:
+        return "bitsandbytes NF4 (4-bit NormalFloat, absmax blocks of 64)"
+
+    def quantized_layer(self, linear: nn.Linear, scheme: QuantScheme, input_range: InputRange | None = None) -> nn.Module:
+        return NF4Linear.from_linear(linear, scheme.weights.group_size or NF4_BLOCKSIZE)
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        return nf4_tensors(name, layer)  # type: ignore[arg-type]

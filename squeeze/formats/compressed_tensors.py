@@ -1,4 +1,4 @@
-"""Write quantized models as compressed-tensors checkpoints (loadable by transformers and vLLM).
+"""compressed-tensors checkpoints of quantized models: written for transformers and vLLM, read back by squeeze.
 
 Per quantized Linear ``name`` the checkpoint holds:
 
@@ -11,24 +11,37 @@ Per quantized Linear ``name`` the checkpoint holds:
 
 ``config.json`` carries a ``quantization_config`` with ``quant_method: compressed-tensors``, one
 config group for the scheme, and an ``ignore`` list naming every Linear left in full precision.
+squeeze reads these checkpoints back into QuantizedLinear layers holding the stored codes, so a
+reloaded model computes exactly what the quantize pass evaluated.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+import transformers
 from torch import nn
 
-from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.pack import pack_int32
-from squeeze.quant.scheme import QuantScheme
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
 
-MAX_SHARD_BYTES = 4 * 1024**3
-WEIGHTS_NAME = "model.safetensors"
+from squeeze.errors import SqueezeError
+from squeeze.formats.base import QuantizedFormat, Sparsity, Written
+from squeeze.formats.files import (
+    auto_class,
+    dense_tensors,
+    read_config,
+    read_safetensors_folder,
+    save_safetensors,
+    write_config_files,
+)
+from squeeze.formats.sparse import compressed_tensors_version, sparsity_config
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.pack import pack_int32, unpack_int32
+from squeeze.quant.scheme import QuantArgs, QuantScheme
 
 
 def quantized_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -56,15 +69,6 @@ def quantized_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tens
     return out
 
 
-def compressed_weight_bytes(layer: QuantizedLinear) -> int:
-    """Checkpoint bytes of one layer's weight: integer codes (packed) + scales + zero points."""
-    return sum(
-        t.numel() * t.element_size()
-        for key, t in quantized_tensors("layer", layer).items()
-        if key.rpartition(".")[2] in ("weight", "weight_packed", "weight_scale", "weight_zero_point")
-    )
-
-
 def checkpoint_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor to save: quantized layers compressed, the rest as they are, tied copies once.
 
@@ -75,25 +79,7 @@ def checkpoint_state_dict(model: nn.Module, dtype: torch.dtype | None = None) ->
     for name, layer in model.named_modules():
         if isinstance(layer, QuantizedLinear):
             state.update(quantized_tensors(name, layer))
-    state.update(dense_tensors(model, dtype))
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type = QuantizedLinear) -> dict[str, torch.Tensor]:
-    """The tensors outside the quantized layers (modules of type ``skip``), tied copies stored once."""
-    quantized = [n for n, m in model.named_modules() if isinstance(m, skip)]
-    inside_quantized = tuple(f"{n}." for n in quantized)
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict(keep_vars=False).items():
-        if key.startswith(inside_quantized):
-            continue
-        # tied weights (lm_head = embeddings) share storage: store them once, under the first name
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    state.update(dense_tensors(model, dtype, skip=QuantizedLinear))
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -107,8 +93,6 @@ def quantization_config(scheme: QuantScheme, ignore: list[str], sparsity: dict |
         "output_activations": None,
         "format": scheme.checkpoint_format,
     }
-    import compressed_tensors
-
     config = {
         "quant_method": "compressed-tensors",
         "format": scheme.checkpoint_format,
@@ -118,7 +102,7 @@ def quantization_config(scheme: QuantScheme, ignore: list[str], sparsity: dict |
         "kv_cache_scheme": None,
         "sparsity_config": sparsity or {},
         "transform_config": {},
-        "version": compressed_tensors.__version__,
+        "version": compressed_tensors_version(),
         "producer": "squeeze",
     }
     if scheme.checkpoint_format == "pack-quantized" and not scheme.weights.symmetric:
@@ -126,62 +110,6 @@ def quantization_config(scheme: QuantScheme, ignore: list[str], sparsity: dict |
         # module unpacked while the format stores it packed; decompressing at load reads it right.
         config["dequantize"] = True
     return config
-
-
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    # safetensors creates the file private (0600); a checkpoint is meant to be shared like any file
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
-    """Write ``state`` as one safetensors file, or shards plus the standard index when large."""
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        path = out_dir / WEIGHTS_NAME
-        _save_file(shards[0], path)
-        return [path]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, path)
-        paths.append(path)
-        weight_map.update({k: path.name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps(index, indent=2))
-    return paths
-
-
-def write_config_files(model: nn.Module, out_dir: Path, quant_config: dict | None, tokenizer=None, dtype: torch.dtype | None = None) -> None:
-    """config.json (with ``quant_config`` as its quantization_config, none if None), generation config, tokenizer."""
-    config_dict = model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    if quant_config is not None:
-        config_dict["quantization_config"] = quant_config
-    if dtype is not None:
-        config_dict["dtype"] = str(dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str) + "\n")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
 
 
 def write_checkpoint(
@@ -201,3 +129,125 @@ def write_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config_files(model, out_dir, quantization_config(scheme, ignored, sparsity), tokenizer, dtype)
     return save_safetensors(checkpoint_state_dict(model, dtype), out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading back
+
+
+def is_quantized_config(config: dict) -> bool:
+    """Whether a config.json dict describes a compressed-tensors integer checkpoint."""
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "compressed-tensors" and bool(qc.get("config_groups"))
+
+
+def quantization_scheme(folder: Path) -> QuantScheme | None:
+    """The scheme of a compressed-tensors checkpoint with one integer config group; None when the
+    folder's config has no compressed-tensors quantization (a dense or sparse-only model)."""
+    config = read_config(folder)
+    if not is_quantized_config(config):
+        return None
+    groups = list(config["quantization_config"]["config_groups"].values())
+    if len(groups) != 1:
+        raise SqueezeError(f"{folder}: {len(groups)} quantization config groups; squeeze runs checkpoints with one")
+    group = groups[0]
+
+    def args(entry: dict | None) -> QuantArgs | None:
+        if entry is None:
+            return None
+        if entry.get("type", "int") != "int":
+            raise SqueezeError(f"{folder}: {entry.get('type')} quantization is not supported; squeeze runs int schemes")
+        return QuantArgs(
+            num_bits=entry["num_bits"], symmetric=entry["symmetric"], strategy=entry["strategy"],
+            group_size=entry.get("group_size") if entry["strategy"] == "group" else None,
+            dynamic=bool(entry.get("dynamic")), scale_dtype=entry.get("scale_dtype"),
+        )
+
+    return QuantScheme(weights=args(group["weights"]), input_activations=args(group.get("input_activations")))
+
+
+def _quantized_layer(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], scheme: QuantScheme) -> QuantizedLinear:
+    """Rebuild one layer's QuantizedLinear from its checkpoint tensors (taken out of ``state``)."""
+    args = scheme.weights
+    scale = state.pop(f"{name}.weight_scale")
+    if f"{name}.weight_packed" in state:
+        codes = unpack_int32(state.pop(f"{name}.weight_packed"), args.num_bits, linear.in_features)
+        state.pop(f"{name}.weight_shape", None)
+        zero = state.pop(f"{name}.weight_zero_point", None)
+        if zero is not None and args.strategy in ("channel", "group"):
+            zero = unpack_int32(zero, args.num_bits, linear.out_features, dim=0)
+    else:
+        codes = state.pop(f"{name}.weight")
+        zero = state.pop(f"{name}.weight_zero_point", None)
+    if zero is None:
+        zero = torch.zeros(scale.shape, dtype=torch.int8)
+    bias = state.pop(f"{name}.bias", None)
+    input_scale = state.pop(f"{name}.input_scale", None)
+    input_zero = state.pop(f"{name}.input_zero_point", None)
+    if input_scale is not None and input_zero is None:
+        input_zero = torch.zeros_like(input_scale, dtype=torch.int8)
+    return QuantizedLinear(
+        scheme, codes, scale, zero, bias, input_scale, input_zero, compute_dtype=linear.weight.dtype,
+    )
+
+
+def load_quantized(folder: Path, kind: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """A compressed-tensors checkpoint as squeeze evaluates it: every quantized Linear becomes a
+    QuantizedLinear holding the stored codes and scales; everything else is loaded as stored.
+
+    A Linear counts as quantized when the checkpoint holds its ``weight_scale``.
+    """
+    folder = Path(folder)
+    scheme = quantization_scheme(folder)
+    if scheme is None:
+        raise SqueezeError(f"{folder} is not a compressed-tensors quantized checkpoint")
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = read_safetensors_folder(folder)
+    with no_init_weights():  # every tensor is overwritten from the checkpoint
+        model = auto_class(kind).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and f"{name}.weight_scale" in state:
+            layer = _quantized_layer(name, module, state, scheme)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    distinct = {n for n, _ in model.named_parameters()}
+    missing = [k for k in missing if k in distinct and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise SqueezeError(
+            f"quantized checkpoint {folder} does not match its config: "
+            + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}")
+        )
+    return model.eval().requires_grad_(False)
+
+
+class CompressedTensors(QuantizedFormat):
+    """compressed-tensors pack-quantized / int-quantized: read by transformers and vLLM, and by
+    squeeze itself (the layers compute exactly what the pass evaluated)."""
+
+    name = "compressed-tensors"
+    records_sparsity = True
+
+    def describe(self, scheme: QuantScheme) -> str:
+        return f"compressed-tensors ({scheme.checkpoint_format})"
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        return quantized_tensors(name, layer)  # type: ignore[arg-type]
+
+    def _write(
+        self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
+        method: dict, sparsity: Sparsity | None,
+    ) -> Written:
+        # the codes, zeros included, are stored dense; the sparsity_config says which layers are sparse
+        sparse = sparsity_config("dense", *sparsity) if sparsity is not None else None
+        return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype, sparse), [])
+
+    def recognises(self, folder: Path) -> bool:
+        return Path(folder).is_dir() and is_quantized_config(read_config(folder))
+
+    def read(self, folder: Path, kind: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+        return load_quantized(folder, kind, dtype, trust_remote_code)

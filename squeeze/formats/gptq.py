@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from squeeze import __version__
+from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
-from squeeze.formats.compressed_tensors import save_safetensors, write_config_files
+from squeeze.formats.base import QuantizedFormat, Sparsity, Written
+from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.pack import pack_int32
 from squeeze.quant.scheme import QuantScheme
@@ -77,10 +79,14 @@ def gptq_tensors(name: str, layer: QuantizedLinear, version: str = "gptq") -> di
     return out
 
 
+def _needs_v2(layer: QuantizedLinear) -> bool:
+    return int(layer.weight_zero_point.min()) <= layer.scheme.weights.qmin
+
+
 def gptq_version(model: nn.Module) -> str:
     """``gptq`` (v1) unless some zero point is 0 (unsigned), which only ``gptq_v2`` can store."""
     for layer in model.modules():
-        if isinstance(layer, QuantizedLinear) and int(layer.weight_zero_point.min()) <= layer.scheme.weights.qmin:
+        if isinstance(layer, QuantizedLinear) and _needs_v2(layer):
             return "gptq_v2"
     return "gptq"
 
@@ -89,8 +95,6 @@ def check_gptq_layers(model: nn.Module, names: list[str], bits: int) -> list[str
     """The quantized layers' names relative to a block, the same in every block; raise SqueezeError
     when GPTQ loaders could not place them (a layer outside the blocks, blocks that differ) or
     when a layer's sides do not fill whole int32 words of ``bits``-bit codes."""
-    from squeeze.quant.sequential import block_list
-
     prefix, blocks = block_list(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
@@ -121,8 +125,6 @@ def check_gptq_layers(model: nn.Module, names: list[str], bits: int) -> list[str
 
 def quantize_config(model: nn.Module, scheme: QuantScheme, version: str, method: dict) -> dict:
     """The ``quantization_config`` GPTQ loaders read (also written as quantize_config.json)."""
-    from squeeze.quant.sequential import block_list
-
     prefix, blocks = block_list(model)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     chosen = check_gptq_layers(model, quantized, scheme.weights.num_bits)
@@ -155,8 +157,6 @@ def write_gptq_checkpoint(
     method: dict | None = None,
 ) -> tuple[list[Path], str]:
     """Save ``model`` in the GPTQ layout; returns the safetensors files and the format version written."""
-    from squeeze.formats.compressed_tensors import dense_tensors
-
     check_gptq_scheme(scheme)
     version = gptq_version(model)
     config = quantize_config(model, scheme, version, method or {})
@@ -164,8 +164,41 @@ def write_gptq_checkpoint(
     for name, layer in model.named_modules():
         if isinstance(layer, QuantizedLinear):
             state.update(gptq_tensors(name, layer, version))
-    state.update(dense_tensors(model, dtype))
+    state.update(dense_tensors(model, dtype, skip=QuantizedLinear))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config_files(model, out_dir, config, tokenizer, dtype)
     (out_dir / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return save_safetensors(state, out_dir), version
+
+
+class Gptq(QuantizedFormat):
+    """The GPTQ layout (see the module docstring), read by GPTQModel and transformers + optimum."""
+
+    name = "gptq"
+    suffix = "-gptq"
+
+    def check(self, scheme: QuantScheme, method: str) -> None:
+        check_gptq_scheme(scheme)
+
+    def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
+        check_gptq_layers(model, layers, scheme.weights.num_bits)
+
+    def describe(self, scheme: QuantScheme) -> str:
+        return "GPTQ (qweight/qzeros/scales/g_idx)"
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """One layer's tensors, as v1 unless its zero points need v2 (the layouts have the same sizes)."""
+        return gptq_tensors(name, layer, "gptq_v2" if _needs_v2(layer) else "gptq")  # type: ignore[arg-type]
+
+    def _write(
+        self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
+        method: dict, sparsity: Sparsity | None,
+    ) -> Written:
+        files, version = write_gptq_checkpoint(model, scheme, out_dir, tokenizer, dtype, method)
+        notes = []
+        if version == "gptq_v2":
+            notes.append(
+                "written as gptq_v2: some group's zero point is 0, which GPTQ v1 cannot store; "
+                "GPTQModel and transformers + optimum read it, AutoGPTQ does not"
+            )
+        return Written(files, notes)

@@ -21,13 +21,25 @@ tensors with the zeros, the same ``sparsity_config`` with ``format: dense``) loa
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
-from squeeze.formats.compressed_tensors import dense_tensors, save_safetensors, write_config_files
+from squeeze.errors import SqueezeError
+from squeeze.formats.base import PrunedFormat, Written
+from squeeze.formats.files import (
+    auto_class,
+    dense_tensors,
+    read_config,
+    read_safetensors_folder,
+    save_safetensors,
+    write_config_files,
+)
 
 BITMASK_SUFFIXES = ("compressed", "bitmask", "row_offsets", "shape")
 
@@ -101,11 +113,15 @@ def sparsity_config(fmt: str, structure: str, global_sparsity: float, sparse_lay
     }
 
 
+def compressed_tensors_version() -> str:
+    """The installed compressed-tensors version, which the configs record; read from the package
+    metadata, since importing compressed_tensors takes seconds."""
+    return version("compressed-tensors")
+
+
 def sparse_only_config(sparsity: dict) -> dict:
     """quantization_config for a pruned, unquantized model: no config groups, only sparsity.
     transformers reads it as "nothing to quantize" and loads the weights as they are."""
-    import compressed_tensors
-
     return {
         "quant_method": "compressed-tensors",
         "format": "dense",
@@ -113,35 +129,92 @@ def sparse_only_config(sparsity: dict) -> dict:
         "config_groups": {},
         "ignore": [],
         "sparsity_config": sparsity,
-        "version": compressed_tensors.__version__,
+        "version": compressed_tensors_version(),
         "producer": "squeeze",
     }
-
-
-def write_pruned_checkpoint(
-    model: nn.Module,
-    fmt: str,
-    structure: str,
-    global_sparsity: float,
-    sparse_layers: list[str],
-    out_dir: Path,
-    tokenizer=None,
-    dtype: torch.dtype | None = None,
-) -> list[Path]:
-    """Save a pruned (unquantized) ``model``: ``sparse_layers`` in sparse-bitmask layout when ``fmt``
-    is ``sparse-bitmask``, everything dense otherwise. Returns the safetensors files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = dense_tensors(model, dtype)
-    if fmt == "sparse-bitmask":
-        for name in sparse_layers:
-            weight = state.pop(f"{name}.weight")
-            state.update(bitmask_tensors(name, weight))
-    config = sparse_only_config(sparsity_config(fmt, structure, global_sparsity, sparse_layers))
-    write_config_files(model, out_dir, config, tokenizer, dtype)
-    return save_safetensors(state, out_dir)
 
 
 def is_sparse_bitmask(config: dict) -> bool:
     """Whether a config.json dict describes a sparse-bitmask checkpoint."""
     sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
     return sparsity.get("format") == "sparse-bitmask"
+
+
+class _SparsityConfigFormat(PrunedFormat):
+    """A pruned checkpoint described by a compressed-tensors ``sparsity_config``."""
+
+    def encode(self, state: dict[str, torch.Tensor], sparse_layers: list[str]) -> dict[str, torch.Tensor]:
+        """``state`` with the weights of ``sparse_layers`` in this format's layout."""
+        return state
+
+    def write(
+        self,
+        model: nn.Module,
+        structure: str,
+        global_sparsity: float,
+        sparse_layers: list[str],
+        out_dir: Path,
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+    ) -> Written:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.encode(dense_tensors(model, dtype), sparse_layers)
+        config = sparse_only_config(sparsity_config(self.name, structure, global_sparsity, sparse_layers))
+        write_config_files(model, out_dir, config, tokenizer, dtype)
+        return Written(save_safetensors(state, out_dir), list(self.notes))
+
+
+class SparseBitmask(_SparsityConfigFormat):
+    """compressed-tensors' sparse-bitmask layout (see the module docstring); squeeze reads it back."""
+
+    name = "sparse-bitmask"
+    notes = (
+        "sparse-bitmask checkpoint: transformers 5 cannot decompress it by itself (compressed-tensors dropped sparse "
+        "decompression in 0.15); squeeze loads it, and so does the loader in report.md; --format dense writes one "
+        "that from_pretrained loads as is",
+    )
+
+    def encode(self, state: dict[str, torch.Tensor], sparse_layers: list[str]) -> dict[str, torch.Tensor]:
+        for name in sparse_layers:
+            weight = state.pop(f"{name}.weight")
+            state.update(bitmask_tensors(name, weight))
+        return state
+
+    def weight_bytes(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        return bitmask_bytes(weight, dtype)
+
+    def loading(self, folder: Path, kind: str) -> str:
+        return "```python\n" + LOADING_SNIPPET.format(folder=folder, auto_class=auto_class(kind).__name__) + "```\n"
+
+    def recognises(self, folder: Path) -> bool:
+        return Path(folder).is_dir() and is_sparse_bitmask(read_config(folder))
+
+    def read(self, folder: Path, kind: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+        """Decoded to dense weights with zeros: transformers 5 no longer decompresses sparse checkpoints itself."""
+        state = decode_bitmask_state(read_safetensors_folder(folder))
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = auto_class(kind).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        # tied copies (lm_head = embeddings) are not stored; buffers a config rebuilds need not be either
+        distinct = {n for n, _ in model.named_parameters()}
+        missing = [k for k in missing if k in distinct]
+        if missing or unexpected:
+            raise SqueezeError(
+                f"sparse checkpoint {folder} does not match its config: "
+                + (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}")
+            )
+        return model
+
+
+class Dense(_SparsityConfigFormat):
+    """Plain ``weight`` tensors with the zeros: loads with a plain ``from_pretrained``."""
+
+    name = "dense"
+    suffix = "-dense"
+
+    def weight_bytes(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        return weight.numel() * (dtype or weight.dtype).itemsize
+
+    def loading(self, folder: Path, kind: str) -> str:
+        return f"`transformers.{auto_class(kind).__name__}.from_pretrained(\"{folder}\")`: the zeros are stored dense.\n"

@@ -11,26 +11,20 @@ smallest output error ``‖X Wᵀ − X (Q(W·s)/s)ᵀ‖²``. ``r = 0`` is ``s 
 so AWQ never does worse than RTN on the calibration rows. Then each group of weights may be clipped
 to a smaller range when that lowers its own output error.
 
-The kernels work on plain tensors; :func:`quantize_model_awq` finds the folds block by block.
+The kernels work on plain tensors; :mod:`squeeze.quant.methods.awq` finds the folds block by block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from squeeze.errors import SqueezeError
-from squeeze.quant.rtn import compute_qparams, fake_quantize, quantize
+from squeeze.calib.pipeline import CalibrationClock, run_block_observed
+from squeeze.quant.rtn import fake_quantize
 from squeeze.quant.scheme import QuantArgs
-from squeeze.quant.sequential import run_block_observed
 from squeeze.quant.smoothquant import fold_smoothing, smoothing_groups
-
-if TYPE_CHECKING:
-    from squeeze.quant.apply import QuantizeConfig, QuantizeResult
 
 # Calibration rows (tokens) the searches look at per layer input: the error of every candidate is
 # computed from the Gram matrix XᵀX, so more rows cost only when the Gram matrix is built.
@@ -59,12 +53,6 @@ class FoldGroup:
 
     prev: str
     linears: tuple[str, ...]
-
-
-def check_awq_config(config: QuantizeConfig) -> None:
-    """AWQ rounds weights only; a scheme with quantized activations is a user error."""
-    if config.scheme.input_activations is not None:
-        raise SqueezeError("AWQ is weight-only (W4A16); for W8A8 use --method smoothquant")
 
 
 def fold_groups(block: nn.Module) -> tuple[list[FoldGroup], list[str]]:
@@ -228,7 +216,12 @@ def awq_clip_search(
 
 @torch.no_grad()
 def capture_inputs(
-    block: nn.Module, inputs: list, modules: dict[str, nn.Module], max_rows: int = MAX_ROWS, seed: int = 0
+    block: nn.Module,
+    inputs: list,
+    modules: dict[str, nn.Module],
+    max_rows: int = MAX_ROWS,
+    seed: int = 0,
+    clock: CalibrationClock | None = None,
 ) -> dict[str, torch.Tensor]:
     """Up to ``max_rows`` input rows (tokens) of each module over one pass of ``block`` on ``inputs``.
 
@@ -254,104 +247,9 @@ def capture_inputs(
         chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
 
     try:
-        run_block_observed(block, inputs, modules, observe, before_call=first_reader.clear)
+        run_block_observed(block, inputs, modules, observe, before_call=first_reader.clear, clock=clock)
     finally:
         first_reader.clear()
     captured = {n: subsample_rows(torch.cat(c), max_rows, seed) for n, c in chunks.items()}
     captured.update({n: captured[source] for n, source in alias.items() if n not in captured})
     return captured
-
-
-@torch.no_grad()
-def quantize_model_awq(
-    model: nn.Module,
-    config: QuantizeConfig,
-    batches: list[dict[str, torch.Tensor]],
-    on_block: Callable[[str], None] | None = None,
-    n_grid: int = 20,
-    clip: bool = True,
-) -> QuantizeResult:
-    """AWQ then round-to-nearest, one transformer block at a time, on calibration ``batches``.
-
-    In each block: capture the inputs of the targeted Linear layers once; for each fold (norm →
-    q/k/v, v_proj → o_proj, norm → gate/up, up_proj → down_proj) search the scales on ``n_grid``
-    ratios and fold them (dividing the captured inputs of the fold's targets by them, as the fold
-    does to the real ones); with ``clip``, search a clip range per weight group (not for q/k);
-    then quantize every targeted layer. Blocks with nothing to fold into (post-norm encoders) get
-    clipping and round-to-nearest only; layers outside the blocks get round-to-nearest. Rewrites
-    ``model`` in place.
-    """
-    from squeeze.quant.apply import (
-        LayerError,
-        QuantizeResult,
-        _ignored,
-        _replace,
-        finish_outside_blocks,
-        plan_layers,
-    )
-    from squeeze.quant.linear import QuantizedLinear
-    from squeeze.quant.sequential import block_list, calibrate_sequentially
-
-    check_awq_config(config)
-    layers = plan_layers(model, config)
-    args = config.scheme.weights
-    _, blocks = block_list(model)
-    notes: list[str] = []
-    if not fold_groups(blocks[0])[0]:
-        notes.append(
-            f"no norm or Linear layer in {type(blocks[0]).__name__} feeds only Linear layers, so AWQ has "
-            "nothing to fold scales into: clipping and round-to-nearest only"
-        )
-    if clip and args.strategy not in ("group", "channel"):
-        notes.append(f"no clipping search for per-{args.strategy} weight scales")
-        clip = False
-    errors: list[LayerError] = []
-    done: set[str] = set()
-    scaled: list[str] = []
-    clipped: list[str] = []
-    skipped: dict[str, int] = {}
-
-    def compress_block(block_name: str, block: nn.Module, inputs) -> None:
-        prefix = block_name + "."
-        targets = {n[len(prefix):]: m for n, m in layers.items() if n.startswith(prefix)}
-        if not targets:
-            return
-        groups, reasons = fold_groups(block)
-        for group in groups:
-            if not all(n in targets for n in group.linears):
-                reasons.append(f"{group.prev} -> {', '.join(group.linears)}: not all of them are quantized")
-        for reason in reasons:
-            skipped[reason] = skipped.get(reason, 0) + 1
-        groups = [g for g in groups if all(n in targets for n in g.linears)]
-        captured = capture_inputs(block, inputs, targets)
-        for group in groups:
-            linears = [targets[n] for n in group.linears]
-            scales, _, ratio = awq_scale_search(captured[group.linears[0]], [m.weight for m in linears], args, n_grid)
-            if ratio == 0:
-                continue  # s = 1: round-to-nearest is already best here
-            fold_scales(block.get_submodule(group.prev), linears, scales)
-            for x in {id(captured[n]): captured[n] for n in group.linears}.values():
-                x.div_(scales.to(x.device))
-            scaled.extend(prefix + n for n in group.linears)
-        for name, linear in targets.items():
-            weight = linear.weight.detach()
-            if clip and name.rpartition(".")[2] not in UNCLIPPED and name in captured:
-                weight = apply_clip(weight, awq_clip_search(captured[name], weight, args, n_grid), args.group_size)
-                clipped.append(prefix + name)
-            # codes from the clipped weight, but _replace measures the error against the unclipped one
-            scale, zero_point = compute_qparams(weight, args)
-            codes = quantize(weight, scale, zero_point, args)
-            qlinear = QuantizedLinear.from_codes(linear, config.scheme, codes, scale, zero_point)
-            errors.append(_replace(model, prefix + name, linear, qlinear))
-            done.add(prefix + name)
-
-    calibration_s = calibrate_sequentially(model, batches, compress_block, on_block)
-    finish_outside_blocks(model, config, layers, done, errors, notes)
-    if scaled:
-        notes.append(f"AWQ scaled {len(scaled)} of {len(layers)} layers (grid of {n_grid} ratios)")
-    notes.extend(f"AWQ skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
-    if clipped:
-        notes.append(f"clipped the weight range of {len(clipped)} layers (q/k projections are never clipped)")
-    return QuantizeResult(
-        layers=errors, quantized=list(layers), ignored=_ignored(model, layers), notes=notes, calibration_s=calibration_s
-    )

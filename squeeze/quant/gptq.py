@@ -2,9 +2,9 @@
 columns not yet quantized, weighted by the inverse Hessian of the layer's reconstruction loss.
 
 The kernel is plain tensors in, plain tensors out: ``W [out, in]`` and ``H = 2/n Σ x xᵀ [in, in]``
-(accumulated by :class:`HessianAccumulator` from the layer's calibration inputs) give integer
-codes, scales and zero points in the layout of :mod:`squeeze.quant.rtn`, so a GPTQ layer is stored
-and dequantized exactly like a round-to-nearest one.
+(accumulated by :class:`squeeze.calib.observers.HessianAccumulator` from the layer's calibration
+inputs) give integer codes, scales and zero points in the layout of :mod:`squeeze.quant.rtn`, so a
+GPTQ layer is stored and dequantized exactly like a round-to-nearest one.
 """
 
 from __future__ import annotations
@@ -20,27 +20,12 @@ MAX_DAMP_RETRIES = 6
 SUB_BLOCK = 16  # columns whose errors are applied one by one; block_size ones are deferred by a matmul
 
 
-class HessianAccumulator:
-    """Running ``H = 2/n Σ x xᵀ`` over every input row a Linear layer sees (float32)."""
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.rows = 0
-
-    def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        total = self.rows + x.shape[0]
-        self.hessian.mul_(self.rows / total)
-        self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
-        self.rows = total
-
-
-
 def relative_output_error(diff: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """``‖ΔW X‖ / ‖W X‖ = sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`` for a layer whose inputs X gave ``hessian``."""
     h = hessian.to(diff.device).float()
     diff, weight = diff.float(), weight.float()
     return float((((diff @ h) * diff).sum() / ((weight @ h) * weight).sum().clamp_min(1e-30)).clamp_min(0).sqrt())
+
 
 @dataclass(frozen=True)
 class GPTQResult:

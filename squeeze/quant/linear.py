@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from squeeze.quant.rtn import compute_qparams, dequantize, fake_quantize, quantize
+from squeeze.quant.rtn import compute_qparams, dequantize, fake_quantize, qparams_from_minmax, quantize
 from squeeze.quant.scheme import QuantScheme
 
 
@@ -77,8 +77,6 @@ class QuantizedLinear(nn.Module):
         if act is not None and not act.dynamic:
             if input_range is None:
                 raise ValueError("static activation quantization needs a calibrated input range")
-            from squeeze.quant.rtn import qparams_from_minmax
-
             lo, hi = input_range
             input_scale, input_zero_point = qparams_from_minmax(
                 lo.reshape(1).float(), hi.reshape(1).float(), act

@@ -151,8 +151,8 @@ def test_trajectory_ignores_bookkeeping() -> None:
         (dict(alpha=1.5), "alpha"),
         (dict(steps=0), "steps"),
         (dict(warmup=1.0), "warmup"),
-        (dict(hidden_loss="l1"), "hidden loss"),
-        (dict(layer_map=((0, 1),)), "--hidden-loss"),
+        (dict(hidden_loss="l1"), "unknown hidden_loss 'l1'"),
+        (dict(layer_map=((0, 1),)), "set hidden_loss cosine or mse"),  # the keyword, as Python names it
         (dict(precision="fp8"), "precision"),
     ],
 )

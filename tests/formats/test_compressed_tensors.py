@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 
-from squeeze.formats.compressed_tensors import write_checkpoint
-from squeeze.api import BLOCKWISE_METHODS
-from squeeze.quant.apply import QuantizeConfig, observe_input_ranges, plan_layers, quantize_model
+from squeeze.formats.compressed_tensors import checkpoint_state_dict, write_checkpoint
+from squeeze.formats.files import save_safetensors
+from squeeze.quant.apply import QuantizeConfig, quantize_model
+from squeeze.quant.methods import METHODS
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import scheme_from_options
 
@@ -52,15 +53,14 @@ def quantize_folder(folder: Path, options: dict, ids: torch.Tensor, kind: str = 
     cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
     model = cls.from_pretrained(folder).eval()
     options = dict(options)
-    method_options = {k: options.pop(k) for k in ("method", "act_order") if k in options}
-    config = QuantizeConfig(scheme=scheme_from_options(**options), **method_options)
-    if config.method in BLOCKWISE_METHODS:
-        batches = [{"input_ids": ids}, {"input_ids": ids.flip(0)}]
-        return model, config, BLOCKWISE_METHODS[config.method](model, config, batches)
-    ranges = None
+    method = options.pop("method", "rtn")
+    method_options = {k: options.pop(k) for k in ("act_order",) if k in options}
+    config = QuantizeConfig(scheme=scheme_from_options(**options), method=method, options=method_options)
+    batches = None
     if config.needs_calibration:
-        ranges = observe_input_ranges(model, plan_layers(model, config), [{"input_ids": ids}])
-    result = quantize_model(model, config, ranges)
+        blockwise = METHODS.get(method).blockwise
+        batches = [{"input_ids": ids}, {"input_ids": ids.flip(0)}] if blockwise else [{"input_ids": ids}]
+    result = quantize_model(model, config, batches)
     return model, config, result
 
 
@@ -129,8 +129,6 @@ def test_checkpoint_layout(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_large_checkpoints_are_sharded_with_an_index(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from squeeze.formats.compressed_tensors import checkpoint_state_dict, save_safetensors
-
     ids = torch.randint(0, 1000, (1, 8))
     model, config, result = quantize_folder(tiny_llama_dir, dict(mode="per-channel", bits=8), ids)
     state = checkpoint_state_dict(model)

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from squeeze.errors import SqueezeError
 from squeeze.formats import check_format, write
-from squeeze.quant.apply import QuantizeConfig, quantize_model, quantize_model_gptq
+from squeeze.quant.apply import QuantizeConfig, quantize_model
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.nf4 import NF4Linear, nf4_levels, nf4_quantize, pack_nibbles, unpack_nibbles
 from squeeze.quant.pack import unpack_int32
@@ -74,10 +74,8 @@ def _quantize(folder: Path, fmt: str, options: dict, method: str, positive_group
             model.model.layers[0].mlp.up_proj.weight[:8, :32].abs_()  # min 0 → zero point 0 (v1 cannot store it)
             original.model.layers[0].mlp.up_proj.weight[:8, :32].abs_()
     config = QuantizeConfig(scheme=scheme_from_options(checkpoint=fmt, **options), method=method, format=fmt)
-    if method == "gptq":
-        result = quantize_model_gptq(model, config, [{"input_ids": ids}, {"input_ids": ids.flip(0)}])
-    else:
-        result = quantize_model(model, config)
+    batches = [{"input_ids": ids}, {"input_ids": ids.flip(0)}] if method == "gptq" else None
+    result = quantize_model(model, config, batches)
     return model, original, config, result
 
 

@@ -11,13 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from squeeze.formats.sparse import (
-    LOADING_SNIPPET,
-    bitmask_bytes,
-    bitmask_tensors,
-    decode_bitmask_state,
-    write_pruned_checkpoint,
-)
+from squeeze.formats import write_pruned_checkpoint
+from squeeze.formats.sparse import LOADING_SNIPPET, bitmask_bytes, bitmask_tensors, decode_bitmask_state
 from squeeze.models import load_model
 from squeeze.prune.apply import PruneConfig, prune_model
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from squeeze.calib.observers import HessianAccumulator
 from squeeze.prune.masks import is_n_m, row_mask
 from squeeze.prune.sparsegpt import sparsegpt_prune
 from squeeze.prune.wanda import wanda_scores
-from squeeze.quant.gptq import HessianAccumulator
 
 
 def correlated_inputs(n: int = 2048, dim: int = 128, seed: int = 0) -> torch.Tensor:

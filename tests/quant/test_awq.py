@@ -7,19 +7,11 @@ import pytest
 import torch
 import transformers
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, cli_spelling
 from squeeze.evaluate import compare_causal
 from squeeze.quant.apply import QuantizeConfig, quantize_model
-from squeeze.quant.awq import (
-    FOLDS,
-    apply_clip,
-    awq_clip_search,
-    awq_scale_search,
-    check_awq_config,
-    fold_groups,
-    fold_scales,
-    quantize_model_awq,
-)
+from squeeze.quant.awq import FOLDS, apply_clip, awq_clip_search, awq_scale_search, fold_groups, fold_scales
+from squeeze.quant.methods import METHODS
 from squeeze.quant.rtn import fake_quantize
 from squeeze.quant.scheme import QuantArgs, scheme_from_options
 
@@ -133,7 +125,7 @@ def test_awq_beats_rtn_with_outliers(tiny_llama_dir: Path) -> None:
     rtn = copy.deepcopy(original)
     quantize_model(rtn, QuantizeConfig(scheme=config.scheme))
     awq = copy.deepcopy(original)
-    result = quantize_model_awq(awq, config, [{"input_ids": ids(n=4, length=64, seed=s)} for s in (1, 2)])
+    result = quantize_model(awq, config, [{"input_ids": ids(n=4, length=64, seed=s)} for s in (1, 2)])
     evaluation = ids(n=4, length=64, seed=3)
     kl_rtn = compare_causal(rtn, evaluation, original).kl_divergence
     kl_awq = compare_causal(awq, evaluation, original).kl_divergence
@@ -145,18 +137,17 @@ def test_awq_beats_rtn_with_outliers(tiny_llama_dir: Path) -> None:
 
 def test_awq_is_weight_only(tiny_llama_dir: Path) -> None:
     config = QuantizeConfig(scheme=scheme_from_options(bits=8, act="per-token"))
-    with pytest.raises(SqueezeError, match="AWQ is weight-only"):
-        check_awq_config(config)
-    with pytest.raises(SqueezeError, match="--method smoothquant"):
-        quantize_model_awq(llama(tiny_llama_dir), config, [{"input_ids": ids()}])
-    with pytest.raises(SqueezeError, match="AWQ is weight-only"):
+    with pytest.raises(OptionError, match="AWQ is weight-only") as error:
+        METHODS.get("awq").check(config)
+    assert "--method smoothquant" in error.value.render(cli_spelling)
+    with pytest.raises(OptionError, match="AWQ is weight-only"):
         QuantizeConfig(scheme=config.scheme, method="awq")
 
 
 def test_post_norm_encoder_gets_clipping_only(tiny_bert_dir: Path) -> None:
     model = transformers.AutoModel.from_pretrained(tiny_bert_dir).eval()
     config = QuantizeConfig(scheme=scheme_from_options(mode="per-group", bits=4, group_size=32, asym=True), method="awq")
-    result = quantize_model_awq(model, config, [{"input_ids": ids()}])
+    result = quantize_model(model, config, [{"input_ids": ids()}])
     assert len(result.layers) == 12
     assert any("clipping and round-to-nearest only" in n for n in result.notes)
     assert not any(n.startswith("AWQ scaled") for n in result.notes)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from squeeze.quant.gptq import HessianAccumulator, gptq_quantize
+from squeeze.calib.observers import HessianAccumulator, observe_hessians
+from squeeze.calib.pipeline import capture_block_inputs
+from squeeze.quant.gptq import gptq_quantize
 from squeeze.quant.rtn import compute_qparams, dequantize, quantize
 from squeeze.quant.scheme import QuantArgs
 
@@ -94,15 +96,15 @@ def test_true_sequential_recalibrates_later_layers(tiny_llama_dir) -> None:
     """q/k/v see the same inputs either way; o_proj's inputs change once q/k/v are quantized."""
     import transformers
 
-    from squeeze.quant.apply import QuantizeConfig, quantize_model_gptq
+    from squeeze.quant.apply import QuantizeConfig, quantize_model
     from squeeze.quant.scheme import scheme_from_options
 
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     codes = {}
     for true_sequential in (True, False):
         model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-        config = QuantizeConfig(scheme=scheme_from_options(bits=3), method="gptq", true_sequential=true_sequential)
-        quantize_model_gptq(model, config, [{"input_ids": ids}])
+        config = QuantizeConfig(scheme=scheme_from_options(bits=3), method="gptq", options={"true_sequential": true_sequential})
+        quantize_model(model, config, [{"input_ids": ids}])
         layer = model.model.layers[0]
         codes[true_sequential] = (layer.self_attn.q_proj.weight_codes, layer.self_attn.o_proj.weight_codes)
     assert torch.equal(codes[True][0], codes[False][0])
@@ -113,9 +115,6 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
     """q/k/v (one tensor) share a Hessian; every other layer's is 2/n Σ xxᵀ of exactly its inputs,
     even when the allocator hands a later input of the same shape a freed tensor's address."""
     import transformers
-
-    from squeeze.quant.apply import observe_hessians
-    from squeeze.quant.sequential import capture_block_inputs
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -1,15 +1,16 @@
 """SmoothQuant: smoothing alone leaves the model's function unchanged; with outliers it beats plain W8A8."""
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, cli_spelling
 from squeeze.evaluate import compare_causal
-from squeeze.quant.apply import QuantizeConfig, quantize_model, quantize_model_smoothquant
+from squeeze.quant.apply import QuantizeConfig, plan_quantize, quantize_model
 from squeeze.quant.scheme import scheme_from_options
 from squeeze.quant.smoothquant import fold_smoothing, smoothing_factors, smoothing_groups
 
@@ -61,9 +62,7 @@ def test_smoothquant_beats_plain_w8a8_with_outliers(tiny_llama_dir: Path) -> Non
     plain = copy.deepcopy(original)
     quantize_model(plain, QuantizeConfig(scheme=scheme))
     smooth = copy.deepcopy(original)
-    result = quantize_model_smoothquant(
-        smooth, QuantizeConfig(scheme=scheme, method="smoothquant"), [{"input_ids": ids(seed=1)}]
-    )
+    result = quantize_model(smooth, QuantizeConfig(scheme=scheme, method="smoothquant"), [{"input_ids": ids(seed=1)}])
     evaluation = ids(seed=2)
     kl_plain = compare_causal(plain, evaluation, original).kl_divergence
     kl_smooth = compare_causal(smooth, evaluation, original).kl_divergence
@@ -101,13 +100,16 @@ def test_every_fold_keeps_the_output(tiny_llama_dir: Path, kv_heads: int) -> Non
 def test_post_norm_encoder_cannot_be_folded(tiny_bert_dir: Path) -> None:
     model = transformers.AutoModel.from_pretrained(tiny_bert_dir).eval()
     config = QuantizeConfig(scheme=scheme_from_options(bits=8, act="per-token"), method="smoothquant")
-    with pytest.raises(SqueezeError, match=r"cannot fold into encoder.layer.0 .*--smooth-fallback"):
-        quantize_model_smoothquant(model, config, [{"input_ids": ids()}])
-    fallback = QuantizeConfig(scheme=config.scheme, method="smoothquant", smooth_fallback=True)
-    result = quantize_model_smoothquant(model, fallback, [{"input_ids": ids()}])
+    for check in (plan_quantize, lambda m, c: quantize_model(m, c, [{"input_ids": ids()}])):
+        with pytest.raises(OptionError) as error:
+            check(model, config)
+        assert re.search(r"cannot fold into encoder.layer.0 .*--smooth-fallback", error.value.render(cli_spelling))
+    fallback = QuantizeConfig(scheme=config.scheme, method="smoothquant", options={"smooth_fallback": True})
+    result = quantize_model(model, fallback, [{"input_ids": ids()}])
     assert any("without smoothing" in n for n in result.notes)
 
 
 def test_smoothquant_needs_quantized_activations() -> None:
-    with pytest.raises(SqueezeError, match="SmoothQuant is for W8A8"):
+    with pytest.raises(OptionError, match="SmoothQuant is for W8A8") as error:
         QuantizeConfig(scheme=scheme_from_options(bits=8), method="smoothquant")
+    assert "add --act per-token" in error.value.render(cli_spelling)

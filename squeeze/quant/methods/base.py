@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
 from squeeze.options import MethodOptions
+from squeeze.quant.layers import QuantizeResult, plan_layers
 
-if TYPE_CHECKING:
-    from squeeze.quant.config import QuantizeConfig
-    from squeeze.quant.layers import QuantizeResult
+# ``config`` arguments are squeeze.quant.config.QuantizeConfig, named only in annotations: the
+# config module imports the registry of these methods to look them up by name.
 
 Batches = list[dict[str, torch.Tensor]]
 
@@ -55,9 +55,17 @@ class QuantMethod:
     def check_model(self, model: nn.Module, config: QuantizeConfig) -> None:
         """Checks against the model (the meta model is enough: only structure and shapes)."""
 
-    def calibration_bytes(self, block: nn.Module, tokens: int, dtype_bytes: int) -> int:
-        """Memory, in bytes, the method holds beyond the block inputs while calibrating ``block``
-        on ``tokens`` calibration tokens (e.g. one Hessian per Linear for GPTQ)."""
+    def plan(self, model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Linear]:
+        """The layers ``run`` quantizes, after every check against ``model`` (cheap: the meta
+        model is enough, so run it before loading weights)."""
+        layers = plan_layers(model, config)
+        self.check_model(model, config)
+        return layers
+
+    def calibration_bytes(self, model: nn.Module, tokens: int, dtype_bytes: int) -> int:
+        """Memory, in bytes, the method holds beyond the block inputs and outputs while calibrating
+        one block of ``model`` (the meta model is enough) on ``tokens`` calibration tokens of
+        ``dtype_bytes`` each (e.g. one Hessian per Linear for GPTQ)."""
         return 0
 
     def steps(self, model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, int]:

@@ -3,20 +3,30 @@ model in fp32 and bf16 and of its compressed forms, measured side by side in one
 
 Each form runs in a fresh process (spawned), so its peak RSS is its own and no allocator state or
 warm cache carries over from the form before. Quantized compressed-tensors checkpoints run on the
-integer kernels of :mod:`squeeze.runtime`.
+integer kernels of :mod:`squeeze.runtime.kernels`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from squeeze.data import evaluation_windows
 from squeeze.device import machine, resolve_device
+from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import SqueezeError
+from squeeze.evaluate import tensor_bytes
+from squeeze.formats.compressed_tensors import quantization_scheme
+from squeeze.generate import agreement, generate, prompts_from_text
+from squeeze.models import is_quantized_folder, load_model, load_tokenizer, meta_model, resolve_model
+from squeeze.runtime.kernels import accelerate
+from squeeze.runtime.measure import RssSampler, measure_speed
+from squeeze.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -79,14 +89,6 @@ class InferBench:
 def _measure(form: Form, device: str, prompt: list[int], agreement_prompts: list[list[int]], new_tokens: int,
              decode_tokens: int, repeats: int, eos_token_id: int | None) -> FormResult:
     """Load ``form`` and measure it (runs in a child process)."""
-    import time
-
-    from squeeze.evaluate import tensor_bytes
-    from squeeze.generate import generate
-    from squeeze.models import is_quantized_folder, load_model, resolve_model
-    from squeeze.runtime import RssSampler, accelerate, measure_speed
-    from squeeze.sampling import Sampling
-
     with RssSampler() as rss:
         start = time.perf_counter()
         source = resolve_model(form.spec)
@@ -116,9 +118,6 @@ def _measure(form: Form, device: str, prompt: list[int], agreement_prompts: list
 
 def default_forms(model: str, compare: list[str], bf16: bool = True) -> list[Form]:
     """fp32 and bf16 of ``model``, then each compared checkpoint (quantized ones on integer kernels)."""
-    from squeeze.models import is_quantized_folder, resolve_model
-    from squeeze.runtime import quantization_scheme
-
     forms = [Form("fp32", model, "float32")]
     if bf16:
         forms.append(Form("bf16", model, "bfloat16"))
@@ -151,10 +150,6 @@ def bench_infer(
 
     ``isolate`` runs each form in its own spawned process (clean peak RSS); False runs them here.
     """
-    from squeeze.distill.student import check_vocab_sizes
-    from squeeze.generate import agreement, prompts_from_text
-    from squeeze.models import load_tokenizer, meta_model, resolve_model
-
     for name, value in (("prefill tokens", prefill_tokens), ("decode tokens", decode_tokens), ("repeats", repeats)):
         if value < 1:
             raise SqueezeError(f"{name} must be at least 1, got {value}")
@@ -174,8 +169,6 @@ def bench_infer(
             raise SqueezeError(f"{form.spec} is not a causal LM")
         check_vocab_sizes(base_config, meta_model(source).config)
     tokenizer = load_tokenizer(base)
-    from squeeze.data import evaluation_windows
-
     prompt = evaluation_windows(tokenizer, data, prefill_tokens, prefill_tokens)[0].tolist()
     prompts = [p[0].tolist() for p in prompts_from_text(tokenizer, data, agreement_prompts, 64)] if agreement_prompts else []
     eos = tokenizer.eos_token_id

@@ -5,25 +5,28 @@ off there). Then, for each block in turn: run it on its inputs while hooks colle
 compress it, run the *compressed* block to make the next block's inputs, and drop the old ones.
 Peak memory is one block's worth of work plus the calibration activations, and each block is
 calibrated on what the compressed blocks before it really produce.
+
+Time spent running calibration text is counted on a :class:`CalibrationClock` the caller owns
+(one per run), so two runs never add to each other's count.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
-from squeeze.errors import SqueezeError
 from squeeze.calib.blocks import block_list
+from squeeze.errors import SqueezeError
 
 BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]]
 
 
-class _ForwardClock:
+class CalibrationClock:
     """Seconds spent running calibration text through the model: capturing block inputs, the
     observation passes that collect statistics, and producing each block's outputs."""
 
@@ -39,7 +42,8 @@ class _ForwardClock:
             self.seconds += time.perf_counter() - start
 
 
-CALIBRATION_CLOCK = _ForwardClock()
+def _timing(clock: CalibrationClock | None) -> ContextManager[None]:
+    return clock.timing() if clock is not None else nullcontext()
 
 
 class _StopForward(Exception):
@@ -47,7 +51,9 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockInputs:
+def capture_block_inputs(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], clock: CalibrationClock | None = None
+) -> BlockInputs:
     """The hidden states and keyword arguments block 0 receives, one entry per batch."""
     _, blocks = block_list(model)
     captured: BlockInputs = []
@@ -61,7 +67,7 @@ def capture_block_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Ten
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with CALIBRATION_CLOCK.timing():
+        with _timing(clock):
             for batch in batches:
                 try:
                     model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
@@ -83,9 +89,9 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+def run_block(block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None) -> BlockInputs:
     """The block's outputs for every captured input, paired with the same keyword arguments."""
-    with CALIBRATION_CLOCK.timing():
+    with _timing(clock):
         return [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
 
 
@@ -96,6 +102,7 @@ def run_block_observed(
     modules: dict[str, nn.Module],
     observe: Callable[[str, nn.Module, torch.Tensor], None],
     before_call: Callable[[], None] | None = None,
+    clock: CalibrationClock | None = None,
 ) -> None:
     """Run ``block`` on every captured input, calling ``observe(name, module, x)`` with the input
     ``x`` of each listed module. ``before_call`` runs before each input, for per-call state (layers
@@ -105,7 +112,7 @@ def run_block_observed(
         for n, m in modules.items()
     ]
     try:
-        with CALIBRATION_CLOCK.timing():
+        with _timing(clock):
             for hidden, kwargs in inputs:
                 if before_call:
                     before_call()
@@ -121,20 +128,23 @@ def calibrate_sequentially(
     batches: Iterable[dict[str, torch.Tensor]],
     compress_block: Callable[[str, nn.Module, BlockInputs], None],
     on_block: Callable[[str], None] | None = None,
+    clock: CalibrationClock | None = None,
 ) -> float:
     """Call ``compress_block(name, block, inputs)`` for each block in order, feeding each block the
     outputs of the already-compressed blocks before it. ``compress_block`` changes the block in
     place (it may run it on ``inputs`` as often as it needs). Returns the seconds spent running
-    calibration text (capture, observation passes, block outputs); the rest is the method's own work."""
-    CALIBRATION_CLOCK.seconds = 0.0
+    calibration text in this call (capture, block outputs, and the observation passes that
+    ``compress_block`` times on the same ``clock``); the rest is the method's own work."""
+    clock = clock if clock is not None else CalibrationClock()
+    start = clock.seconds
     prefix, blocks = block_list(model)
-    inputs = capture_block_inputs(model, batches)
+    inputs = capture_block_inputs(model, batches, clock)
     if not inputs:
         raise SqueezeError("no calibration batches reached the model")
     for index, block in enumerate(blocks):
         name = f"{prefix}.{index}"
         compress_block(name, block, inputs)
-        inputs = run_block(block, inputs)
+        inputs = run_block(block, inputs, clock)
         if on_block:
             on_block(name)
-    return CALIBRATION_CLOCK.seconds
+    return clock.seconds - start

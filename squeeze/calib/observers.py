@@ -1,0 +1,110 @@
+"""What calibration measures on the inputs of Linear layers: min/max ranges (static activation
+scales) and Hessians ``H = 2/n Σ x xᵀ`` (GPTQ, SparseGPT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+from squeeze.calib.pipeline import BlockInputs, CalibrationClock, run_block_observed
+
+Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n Σ x xᵀ`` over every input row a Linear layer sees (float32)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        total = self.rows + x.shape[0]
+        self.hessian.mul_(self.rows / total)
+        self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
+        self.rows = total
+
+
+def hessian_bytes(model: nn.Module) -> int:
+    """Bytes of one float32 ``in × in`` Hessian per Linear layer of a block (the first)."""
+    _, blocks = block_list(model)
+    linears = [m for m in blocks[0].modules() if hasattr(m, "in_features")] if len(blocks) else []
+    return sum(m.in_features**2 * 4 for m in linears)
+
+
+def merge_range(ranges: Ranges, name: str, x: torch.Tensor) -> None:
+    """Widen ``ranges[name]`` (min, max) to cover ``x``."""
+    lo, hi = torch.aminmax(x.detach().float())
+    if name in ranges:
+        lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+    ranges[name] = (lo, hi)
+
+
+@torch.no_grad()
+def observe_input_ranges(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterable[dict[str, torch.Tensor]],
+    on_batch: Callable[[], None] | None = None,
+) -> Ranges:
+    """Min and max of every listed layer's input over calibration batches (static activation scales)."""
+    ranges: Ranges = {}
+
+    handles = [
+        m.register_forward_pre_hook(lambda _module, args, name=n: merge_range(ranges, name, args[0]))
+        for n, m in layers.items()
+    ]
+    try:
+        for batch in batches:
+            model(**batch)
+            if on_batch:
+                on_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+@torch.no_grad()
+def observe_hessians(
+    block: nn.Module,
+    inputs: BlockInputs,
+    modules: dict[str, nn.Linear],
+    static: bool = False,
+    clock: CalibrationClock | None = None,
+) -> tuple[dict[str, HessianAccumulator], Ranges, list[str]]:
+    """Run ``block`` on its calibration ``inputs``; return (Hessian accumulator per layer, input
+    ranges per layer when ``static``, layer names in call order).
+
+    Layers reading the very same tensor in one call (q/k/v, gate/up) share one accumulator.
+    """
+    accumulators: dict[str, HessianAccumulator] = {}
+    ranges: Ranges = {}
+    order: list[str] = []
+    # holding each tensor until the call ends keeps its memory from being reused by a later input
+    # of the same call, whose address would then match (the MLP would inherit attention's Hessian)
+    same_call: dict[tuple, tuple[HessianAccumulator, torch.Tensor]] = {}
+
+    def observe_input(name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key in same_call:
+            acc = same_call[key][0]
+        else:
+            acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
+            acc.add(x)
+            same_call[key] = (acc, x)
+        accumulators[name] = acc
+        if name not in order:
+            order.append(name)
+        if static:
+            merge_range(ranges, name, x)
+
+    try:
+        run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear, clock=clock)
+    finally:
+        same_call.clear()
+    return accumulators, ranges, order

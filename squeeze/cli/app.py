@@ -1,0 +1,102 @@
+"""The Typer app, how a command fails (one red line, exit 2) and the options many commands share."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from squeeze import __version__
+from squeeze.errors import SqueezeError, cli_spelling, in_words
+from squeeze.models import meta_model, resolve_model
+from squeeze.report import to_rich
+
+app = typer.Typer(
+    name="squeeze",
+    help="Compress transformer models and report, in numbers, what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``message`` as one red line on stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def call(fn, *args, interrupted: str = "interrupted; no output was written", **kwargs):
+    """Call the API; user errors become one red line naming options as flags (``--damp-percent``)
+    and exit 2, Ctrl-C exits 130 with nothing written."""
+    try:
+        return fn(*args, **kwargs)
+    except SqueezeError as exc:
+        fail(in_words(exc, cli_spelling))
+    except KeyboardInterrupt:
+        fail(interrupted, code=130)
+
+
+def at_least_one(*options: tuple[str, int]) -> None:
+    """One red line for the first count option below 1."""
+    for name, value in options:
+        if value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+
+
+def print_report(report, out_dir: Path, written: str, as_json: bool, quiet: bool) -> None:
+    """A pass's report as JSON on stdout, or as tables and the line saying what was written."""
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    elif not quiet:
+        out.print(to_rich(report))
+        out.print(f"wrote {out_dir}/ ({written})")
+
+
+def layer_shapes(model: str, trust_remote_code: bool):
+    """The model's layers on the meta device (shapes only, no weights read)."""
+    return meta_model(resolve_model(model, trust_remote_code=trust_remote_code))
+
+
+def model_stem(model: str) -> str:
+    """The model's name for a default output directory: file stem of a GGUF, last path part otherwise."""
+    return Path(model).stem if model.endswith(".gguf") else Path(model.rstrip("/")).name
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"squeeze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Compress transformer models and report, in numbers, what it cost."""
+
+
+TrustOption = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Let transformers run Python code shipped with the model.")
+]
+ModelArg = Annotated[str, typer.Argument(help="Built-in name (smollm2, minilm), local HF directory, .gguf file, or hub id.")]
+# options every pass takes
+DataOption = Annotated[str, typer.Option(help="Evaluation text: wikipedia, bbc, shakespeare, or a .txt file/folder.")]
+EvalTokensOption = Annotated[int, typer.Option(help="Evaluation tokens (whole windows of --seq-len).")]
+SeqLenOption = Annotated[int, typer.Option(help="Tokens per window.")]
+BatchSizeOption = Annotated[int, typer.Option(help="Windows per forward pass.")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOption = Annotated[str, typer.Option(help="Compute dtype for calibration and evaluation: float32, bfloat16 or float16.")]
+NoEvalOption = Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy evaluation.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")]
+MeasureSpeedOption = Annotated[bool, typer.Option("--measure-speed", help="Also measure prefill/decode tokens/s and memory of input and output (as squeeze bench-infer; causal LMs).")]

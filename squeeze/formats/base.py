@@ -1,0 +1,179 @@
+"""What a checkpoint format is: the contract each file in squeeze/formats fulfils.
+
+A format is a class with a name, the suffix it adds to a default output folder name, its writer,
+and, where squeeze can read it back, a reader with the cheap test that recognises its folders.
+:class:`QuantizedFormat` (what ``squeeze quantize --format`` writes) adds the schemes and methods it
+accepts, the layer it stores and that layer's tensors; :class:`PrunedFormat` (``squeeze prune
+--format``) how it stores a pruned weight. The registries in squeeze/formats/__init__.py map names
+to instances: adding a format is one file here and one line there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.scheme import QuantScheme
+
+InputRange = tuple[torch.Tensor, torch.Tensor]
+# (structure, overall sparsity, sparse layer names) of a model that was pruned before quantizing
+Sparsity = tuple[str, float, list[str]]
+
+# layer tensors that are not weight data: constant-size metadata (shapes, bitsandbytes' state and
+# level table), activation scales and biases
+_NOT_WEIGHT = ("bias", "input_scale", "input_zero_point", "weight_shape", "quant_map", "bitsandbytes__nf4")
+
+
+@dataclass
+class Written:
+    """What a writer wrote: the safetensors files, and notes a consumer of the checkpoint should read."""
+
+    files: list[Path]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class FixedScheme:
+    """The one scheme a format stores (bnb-nf4: 4-bit NormalFloat in blocks of 64): options left
+    open take these values, ``check`` refuses others, and names and reports use its own words."""
+
+    mode: str
+    bits: int
+    group_size: int | None
+    label: str  # in place of the scheme in default output names and recipe stage labels
+    description: str  # in place of scheme.describe() in reports
+
+    def fill(self, mode: str | None, bits: int | None, group_size: int | None) -> tuple[str, int, int | None]:
+        """``mode``, ``bits`` and ``group_size`` with the ones left open (None) set to this scheme's."""
+        mode, bits = mode or self.mode, bits or self.bits
+        return mode, bits, group_size or (self.group_size if mode == self.mode else None)
+
+
+class Format:
+    """Base of every checkpoint format."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str] = ""  # appended to a default output folder name, e.g. "-gptq"
+    notes: ClassVar[tuple[str, ...]] = ()  # what a consumer of any checkpoint in this format should know
+
+    def recognises(self, folder: Path) -> bool:
+        """Whether ``folder`` holds a checkpoint of this format that :meth:`read` takes; reads
+        config.json only. False for formats squeeze does not read back."""
+        return False
+
+    def read(self, folder: Path, kind: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+        """The checkpoint in ``folder`` as squeeze evaluates it: a model of ``kind`` ("causal" or
+        "encoder") in ``dtype`` on the CPU. Only for folders that :meth:`recognises` accepts."""
+        raise NotImplementedError(f"squeeze does not read {self.name} checkpoints back")
+
+    def loading(self, folder: Path, kind: str) -> str:
+        """Markdown for report.md saying how to load the checkpoint without squeeze, when it takes
+        more than ``from_pretrained`` ("" otherwise)."""
+        return ""
+
+
+class QuantizedFormat(Format):
+    """A format for quantized models: which schemes and methods it stores, and how."""
+
+    layer_type: ClassVar[type[nn.Module]] = QuantizedLinear  # the layer it stores, made by quantized_layer
+    fixed_scheme: ClassVar[FixedScheme | None] = None
+    records_sparsity: ClassVar[bool] = False  # has a field saying which zeros a pruned model keeps
+
+    def check(self, scheme: QuantScheme, method: str) -> None:
+        """Raise SqueezeError when ``scheme`` or ``method`` cannot be stored (cheap; run first)."""
+
+    def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
+        """Raise SqueezeError when quantizing ``layers`` of ``model`` gives a checkpoint this format
+        cannot hold (the meta model is enough: only names and shapes are read)."""
+
+    def describe(self, scheme: QuantScheme) -> str:
+        """The format in a report's words, e.g. ``compressed-tensors (pack-quantized)``."""
+        raise NotImplementedError
+
+    def describe_scheme(self, scheme: QuantScheme) -> str:
+        """The scheme in a report's words."""
+        return self.fixed_scheme.description if self.fixed_scheme else scheme.describe()
+
+    def output_name(self, scheme_name: str) -> str:
+        """The part of a default output folder name after the model: ``scheme_name`` (e.g.
+        ``W4A16-per-group128``), or the fixed scheme's label, then the suffix."""
+        return (self.fixed_scheme.label if self.fixed_scheme else scheme_name) + self.suffix
+
+    def quantized_layer(self, linear: nn.Linear, scheme: QuantScheme, input_range: InputRange | None = None) -> nn.Module:
+        """Round-to-nearest ``linear`` into the layer this format stores (``input_range``: the
+        calibrated input (min, max), for static activation scales)."""
+        return QuantizedLinear.from_linear(linear, scheme, input_range)
+
+    def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of one quantized layer called ``name``."""
+        raise NotImplementedError
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        """Checkpoint bytes of one layer's compressed weight (codes, scales, zero points; bias excluded)."""
+        tensors = self.layer_tensors("layer", layer)
+        return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[2] not in _NOT_WEIGHT)
+
+    def write(
+        self,
+        model: nn.Module,
+        scheme: QuantScheme,
+        ignored: list[str],
+        out_dir: Path,
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+        method: dict | None = None,
+        sparsity: Sparsity | None = None,
+    ) -> Written:
+        """Write ``model`` (its quantized layers of ``layer_type``; ``ignored``: the Linear layers
+        left in full precision) to ``out_dir`` with config.json and tokenizer. ``dtype``: the dtype
+        of the tensors that were not quantized; ``method``: the method and its settings, as the
+        checkpoint's metadata records them. ``sparsity`` describes a pruned model: a format that
+        ``records_sparsity`` writes it into its config, the others store the zeros as zero codes.
+        The notes: the format's own, then what this checkpoint needs said."""
+        written = self._write(model, scheme, ignored, out_dir, tokenizer, dtype, method or {}, sparsity)
+        written.notes[:0] = self.notes
+        if sparsity is not None and not self.records_sparsity:
+            written.notes.append(
+                f"{self.name} has no field for sparsity: the zeros are stored as zero codes and a loader sees a dense layer"
+            )
+        return written
+
+    def _write(
+        self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
+        method: dict, sparsity: Sparsity | None,
+    ) -> Written:
+        """The files and the notes particular to this checkpoint (see :meth:`write`)."""
+        raise NotImplementedError
+
+
+class PrunedFormat(Format):
+    """A format for pruned, unquantized models: how a pruned Linear weight is stored."""
+
+    def describe(self) -> str:
+        """The format in a report's words."""
+        return f"{self.name} (compressed-tensors sparsity_config)"
+
+    def weight_bytes(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        """Checkpoint bytes of one pruned weight stored in ``dtype`` (default: its own)."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        model: nn.Module,
+        structure: str,
+        global_sparsity: float,
+        sparse_layers: list[str],
+        out_dir: Path,
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+    ) -> Written:
+        """Write pruned ``model`` to ``out_dir``: ``sparse_layers`` (pruned with ``structure``,
+        e.g. "2:4" or "unstructured", ``global_sparsity`` zeros overall) in this format's layout,
+        the rest dense; ``dtype``: the dtype to store the weights in (default: as held)."""
+        raise NotImplementedError
+

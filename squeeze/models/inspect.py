@@ -1,0 +1,52 @@
+"""Describe a model from its config alone: sizes, parameter counts and memory estimates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from squeeze.calib.blocks import find_blocks
+from squeeze.models.load import meta_model
+from squeeze.models.sources import ModelSource, resolve_model
+
+
+def inspect_model(source: ModelSource | str) -> dict[str, Any]:
+    """Describe a model from its config alone (built on the meta device; no weights are read).
+
+    Parameter counts are of unique tensors (tied embeddings count once). ``params_quantizable``
+    is the weights of the nn.Linear layers inside the repeated blocks, the ones quantization
+    passes touch; ``params_embedding`` is the nn.Embedding weights. Memory, in bytes, for the
+    weights only: fp32 = 4 B and bf16 = 2 B per parameter; int8 / int4 = the quantizable weights
+    at 1 B / 0.5 B each plus everything else (embeddings, norms, biases, heads) at bf16.
+    Quantization scales and zero points are ignored (about 1 % at group size 128).
+    """
+    if isinstance(source, str):
+        source = resolve_model(source)
+    model = meta_model(source)
+    config = model.config
+    params_total = sum(p.numel() for p in model.parameters())
+    blocks = find_blocks(model, getattr(config, "num_hidden_layers", None))
+    params_quantizable = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and blocks is not None and name.startswith(blocks + ".")
+    )
+    params_embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params_other = params_total - params_quantizable
+    return {
+        "name": source.name,
+        "kind": source.kind,
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "params_total": params_total,
+        "params_quantizable": params_quantizable,
+        "params_embedding": params_embedding,
+        "bytes_fp32": 4 * params_total,
+        "bytes_bf16": 2 * params_total,
+        "bytes_int8": params_quantizable + 2 * params_other,
+        "bytes_int4": (params_quantizable + 1) // 2 + 2 * params_other,
+    }

@@ -1,0 +1,263 @@
+"""What every pass shares: the stopwatch, the prepare step (cheap checks, then load and cut the
+text windows), accuracy scoring against a reference, sparsity and speed summaries, and the
+report's model line."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from squeeze.data import calibration_windows, evaluation_windows, load_documents
+from squeeze.device import resolve_device, resolve_dtype
+from squeeze.distill.student import check_vocab_sizes
+from squeeze.errors import OptionError
+from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
+from squeeze.formats.compressed_tensors import checkpoint_state_dict
+from squeeze.generate import greedy_agreement, prompts_from_text
+from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_model, meta_model, resolve_model
+from squeeze.progress import Progress
+from squeeze.prune.masks import is_n_m
+from squeeze.report import AccuracyReport, SparsityReport
+from squeeze.runtime import Form, bench_infer
+
+GENERATION_PROMPTS = 8  # prompts for a pass report's generation agreement (0: none)
+GENERATION_PROMPT_TOKENS = 64
+GENERATION_TOKENS = 32  # greedy new tokens per prompt
+SPARSE_INPUT_SHARE = 0.01  # a model with at least this share of exact zeros in its layers counts as pruned
+
+
+class Stopwatch:
+    """Wall time per named stage, in seconds."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
+    """``seq_len`` tokens, or fewer where the model has fewer positions."""
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    return min(seq_len, limit) if limit else seq_len
+
+
+def batches(windows: torch.Tensor, batch_size: int, device: str) -> Iterator[dict[str, torch.Tensor]]:
+    """``windows`` in forward-pass batches of ``batch_size`` windows, on ``device``."""
+    for start in range(0, windows.shape[0], batch_size):
+        yield {"input_ids": windows[start : start + batch_size].to(device)}
+
+
+@dataclass
+class Prepared:
+    """What every pass has once its cheap checks passed and the model is loaded."""
+
+    source: ModelSource
+    loaded: LoadedModel
+    device: str
+    plan: dict
+    seq_len: int
+    eval_windows: torch.Tensor | None
+    calib_windows: torch.Tensor | None
+    reference: torch.nn.Module | None
+    parameters: int
+    memory_before: int
+    disk_before: int
+    linear_flops: int  # 2 · Σ out · in over every Linear layer: matmul FLOPs per token
+
+
+def prepare(
+    model: str,
+    out: Path,
+    overwrite: bool,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    data: str,
+    calibration_data: str | None,
+    evaluate: bool,
+    needs_calibration: bool,
+    plan: Callable[[torch.nn.Module], dict],
+    eval_tokens: int,
+    seq_len: int,
+    calibration_samples: int,
+    watch: Stopwatch,
+    progress: Progress,
+    reference: str | None = None,
+) -> Prepared:
+    """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
+    model, text sources), then load the model and cut the evaluation and calibration windows.
+    The evaluation compares with a copy of the input, or with ``reference`` when one is named."""
+    check_output_dir(out, overwrite)
+    device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype)
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    meta = meta_model(source)
+    plan(meta)
+    ref_source = None
+    if reference is not None and evaluate:
+        ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
+        check_vocab_sizes(meta_model(ref_source).config, meta.config)
+    if evaluate:
+        load_documents(data)
+    if needs_calibration:
+        load_documents(calibration_data or data)
+
+    with watch.stage("load"), progress.status(f"loading {source.name}"):
+        loaded = load_model(source, device=device, dtype=compute_dtype)
+    net = loaded.model
+    layers = plan(net)
+    seq_len = eval_seq_len(loaded, seq_len)
+    eval_windows = evaluation_windows(loaded.tokenizer, data, seq_len, eval_tokens) if evaluate else None
+    calib_windows = None
+    if needs_calibration:
+        calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
+    reference_model = None
+    if ref_source is not None:
+        with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
+            reference_model = load_model(ref_source, device=device, dtype=compute_dtype).model
+    elif evaluate:
+        reference_model = copy.deepcopy(net)
+    return Prepared(
+        source=source,
+        loaded=loaded,
+        device=device,
+        plan=layers,
+        seq_len=seq_len,
+        eval_windows=eval_windows,
+        calib_windows=calib_windows,
+        reference=reference_model,
+        parameters=parameter_count(net),
+        memory_before=tensor_bytes(net),
+        disk_before=sum(t.numel() * t.element_size() for t in checkpoint_state_dict(net, loaded.stored_dtype).values()),
+        linear_flops=sum(2 * m.in_features * m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)),
+    )
+
+
+def sparsity_structure(layers: dict[str, torch.nn.Module], zeros: dict[str, int]) -> str | None:
+    """``N:M`` if every layer holding zeros follows one of the common patterns, ``unstructured``
+    if the layers hold at least SPARSE_INPUT_SHARE exact zeros otherwise, None for a dense model."""
+    total = sum(m.weight.numel() for m in layers.values())
+    if sum(zeros.values()) < SPARSE_INPUT_SHARE * total:
+        return None
+    sparse = [m.weight for name, m in layers.items() if zeros[name]]
+    for n, m in ((1, 4), (2, 4), (4, 8)):  # tightest first: a 1:4 layer also has at most 2 of 4
+        if all(is_n_m(w, n, m) for w in sparse):
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+def sparsity_report(
+    structure: str, target: float, layers: list[tuple[int, int]], linear_flops: int, dense_bytes: int | None = None, sparse_bytes: int | None = None,
+) -> SparsityReport:
+    """From (parameters, zeros) per sparse layer: totals, and FLOPs with those zeros skipped."""
+    parameters = sum(p for p, _ in layers)
+    zeros = sum(z for _, z in layers)
+    return SparsityReport(
+        structure=structure,
+        target=target,
+        parameters=parameters,
+        zeros=zeros,
+        dense_bytes=dense_bytes,
+        sparse_bytes=sparse_bytes,
+        linear_flops_dense=linear_flops,
+        linear_flops_sparse=linear_flops - 2 * zeros,
+    )
+
+
+def check_speed_kind(kind: str) -> None:
+    """Speed is measured on causal LMs only; an OptionError naming ``measure_speed`` otherwise."""
+    if kind != "causal":
+        raise OptionError("{0} measures prefill and decode of causal LMs; this is an encoder", "measure_speed")
+
+
+def speed_comparison(model: str, written: Path, data: str, device: str, watch: Stopwatch, progress: Progress) -> dict:
+    """``measure_speed``: prefill/decode tokens/s and memory of the input (fp32) and the checkpoint
+    just written (quantized layers on integer kernels), each in its own process, as ``squeeze bench-infer``."""
+    forms = [Form("input", model), Form("output", str(written))]
+    # bench-infer's 512 + 128 tokens, or what fits a model with fewer positions
+    positions = getattr(meta_model(resolve_model(model)).config, "max_position_embeddings", None) or 640
+    prefill, decode = min(512, positions // 2), min(128, positions // 4)
+    with watch.stage("measure speed"), progress.status("measuring prefill and decode speed"):
+        return bench_infer(
+            model, forms, data=data, prefill_tokens=prefill, decode_tokens=decode, repeats=2, agreement_prompts=0, device=device,
+        ).to_dict()
+
+
+def model_info(spec: str, source: ModelSource, net: torch.nn.Module) -> dict:
+    """The report's model line: how the user named it, its name, kind and architecture."""
+    return {"spec": spec, "name": source.name, "kind": source.kind, "architecture": type(net).__name__}
+
+
+def generation_agreement(model, reference, tokenizer, data: str, prompts: int, watch: Stopwatch, progress: Progress) -> dict:
+    """ROUGE/BLEU of ``model``'s greedy continuations against ``reference``'s, as AccuracyReport fields."""
+    with watch.stage("generate"), progress.status(f"greedy continuations of {prompts} prompts, both models"):
+        windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
+        scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS)
+    return {
+        "generation_prompts": scores.prompts, "generation_tokens": GENERATION_TOKENS, "rouge1": scores.rouge1,
+        "rouge2": scores.rouge2, "rougeL": scores.rougeL, "bleu": scores.bleu, "exact_match": scores.exact_match,
+    }
+
+
+def reference_name(reference: str | None) -> str | None:
+    """How a report names the model it was compared with: ``original (NAME)``."""
+    return f"original ({Path(reference).name or reference})" if reference else None
+
+
+def evaluate_accuracy(
+    model: torch.nn.Module,
+    kind: str,
+    reference: torch.nn.Module,
+    windows: torch.Tensor,
+    data: str,
+    seq_len: int,
+    batch_size: int,
+    watch: Stopwatch,
+    progress: Progress,
+    compared_with: str | None = None,
+    tokenizer=None,
+    generation_prompts: int = 0,
+) -> AccuracyReport:
+    """Score ``model`` against ``reference`` on ``windows``; for causal LMs with ``generation_prompts``
+    also the agreement of their greedy continuations (GENERATION_TOKENS each) on prompts from ``data``."""
+    if kind == "causal":
+        with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
+            cmp = compare_causal(model, windows, reference, batch_size=batch_size, on_batch=advance)
+        generation = {}
+        if generation_prompts and tokenizer is not None:
+            generation = generation_agreement(model, reference, tokenizer, data, generation_prompts, watch, progress)
+        return AccuracyReport(
+            **generation,
+            data=data,
+            windows=windows.shape[0],
+            seq_len=seq_len,
+            tokens=cmp.tokens,
+            perplexity_before=cmp.reference_perplexity,
+            perplexity_after=cmp.perplexity,
+            kl_divergence=cmp.kl_divergence,
+            top1_agreement=cmp.top1_agreement,
+            reference=compared_with,
+        )
+    with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
+        enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+    return AccuracyReport(
+        data=data,
+        windows=enc.windows,
+        seq_len=seq_len,
+        tokens=enc.tokens,
+        embedding_cosine_mean=enc.cosine_mean,
+        embedding_cosine_min=enc.cosine_min,
+        reference=compared_with,
+    )

@@ -1,0 +1,127 @@
+"""SmoothQuant then round-to-nearest W8A8, one transformer block at a time: the smoothing factors
+of :mod:`squeeze.quant.smoothquant` folded into every exact producer → consumer pair."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+from squeeze.calib.observers import Ranges, merge_range
+from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block_observed
+from squeeze.errors import OptionError, literal
+from squeeze.options import MethodOptions, option
+from squeeze.quant.awq import fold_groups, fold_scales
+from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.methods.base import Batches, QuantMethod
+from squeeze.quant.smoothquant import smoothing_factors, smoothing_groups
+
+
+class SmoothQuantOptions(MethodOptions):
+    alpha: float = option(
+        0.5, "SmoothQuant: share of the activation range moved into the weights, 0..1.",
+        ge=0, le=1, error="SmoothQuant alpha must be in [0, 1]",
+    )
+    smooth_fallback: bool = option(
+        False, "SmoothQuant: quantize without smoothing where no norm can be folded.",
+        flag="--smooth-fallback", in_report=False,
+    )
+
+
+class SmoothQuant(QuantMethod):
+    name: ClassVar[str] = "smoothquant"
+    summary: ClassVar[str] = "smoothquant (W8A8)"
+    Options: ClassVar[type[MethodOptions]] = SmoothQuantOptions
+
+    def check(self, config: QuantizeConfig) -> None:
+        if config.scheme.input_activations is None:
+            raise OptionError("SmoothQuant is for W8A8: add {0} per-token (or per-tensor) to quantize activations", "act")
+
+    def check_model(self, model: nn.Module, config: QuantizeConfig) -> None:
+        if config.options.smooth_fallback:  # type: ignore[attr-defined]
+            return
+        prefix, blocks = block_list(model)
+        if not smoothing_groups(blocks[0]):
+            raise OptionError(
+                f"SmoothQuant cannot fold into {literal(prefix)}.0 ({type(blocks[0]).__name__}): no norm there feeds only "
+                "Linear layers (in post-norm encoders the norm's output is also the residual); "
+                "pass {0} to quantize W8A8 without smoothing",
+                "smooth_fallback",
+            )
+
+    @torch.no_grad()
+    def run(
+        self,
+        model: nn.Module,
+        config: QuantizeConfig,
+        batches: Batches | None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> QuantizeResult:
+        """SmoothQuant then round-to-nearest W8A8, one block at a time, on calibration ``batches``.
+
+        In each block: measure the per-channel input maxima of the Linear layers whose input can be
+        rescaled exactly (fed by a norm; o_proj through v_proj without grouped-query attention;
+        down_proj through up_proj in gated MLPs), fold the smoothing factors into the producer and
+        those layers (the block computes the same function), measure static activation ranges if the
+        scheme has them (after smoothing), then quantize. Layers with no such producer are quantized
+        unsmoothed.
+        """
+        assert batches is not None
+        alpha = config.options.alpha  # type: ignore[attr-defined]
+        layers = self.plan(model, config)
+        _, blocks = block_list(model)
+        notes: list[str] = []
+        if not smoothing_groups(blocks[0]):
+            notes.append(f"no norm -> Linear pair to fold into in {type(blocks[0]).__name__}: W8A8 without smoothing")
+        errors: list[LayerError] = []
+        done: set[str] = set()
+        static = not config.scheme.input_activations.dynamic  # type: ignore[union-attr]
+        smoothed: list[str] = []
+        skipped: dict[str, int] = {}
+        clock = CalibrationClock()
+
+        def compress_block(block_name: str, block: nn.Module, inputs) -> None:
+            # every exact fold: norm -> q/k/v, v -> o (without grouped-query attention), norm -> gate/up,
+            # up -> down (gated MLPs); each divides only its own consumers' inputs, so one pass measures all
+            groups, reasons = fold_groups(block)
+            for reason in reasons:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            groups = [g for g in groups if all(f"{block_name}.{n}" in layers for n in g.linears)]
+            channel_max: dict[str, torch.Tensor] = {}
+
+            def observe_max(name: str, _module: nn.Module, x: torch.Tensor) -> None:
+                current = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+                channel_max[name] = torch.maximum(channel_max[name], current) if name in channel_max else current
+
+            firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
+            run_block_observed(block, inputs, firsts, observe_max, clock=clock)
+            for group in groups:
+                linears = [block.get_submodule(n) for n in group.linears]
+                factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], alpha)
+                fold_scales(block.get_submodule(group.prev), linears, factors)
+                smoothed.extend(f"{block_name}.{n}" for n in group.linears)
+
+            targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
+            ranges: Ranges = {}
+            if static:
+                run_block_observed(
+                    block, inputs, targets, lambda name, _module, x: merge_range(ranges, name, x), clock=clock
+                )
+            for name, linear in targets.items():
+                qlinear = QuantizedLinear.from_linear(linear, config.scheme, ranges.get(name))
+                errors.append(replace_layer(model, name, linear, qlinear))
+                done.add(name)
+
+        calibration_s = calibrate_sequentially(model, batches, compress_block, on_step, clock)
+        finish_outside_blocks(model, config, layers, done, errors, notes)
+        if smoothed:
+            notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {alpha})")
+        notes.extend(f"SmoothQuant skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
+        return QuantizeResult(
+            layers=errors, quantized=list(layers), ignored=ignored_layers(model, layers), notes=notes,
+            calibration_s=calibration_s,
+        )
