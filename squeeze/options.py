@@ -94,6 +94,11 @@ class Registry(Generic[P]):
         self._items[name] = item
         return item
 
+    def register(self, cls: type) -> type:
+        """Class decorator: register an instance of ``cls`` under ``cls.name``."""
+        self.add(cls.name, cls())
+        return cls
+
     def get(self, name: str) -> P:
         """The plug-in called ``name``; an OptionError listing the choices otherwise."""
         if name not in self._items:

@@ -145,7 +145,9 @@ def test_existing_output_is_refused_then_overwritten(tiny_llama_dir: Path, tmp_p
     assert not (out / "keep.txt").exists() and (out / "report.json").exists()
 
 
-@pytest.mark.parametrize("where", ["squeeze.formats.write", "squeeze.api.write_report", "squeeze.passes.common.compare_causal"])
+@pytest.mark.parametrize(
+    "where", ["squeeze.formats.compressed_tensors.CompressedTensors.write", "squeeze.passes.skeleton.write_report", "squeeze.passes.common.compare_causal"]
+)
 def test_ctrl_c_leaves_nothing(where: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -16,6 +16,7 @@ from squeeze.cli.app import (
 )
 from squeeze.cli.options import model_options, with_options
 from squeeze.distill.checkpoint import default_checkpoint_dir
+from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.passes.distill import distill as distill_pass
 from squeeze.passes.prune import prune as prune_pass
 from squeeze.passes.quantize import quantize as quantize_pass
@@ -57,7 +58,7 @@ def quantize(
     measure_speed: MeasureSpeedOption = False,
     **options: Any,
 ) -> None:
-    """Quantize (round-to-nearest, GPTQ, AWQ or SmoothQuant) to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
+    """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
     at_least_one(
         ("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", options["batch_size"]),
         ("--calib-samples", options["calib_samples"]),
@@ -70,10 +71,8 @@ def quantize(
     if out_dir is None:
         stem = model_stem(model)
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
-        suffix += f"-{method}" if method != "rtn" else ""
-        suffix = "nf4" if fmt == "bnb-nf4" else suffix
-        suffix += f"-{fmt}" if fmt != "compressed-tensors" else ""
-        out_dir = Path(f"{stem}-{suffix}")
+        suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
+        out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
     _run_pass(
         quantize_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
@@ -132,7 +131,7 @@ def prune(
     if out_dir is None:
         stem = model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
-        out_dir = Path(f"{stem}-{stage.method}-{amount}" + ("-dense" if fmt == "dense" else ""))
+        out_dir = Path(f"{stem}-{stage.method}-{amount}{PRUNED_FORMATS.get(fmt).suffix}")
     _run_pass(
         prune_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,

@@ -11,7 +11,8 @@ Pruned models (``squeeze prune --format``): ``sparse-bitmask`` (default; compres
 layout, smaller on disk) and ``dense`` (the zeros stored, loads with ``from_pretrained``).
 
 Adding a format is one file (a :class:`~squeeze.formats.base.QuantizedFormat` or
-:class:`~squeeze.formats.base.PrunedFormat`) and one line below.
+:class:`~squeeze.formats.base.PrunedFormat` registered with ``@QUANTIZED_FORMATS.register`` or
+``@PRUNED_FORMATS.register``) and its module's name in the import below.
 """
 
 from __future__ import annotations
@@ -21,22 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from squeeze.formats.base import Format, PrunedFormat, QuantizedFormat, Sparsity, Written
-from squeeze.formats.bnb import BnbInt8, BnbNf4
-from squeeze.formats.compressed_tensors import CompressedTensors
-from squeeze.formats.gptq import Gptq
-from squeeze.formats.sparse import Dense, SparseBitmask
-from squeeze.options import Registry
+from squeeze.formats import compressed_tensors, gptq, bnb, sparse  # noqa: F401  (one module per format family)
+from squeeze.formats.base import PRUNED_FORMATS, QUANTIZED_FORMATS, Format, PrunedFormat, QuantizedFormat, Sparsity, Written
 from squeeze.quant.scheme import QuantScheme
-
-QUANTIZED_FORMATS: Registry[QuantizedFormat] = Registry("format", "format")
-PRUNED_FORMATS: Registry[PrunedFormat] = Registry("sparse checkpoint format", "format")
-
-for _format in (CompressedTensors(), Gptq(), BnbInt8(), BnbNf4()):
-    QUANTIZED_FORMATS.add(_format.name, _format)
-for _format in (SparseBitmask(), Dense()):
-    PRUNED_FORMATS.add(_format.name, _format)
-del _format
 
 FORMATS = QUANTIZED_FORMATS.names()  # the quantized formats' names, default first
 

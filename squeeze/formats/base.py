@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from squeeze.options import Registry
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import QuantScheme
 
@@ -177,3 +178,10 @@ class PrunedFormat(Format):
         the rest dense; ``dtype``: the dtype to store the weights in (default: as held)."""
         raise NotImplementedError
 
+
+
+# The formats by name. Each format's module registers its class with ``@QUANTIZED_FORMATS.register``
+# or ``@PRUNED_FORMATS.register``; squeeze/formats/__init__.py imports the modules (the order of the
+# ``--format`` choices, default first).
+QUANTIZED_FORMATS: Registry[QuantizedFormat] = Registry("format", "format")
+PRUNED_FORMATS: Registry[PrunedFormat] = Registry("sparse checkpoint format", "format")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.formats.base import FixedScheme, InputRange, QuantizedFormat, Sparsity, Written
+from squeeze.formats.base import QUANTIZED_FORMATS, FixedScheme, InputRange, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.nf4 import NF4_BLOCKSIZE, NF4Linear, nf4_levels, pack_nibbles
@@ -121,6 +121,7 @@ class _Bitsandbytes(QuantizedFormat):
         return Written(files, [])
 
 
+@QUANTIZED_FORMATS.register
 class BnbInt8(_Bitsandbytes):
     """bitsandbytes LLM.int8() storage: int8 weights with SCB row scales."""
 
@@ -142,6 +143,7 @@ class BnbInt8(_Bitsandbytes):
         return int8_tensors(name, layer)  # type: ignore[arg-type]
 
 
+@QUANTIZED_FORMATS.register
 class BnbNf4(_Bitsandbytes):
     """bitsandbytes 4-bit NormalFloat: it fixes the scheme (4-bit symmetric blocks of 64) and its
     own rounding, so only RTN writes it."""

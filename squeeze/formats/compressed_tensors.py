@@ -29,7 +29,7 @@ except ImportError:  # transformers 4
     from transformers.modeling_utils import no_init_weights
 
 from squeeze.errors import SqueezeError
-from squeeze.formats.base import QuantizedFormat, Sparsity, Written
+from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import (
     auto_class,
     dense_tensors,
@@ -225,6 +225,7 @@ def load_quantized(folder: Path, kind: str, dtype: torch.dtype = torch.float32, 
     return model.eval().requires_grad_(False)
 
 
+@QUANTIZED_FORMATS.register
 class CompressedTensors(QuantizedFormat):
     """compressed-tensors pack-quantized / int-quantized: read by transformers and vLLM, and by
     squeeze itself (the layers compute exactly what the pass evaluated)."""

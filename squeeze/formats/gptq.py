@@ -32,7 +32,7 @@ from torch import nn
 from squeeze import __version__
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
-from squeeze.formats.base import QuantizedFormat, Sparsity, Written
+from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.pack import pack_int32
@@ -171,6 +171,7 @@ def write_gptq_checkpoint(
     return save_safetensors(state, out_dir), version
 
 
+@QUANTIZED_FORMATS.register
 class Gptq(QuantizedFormat):
     """The GPTQ layout (see the module docstring), read by GPTQModel and transformers + optimum."""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from importlib.metadata import version
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import transformers
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.formats.base import PrunedFormat, Written
+from squeeze.formats.base import PRUNED_FORMATS, PrunedFormat, Written
 from squeeze.formats.files import (
     auto_class,
     dense_tensors,
@@ -164,6 +163,7 @@ class _SparsityConfigFormat(PrunedFormat):
         return Written(save_safetensors(state, out_dir), list(self.notes))
 
 
+@PRUNED_FORMATS.register
 class SparseBitmask(_SparsityConfigFormat):
     """compressed-tensors' sparse-bitmask layout (see the module docstring); squeeze reads it back."""
 
@@ -207,6 +207,7 @@ class SparseBitmask(_SparsityConfigFormat):
         return model
 
 
+@PRUNED_FORMATS.register
 class Dense(_SparsityConfigFormat):
     """Plain ``weight`` tensors with the zeros: loads with a plain ``from_pretrained``."""
 

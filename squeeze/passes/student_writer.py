@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from squeeze import __version__
 from squeeze.distill.checkpoint import TrainingState
 from squeeze.distill.config import DistillConfig
 from squeeze.distill.student import StudentSpec
@@ -19,12 +17,12 @@ from squeeze.distill.trainer import autocast_for
 from squeeze.evaluate import parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
 from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
-from squeeze.formats import write_pruned_checkpoint
-from squeeze.formats.sparse import LOADING_SNIPPET
-from squeeze.models import LoadedModel, atomic_output_dir
-from squeeze.passes.common import Stopwatch, model_info, sparsity_structure, speed_comparison
+from squeeze.formats import PRUNED_FORMATS
+from squeeze.models import LoadedModel
+from squeeze.passes.common import Stopwatch, model_info, sparsity_structure
+from squeeze.passes.skeleton import publish
 from squeeze.progress import Progress
-from squeeze.report import AccuracyReport, Report, SizeReport, TrainingReport, plot_loss_curve, write_report
+from squeeze.report import AccuracyReport, Report, SizeReport, TrainingReport, plot_loss_curve
 
 
 @dataclass
@@ -75,7 +73,7 @@ def write_student(out: Path, overwrite: bool, done: Distilled, watch: Stopwatch,
     def linear_bytes(model: torch.nn.Module) -> int:
         return sum(m.weight.numel() * stored.itemsize for m in model.modules() if isinstance(m, torch.nn.Linear))
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    def assemble(tmp: Path) -> Report:
         with watch.stage("save"), progress.status(f"writing {out}"):
             loading = ""
             if done.masks:
@@ -83,11 +81,9 @@ def write_student(out: Path, overwrite: bool, done: Distilled, watch: Stopwatch,
                 zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
                 structure = sparsity_structure(layers, zeros) or "unstructured"
                 sparsity = sum(zeros.values()) / sum(m.weight.numel() for m in layers.values())
-                fmt = done.sparse_format or "dense"
-                files = write_pruned_checkpoint(net, fmt, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored)
-                if fmt == "sparse-bitmask":
-                    auto_class = "AutoModelForCausalLM" if causal else "AutoModel"
-                    loading = "```python\n" + LOADING_SNIPPET.format(folder=out, auto_class=auto_class) + "```\n"
+                fmt = PRUNED_FORMATS.get(done.sparse_format or "dense")
+                files = fmt.write(net, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored).files
+                loading = fmt.loading(out, teacher.source.kind)
             else:
                 write_config_files(net, tmp, None, teacher.tokenizer, stored)
                 files = save_safetensors(dense_tensors(net, stored), tmp)
@@ -160,10 +156,8 @@ def write_student(out: Path, overwrite: bool, done: Distilled, watch: Stopwatch,
             notes=notes,
             training=training,
             loading=loading,
-            squeeze_version=__version__,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        if measure_speed:
-            report.speed = speed_comparison(done.teacher_spec, tmp, done.eval_data, done.device.split(',')[0], watch, progress)
-        write_report(report, tmp)
-    return report
+        return report
+
+    speed = (done.teacher_spec, done.eval_data, done.device.split(",")[0]) if measure_speed else None
+    return publish(out, overwrite, assemble, watch, progress, speed)

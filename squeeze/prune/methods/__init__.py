@@ -1,13 +1,12 @@
-"""The pruning methods by name: one file each in this package, one entry each here."""
+"""The pruning methods by name: one file each in this package, one entry each in the import below.
+
+Importing a method's module registers it (``@PRUNE_METHODS.register``); the order here is the order
+of the ``--method`` choices.
+"""
 
 from __future__ import annotations
 
-from squeeze.options import MethodRegistry
-from squeeze.prune.methods.base import PruneMethod
-from squeeze.prune.methods.magnitude import Magnitude
-from squeeze.prune.methods.sparsegpt import SparseGPT
-from squeeze.prune.methods.wanda import Wanda
+from squeeze.prune.methods import magnitude, wanda, sparsegpt  # noqa: F401  (one module per method)
+from squeeze.prune.methods.base import PRUNE_METHODS, PruneMethod
 
-PRUNE_METHODS: MethodRegistry[PruneMethod] = MethodRegistry("pruning method", "method")
-for _method in (Magnitude(), Wanda(), SparseGPT()):
-    PRUNE_METHODS.add(_method.name, _method)
+__all__ = ["PRUNE_METHODS", "PruneMethod"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from squeeze.calib.blocks import block_list
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, calibrate_sequentially
-from squeeze.options import MethodOptions
+from squeeze.options import MethodOptions, MethodRegistry
 from squeeze.prune.layers import LayerSparsity, Plan, PruneResult, prune_by_magnitude
 
 # ``config`` arguments are squeeze.prune.config.PruneConfig, named only in annotations: the config
@@ -33,6 +33,7 @@ class PruneMethod:
     summary: ClassVar[str]  # one phrase for the --method help, e.g. "magnitude (smallest |W|, no data)"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = False  # reads calibration text (``batches`` is then not None)
+    no_data: ClassVar[str] = "none (the method reads no text)"  # the report's calibration line when it reads none
 
     def check(self, config: PruneConfig) -> None:
         """Cheap checks of ``config`` before anything is read; raise OptionError naming the options at fault."""
@@ -95,3 +96,9 @@ class BlockwisePruneMethod(PruneMethod):
             done.extend(prune_by_magnitude(config, leftover, None))
             notes.append(f"magnitude pruning for {len(leftover)} layer(s) no block ran on calibration text: {', '.join(leftover)}")
         return PruneResult(layers=done, dense=[], notes=notes, calibration_s=calibration_s)
+
+
+# The pruning methods by name. Each method's module registers its class with
+# ``@PRUNE_METHODS.register``; squeeze/prune/methods/__init__.py imports the modules, in the order
+# they are listed (the order of ``--method`` choices).
+PRUNE_METHODS: MethodRegistry[PruneMethod] = MethodRegistry("pruning method", "method")

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from squeeze.prune.layers import Plan, PruneResult, prune_by_magnitude
-from squeeze.prune.methods.base import Batches, PruneMethod
+from squeeze.prune.methods.base import PRUNE_METHODS, Batches, PruneMethod
 
 
+@PRUNE_METHODS.register
 class Magnitude(PruneMethod):
     name: ClassVar[str] = "magnitude"
     summary: ClassVar[str] = "magnitude (smallest |W|, no data)"
+    no_data: ClassVar[str] = "none (magnitude pruning needs no data)"
 
     @torch.no_grad()
     def run(

@@ -12,7 +12,7 @@ from squeeze.calib.pipeline import BlockInputs, CalibrationClock
 from squeeze.errors import OptionError, literal
 from squeeze.options import MethodOptions, option
 from squeeze.prune.layers import LayerSparsity, Plan
-from squeeze.prune.methods.base import BlockwisePruneMethod
+from squeeze.prune.methods.base import PRUNE_METHODS, BlockwisePruneMethod
 from squeeze.prune.sparsegpt import sparsegpt_prune
 from squeeze.quant.gptq import relative_output_error
 
@@ -27,6 +27,7 @@ class SparseGPTOptions(MethodOptions):
     )
 
 
+@PRUNE_METHODS.register
 class SparseGPT(BlockwisePruneMethod):
     name: ClassVar[str] = "sparsegpt"
     summary: ClassVar[str] = "sparsegpt (Hessian-weighted, updates the surviving weights)"

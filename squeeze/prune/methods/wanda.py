@@ -11,10 +11,11 @@ from torch import nn
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, run_block_observed
 from squeeze.errors import OptionError
 from squeeze.prune.layers import LayerSparsity, Plan, apply_mask, layer_mask
-from squeeze.prune.methods.base import BlockwisePruneMethod
+from squeeze.prune.methods.base import PRUNE_METHODS, BlockwisePruneMethod
 from squeeze.prune.wanda import InputNormAccumulator, wanda_scores
 
 
+@PRUNE_METHODS.register
 class Wanda(BlockwisePruneMethod):
     name: ClassVar[str] = "wanda"
     summary: ClassVar[str] = "wanda (|W| times input-feature norm)"

@@ -1,14 +1,12 @@
-"""The quantization methods by name: one file each in this package, one entry each here."""
+"""The quantization methods by name: one file each in this package, one entry each in the import below.
+
+Importing a method's module registers it (``@METHODS.register``); the order here is the order of
+the ``--method`` choices.
+"""
 
 from __future__ import annotations
 
-from squeeze.options import MethodRegistry
-from squeeze.quant.methods.awq import AWQ
-from squeeze.quant.methods.base import QuantMethod
-from squeeze.quant.methods.gptq import GPTQ
-from squeeze.quant.methods.rtn import RTN
-from squeeze.quant.methods.smoothquant import SmoothQuant
+from squeeze.quant.methods import rtn, gptq, smoothquant, awq  # noqa: F401  (one module per method)
+from squeeze.quant.methods.base import METHODS, QuantMethod
 
-METHODS: MethodRegistry[QuantMethod] = MethodRegistry("quantization method", "method")
-for _method in (RTN(), GPTQ(), SmoothQuant(), AWQ()):
-    METHODS.add(_method.name, _method)
+__all__ = ["METHODS", "QuantMethod"]

@@ -24,7 +24,7 @@ from squeeze.quant.awq import (
 )
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.methods.base import Batches, QuantMethod, SchemeDefaults
+from squeeze.quant.methods.base import METHODS, Batches, QuantMethod, SchemeDefaults
 from squeeze.quant.rtn import compute_qparams, quantize
 
 
@@ -37,6 +37,7 @@ class AWQOptions(MethodOptions):
     )
 
 
+@METHODS.register
 class AWQ(QuantMethod):
     name: ClassVar[str] = "awq"
     summary: ClassVar[str] = "awq (weight-only, activation-aware scales)"

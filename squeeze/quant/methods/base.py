@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
-from squeeze.options import MethodOptions
+from squeeze.options import MethodOptions, MethodRegistry
 from squeeze.quant.layers import QuantizeResult, plan_layers
 
 # ``config`` arguments are squeeze.quant.config.QuantizeConfig, named only in annotations: the
@@ -43,6 +43,7 @@ class QuantMethod:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     defaults: ClassVar[SchemeDefaults] = SchemeDefaults()
     blockwise: ClassVar[bool] = True  # calibrates one transformer block at a time
+    no_data: ClassVar[str] = "none (the method reads no text)"  # the report's calibration line when it reads none
 
     def needs_calibration(self, config: QuantizeConfig) -> bool:
         """Whether the run reads calibration text (``batches`` is then not None)."""
@@ -83,3 +84,9 @@ class QuantMethod:
         windows (None when ``needs_calibration`` is false). ``result.calibration_s`` is the time
         spent running calibration text, within the run's time."""
         raise NotImplementedError
+
+
+# The quantization methods by name. Each method's module registers its class with
+# ``@METHODS.register``; squeeze/quant/methods/__init__.py imports the modules, in the order
+# they are listed (the order of ``--method`` choices).
+METHODS: MethodRegistry[QuantMethod] = MethodRegistry("quantization method", "method")

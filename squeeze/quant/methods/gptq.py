@@ -16,7 +16,7 @@ from squeeze.options import MethodOptions, option
 from squeeze.quant.gptq import gptq_quantize
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.methods.base import Batches, QuantMethod
+from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
 
 
 class GPTQOptions(MethodOptions):
@@ -35,6 +35,7 @@ class GPTQOptions(MethodOptions):
     )
 
 
+@METHODS.register
 class GPTQ(QuantMethod):
     name: ClassVar[str] = "gptq"
     summary: ClassVar[str] = "gptq"

@@ -13,13 +13,15 @@ from torch import nn
 from squeeze.calib.observers import observe_input_ranges
 from squeeze.formats import QUANTIZED_FORMATS
 from squeeze.quant.layers import QuantizeResult, ignored_layers, replace_layer
-from squeeze.quant.methods.base import Batches, QuantMethod
+from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
 
 
+@METHODS.register
 class RTN(QuantMethod):
     name: ClassVar[str] = "rtn"
     summary: ClassVar[str] = "rtn (round-to-nearest, no data)"
     blockwise: ClassVar[bool] = False
+    no_data: ClassVar[str] = "none (round-to-nearest weights need no data)"
 
     def needs_calibration(self, config: QuantizeConfig) -> bool:
         """Only static activation scales are measured on sample text."""

@@ -17,7 +17,7 @@ from squeeze.options import MethodOptions, option
 from squeeze.quant.awq import fold_groups, fold_scales
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.methods.base import Batches, QuantMethod
+from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
 from squeeze.quant.smoothquant import smoothing_factors, smoothing_groups
 
 
@@ -32,6 +32,7 @@ class SmoothQuantOptions(MethodOptions):
     )
 
 
+@METHODS.register
 class SmoothQuant(QuantMethod):
     name: ClassVar[str] = "smoothquant"
     summary: ClassVar[str] = "smoothquant (W8A8)"

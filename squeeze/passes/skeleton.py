@@ -1,0 +1,196 @@
+"""The one shape of a compression pass: prepare → compress → evaluate → write → report.
+
+``run_pass`` does every step but the pass's own: it checks everything cheap and loads the model
+(``prepare``), runs the step's ``compress`` on the calibration batches, scores the result against
+the reference, has the step write its checkpoint into a temporary folder that is published only
+when everything succeeded, and assembles the report from the step's parts. Quantize and prune are
+a :class:`CompressionStep` each; distillation trains instead of compressing and shares the same
+evaluation and :func:`publish` tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from squeeze import __version__
+from squeeze.evaluate import peak_rss_bytes, tensor_bytes
+from squeeze.formats import Written
+from squeeze.models import atomic_output_dir
+from squeeze.passes.common import (
+    GENERATION_PROMPTS, Prepared, Stopwatch, batches, check_speed_kind, evaluate_accuracy, model_info, prepare,
+    reference_name, speed_comparison,
+)
+from squeeze.progress import NullProgress, Progress
+from squeeze.report import LayerReport, Report, SizeReport, SparsityReport, write_report
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every pass run is told besides its model, output folder and config.
+
+    ``data`` is the evaluation text (and the calibration text unless ``calibration_data`` names
+    another; the two use disjoint documents); ``eval_tokens`` is rounded down to whole windows of
+    ``seq_len`` tokens; ``dtype`` is the compute dtype; ``reference`` names the model the
+    evaluation compares with (default: the input itself)."""
+
+    data: str = "wikipedia"
+    calibration_data: str | None = None
+    eval_tokens: int = 16384
+    seq_len: int = 512
+    calibration_samples: int = 128
+    batch_size: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+    evaluate: bool = True
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    reference: str | None = None
+    measure_speed: bool = False
+    generation_prompts: int = GENERATION_PROMPTS
+
+    def calibration_line(self, windows: torch.Tensor | None, no_data: str) -> dict[str, Any]:
+        """The report's ``calibration`` and ``calibration_tokens`` settings."""
+        if windows is None:
+            return {"calibration": no_data, "calibration_tokens": 0}
+        return {
+            "calibration": f"{self.calibration_data or self.data}: {windows.shape[0]} x {windows.shape[1]} tokens",
+            "calibration_tokens": int(windows.numel()),
+        }
+
+
+@dataclass
+class ReportParts:
+    """A step's own share of the report; the skeleton adds model, timings, memory, accuracy."""
+
+    settings: dict[str, Any]
+    compressed_parameters: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+    layers: list[LayerReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    sparsity: SparsityReport | None = None
+    loading: str = ""
+
+
+class CompressionStep:
+    """A pass's own step. One instance per run: it may keep what it measured between calls."""
+
+    name: ClassVar[str]  # the report's pass_name and the stopwatch stage of ``compress``
+
+    @property
+    def needs_calibration(self) -> bool:
+        raise NotImplementedError
+
+    def check(self, run: RunSettings) -> None:
+        """Cheap checks of the config before anything is read."""
+
+    def plan(self, model: nn.Module) -> dict:
+        """The layers the step will change (validates patterns and shapes; the meta model is enough)."""
+        raise NotImplementedError
+
+    def start(self, prep: Prepared) -> tuple[str, int]:
+        """Note what of the input the report needs before it changes; the progress label and steps."""
+        raise NotImplementedError
+
+    def compress(self, model: nn.Module, calibration: list[dict[str, torch.Tensor]] | None, on_step: Callable[[str], None]) -> float:
+        """Change ``model`` in place; return the seconds of that spent running calibration text."""
+        raise NotImplementedError
+
+    def write(self, model: nn.Module, prep: Prepared, folder: Path) -> Written:
+        """Write the checkpoint into ``folder``."""
+        raise NotImplementedError
+
+    def report(self, model: nn.Module, prep: Prepared, written: Written, run: RunSettings, out: Path) -> ReportParts:
+        """The step's share of the report; ``out`` is where the checkpoint will be published."""
+        raise NotImplementedError
+
+
+def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
+    """Run ``step`` on ``model`` into ``out`` (see the module docstring); return the report, also
+    written to ``out/report.json`` and ``out/report.md``."""
+    step.check(run)
+    progress = progress or NullProgress()
+    watch = Stopwatch()
+    out = Path(out)
+    prep = prepare(
+        model, out, run.overwrite, run.device, run.dtype, run.trust_remote_code, run.data, run.calibration_data,
+        run.evaluate, step.needs_calibration, step.plan, run.eval_tokens, run.seq_len, run.calibration_samples,
+        watch, progress, run.reference,
+    )
+    if run.measure_speed:
+        check_speed_kind(prep.source.kind)
+    net = prep.loaded.model
+    label, total = step.start(prep)
+    prep.plan = {}  # the step replaces layers in place: holding them here would keep every dense weight alive
+    calibration = list(batches(prep.calib_windows, run.batch_size, prep.device)) if prep.calib_windows is not None else None
+    with watch.stage(step.name), progress.task(label, total) as advance:
+        calibration_s = step.compress(net, calibration, lambda _name: advance(1))
+    if calibration is not None:
+        # a calibrating method interleaves running calibration text and its own work: split the time
+        watch.timings["calibrate"] = calibration_s
+        watch.timings[step.name] -= calibration_s
+    del calibration
+
+    accuracy = None
+    if prep.eval_windows is not None and prep.reference is not None:
+        accuracy = evaluate_accuracy(
+            net, prep.source.kind, prep.reference, prep.eval_windows, run.data, prep.seq_len, run.batch_size, watch,
+            progress, reference_name(run.reference), prep.loaded.tokenizer, run.generation_prompts,
+        )
+        prep.reference = None
+
+    def assemble(folder: Path) -> Report:
+        with watch.stage("save"), progress.status(f"writing {out}"):
+            written = step.write(net, prep, folder)
+        parts = step.report(net, prep, written, run, out)
+        return Report(
+            pass_name=step.name,
+            model=model_info(model, prep.source, net),
+            settings=parts.settings,
+            size=SizeReport(
+                parameters=prep.parameters,
+                compressed_parameters=parts.compressed_parameters,
+                disk_bytes_before=prep.disk_before,
+                disk_bytes_after=sum(f.stat().st_size for f in written.files),
+                memory_bytes_before=prep.memory_before,
+                memory_bytes_after=tensor_bytes(net),
+                linear_bytes_before=parts.linear_bytes_before,
+                linear_bytes_after=parts.linear_bytes_after,
+            ),
+            timings_s=dict(watch.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            device=f"{prep.device}, {run.dtype} compute",
+            accuracy=accuracy,
+            layers=parts.layers,
+            notes=parts.notes,
+            sparsity=parts.sparsity,
+            loading=parts.loading,
+        )
+
+    speed = (model, run.data, prep.device) if run.measure_speed else None
+    return publish(out, run.overwrite, assemble, watch, progress, speed)
+
+
+def publish(
+    out: Path, overwrite: bool, assemble: Callable[[Path], Report], watch: Stopwatch, progress: Progress,
+    speed: tuple[str, str, str] | None = None,
+) -> Report:
+    """Write a pass's output atomically: ``assemble(folder)`` writes the checkpoint into a temporary
+    folder and returns the report; with ``speed`` = (input model, text, device) the report also gets
+    prefill/decode speed of input and output; then report.json/md, and the folder becomes ``out``."""
+    with atomic_output_dir(out, overwrite=overwrite) as folder:
+        report = assemble(folder)
+        report.squeeze_version = __version__
+        report.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if speed is not None:
+            model, data, device = speed
+            report.speed = speed_comparison(model, folder, data, device, watch, progress)
+        write_report(report, folder)
+    return report
