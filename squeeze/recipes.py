@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from squeeze.calib.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
 from squeeze.distill.config import DistillConfig, parse_layer_map
 from squeeze.errors import OptionError, SqueezeError
-from squeeze.formats import QUANTIZED_FORMATS
+from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.formats.base import FixedScheme
 from squeeze.options import option
 from squeeze.prune.apply import PruneConfig
@@ -108,8 +108,7 @@ class _QuantizeOptions(_Options):
         "auto", "Storage type of weight scales: auto (float16; float32 for --asym weight-only), float16, bfloat16 or float32.",
     )
     format: str = option(
-        "compressed-tensors", "Checkpoint format: compressed-tensors (transformers, vLLM), gptq (GPTQModel, transformers + "
-        "optimum), bnb-int8 or bnb-nf4 (transformers + bitsandbytes).", flag="--format",
+        "compressed-tensors", f"Checkpoint format: {', '.join(f.summary for f in QUANTIZED_FORMATS)}.", flag="--format",
     )
     targets: tuple[str, ...] = option((), "Quantize only Linear layers matching this glob or re:regex (repeatable).", flag="--target")
     ignore: tuple[str, ...] | None = option(
@@ -198,8 +197,7 @@ class _PruneOptions(_Options):
         0.0, "Rule over depth: the first block gets sparsity - ramp, the last sparsity + ramp, linear between.",
     )
     format: str = option(
-        "sparse-bitmask", "sparse-bitmask (compressed-tensors layout, smaller on disk) or dense (zeros stored, loads "
-        "with from_pretrained).", flag="--format",
+        "sparse-bitmask", f"{', '.join(f.summary for f in PRUNED_FORMATS)}.", flag="--format",
     )
     targets: tuple[str, ...] = option((), "Prune only Linear layers matching this glob or re:regex (repeatable).", flag="--target")
     ignore: tuple[str, ...] | None = option(None, "Leave matching layers dense (repeatable) (default: lm_head and classifier heads).")

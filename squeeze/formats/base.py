@@ -59,6 +59,7 @@ class Format:
     """Base of every checkpoint format."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""  # the name and who reads it, for --format's help, e.g. "gptq (GPTQModel, transformers + optimum)"
     suffix: ClassVar[str] = ""  # appended to a default output folder name, e.g. "-gptq"
     notes: ClassVar[tuple[str, ...]] = ()  # what a consumer of any checkpoint in this format should know
 

@@ -126,6 +126,7 @@ class BnbInt8(_Bitsandbytes):
     """bitsandbytes LLM.int8() storage: int8 weights with SCB row scales."""
 
     name = "bnb-int8"
+    summary = "bnb-int8 (transformers + bitsandbytes)"
     suffix = "-bnb-int8"
     four_bit = False
     notes = (
@@ -149,6 +150,7 @@ class BnbNf4(_Bitsandbytes):
     own rounding, so only RTN writes it."""
 
     name = "bnb-nf4"
+    summary = "bnb-nf4 (transformers + bitsandbytes)"
     suffix = "-bnb-nf4"
     four_bit = True
     layer_type = NF4Linear

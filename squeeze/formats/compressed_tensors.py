@@ -231,6 +231,7 @@ class CompressedTensors(QuantizedFormat):
     squeeze itself (the layers compute exactly what the pass evaluated)."""
 
     name = "compressed-tensors"
+    summary = "compressed-tensors (transformers, vLLM)"
     records_sparsity = True
 
     def describe(self, scheme: QuantScheme) -> str:

@@ -176,6 +176,7 @@ class Gptq(QuantizedFormat):
     """The GPTQ layout (see the module docstring), read by GPTQModel and transformers + optimum."""
 
     name = "gptq"
+    summary = "gptq (GPTQModel, transformers + optimum)"
     suffix = "-gptq"
 
     def check(self, scheme: QuantScheme, method: str) -> None:

@@ -168,6 +168,7 @@ class SparseBitmask(_SparsityConfigFormat):
     """compressed-tensors' sparse-bitmask layout (see the module docstring); squeeze reads it back."""
 
     name = "sparse-bitmask"
+    summary = "sparse-bitmask (compressed-tensors layout, smaller on disk)"
     notes = (
         "sparse-bitmask checkpoint: transformers 5 cannot decompress it by itself (compressed-tensors dropped sparse "
         "decompression in 0.15); squeeze loads it, and so does the loader in report.md; --format dense writes one "
@@ -212,6 +213,7 @@ class Dense(_SparsityConfigFormat):
     """Plain ``weight`` tensors with the zeros: loads with a plain ``from_pretrained``."""
 
     name = "dense"
+    summary = "dense (zeros stored, loads with from_pretrained)"
     suffix = "-dense"
 
     def weight_bytes(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> int:

@@ -8,12 +8,12 @@ from typing import Any
 
 from squeeze.calib.targets import DEFAULT_IGNORE
 from squeeze.errors import OptionError, SqueezeError
+from squeeze.formats import PRUNED_FORMATS
 from squeeze.options import MethodOptions, as_options
 from squeeze.prune.masks import parse_pattern
 from squeeze.prune.methods import PRUNE_METHODS
 
 SCOPES = ("layer", "global")
-FORMATS = ("sparse-bitmask", "dense")
 DEFAULT_SPARSITY = 0.5
 
 
@@ -43,7 +43,7 @@ class PruneConfig:
     sparsity_ramp: float = 0.0
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = DEFAULT_IGNORE
-    format: str = "sparse-bitmask"  # one of FORMATS
+    format: str = "sparse-bitmask"  # one of squeeze.formats.PRUNED_FORMATS
     options: MethodOptions | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -51,8 +51,7 @@ class PruneConfig:
         object.__setattr__(self, "options", as_options(method.Options, self.options))
         if self.scope not in SCOPES:
             raise SqueezeError(f"unknown scope {self.scope!r}; choose one of: {', '.join(SCOPES)}")
-        if self.format not in FORMATS:
-            raise SqueezeError(f"unknown sparse checkpoint format {self.format!r}; choose one of: {', '.join(FORMATS)}")
+        PRUNED_FORMATS.get(self.format)  # an unknown name is an error listing the choices
         sparsity = self.sparsity
         if self.pattern is not None:
             n, m = parse_pattern(self.pattern)
