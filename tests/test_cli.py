@@ -88,7 +88,7 @@ BAD = [
     (["quantize", "{llama}", "--data", "no-such-corpus"], "no-such-corpus"),
     (["quantize", "{llama}", "--device", "tpu"], "unknown --device 'tpu'"),
     (["quantize", "{llama}", "--eval-tokens", "0"], "--eval-tokens must be at least 1"),
-    (["quantize", "{llama}", "--method", "hqq"], "unknown quantization method 'hqq'"),
+    (["quantize", "{llama}", "--method", "sgd"], "unknown quantization method 'sgd'"),
     (["quantize", "{llama}", "--method", "gptq", "--damp-percent", "0"], "damp percent must be in (0, 1]"),
     (["quantize", "{llama}", "--method", "smoothquant"], "SmoothQuant is for W8A8"),
     (["quantize", "{llama}", "--method", "awq", "--act", "per-token", "--bits", "8"], "AWQ is weight-only"),

@@ -28,13 +28,13 @@ def config(method: str, **options) -> QuantizeConfig:
 
 
 def test_the_registry_names_every_method_in_order() -> None:
-    assert METHODS.names() == ("rtn", "gptq", "smoothquant", "awq")
+    assert METHODS.names()[:4] == ("rtn", "gptq", "smoothquant", "awq")  # the built-in ones first, in the order of --method
     assert all(METHODS.get(name).name == name for name in METHODS.names())
 
 
 def test_an_unknown_method_names_the_choices() -> None:
-    with pytest.raises(SqueezeError, match=r"unknown quantization method 'hqq'; choose one of: rtn, gptq, smoothquant, awq"):
-        QuantizeConfig(method="hqq")
+    with pytest.raises(SqueezeError, match=r"unknown quantization method 'sgd'; choose one of: rtn, gptq, smoothquant, awq\b"):
+        QuantizeConfig(method="sgd")
 
 
 @pytest.mark.parametrize("method", list(SETTINGS))
