@@ -1,0 +1,245 @@
+"""HQQ: half-quadratic quantization (Badri & Shaji, 2023), calibration-free, weight-only.
+
+Per group of weights, HQQ fits the quantization parameters to the weight itself, against a
+sparsity-promoting error ``Σ |W − Ŵ|^p`` with ``p < 1``: a few large errors cost less than many
+small ones, so the grid follows the bulk of the group rather than its outliers. Half-quadratic
+splitting makes that tractable by carrying the error as an extra variable E and alternating
+
+1. codes ``q = clamp(round(W / s + z), qmin, qmax)``;
+2. the error ``E = shrink_p(W − s(q − z))``, the generalised soft-threshold
+   ``sign(x) · relu(|x| − |x|^(p−1) / β)``;
+3. the group's parameters by least squares on the part of the weight the error does not explain,
+   ``W − E ≈ s(q − z)``; then ``β ← κβ``.
+
+Where squeeze departs from the paper, and why:
+
+- squeeze's formats store integer zero points, so step 3 fits scale and zero point jointly,
+  rounds the zero point and refits the scale for it (the paper fixes the scale and keeps a real
+  zero point);
+- the shrinkage works in units of the group's scale, ``(W − Ŵ) / s``, so that ``β`` means the
+  same thing in every layer whatever the magnitude of its weights (in the paper's units, typical
+  LLM weight errors sit far below the threshold and E is zero);
+- the search starts from the best of a few clipped min-max ranges, and each group keeps its best
+  iterate by squared error ``Σ (W − Ŵ)²``, the error a layer's output sees when its inputs are
+  uncorrelated, rather than the paper's mean ``|W − Ŵ|``: on SmolLM2 (W4 and W3, groups of 64)
+  that choice gave a lower output error ``Σ ‖ΔW X‖² / ‖W X‖²`` on sample text, where choosing by
+  mean ``|W − Ŵ|`` was worse than round-to-nearest on q_proj and k_proj. Round-to-nearest's own
+  parameters are a candidate, so no group ends with a larger squared error than round-to-nearest's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from squeeze.errors import OptionError
+from squeeze.options import MethodOptions, option
+from squeeze.quant.layers import QuantizeResult, ignored_layers, replace_layer
+from squeeze.quant.linear import QuantizedLinear
+from squeeze.quant.methods.base import METHODS, Batches, QuantMethod, SchemeDefaults
+from squeeze.quant.rtn import compute_qparams
+from squeeze.quant.scheme import QuantArgs
+
+
+def _grouped(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The weight as float32 ``[rows, groups, group_size]``: one slice per stored scale."""
+    weight = weight.detach().float()
+    if args.strategy == "group":
+        assert args.group_size is not None
+        if weight.shape[-1] % args.group_size:
+            raise ValueError(f"input dimension {weight.shape[-1]} is not a multiple of group size {args.group_size}")
+        return weight.unflatten(-1, (weight.shape[-1] // args.group_size, args.group_size)).contiguous()
+    if args.strategy == "channel":
+        return weight.unsqueeze(1).contiguous()
+    if args.strategy == "tensor":
+        return weight.reshape(1, 1, -1)
+    raise ValueError(f"HQQ quantizes weights, not per-{args.strategy} activations")
+
+
+def shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
+    """The generalised soft-threshold ``sign(x) · relu(|x| − |x|^(p−1) / β)``, written as
+    ``x · relu(1 − |x|^(p−2) / β)``: entries below ``β^(−1/(2−p))`` in magnitude go to zero."""
+    keep = x.abs().clamp_min_(1e-12).pow_(lp_norm - 2).mul_(-1.0 / beta).add_(1.0).relu_()
+    return keep.mul_(x)
+
+
+# elements per tensor while trying many candidate grids at once: rows are taken in chunks of at
+# most this many weights times candidates (64 MiB of float32), so memory stays bounded on large layers
+_CANDIDATE_CHUNK = 1 << 24
+
+
+class _Groups:
+    """The grouped weight ``w`` [rows, groups, size] and the arithmetic of a candidate grid."""
+
+    def __init__(self, w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> None:
+        self.w, self.args, self.dtype = w, args, dtype
+
+    def stored(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` as the checkpoint stores it (in ``dtype``), back in float32, never zero."""
+        return scale.clamp_min(torch.finfo(self.dtype).tiny).to(self.dtype).float()
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """``clamp(round(w / s + z))``, ``scale`` and ``zero`` broadcast over the last dimension of ``w``."""
+        # divide as squeeze.quant.rtn.quantize does, so that RTN's parameters give RTN's codes
+        q = (w / scale[..., None]).add_(zero[..., None])
+        return q.round_().clamp_(self.args.qmin, self.args.qmax)
+
+    def assess(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, residual ``W − Ŵ``, squared error per group) of one grid per group."""
+        q = self.codes(self.w, scale, zero)
+        residual = torch.addcmul(self.w, q - zero[..., None], scale[..., None], value=-1.0)
+        return q, residual, torch.linalg.vecdot(residual, residual)
+
+    def best_of(self, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the (scale, zero point) of least squared error among candidates [rows, groups, k]."""
+        rows = max(1, _CANDIDATE_CHUNK // (self.w[0].numel() * scales.shape[-1]))
+        best_scale, best_zero = [], []
+        for start in range(0, self.w.shape[0], rows):
+            part = slice(start, start + rows)
+            w, s, z = self.w[part, :, None, :], scales[part], zeros[part]
+            residual = torch.addcmul(w, self.codes(w, s, z).sub_(z[..., None]), s[..., None], value=-1.0)
+            pick = torch.linalg.vecdot(residual, residual).argmin(-1, keepdim=True)
+            best_scale.append(s.gather(-1, pick).squeeze(-1))
+            best_zero.append(z.gather(-1, pick).squeeze(-1))
+        return torch.cat(best_scale), torch.cat(best_zero)
+
+    def fit(self, target: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Least-squares scale and integer zero point with ``target ≈ s(q − z)`` per group; a
+        group whose codes leave the scale undetermined (all equal, or a negative fit) keeps ``scale``."""
+        args, n = self.args, target.shape[-1]
+        sum_q, sum_t = q.sum(-1), target.sum(-1)
+        sum_qq, sum_qt = torch.linalg.vecdot(q, q), torch.linalg.vecdot(q, target)
+        if args.symmetric:
+            zero = torch.zeros_like(scale)
+        else:
+            # target ≈ s·q − s·z: the regression slope of target on the codes, then z from the means
+            variance = sum_qq - sum_q * sum_q / n
+            slope = (sum_qt - sum_q * sum_t / n) / variance.clamp_min(1e-12)
+            slope = torch.where((variance > 1e-6) & (slope > 0), slope, scale)
+            zero = torch.round((sum_q - sum_t / slope) / n).clamp_(args.qmin, args.qmax)
+        # the best scale for that integer zero point: Σ (q − z) t / Σ (q − z)²
+        norm = sum_qq - 2 * zero * sum_q + n * zero * zero
+        refit = (sum_qt - zero * sum_t) / norm.clamp_min(1e-12)
+        return self.stored(torch.where((norm > 1e-6) & (refit > 0), refit, scale)), zero
+
+
+@torch.no_grad()
+def hqq_quantize(
+    weight: torch.Tensor,
+    args: QuantArgs,
+    iterations: int = 20,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    clip_grid: int = 10,
+    min_clip: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HQQ codes, scale and zero point for ``weight`` [out, in] under ``args``.
+
+    Returns what :func:`squeeze.quant.rtn.compute_qparams` and :func:`~squeeze.quant.rtn.quantize`
+    give for the same ``args``: int8 codes [out, in] in ``[qmin, qmax]``, the scale in RTN's shape
+    and dtype, an int8 zero point (all zero when symmetric). The search tries ``clip_grid``
+    min-max ranges shrunk by factors from ``min_clip`` to 1 (with the zero point one step either
+    side of round-to-nearest's when asymmetric), then runs at most ``iterations`` half-quadratic
+    steps from each group's best, stopping once a step no longer lowers the layer's total squared
+    error; ``lp_norm`` is ``p`` of the error, ``beta`` the initial weight of the splitting penalty
+    and ``kappa`` its growth per step. Per group, ``Σ (W − Ŵ)²`` is never above round-to-nearest's.
+    """
+    rtn_scale, rtn_zero = compute_qparams(weight, args)
+    groups = _Groups(_grouped(weight, args), args, rtn_scale.dtype)
+    scale = rtn_scale.float().reshape(groups.w.shape[:2])
+    zero = rtn_zero.float().reshape(groups.w.shape[:2])
+
+    # shrinking a min-max range about zero moves its scale only; the zero point it would have is
+    # RTN's, whose rounding may be a step off the best, so its neighbours are tried too. RTN's own
+    # grid (ratio 1, no shift) is one of the candidates.
+    ratios = torch.linspace(min_clip, 1.0, clip_grid + 1) if clip_grid > 0 else torch.ones(1)
+    shifts = torch.zeros(1) if args.symmetric else torch.tensor([0.0, -1.0, 1.0])
+    scales = groups.stored(scale[..., None] * ratios.repeat_interleave(len(shifts)))
+    zeros = (zero[..., None] + shifts.repeat(len(ratios))).clamp_(args.qmin, args.qmax)
+    scale, zero = groups.best_of(scales, zeros)
+
+    best_scale, best_zero = scale, zero
+    q, residual, best_error = groups.assess(scale, zero)
+    total = float(best_error.sum())
+    for _ in range(iterations):
+        step = residual.div_(scale[..., None])
+        target = torch.addcmul(groups.w, shrink_lp(step, beta, lp_norm), scale[..., None], value=-1.0)
+        scale, zero = groups.fit(target, q, scale)
+        beta *= kappa
+        q, residual, error = groups.assess(scale, zero)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        current = float(error.sum())
+        if current >= total:
+            break
+        total = current
+    codes = groups.codes(groups.w, best_scale, best_zero).flatten(1).reshape(weight.shape)
+    shape = rtn_scale.shape
+    return codes.to(torch.int8), best_scale.reshape(shape).to(rtn_scale.dtype), best_zero.reshape(shape).to(torch.int8)
+
+
+class HqqOptions(MethodOptions):
+    hqq_iterations: int = option(
+        20, "HQQ: most half-quadratic steps per layer (it stops earlier once a step no longer helps).", ge=0,
+    )
+    hqq_lp_norm: float = option(0.7, "HQQ: p of the error's lp norm; below 1 it tolerates a few large errors.", gt=0, le=1)
+    hqq_beta: float = option(
+        10.0, "HQQ: initial weight of the splitting penalty; larger sets more of each group's error aside.", gt=0,
+    )
+    hqq_kappa: float = option(1.01, "HQQ: growth of that weight per step.", ge=1)
+    hqq_clip_grid: int = option(
+        10, "HQQ: clipped min-max ranges tried before the steps (0: start from round-to-nearest).", ge=0,
+    )
+    hqq_min_clip: float = option(0.5, "HQQ: the narrowest of those ranges, as a fraction of min-max.", gt=0, le=1)
+
+
+@METHODS.register
+class Hqq(QuantMethod):
+    name: ClassVar[str] = "hqq"
+    summary: ClassVar[str] = "hqq (half-quadratic, no data)"
+    Options: ClassVar[type[MethodOptions]] = HqqOptions
+    defaults: ClassVar[SchemeDefaults] = SchemeDefaults(mode="per-group", bits=4, asym=True)
+    blockwise: ClassVar[bool] = False
+
+    def needs_calibration(self, config: QuantizeConfig) -> bool:
+        return False
+
+    def check(self, config: QuantizeConfig) -> None:
+        """HQQ fits each weight group on its own: weight-only, with a scale per channel or group."""
+        if config.scheme.input_activations is not None:
+            raise OptionError("HQQ is weight-only and reads no calibration text: drop {0}", "act")
+        if config.scheme.weights.strategy == "tensor":
+            raise OptionError("HQQ fits a scale per channel or per group, not one per tensor: use {0} per-group", "mode")
+
+    def steps(self, model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, int]:
+        return "hqq, layer by layer", len(layers)
+
+    @torch.no_grad()
+    def run(
+        self,
+        model: nn.Module,
+        config: QuantizeConfig,
+        batches: Batches | None,
+        on_step: Callable[[str], None] | None = None,
+    ) -> QuantizeResult:
+        """Replace every targeted Linear layer of ``model``, one at a time, by the QuantizedLinear of
+        :func:`hqq_quantize`'s codes; reads no data."""
+        options: HqqOptions = config.options  # type: ignore[assignment]
+        layers = self.plan(model, config)
+        errors = []
+        for name, linear in layers.items():
+            codes, scale, zero_point = hqq_quantize(
+                linear.weight, config.scheme.weights, iterations=options.hqq_iterations, lp_norm=options.hqq_lp_norm,
+                beta=options.hqq_beta, kappa=options.hqq_kappa, clip_grid=options.hqq_clip_grid,
+                min_clip=options.hqq_min_clip,
+            )
+            qlinear = QuantizedLinear.from_codes(linear, config.scheme, codes, scale, zero_point)
+            errors.append(replace_layer(model, name, linear, qlinear))
+            if on_step:
+                on_step(name)
+        return QuantizeResult(layers=errors, quantized=list(layers), ignored=ignored_layers(model, layers))
