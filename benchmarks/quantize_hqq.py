@@ -1,14 +1,15 @@
-"""HQQ in squeeze next to round-to-nearest, GPTQ and the hqq package, on SmolLM2 at W4 and W3 group-64.
+"""HQQ in squeeze next to round-to-nearest, GPTQ and the hqq package, on SmolLM2 at W4 (asym and sym) and W3 group-64.
 
     python benchmarks/quantize_hqq.py [--calib-samples 32] [--eval-tokens 4096] [--only NAME ...] [--no-peers]
 
-Every row quantizes the same fp32 model with the same scheme (asymmetric, groups of 64 input
-columns, every Linear but lm_head) and is scored on the same evaluation windows of two texts
+Every row of a scheme quantizes the same fp32 model the same way (groups of 64 input columns,
+every Linear but lm_head) and is scored on the same evaluation windows of two texts
 (Wikipedia and BBC news evaluation splits) by squeeze's ``compare_causal`` against the fp32 model.
 Each row runs in a fresh subprocess: squeeze's rows through ``squeeze.api.quantize`` (GPTQ on the
 calibrated benchmark's 32 x 512 Wikipedia calibration tokens; RTN and HQQ read none), the BBC score
 taken from the checkpoint reloaded by plain transformers; the hqq package's rows through
-``benchmarks/peers/hqq_peer.py`` in its own venv (``benchmarks/peers/setup_hqq.sh``). Results go to
+``benchmarks/peers/hqq_peer.py`` in its own venv (``benchmarks/peers/setup_hqq.sh``), once as it
+is and once with its zero points rounded to integers (``--integer-zero``). Results go to
 ``benchmarks/results/quantize_hqq.json`` and to the table in ``benchmarks/README.md`` between the
 ``quantize_hqq`` markers.
 """
@@ -35,19 +36,29 @@ PEER_PYTHON = BENCH / "peers" / ".venv-hqq" / "bin" / "python"
 PEER_SCRIPT = BENCH / "peers" / "hqq_peer.py"
 
 W4_G64 = dict(mode="per-group", bits=4, group_size=64, asym=True)
+W4S_G64 = dict(mode="per-group", bits=4, group_size=64, asym=False)
 W3_G64 = dict(mode="per-group", bits=3, group_size=64, asym=True)
+# the hqq package as it is (a float16 zero point per group) and with its zero point rounded to the
+# integer grid squeeze's formats store: the same storage as squeeze's rows
+PEERS = (PEER, f"{PEER}-int")
 
-# HQQ first, so that a run cut short still answers the issue's question
+# HQQ first in each scheme, so that a run cut short still answers the issue's question. The hqq
+# package has no symmetric mode, so the symmetric rows compare squeeze's methods only.
 CONFIGS = [
-    Config("hqq-w4-g64", "HQQ W4 group-64 asym", W4_G64, dict(method="hqq"), (PEER,)),
+    Config("hqq-w4-g64", "HQQ W4 group-64 asym", W4_G64, dict(method="hqq"), PEERS),
     Config("rtn-w4-g64", "RTN W4 group-64 asym", W4_G64, dict(method="rtn"), ()),
     Config("gptq-w4-g64", "GPTQ W4 group-64 asym", W4_G64, dict(method="gptq"), ()),
-    Config("hqq-w3-g64", "HQQ W3 group-64 asym", W3_G64, dict(method="hqq"), (PEER,)),
+    Config("hqq-w4s-g64", "HQQ W4 group-64 sym", W4S_G64, dict(method="hqq"), ()),
+    Config("rtn-w4s-g64", "RTN W4 group-64 sym", W4S_G64, dict(method="rtn"), ()),
+    Config("gptq-w4s-g64", "GPTQ W4 group-64 sym", W4S_G64, dict(method="gptq"), ()),
+    Config("hqq-w3-g64", "HQQ W3 group-64 asym", W3_G64, dict(method="hqq"), PEERS),
     Config("rtn-w3-g64", "RTN W3 group-64 asym", W3_G64, dict(method="rtn"), ()),
     Config("gptq-w3-g64", "GPTQ W3 group-64 asym", W3_G64, dict(method="gptq"), ()),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
-SCHEMES = {"w4-g64": "W4 group-64", "w3-g64": "W3 group-64"}
+SCHEMES = {"w4-g64": "W4 group-64 asym", "w4s-g64": "W4 group-64 sym", "w3-g64": "W3 group-64 asym"}
+# the package rows of a squeeze row's comparisons: (tool, words)
+PACKAGE_ROWS = ((PEER, "hqq package"), (f"{PEER}-int", "hqq package, integer zero"))
 
 
 def worker(config: Config, calib_samples: int, eval_tokens: int, out: Path) -> dict:
@@ -69,6 +80,7 @@ def worker(config: Config, calib_samples: int, eval_tokens: int, out: Path) -> d
     report = quantize(
         MODEL, out, QuantizeConfig(scheme=scheme_from_options(**config.scheme), **config.method), data=TEXTS[0],
         eval_tokens=eval_tokens, seq_len=SEQ_LEN, calibration_samples=calib_samples, batch_size=BATCH_SIZE, overwrite=True,
+        generation_prompts=0,
     ).to_dict()
     acc = report["accuracy"]
     scores = {TEXTS[0]: {k: acc[k] for k in ("perplexity_before", "perplexity_after", "perplexity_change", "kl_divergence", "top1_agreement")}}
@@ -101,7 +113,8 @@ def run(tool: str, config: Config, calib_samples: int, eval_tokens: int) -> dict
     if tool == "squeeze":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config.name, *common]
     else:
-        cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), config.name, "--seq-len", str(SEQ_LEN), *common]
+        integer = ["--integer-zero"] if tool == f"{PEER}-int" else []
+        cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), config.name, *integer, "--seq-len", str(SEQ_LEN), *common]
     code, wall, load = _run_child(cmd, log)
     shutil.rmtree(out, ignore_errors=True)  # only the measurements are kept
     base = {"tool": tool, "config": config.name, "label": config.label}
@@ -119,13 +132,13 @@ def _kl(row: dict, text: str) -> float:
 
 
 def _rows(rows: list[dict]) -> dict[tuple[str, str], dict]:
-    """(tool or method, scheme) → row, e.g. ("hqq", "w4-g64") for squeeze's HQQ, ("hqq package", ...)."""
+    """(method or peer, scheme) → row, e.g. ("hqq", "w4-g64") for squeeze's HQQ, ("peer:hqq-int", ...) for a package's."""
     out = {}
     for r in rows:
         if "error" in r:
             continue
         method, _, scheme = r["config"].partition("-")
-        out[(method if r["tool"] == "squeeze" else f"{r['tool']} package", scheme)] = r
+        out[(method if r["tool"] == "squeeze" else f"peer:{r['tool']}", scheme)] = r
     return out
 
 
@@ -145,10 +158,14 @@ def targets(rows: list[dict]) -> list[dict]:
         ours = by.get(("hqq", scheme))
         add(f"HQQ {words}: KL below RTN's, both texts", [ours, by.get(("rtn", scheme))],
             lambda a, b: all(_kl(a, t) < _kl(b, t) for t in TEXTS), show_kl)
-        add(f"HQQ {words}: KL at most the hqq package's, both texts", [ours, by.get((f"{PEER} package", scheme))],
-            lambda a, b: all(_kl(a, t) <= _kl(b, t) for t in TEXTS), show_kl)
-        add(f"HQQ {words}: quantize time at most the hqq package's", [ours, by.get((f"{PEER} package", scheme))],
-            lambda a, b: a["quantize_s"] <= b["quantize_s"], lambda a, b: f"{a['quantize_s']:.1f} s vs {b['quantize_s']:.1f} s")
+        for tool, name in PACKAGE_ROWS:
+            theirs = by.get((f"peer:{tool}", scheme))
+            if theirs is None and not any(c.name == f"hqq-{scheme}" and tool in c.peers for c in CONFIGS):
+                continue  # no such package row for this scheme (the package has no symmetric mode)
+            add(f"HQQ {words}: KL at most the {name}'s, both texts", [ours, theirs],
+                lambda a, b: all(_kl(a, t) <= _kl(b, t) for t in TEXTS), show_kl)
+            add(f"HQQ {words}: quantize time at most the {name}'s", [ours, theirs],
+                lambda a, b: a["quantize_s"] <= b["quantize_s"], lambda a, b: f"{a['quantize_s']:.1f} s vs {b['quantize_s']:.1f} s")
     return checks
 
 
@@ -158,13 +175,13 @@ def comparisons(rows: list[dict]) -> list[dict]:
     out = []
     for scheme, words in SCHEMES.items():
         ours = by.get(("hqq", scheme))
-        for other in ("rtn", "gptq", f"{PEER} package"):
+        for other, name in (("rtn", "RTN"), ("gptq", "GPTQ"), *((f"peer:{tool}", words) for tool, words in PACKAGE_ROWS)):
             theirs = by.get((other, scheme))
             if ours is None or theirs is None:
                 continue
             out.append({
                 "scheme": words,
-                "versus": other if other.endswith("package") else other.upper(),
+                "versus": name,
                 **{f"kl_{t}": _ratio(_kl(ours, t), _kl(theirs, t)) for t in TEXTS},
                 **{f"perplexity_{t}": _ratio(ours["eval"][t]["perplexity_after"], theirs["eval"][t]["perplexity_after"]) for t in TEXTS},
                 "quantize_s": _ratio(ours["quantize_s"], theirs["quantize_s"]),
@@ -176,8 +193,8 @@ def table(result: dict) -> str:
     m, rows = result["machine"], result["rows"]
     first = next((r for r in rows if "error" not in r), None)
     lines = [
-        f"Model: SmolLM2-135M-Instruct (squeeze built-in `{MODEL}`, fp32), every Linear layer but lm_head, asymmetric "
-        "groups of 64 input columns for every row. "
+        f"Model: SmolLM2-135M-Instruct (squeeze built-in `{MODEL}`, fp32), every Linear layer but lm_head, groups of 64 "
+        "input columns for every row. "
         f"Evaluation: {result['eval_tokens']:,} tokens ({SEQ_LEN}-token windows) of the Wikipedia and of the BBC news evaluation "
         "splits, scored by squeeze's compare_causal against the fp32 model for every row. "
         f"GPTQ calibration: {result['calib_samples']} windows x {SEQ_LEN} tokens of the Wikipedia calibration split; RTN and HQQ read no text.",
@@ -193,7 +210,9 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        tool = r["tool"] if r["tool"] == "squeeze" else f"{r['tool']} {r.get('settings', {}).get('hqq', '')}".strip()
+        tool = r["tool"] if r["tool"] == "squeeze" else f"hqq {r.get('settings', {}).get('hqq', '')}".strip()
+        if r["tool"] == f"{PEER}-int":
+            tool += ", zero rounded"
         if "error" in r:
             lines.append(f"| {tool} | {r['label']} | failed: {r['error'].replace('|', '/')[:200]} | | | | | | | | | |")
             continue
@@ -279,11 +298,14 @@ STANDING_NOTES = [
     "quantize s: squeeze, its report's quantize stage (plus calibrate for GPTQ); the hqq package, its quantize-and-dequantize "
     "loop over the layers. Model load, evaluation and saving excluded.",
     "Zero points: squeeze's formats (compressed-tensors, gptq) store integer zero points, so squeeze's HQQ keeps its zero "
-    "points on the integer grid and fits the scale instead; the hqq package keeps a real-valued zero point per group "
-    "(its rows are fake-quantized in memory, float32 scale and zero point, no checkpoint). Its bits/weight counts "
-    "hqq's own storage: float16 scale and zero point per group.",
-    "SmolLM2 is squeeze's built-in conversion of a Q4_1 GGUF: its weights already sit on a 4-bit grid with a real-valued "
-    "offset per 32 weights, which a real-valued zero point can partly align with at 4 bits and an integer one cannot.",
+    "points on the integer grid and fits the scale with them; the hqq package keeps a float16 zero point per group (its "
+    "rows are fake-quantized in memory, no checkpoint; bits/weight counts hqq's own storage). The 'zero rounded' rows "
+    "round the package's zero points to integers after its search: what hqq's result would be in squeeze's formats.",
+    "SmolLM2 is squeeze's built-in conversion of a Q4_1 GGUF: its weights already sit on a 4-bit grid with a float offset "
+    "per 32 weights. At W4 asymmetric a float zero point can partly follow those offsets and an integer one cannot, so "
+    "that scheme measures the model's history as much as the method: see the package's two rows. The symmetric W4 rows "
+    "(no zero point at all) and W3 (far from the source grid) measure the methods.",
+    "The hqq package has no symmetric mode, so the symmetric rows compare squeeze's methods only.",
 ]
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ BATCH_SIZE = 2
 IGNORE = ["lm_head"]
 
 
-def parse_args(description: str, configs: list[str]) -> argparse.Namespace:
-    """The contract the benchmark runner calls every peer script with."""
+def parse_args(description: str, configs: list[str], flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """The contract the benchmark runner calls every peer script with, plus the script's own
+    boolean ``flags`` (name: help)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", choices=configs)
+    for flag, words in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=words)
     parser.add_argument("--calib-samples", type=int, required=True, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation window")
     parser.add_argument("--eval-tokens", type=int, required=True, help="evaluation tokens per text")

@@ -19,16 +19,23 @@ Where squeeze departs from the paper, and why:
 - the shrinkage works in units of the group's scale, ``(W − Ŵ) / s``, so that ``β`` means the
   same thing in every layer whatever the magnitude of its weights (in the paper's units, typical
   LLM weight errors sit far below the threshold and E is zero);
-- the search starts from the best of a few clipped min-max ranges, and each group keeps its best
-  iterate by squared error ``Σ (W − Ŵ)²``, the error a layer's output sees when its inputs are
-  uncorrelated, rather than the paper's mean ``|W − Ŵ|``: on SmolLM2 (W4 and W3, groups of 64)
-  that choice gave a lower output error ``Σ ‖ΔW X‖² / ‖W X‖²`` on sample text, where choosing by
-  mean ``|W − Ŵ|`` was worse than round-to-nearest on q_proj and k_proj. Round-to-nearest's own
-  parameters are a candidate, so no group ends with a larger squared error than round-to-nearest's.
+- each group keeps its best iterate by squared error ``Σ (W − Ŵ)²``, the error a layer's output
+  sees when its inputs are uncorrelated, rather than the paper's mean ``|W − Ŵ|``: on SmolLM2
+  (W4 and W3, groups of 64) choosing by mean ``|W − Ŵ|`` gave a larger output error
+  ``Σ ‖ΔW X‖² / ‖W X‖²`` on sample text than round-to-nearest on q_proj and k_proj. The search
+  starts from round-to-nearest's parameters, so no group ends with a larger squared error;
+- it stops at the first step that gains less than 0.1% of the layer's squared error.
+
+Starting instead from the best of a few clipped min-max ranges (``clip_grid``) lowers the squared
+error further, but on SmolLM2 it gave a higher KL divergence than starting from round-to-nearest
+at W4 symmetric and at W3 (groups of 64; benchmarks/README.md#quantize_hqq): a lower weight
+error is not always a lower output error, and clipping a group's extremes costs more than it
+shows. It stays an option, off by default.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -62,20 +69,40 @@ def _grouped(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 def shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
     """The generalised soft-threshold ``sign(x) · relu(|x| − |x|^(p−1) / β)``, written as
     ``x · relu(1 − |x|^(p−2) / β)``: entries below ``β^(−1/(2−p))`` in magnitude go to zero."""
-    keep = x.abs().clamp_min_(1e-12).pow_(lp_norm - 2).mul_(-1.0 / beta).add_(1.0).relu_()
-    return keep.mul_(x)
+    return _kept(x.clone(), torch.full(x.shape[:-1], -math.log(beta)), lp_norm).mul_(x)
 
+
+def _kept(x: torch.Tensor, log_factor: torch.Tensor, lp_norm: float) -> torch.Tensor:
+    """The fraction ``relu(1 − f · |x|^(p−2))`` of each entry the shrinkage keeps, in place of
+    ``x``, ``log f`` given per group; computed as ``exp(log f + (p − 2) log |x|)`` in seven passes over ``x`` (``pow`` costs
+    more than ``log`` and ``exp`` together on CPU). ``x = 0`` gives ``exp(+∞)``, so nothing is kept."""
+    keep = x.abs_().log_().mul_(lp_norm - 2).add_(log_factor[..., None]).exp_()
+    return keep.neg_().add_(1.0).clamp_min_(0.0)
+
+
+# the search stops at the first step that lowers the layer's total squared error by less than this
+# fraction: on SmolLM2 the last steps before no gain at all (about a third of them) move it by 0.1-0.5%
+_MIN_GAIN = 1e-3
 
 # elements per tensor while trying many candidate grids at once: rows are taken in chunks of at
 # most this many weights times candidates (64 MiB of float32), so memory stays bounded on large layers
 _CANDIDATE_CHUNK = 1 << 24
 
 
+def _square_norm(x: torch.Tensor) -> torch.Tensor:
+    """``Σ x²`` over the last dimension, in one pass (``vecdot(x, x)`` makes a product first)."""
+    return torch.linalg.vector_norm(x, dim=-1).square_()
+
+
 class _Groups:
-    """The grouped weight ``w`` [rows, groups, size] and the arithmetic of a candidate grid."""
+    """The grouped weight ``w`` [rows, groups, size], the arithmetic of a candidate grid, and the
+    current iterate of the search: its codes ``q`` and residual ``W − Ŵ``, kept in buffers of
+    ``w``'s shape that every step reuses (a fresh tensor of a layer's size per operation costs
+    more in page faults than the arithmetic does)."""
 
     def __init__(self, w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> None:
         self.w, self.args, self.dtype = w, args, dtype
+        self.q, self.residual, self.work = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)
 
     def stored(self, scale: torch.Tensor) -> torch.Tensor:
         """``scale`` as the checkpoint stores it (in ``dtype``), back in float32, never zero."""
@@ -87,11 +114,26 @@ class _Groups:
         q = (w / scale[..., None]).add_(zero[..., None])
         return q.round_().clamp_(self.args.qmin, self.args.qmax)
 
-    def assess(self, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes, residual ``W − Ŵ``, squared error per group) of one grid per group."""
-        q = self.codes(self.w, scale, zero)
-        residual = torch.addcmul(self.w, q - zero[..., None], scale[..., None], value=-1.0)
-        return q, residual, torch.linalg.vecdot(residual, residual)
+    def assess(self, scale: torch.Tensor, zero: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """Make (``scale``, ``zero``) the current iterate: its codes and residual into ``q`` and
+        ``residual``; returns its squared error per group. Unless ``exact``, the codes multiply by
+        ``1 / s`` (several times cheaper than dividing; only an exact tie can round differently)."""
+        if exact:
+            self.q.copy_(self.codes(self.w, scale, zero))
+        else:
+            torch.mul(self.w, scale.reciprocal()[..., None], out=self.q).add_(zero[..., None])
+            self.q.round_().clamp_(self.args.qmin, self.args.qmax)
+        shifted = torch.sub(self.q, zero[..., None], out=self.work)
+        torch.addcmul(self.w, shifted, scale[..., None], value=-1.0, out=self.residual)
+        return _square_norm(self.residual)
+
+    def shrunk_target(self, scale: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
+        """``W − E`` for the current residual r, with ``E = s · shrink_p(r / s)``: the shrinkage in
+        units of the scale, applied in the weight's units as ``r · relu(1 − |r|^(p−2) · s^(2−p) / β)``;
+        written into ``work``."""
+        log_factor = scale.log().mul_(2 - lp_norm).sub_(math.log(beta))
+        keep = _kept(torch.abs(self.residual, out=self.work), log_factor, lp_norm)
+        return keep.mul_(self.residual).neg_().add_(self.w)
 
     def best_of(self, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the (scale, zero point) of least squared error among candidates [rows, groups, k]."""
@@ -101,7 +143,7 @@ class _Groups:
             part = slice(start, start + rows)
             w, s, z = self.w[part, :, None, :], scales[part], zeros[part]
             residual = torch.addcmul(w, self.codes(w, s, z).sub_(z[..., None]), s[..., None], value=-1.0)
-            pick = torch.linalg.vecdot(residual, residual).argmin(-1, keepdim=True)
+            pick = _square_norm(residual).argmin(-1, keepdim=True)
             best_scale.append(s.gather(-1, pick).squeeze(-1))
             best_zero.append(z.gather(-1, pick).squeeze(-1))
         return torch.cat(best_scale), torch.cat(best_zero)
@@ -111,7 +153,7 @@ class _Groups:
         group whose codes leave the scale undetermined (all equal, or a negative fit) keeps ``scale``."""
         args, n = self.args, target.shape[-1]
         sum_q, sum_t = q.sum(-1), target.sum(-1)
-        sum_qq, sum_qt = torch.linalg.vecdot(q, q), torch.linalg.vecdot(q, target)
+        sum_qq, sum_qt = _square_norm(q), torch.linalg.vecdot(q, target)
         if args.symmetric:
             zero = torch.zeros_like(scale)
         else:
@@ -134,19 +176,21 @@ def hqq_quantize(
     lp_norm: float = 0.7,
     beta: float = 10.0,
     kappa: float = 1.01,
-    clip_grid: int = 10,
+    clip_grid: int = 0,
     min_clip: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HQQ codes, scale and zero point for ``weight`` [out, in] under ``args``.
 
     Returns what :func:`squeeze.quant.rtn.compute_qparams` and :func:`~squeeze.quant.rtn.quantize`
     give for the same ``args``: int8 codes [out, in] in ``[qmin, qmax]``, the scale in RTN's shape
-    and dtype, an int8 zero point (all zero when symmetric). The search tries ``clip_grid``
-    min-max ranges shrunk by factors from ``min_clip`` to 1 (with the zero point one step either
-    side of round-to-nearest's when asymmetric), then runs at most ``iterations`` half-quadratic
-    steps from each group's best, stopping once a step no longer lowers the layer's total squared
-    error; ``lp_norm`` is ``p`` of the error, ``beta`` the initial weight of the splitting penalty
-    and ``kappa`` its growth per step. Per group, ``Σ (W − Ŵ)²`` is never above round-to-nearest's.
+    and dtype, an int8 zero point (all zero when symmetric). With ``clip_grid`` > 0 the search
+    first tries that many min-max ranges shrunk by factors from ``min_clip`` to 1 (with the zero
+    point one step either side of round-to-nearest's when asymmetric) and starts from each group's
+    best; otherwise from round-to-nearest's range (with its zero point or, when asymmetric, one
+    step either side, whichever has the least squared error). It then runs at most ``iterations`` half-quadratic steps,
+    stopping at the first that lowers the layer's total squared error by less than ``_MIN_GAIN`` of
+    it; ``lp_norm`` is ``p`` of the error, ``beta`` the initial weight of the splitting penalty and
+    ``kappa`` its growth per step. Per group, ``Σ (W − Ŵ)²`` is never above round-to-nearest's.
     """
     rtn_scale, rtn_zero = compute_qparams(weight, args)
     groups = _Groups(_grouped(weight, args), args, rtn_scale.dtype)
@@ -163,19 +207,18 @@ def hqq_quantize(
     scale, zero = groups.best_of(scales, zeros)
 
     best_scale, best_zero = scale, zero
-    q, residual, best_error = groups.assess(scale, zero)
+    best_error = groups.assess(scale, zero)
     total = float(best_error.sum())
     for _ in range(iterations):
-        step = residual.div_(scale[..., None])
-        target = torch.addcmul(groups.w, shrink_lp(step, beta, lp_norm), scale[..., None], value=-1.0)
-        scale, zero = groups.fit(target, q, scale)
+        target = groups.shrunk_target(scale, beta, lp_norm)
+        scale, zero = groups.fit(target, groups.q, scale)
         beta *= kappa
-        q, residual, error = groups.assess(scale, zero)
+        error = groups.assess(scale, zero, exact=False)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
         current = float(error.sum())
-        if current >= total:
+        if current >= total * (1 - _MIN_GAIN):
             break
         total = current
     codes = groups.codes(groups.w, best_scale, best_zero).flatten(1).reshape(weight.shape)
@@ -185,7 +228,7 @@ def hqq_quantize(
 
 class HqqOptions(MethodOptions):
     hqq_iterations: int = option(
-        20, "HQQ: most half-quadratic steps per layer (it stops earlier once a step no longer helps).", ge=0,
+        20, "HQQ: most half-quadratic steps per layer (it stops earlier once a step gains under 0.1%).", ge=0,
     )
     hqq_lp_norm: float = option(0.7, "HQQ: p of the error's lp norm; below 1 it tolerates a few large errors.", gt=0, le=1)
     hqq_beta: float = option(
@@ -193,7 +236,7 @@ class HqqOptions(MethodOptions):
     )
     hqq_kappa: float = option(1.01, "HQQ: growth of that weight per step.", ge=1)
     hqq_clip_grid: int = option(
-        10, "HQQ: clipped min-max ranges tried before the steps (0: start from round-to-nearest).", ge=0,
+        0, "HQQ: clipped min-max ranges tried before the steps (0: start from round-to-nearest).", ge=0,
     )
     hqq_min_clip: float = option(0.5, "HQQ: the narrowest of those ranges, as a fraction of min-max.", gt=0, le=1)
 
