@@ -133,6 +133,13 @@ def test_index_with_missing_shard(llama_copy: Path) -> None:
         resolve_model(str(llama_copy))
 
 
+def test_index_naming_a_tensor_its_shard_does_not_hold(llama_copy: Path) -> None:
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors", "model.nowhere.weight": "model.safetensors"}}
+    (llama_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SqueezeError, match="puts tensor model.nowhere.weight in model.safetensors, which does not hold it"):
+        resolve_model(str(llama_copy))
+
+
 def test_garbage_gguf(tmp_path: Path) -> None:
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"\x00" * 1024)

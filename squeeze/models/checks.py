@@ -41,20 +41,26 @@ def check_safetensors_folder(folder: Path, spec: str) -> None:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         hint = f" (found {', '.join(pickles[:3])}: pickle files are never loaded, convert them to safetensors)" if pickles else ""
         raise SqueezeError(f"model folder {spec} has no *.safetensors weights{hint}")
+    weight_maps = {}
     for index in folder.glob("*.safetensors.index.json"):
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
+            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_maps[index] = {str(name): str(shard) for name, shard in weight_map.items()}
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise SqueezeError(f"file {index} is not a valid safetensors index: {exc}") from exc
-        missing = sorted(s for s in shards if not (folder / s).is_file())
+        missing = sorted(s for s in set(weight_maps[index].values()) if not (folder / s).is_file())
         if missing:
             raise SqueezeError(f"model folder {spec} is incomplete: {index.name} lists missing shard {missing[0]}")
-    for file in files:
-        check_safetensors_file(file)
+    held = {file.name: check_safetensors_file(file) for file in files}
+    for index, weight_map in weight_maps.items():
+        for name, shard in weight_map.items():
+            if name not in held.get(shard, ()):
+                raise SqueezeError(f"model folder {spec} is inconsistent: {index.name} puts tensor {name} in {shard}, which does not hold it")
 
 
-def check_safetensors_file(file: Path) -> None:
-    """Check a safetensors file's header and size without reading its tensors.
+def check_safetensors_file(file: Path) -> set[str]:
+    """Check a safetensors file's header and size without reading its tensors; the names of the
+    tensors it holds.
 
     Layout: 8-byte little-endian header length N, N bytes of JSON, then the data; every tensor's
     ``data_offsets`` lie inside the data and the file ends exactly at the last one.
@@ -98,6 +104,7 @@ def check_safetensors_file(file: Path) -> None:
         end_max = max(end_max, end)
     if end_max != data_size:
         raise corrupt(f"data holds {data_size} bytes but the tensors need {end_max}")
+    return {name for name in header if name != "__metadata__"}
 
 
 def check_gguf(file: Path) -> None:

@@ -4,7 +4,7 @@ report's model line."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,12 +19,13 @@ from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.generate import greedy_agreement, prompts_from_text
+from squeeze.generate import agreement, greedy_agreement, greedy_continuations, prompts_from_text
 from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_model, meta_model, resolve_model
 from squeeze.progress import Progress
 from squeeze.prune.masks import is_n_m
 from squeeze.report import AccuracyReport, SparsityReport
 from squeeze.runtime import Form, bench_infer
+from squeeze.stream.reference import Generation, RecordedReference, record_reference
 
 GENERATION_PROMPTS = 8  # prompts for a pass report's generation agreement (0: none)
 GENERATION_PROMPT_TOKENS = 64
@@ -70,7 +71,7 @@ class Prepared:
     seq_len: int
     eval_windows: torch.Tensor | None
     calib_windows: torch.Tensor | None
-    reference: torch.nn.Module | None
+    reference: torch.nn.Module | None  # the input itself until record_input replaces it by its record
     parameters: int
     memory_before: int
     disk_before: int
@@ -98,7 +99,8 @@ def prepare(
 ) -> Prepared:
     """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
     model, text sources), then load the model and cut the evaluation and calibration windows.
-    The evaluation compares with a copy of the input, or with ``reference`` when one is named."""
+    The evaluation compares with the input itself (the pass records it with :func:`record_input`
+    before changing it), or with ``reference`` when one is named."""
     check_output_dir(out, overwrite)
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
@@ -128,7 +130,7 @@ def prepare(
         with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
             reference_model = load_model(ref_source, device=device, dtype=compute_dtype).model
     elif evaluate:
-        reference_model = copy.deepcopy(net)
+        reference_model = net
     return Prepared(
         source=source,
         loaded=loaded,
@@ -200,11 +202,39 @@ def model_info(spec: str, source: ModelSource, net: torch.nn.Module) -> dict:
     return {"spec": spec, "name": source.name, "kind": source.kind, "architecture": type(net).__name__}
 
 
+def encoder_batch_size(batch_size: int) -> int:
+    """Windows per batch when comparing encoders' embeddings (cheap per window: at least 8)."""
+    return max(batch_size, 8)
+
+
+def record_input(
+    model: torch.nn.Module, kind: str, windows: torch.Tensor, data: str, batch_size: int, watch: Stopwatch,
+    progress: Progress, tokenizer=None, generation_prompts: int = 0,
+) -> RecordedReference:
+    """What :func:`evaluate_accuracy` needs of ``model`` (see squeeze.stream.reference), recorded
+    now, so that the pass may then change ``model`` in place without keeping a copy."""
+    size = batch_size if kind == "causal" else encoder_batch_size(batch_size)
+    with watch.stage("evaluate"), progress.task(f"recording the input's outputs on {data}", windows.shape[0]) as advance:
+        recorded = record_reference(model, kind, windows, size, on_batch=advance)
+    if kind == "causal" and generation_prompts and tokenizer is not None:
+        with watch.stage("generate"), progress.status(f"greedy continuations of {generation_prompts} prompts, the input"):
+            prompts = prompts_from_text(tokenizer, data, generation_prompts, GENERATION_PROMPT_TOKENS)
+            texts = greedy_continuations(model, tokenizer, prompts, GENERATION_TOKENS, tokenizer.eos_token_id)
+        recorded.generation = Generation(prompts, texts)
+    return recorded
+
+
 def generation_agreement(model, reference, tokenizer, data: str, prompts: int, watch: Stopwatch, progress: Progress) -> dict:
-    """ROUGE/BLEU of ``model``'s greedy continuations against ``reference``'s, as AccuracyReport fields."""
+    """ROUGE/BLEU of ``model``'s greedy continuations against ``reference``'s, as AccuracyReport
+    fields; a :class:`RecordedReference` brings its continuations, recorded on the same prompts."""
+    recorded = reference.generation if isinstance(reference, RecordedReference) else None
     with watch.stage("generate"), progress.status(f"greedy continuations of {prompts} prompts, both models"):
-        windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
-        scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS)
+        if recorded is not None:
+            candidates = greedy_continuations(model, tokenizer, recorded.prompts, GENERATION_TOKENS, tokenizer.eos_token_id)
+            scores = dataclasses.replace(agreement(recorded.continuations, candidates), tokens=GENERATION_TOKENS)
+        else:
+            windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
+            scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS)
     return {
         "generation_prompts": scores.prompts, "generation_tokens": GENERATION_TOKENS, "rouge1": scores.rouge1,
         "rouge2": scores.rouge2, "rougeL": scores.rougeL, "bleu": scores.bleu, "exact_match": scores.exact_match,
@@ -251,7 +281,7 @@ def evaluate_accuracy(
             reference=compared_with,
         )
     with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
-        enc = compare_encoder(model, reference, windows, batch_size=max(batch_size, 8), on_batch=advance)
+        enc = compare_encoder(model, reference, windows, batch_size=encoder_batch_size(batch_size), on_batch=advance)
     return AccuracyReport(
         data=data,
         windows=enc.windows,

@@ -25,7 +25,7 @@ from squeeze.formats import Written
 from squeeze.models import atomic_output_dir
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Prepared, Stopwatch, batches, check_speed_kind, evaluate_accuracy, model_info, prepare,
-    reference_name, speed_comparison,
+    record_input, reference_name, speed_comparison,
 )
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import LayerReport, Report, SizeReport, SparsityReport, write_report
@@ -127,6 +127,12 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
     if run.measure_speed:
         check_speed_kind(prep.source.kind)
     net = prep.loaded.model
+    if prep.eval_windows is not None and prep.reference is not None:
+        # the reference's outputs now, before the step changes the model: no copy of it is kept
+        prep.reference = record_input(
+            prep.reference, prep.source.kind, prep.eval_windows, run.data, run.batch_size, watch, progress,
+            prep.loaded.tokenizer, run.generation_prompts,
+        )
     label, total = step.start(prep)
     prep.plan = {}  # the step replaces layers in place: holding them here would keep every dense weight alive
     calibration = list(batches(prep.calib_windows, run.batch_size, prep.device)) if prep.calib_windows is not None else None

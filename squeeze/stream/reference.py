@@ -1,0 +1,158 @@
+"""The reference side of a pass's evaluation, recorded before the pass changes the model.
+
+A pass scores its output against its input. Rather than keep a whole second copy of the input
+for that, squeeze records what the comparison needs of it before the pass compresses the model
+in place:
+
+- a causal LM: the hidden states its last block gives on each evaluation batch (tokens × hidden:
+  a few percent of the logits), and a copy of the model without its blocks (embeddings, final
+  norm, head), whose blocks are stand-ins that hand over the recorded states, so that the copy's
+  own forward turns them into the very logits the whole model gives;
+- an encoder: the last hidden states themselves (mean pooling needs nothing else);
+- the greedy continuations of the generation-agreement prompts.
+
+:class:`RecordedReference` then answers the comparison's calls batch by batch, checking that each
+call brings the token ids that were recorded for it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+
+# the plain attributes a stand-in copies from the block it replaces: a model's forward may read
+# some of them (e.g. ``attention_type``, to pick the mask of a sliding-window layer)
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class _StopAfterBlocks(Exception):
+    """Raised by the recording hook: the head's work is done later, from the recorded states."""
+
+
+class _StandIn(nn.Module):
+    """In place of one block of the head copy: the first returns the recorded hidden states of
+    the current batch, the others pass them on, in the form the real block returned."""
+
+    def __init__(self, block: nn.Module, recorded: RecordedReference, first: bool) -> None:
+        super().__init__()
+        for key, value in vars(block).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
+                setattr(self, key, value)
+        self._recorded, self._first = recorded, first
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        hidden = self._recorded.current if self._first else hidden_states
+        return (hidden,) if self._recorded.returns_tuple else hidden
+
+
+@dataclass
+class Generation:
+    """The prompts of a generation-agreement check and the reference's greedy continuations."""
+
+    prompts: list[torch.Tensor]
+    continuations: list[str]
+
+
+class RecordedReference(nn.Module):
+    """Stands in for the uncompressed model in :func:`squeeze.evaluate.compare_causal` and
+    :func:`~squeeze.evaluate.compare_encoder`: called with the token ids of recorded batch i (in
+    any order), it returns that batch's logits (causal) or last hidden states (encoder)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.ids: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.returns_tuple = False
+        self.current: torch.Tensor | None = None
+        self.generation: Generation | None = None
+        self._head: list[nn.Module] = []  # in a list: not a submodule (its parameters are not the reference's)
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
+        index = self._find(input_ids)
+        if self.kind != "causal":
+            return SimpleNamespace(last_hidden_state=self.outputs[index])
+        self.current = self.outputs[index]
+        try:
+            return SimpleNamespace(logits=self._head[0](input_ids=input_ids).logits)
+        finally:
+            self.current = None
+
+    def _find(self, ids: torch.Tensor) -> int:
+        for index, recorded in enumerate(self.ids):
+            if recorded.shape == ids.shape and torch.equal(recorded, ids.to(recorded.device)):
+                return index
+        raise RuntimeError("the reference was not recorded on these token ids")
+
+
+def _head_copy(model: nn.Module, recorded: RecordedReference) -> nn.Module:
+    """``model`` without its blocks, copied (embeddings, norm, head, rotary tables, config), with
+    stand-ins where the blocks were."""
+    prefix, blocks = block_list(model)
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        head = copy.deepcopy(model)
+    finally:
+        setattr(parent, attr, blocks)
+    stand_ins = nn.ModuleList(_StandIn(block, recorded, first=i == 0) for i, block in enumerate(blocks))
+    setattr(head.get_submodule(parent_name), attr, stand_ins)
+    return head
+
+
+def _batches(windows: torch.Tensor, batch_size: int):
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]
+
+
+@torch.no_grad()
+def record_reference(
+    model: nn.Module,
+    kind: str,
+    windows: torch.Tensor,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> RecordedReference:
+    """Record ``model``'s side of a comparison on token ``windows`` [n, L] taken ``batch_size`` at a
+    time (the batch size the comparison will use; see the module docstring)."""
+    device = next(model.parameters()).device
+    recorded = RecordedReference(kind)
+    if kind == "causal":
+        _, blocks = block_list(model)
+
+        def keep(_module: nn.Module, _args: tuple, output: Any) -> None:
+            recorded.returns_tuple = isinstance(output, (tuple, list))
+            recorded.outputs.append((output[0] if recorded.returns_tuple else output).detach().clone())
+            raise _StopAfterBlocks
+
+        handle = blocks[len(blocks) - 1].register_forward_hook(keep)
+        try:
+            for batch in _batches(windows, batch_size):
+                ids = batch.to(device)
+                try:
+                    model(input_ids=ids)
+                except _StopAfterBlocks:
+                    pass
+                recorded.ids.append(ids)
+                if on_batch:
+                    on_batch(batch.shape[0])
+        finally:
+            handle.remove()
+        recorded._head.append(_head_copy(model, recorded))
+    else:
+        for batch in _batches(windows, batch_size):
+            ids = batch.to(device)
+            recorded.outputs.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.detach().clone())
+            recorded.ids.append(ids)
+            if on_batch:
+                on_batch(batch.shape[0])
+    return recorded
