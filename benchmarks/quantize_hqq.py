@@ -278,7 +278,8 @@ def main() -> None:
 
 
 def _result(args: argparse.Namespace, source: str, rows: list[dict], notes: list[str]) -> dict:
-    how = [f"{r['tool']} package, {r['label']}: {r['how']}" for r in rows if r["tool"] != "squeeze" and "how" in r]
+    words = dict(PACKAGE_ROWS)
+    how = [f"{words.get(r['tool'], r['tool'])}, {r['label']}: {r['how']}" for r in rows if r["tool"] != "squeeze" and "how" in r]
     return {
         "benchmark": NAME,
         "model": MODEL,

@@ -41,6 +41,7 @@ from squeeze.quant.methods import METHODS
 from squeeze.recipes import (
     DistillStage, PruneStage, QuantizeStage, Recipe, RecipeError, StageOptions, load_recipe, recipe_from_stages, stage_folder,
 )
+from squeeze.sizes import parse_size
 
 # the pass each stage runs, by its name in a recipe
 PASSES: dict[str, Callable[..., Any]] = {"quantize": quantize, "prune": prune, "distill": distill}
@@ -167,7 +168,10 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
 def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evaluate: bool, dtype_bytes: int) -> int:
     """A rough peak RSS in bytes: the models held at once, plus the largest activations.
 
-    Quantize and prune hold the input and the original (the reference) and, while calibrating, the
+    Quantize and prune hold the input and what they compare it with: for the first stage the input
+    itself, recorded before it changes (its blocks' last hidden states on the evaluation tokens and
+    a copy of everything outside its blocks: embeddings, final norm, head); for a later stage the
+    original, loaded whole before it is recorded. While calibrating they also hold the
     inputs and outputs of one block for every calibration window, plus what the method holds (its
     ``calibration_bytes``: GPTQ and SparseGPT one in_features² Hessian per Linear of a block, AWQ
     the captured inputs of its widest layer). Distillation holds the teacher and the student with
@@ -193,7 +197,14 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         blocks = len(block_list(model)[1])
         activations = stage.batch_size * seq * (blocks * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
         return PROCESS_BYTES + teacher + 16 * params + activations + evaluation
-    held = (params + (original_params if evaluate else 0)) * dtype_bytes
+    if not evaluate:
+        reference = 0
+    elif entry.index == 0:
+        outside_blocks = params - sum(p.numel() for p in block_list(model)[1].parameters())
+        reference = (outside_blocks + recipe.eval_tokens // seq * seq * hidden) * dtype_bytes
+    else:
+        reference = original_params * dtype_bytes
+    held = params * dtype_bytes + reference
     calibration = 0
     if entry.calibration_tokens:
         calibration = 2 * entry.calibration_tokens * hidden * dtype_bytes
@@ -206,6 +217,7 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
 def plan_run(
     recipe: Recipe | str | Path | Sequence, model: str, data: str | None = None, eval_tokens: int | None = None,
     seq_len: int | None = None, dtype: str = "float32", evaluate: bool = True, trust_remote_code: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> tuple[Recipe, list[PlannedStage]]:
     """The recipe (a file, a Recipe or a list of stage options) with the run's overrides, and its
     checked plan; nothing is loaded but the model's config. RecipeError lists every problem."""
@@ -217,6 +229,8 @@ def plan_run(
     for key in ("eval_tokens", "seq_len"):
         if key in overrides and overrides[key] < 1:
             raise OptionError(f"{{0}} must be at least 1, got {overrides[key]}", key)
+    if max_shard_size is not None:
+        overrides["max_shard_size"] = parse_size(max_shard_size, "max_shard_size")
     recipe = dataclasses.replace(recipe, **overrides)
     compute_dtype = resolve_dtype(dtype)
     return recipe, plan_recipe(recipe, model, trust_remote_code, evaluate, compute_dtype.itemsize)
@@ -238,11 +252,12 @@ def run_recipe(
     progress: Progress | None = None,
     on_stage: Callable | None = None,
     generation_prompts: int = GENERATION_PROMPTS,
+    max_shard_size: int | str | None = None,
 ) -> dict:
     """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
 
     ``recipe`` is a YAML file, a Recipe, or a list of stage options (QuantizeStage, PruneStage,
-    DistillStage). ``data``, ``eval_tokens`` and ``seq_len`` override the recipe's. Stage N reads
+    DistillStage). ``data``, ``eval_tokens``, ``seq_len`` and ``max_shard_size`` override the recipe's. Stage N reads
     what stage N-1 wrote and is scored against ``model``. Stages are written into ``OUT.partial/``
     (each stage folder atomically), which becomes ``out`` with summary.json/md/png at the end. If a
     stage fails or is interrupted, the finished ones stay in ``OUT.partial`` and ``resume``
@@ -256,7 +271,7 @@ def run_recipe(
         raise SqueezeError("squeeze run is one process; to distill under torchrun, run that stage with squeeze distill")
     check_output_dir(out, overwrite)
     resolve_device(device)
-    recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
+    recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
     staging = out.parent / f"{out.name}.partial"
     if staging.exists() and not staging.is_dir():
         raise SqueezeError(f"{staging} exists and is a file")
@@ -273,7 +288,7 @@ def run_recipe(
 
     settings = {
         "model": model, "data": recipe.data, "eval_tokens": recipe.eval_tokens, "seq_len": recipe.seq_len,
-        "dtype": dtype, "evaluate": evaluate,
+        "dtype": dtype, "evaluate": evaluate, "max_shard_size": recipe.max_shard_size,
     }
     reports: list[dict] = []
     reusing = True
@@ -300,7 +315,7 @@ def run_recipe(
             reset_peak_rss()
             common = dict(eval_tokens=recipe.eval_tokens, seq_len=recipe.seq_len, device=device, dtype=dtype, evaluate=evaluate,
                           overwrite=True, trust_remote_code=trust_remote_code, progress=progress,
-                          generation_prompts=generation_prompts)
+                          generation_prompts=generation_prompts, max_shard_size=recipe.max_shard_size)
             run = PASSES[stage.pass_name]
             try:
                 if isinstance(stage, DistillStage):

@@ -7,6 +7,7 @@ as in ``squeeze quantize --help`` with underscores (``group_size``, ``calib_samp
     data: wikipedia        # evaluation text of every stage (the run's --data overrides it)
     eval_tokens: 16384
     seq_len: 512
+    max_shard_size: 5GB    # largest safetensors file a stage writes (the run's --max-shard-size overrides it)
     stages:
       - prune: {method: wanda, pattern: "2:4"}
       - distill: {tokens: 2e6}               # teacher: original, student: previous (the defaults)
@@ -32,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from squeeze.calib.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
 from squeeze.distill.config import DistillConfig, parse_layer_map
-from squeeze.errors import OptionError, SqueezeError
+from squeeze.errors import OptionError, SqueezeError, in_words, recipe_spelling
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.formats.base import FixedScheme
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.options import option
 from squeeze.prune.apply import PruneConfig
 from squeeze.prune.config import DEFAULT_SPARSITY
@@ -43,6 +45,7 @@ from squeeze.quant.apply import QuantizeConfig
 from squeeze.quant.methods import METHODS
 from squeeze.quant.methods.base import SchemeDefaults
 from squeeze.quant.scheme import scheme_from_options
+from squeeze.sizes import parse_size
 
 
 class _Options(BaseModel):
@@ -299,7 +302,7 @@ class DistillStage(_Options):
 
 StageOptions = Union[QuantizeStage, PruneStage, DistillStage]
 STAGE_TYPES: dict[str, type[_Options]] = {cls.pass_name: cls for cls in (PruneStage, DistillStage, QuantizeStage)}
-RECIPE_KEYS = ("name", "description", "data", "eval_tokens", "seq_len", "stages")
+RECIPE_KEYS = ("name", "description", "data", "eval_tokens", "seq_len", "max_shard_size", "stages")
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,7 @@ class Recipe:
     data: str = "wikipedia"
     eval_tokens: int = 16384
     seq_len: int = 512
+    max_shard_size: int = MAX_SHARD_BYTES  # bytes
     source: Path | None = None
     lines: dict[tuple, int] = field(default_factory=dict, compare=False)
 
@@ -402,6 +406,11 @@ def parse_recipe(data: Any, source: Path | None = None, lines: dict[tuple, int] 
             problems.append(f"{probe.where(key)}{key} must be {'a positive integer' if kind is int else 'text'}, got {value!r}")
         else:
             settings[key] = value
+    if "max_shard_size" in data:
+        try:
+            settings["max_shard_size"] = parse_size(data["max_shard_size"], "max_shard_size")
+        except OptionError as exc:
+            problems.append(f"{probe.where('max_shard_size')}{in_words(exc, recipe_spelling)}")
     raw_stages = data.get("stages")
     stages: list[StageOptions] = []
     if not isinstance(raw_stages, list) or not raw_stages:

@@ -10,7 +10,7 @@ import typer
 from pydantic import BaseModel
 
 from squeeze.cli.app import (
-    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MeasureSpeedOption, ModelArg,
+    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, ModelArg,
     NoEvalOption, OverwriteOption, QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, layer_shapes,
     model_stem, print_report,
 )
@@ -56,6 +56,7 @@ def quantize(
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
     measure_speed: MeasureSpeedOption = False,
+    max_shard_size: MaxShardOption = "5GB",
     **options: Any,
 ) -> None:
     """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -78,6 +79,7 @@ def quantize(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -119,6 +121,7 @@ def prune(
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
     measure_speed: MeasureSpeedOption = False,
+    max_shard_size: MaxShardOption = "5GB",
     **options: Any,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
@@ -137,6 +140,7 @@ def prune(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -167,6 +171,7 @@ def distill(
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
     measure_speed: MeasureSpeedOption = False,
+    max_shard_size: MaxShardOption = "5GB",
     **options: Any,
 ) -> None:
     """Distill TEACHER into STUDENT (temperature KD + cross-entropy, or embedding loss for encoders); resumable; runs under torchrun."""
@@ -188,7 +193,7 @@ def distill(
         distill_pass, teacher, student, out_dir, config, interrupted=f"interrupted; no output was written{hint}", data=data,
         eval_data=eval_data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval,
         overwrite=overwrite, resume=resume, checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache,
-        trust_remote_code=trust_remote_code, progress=progress, measure_speed=measure_speed,
+        trust_remote_code=trust_remote_code, progress=progress, measure_speed=measure_speed, max_shard_size=max_shard_size,
     )
     if report is None:
         return

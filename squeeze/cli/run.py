@@ -37,12 +37,13 @@ def run(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file a stage writes, e.g. 5GB or 500MiB (default: the recipe's, else 5GB).")] = None,
 ) -> None:
     """Run a recipe: prune, distill and quantize in one chain, each stage scored against the original; a summary table and plot at the end."""
     if out_dir is None:
         out_dir = Path(f"{recipe.stem}-{model_stem(model)}")
     if dry_run:
-        loaded, plan = call(plan_run, recipe, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code)
+        loaded, plan = call(plan_run, recipe, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, max_shard_size)
         _print_plan(loaded, plan, model, out_dir, as_json)
         return
     progress = NullProgress() if quiet else ConsoleProgress(err)
@@ -55,7 +56,7 @@ def run(
     summary = call(
         run_recipe, recipe, model, out_dir, data=data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
-        on_stage=announce,
+        on_stage=announce, max_shard_size=max_shard_size,
         interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); nothing was written to {out_dir}",
     )
     if as_json:

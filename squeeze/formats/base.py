@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.options import Registry
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import QuantScheme
@@ -130,14 +131,17 @@ class QuantizedFormat(Format):
         dtype: torch.dtype | None = None,
         method: dict | None = None,
         sparsity: Sparsity | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
     ) -> Written:
         """Write ``model`` (its quantized layers of ``layer_type``; ``ignored``: the Linear layers
         left in full precision) to ``out_dir`` with config.json and tokenizer. ``dtype``: the dtype
         of the tensors that were not quantized; ``method``: the method and its settings, as the
         checkpoint's metadata records them. ``sparsity`` describes a pruned model: a format that
         ``records_sparsity`` writes it into its config, the others store the zeros as zero codes.
+        Safetensors files hold at most ``max_shard_bytes`` each (a larger single tensor gets a
+        file of its own), with the standard index when there are several.
         The notes: the format's own, then what this checkpoint needs said."""
-        written = self._write(model, scheme, ignored, out_dir, tokenizer, dtype, method or {}, sparsity)
+        written = self._write(model, scheme, ignored, out_dir, tokenizer, dtype, method or {}, sparsity, max_shard_bytes)
         written.notes[:0] = self.notes
         if sparsity is not None and not self.records_sparsity:
             written.notes.append(
@@ -147,7 +151,7 @@ class QuantizedFormat(Format):
 
     def _write(
         self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
-        method: dict, sparsity: Sparsity | None,
+        method: dict, sparsity: Sparsity | None, max_shard_bytes: int,
     ) -> Written:
         """The files and the notes particular to this checkpoint (see :meth:`write`)."""
         raise NotImplementedError
@@ -173,10 +177,12 @@ class PrunedFormat(Format):
         out_dir: Path,
         tokenizer=None,
         dtype: torch.dtype | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
     ) -> Written:
         """Write pruned ``model`` to ``out_dir``: ``sparse_layers`` (pruned with ``structure``,
         e.g. "2:4" or "unstructured", ``global_sparsity`` zeros overall) in this format's layout,
-        the rest dense; ``dtype``: the dtype to store the weights in (default: as held)."""
+        the rest dense; ``dtype``: the dtype to store the weights in (default: as held); at most
+        ``max_shard_bytes`` per safetensors file."""
         raise NotImplementedError
 
 

@@ -106,7 +106,7 @@ class _Bitsandbytes(QuantizedFormat):
 
     def _write(
         self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
-        method: dict, sparsity: Sparsity | None,
+        method: dict, sparsity: Sparsity | None, max_shard_bytes: int,
     ) -> Written:
         state: dict[str, torch.Tensor] = {}
         compute_dtype = dtype or torch.float32
@@ -117,7 +117,7 @@ class _Bitsandbytes(QuantizedFormat):
         state.update(dense_tensors(model, dtype, skip=self.layer_type))
         out_dir.mkdir(parents=True, exist_ok=True)
         write_config_files(model, out_dir, quantization_config(self.four_bit, ignored, compute_dtype), tokenizer, dtype)
-        files = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, out_dir)
+        files = save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, out_dir, max_shard_bytes)
         return Written(files, [])
 
 

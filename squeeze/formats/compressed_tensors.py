@@ -31,6 +31,7 @@ except ImportError:  # transformers 4
 from squeeze.errors import SqueezeError
 from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import (
+    MAX_SHARD_BYTES,
     auto_class,
     dense_tensors,
     read_config,
@@ -120,15 +121,16 @@ def write_checkpoint(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     sparsity: dict | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[Path]:
     """Save ``model`` (with QuantizedLinear layers) to ``out_dir``: safetensors, config.json, tokenizer.
 
     ``dtype`` is the dtype to store the unquantized tensors in (default: as held in memory).
-    Returns the safetensors files written.
+    Returns the safetensors files written (shards of at most ``max_shard_bytes``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config_files(model, out_dir, quantization_config(scheme, ignored, sparsity), tokenizer, dtype)
-    return save_safetensors(checkpoint_state_dict(model, dtype), out_dir)
+    return save_safetensors(checkpoint_state_dict(model, dtype), out_dir, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,11 +244,11 @@ class CompressedTensors(QuantizedFormat):
 
     def _write(
         self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
-        method: dict, sparsity: Sparsity | None,
+        method: dict, sparsity: Sparsity | None, max_shard_bytes: int,
     ) -> Written:
         # the codes, zeros included, are stored dense; the sparsity_config says which layers are sparse
         sparse = sparsity_config("dense", *sparsity) if sparsity is not None else None
-        return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype, sparse), [])
+        return Written(write_checkpoint(model, scheme, ignored, out_dir, tokenizer, dtype, sparse, max_shard_bytes), [])
 
     def recognises(self, folder: Path) -> bool:
         return Path(folder).is_dir() and is_quantized_config(read_config(folder))

@@ -19,7 +19,7 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 
-MAX_SHARD_BYTES = 4 * 1024**3
+MAX_SHARD_BYTES = 5 * 10**9  # the default largest safetensors file, as transformers' "5GB"
 WEIGHTS_NAME = "model.safetensors"
 
 

@@ -33,7 +33,7 @@ from squeeze import __version__
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
 from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
-from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
+from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.pack import pack_int32
 from squeeze.quant.scheme import QuantScheme
@@ -155,8 +155,10 @@ def write_gptq_checkpoint(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     method: dict | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> tuple[list[Path], str]:
-    """Save ``model`` in the GPTQ layout; returns the safetensors files and the format version written."""
+    """Save ``model`` in the GPTQ layout (shards of at most ``max_shard_bytes``); returns the
+    safetensors files and the format version written."""
     check_gptq_scheme(scheme)
     version = gptq_version(model)
     config = quantize_config(model, scheme, version, method or {})
@@ -168,7 +170,7 @@ def write_gptq_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config_files(model, out_dir, config, tokenizer, dtype)
     (out_dir / "quantize_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return save_safetensors(state, out_dir), version
+    return save_safetensors(state, out_dir, max_shard_bytes), version
 
 
 @QUANTIZED_FORMATS.register
@@ -194,9 +196,9 @@ class Gptq(QuantizedFormat):
 
     def _write(
         self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,
-        method: dict, sparsity: Sparsity | None,
+        method: dict, sparsity: Sparsity | None, max_shard_bytes: int,
     ) -> Written:
-        files, version = write_gptq_checkpoint(model, scheme, out_dir, tokenizer, dtype, method)
+        files, version = write_gptq_checkpoint(model, scheme, out_dir, tokenizer, dtype, method, max_shard_bytes)
         notes = []
         if version == "gptq_v2":
             notes.append(

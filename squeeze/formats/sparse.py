@@ -32,6 +32,7 @@ from torch import nn
 from squeeze.errors import SqueezeError
 from squeeze.formats.base import PRUNED_FORMATS, PrunedFormat, Written
 from squeeze.formats.files import (
+    MAX_SHARD_BYTES,
     auto_class,
     dense_tensors,
     read_config,
@@ -155,12 +156,13 @@ class _SparsityConfigFormat(PrunedFormat):
         out_dir: Path,
         tokenizer=None,
         dtype: torch.dtype | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
     ) -> Written:
         out_dir.mkdir(parents=True, exist_ok=True)
         state = self.encode(dense_tensors(model, dtype), sparse_layers)
         config = sparse_only_config(sparsity_config(self.name, structure, global_sparsity, sparse_layers))
         write_config_files(model, out_dir, config, tokenizer, dtype)
-        return Written(save_safetensors(state, out_dir), list(self.notes))
+        return Written(save_safetensors(state, out_dir, max_shard_bytes), list(self.notes))
 
 
 @PRUNED_FORMATS.register

@@ -21,11 +21,13 @@ from squeeze.distill.trainer import (
 )
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.models import atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy
 from squeeze.passes.student_writer import Distilled, write_student
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report
+from squeeze.sizes import parse_size
 
 PERIODIC_EVAL_WINDOWS = 8  # held-out windows scored at each eval_every check; the final evaluation uses all
 
@@ -50,6 +52,7 @@ def distill(
     progress: Progress | None = None,
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
+    max_shard_size: int | str = MAX_SHARD_BYTES,
 ) -> Report | None:
     """Train ``student`` to imitate ``teacher``; write it (safetensors) and the report to ``out``.
 
@@ -62,11 +65,13 @@ def distill(
     ``config.checkpoint_every`` steps and are removed when the run finishes; ``resume`` continues
     from the newest one. ``teacher_cache`` names a folder of the teacher's top-k logits: made on
     first use, reused afterwards. Under torchrun every process calls this; only process 0 writes
-    and returns the report (the others return None).
+    and returns the report (the others return None). ``max_shard_size`` (bytes, or a size such as
+    "5GB") bounds each safetensors file written.
     """
     progress = progress or NullProgress()
     watch = Stopwatch()
     out = Path(out)
+    max_shard_bytes = parse_size(max_shard_size, "max_shard_size")
     check_output_dir(out, overwrite)
     compute_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
@@ -238,7 +243,7 @@ def distill(
             training_windows=windows.shape[0], seq_len=seq_len, teacher_cache=teacher_cache, accuracy=accuracy, device=device,
             dtype=dtype,
         )
-        report = write_student(out, overwrite, done, watch, progress, measure_speed)
+        report = write_student(out, overwrite, done, watch, progress, measure_speed, max_shard_bytes)
         checkpoints.clear()
         procs.barrier()
         return report

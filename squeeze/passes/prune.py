@@ -9,6 +9,7 @@ from torch import nn
 
 from squeeze.errors import OptionError
 from squeeze.formats import PRUNED_FORMATS, Written
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.formats.sparse import bitmask_bytes
 from squeeze.passes.common import GENERATION_PROMPTS, Prepared, sparsity_report
 from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
@@ -17,6 +18,7 @@ from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
 from squeeze.prune.layers import PruneResult
 from squeeze.prune.methods import PRUNE_METHODS
 from squeeze.report import LayerReport, Report
+from squeeze.sizes import parse_size
 
 
 class PruneStep(CompressionStep):
@@ -53,7 +55,7 @@ class PruneStep(CompressionStep):
         self.result = prune_model(model, self.config, calibration, on_step=on_step)
         return self.result.calibration_s
 
-    def write(self, model: nn.Module, prep: Prepared, folder: Path) -> Written:
+    def write(self, model: nn.Module, prep: Prepared, folder: Path, max_shard_bytes: int) -> Written:
         result = self.result
         assert result is not None
         stored = prep.loaded.stored_dtype
@@ -71,7 +73,7 @@ class PruneStep(CompressionStep):
         )
         return self.format.write(
             model, self.config.structure, self.sparsity.sparsity, [layer.name for layer in result.layers], folder,
-            prep.loaded.tokenizer, stored,
+            prep.loaded.tokenizer, stored, max_shard_bytes,
         )
 
     def report(self, model: nn.Module, prep: Prepared, written: Written, run: RunSettings, out: Path) -> ReportParts:
@@ -132,16 +134,18 @@ def prune(
     reference: str | None = None,
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
+    max_shard_size: int | str = MAX_SHARD_BYTES,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
 
-    Text, windows, devices, dtypes and ``reference`` work as in :func:`squeeze.passes.quantize.quantize`.
+    Text, windows, devices, dtypes, ``reference`` and ``max_shard_size`` work as in
+    :func:`squeeze.passes.quantize.quantize`.
     Wanda and SparseGPT calibrate on ``calibration_samples`` windows of ``calibration_data``
     (default: ``data``); magnitude pruning reads no text but the evaluation's.
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
-        trust_remote_code, reference, measure_speed, generation_prompts,
+        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"),
     )
     return run_pass(PruneStep(config), model, out, run, progress)

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from squeeze.formats import QUANTIZED_FORMATS, Written
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.passes.common import GENERATION_PROMPTS, Prepared, sparsity_report, sparsity_structure
 from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
 from squeeze.progress import Progress
@@ -16,6 +17,7 @@ from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.layers import QuantizeResult
 from squeeze.quant.methods import METHODS
 from squeeze.report import LayerReport, Report
+from squeeze.sizes import parse_size
 
 
 class QuantizeStep(CompressionStep):
@@ -60,7 +62,7 @@ class QuantizeStep(CompressionStep):
             )
         return self.result.calibration_s
 
-    def write(self, model: nn.Module, prep: Prepared, folder: Path) -> Written:
+    def write(self, model: nn.Module, prep: Prepared, folder: Path, max_shard_bytes: int) -> Written:
         config, result = self.config, self.result
         assert result is not None
         sparsity = None
@@ -68,7 +70,7 @@ class QuantizeStep(CompressionStep):
             sparsity = (self.sparse_input, self.sparsity.sparsity, [e.name for e in result.layers if e.zeros])
         return self.format.write(
             model, config.scheme, result.ignored, folder, tokenizer=prep.loaded.tokenizer, dtype=prep.loaded.stored_dtype,
-            method={"method": config.method, **config.options.settings()}, sparsity=sparsity,
+            method={"method": config.method, **config.options.settings()}, sparsity=sparsity, max_shard_bytes=max_shard_bytes,
         )
 
     def report(self, model: nn.Module, prep: Prepared, written: Written, run: RunSettings, out: Path) -> ReportParts:
@@ -129,6 +131,7 @@ def quantize(
     reference: str | None = None,
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
+    max_shard_size: int | str = MAX_SHARD_BYTES,
 ) -> Report:
     """Quantize ``model`` with ``config``; write the checkpoint (``config.format``) and the report to ``out``.
 
@@ -140,9 +143,10 @@ def quantize(
     tensors are saved in the dtype the source stores. ``trust_remote_code`` lets transformers run
     code shipped with the model; it is never implied. ``reference`` names the model the evaluation
     compares with (default: ``model`` itself), e.g. the original of a chain of passes.
+    ``max_shard_size`` (bytes, or a size such as "5GB") bounds each safetensors file written.
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
-        trust_remote_code, reference, measure_speed, generation_prompts,
+        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"),
     )
     return run_pass(QuantizeStep(config), model, out, run, progress)

@@ -22,6 +22,7 @@ from torch import nn
 from squeeze import __version__
 from squeeze.evaluate import peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
+from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.models import atomic_output_dir
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Prepared, Stopwatch, batches, check_speed_kind, evaluate_accuracy, model_info, prepare,
@@ -54,6 +55,7 @@ class RunSettings:
     reference: str | None = None
     measure_speed: bool = False
     generation_prompts: int = GENERATION_PROMPTS
+    max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors file written
 
     def calibration_line(self, windows: torch.Tensor | None, no_data: str) -> dict[str, Any]:
         """The report's ``calibration`` and ``calibration_tokens`` settings."""
@@ -103,8 +105,8 @@ class CompressionStep:
         """Change ``model`` in place; return the seconds of that spent running calibration text."""
         raise NotImplementedError
 
-    def write(self, model: nn.Module, prep: Prepared, folder: Path) -> Written:
-        """Write the checkpoint into ``folder``."""
+    def write(self, model: nn.Module, prep: Prepared, folder: Path, max_shard_bytes: int) -> Written:
+        """Write the checkpoint into ``folder``, in safetensors files of at most ``max_shard_bytes``."""
         raise NotImplementedError
 
     def report(self, model: nn.Module, prep: Prepared, written: Written, run: RunSettings, out: Path) -> ReportParts:
@@ -154,7 +156,7 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
 
     def assemble(folder: Path) -> Report:
         with watch.stage("save"), progress.status(f"writing {out}"):
-            written = step.write(net, prep, folder)
+            written = step.write(net, prep, folder, run.max_shard_size)
         parts = step.report(net, prep, written, run, out)
         return Report(
             pass_name=step.name,

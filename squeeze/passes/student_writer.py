@@ -16,7 +16,7 @@ from squeeze.distill.student import StudentSpec
 from squeeze.distill.trainer import autocast_for
 from squeeze.evaluate import parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
+from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, save_safetensors, write_config_files
 from squeeze.formats import PRUNED_FORMATS
 from squeeze.models import LoadedModel
 from squeeze.passes.common import Stopwatch, model_info, sparsity_structure
@@ -52,8 +52,12 @@ class Distilled:
     dtype: str
 
 
-def write_student(out: Path, overwrite: bool, done: Distilled, watch: Stopwatch, progress: Progress, measure_speed: bool = False) -> Report:
-    """Save the trained student, its loss curve and the report into ``out``, atomically."""
+def write_student(
+    out: Path, overwrite: bool, done: Distilled, watch: Stopwatch, progress: Progress, measure_speed: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Report:
+    """Save the trained student (safetensors files of at most ``max_shard_bytes``), its loss curve
+    and the report into ``out``, atomically."""
     config, teacher, net, state = done.config, done.teacher, done.student, done.state
     causal = teacher.source.kind == "causal"
     stored = teacher.stored_dtype
@@ -82,11 +86,11 @@ def write_student(out: Path, overwrite: bool, done: Distilled, watch: Stopwatch,
                 structure = sparsity_structure(layers, zeros) or "unstructured"
                 sparsity = sum(zeros.values()) / sum(m.weight.numel() for m in layers.values())
                 fmt = PRUNED_FORMATS.get(done.sparse_format or "dense")
-                files = fmt.write(net, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored).files
+                files = fmt.write(net, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored, max_shard_bytes).files
                 loading = fmt.loading(out, teacher.source.kind)
             else:
                 write_config_files(net, tmp, None, teacher.tokenizer, stored)
-                files = save_safetensors(dense_tensors(net, stored), tmp)
+                files = save_safetensors(dense_tensors(net, stored), tmp, max_shard_bytes)
             (tmp / "loss_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
             plot_loss_curve(curve, tmp / "loss_curve.png", f"distill {teacher.source.name} → {done.student_spec}")
         training = TrainingReport(
