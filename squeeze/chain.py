@@ -168,10 +168,11 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
 def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evaluate: bool, dtype_bytes: int) -> int:
     """A rough peak RSS in bytes: the models held at once, plus the largest activations.
 
-    Quantize and prune hold the input and what they compare it with: for the first stage the input
-    itself, recorded before it changes (its blocks' last hidden states on the evaluation tokens and
-    a copy of everything outside its blocks: embeddings, final norm, head); for a later stage the
-    original, loaded whole before it is recorded. While calibrating they also hold the
+    Quantize and prune hold the input and the record of what they compare it with (its blocks'
+    last hidden states on the evaluation tokens and a copy of everything outside its blocks:
+    embeddings, final norm, head): the input itself for the first stage; for a later stage the
+    original, loaded whole, recorded and dropped before the input is loaded (whichever of the two
+    moments is larger is the peak). While calibrating they also hold the
     inputs and outputs of one block for every calibration window, plus what the method holds (its
     ``calibration_bytes``: GPTQ and SparseGPT one in_features² Hessian per Linear of a block, AWQ
     the captured inputs of its widest layer). Distillation holds the teacher and the student with
@@ -197,14 +198,12 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         blocks = len(block_list(model)[1])
         activations = stage.batch_size * seq * (blocks * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
         return PROCESS_BYTES + teacher + 16 * params + activations + evaluation
-    if not evaluate:
-        reference = 0
-    elif entry.index == 0:
-        outside_blocks = params - sum(p.numel() for p in block_list(model)[1].parameters())
-        reference = (outside_blocks + recipe.eval_tokens // seq * seq * hidden) * dtype_bytes
-    else:
-        reference = original_params * dtype_bytes
-    held = params * dtype_bytes + reference
+    held = params * dtype_bytes
+    if evaluate:
+        compared = model if entry.index == 0 else original
+        outside_blocks = sum(p.numel() for p in compared.parameters()) - sum(p.numel() for p in block_list(compared)[1].parameters())
+        record = (outside_blocks + recipe.eval_tokens // seq * seq * hidden) * dtype_bytes
+        held = max(held + record, original_params * dtype_bytes if entry.index else 0)
     calibration = 0
     if entry.calibration_tokens:
         calibration = 2 * entry.calibration_tokens * hidden * dtype_bytes

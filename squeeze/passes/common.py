@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from squeeze.errors import OptionError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
 from squeeze.generate import agreement, greedy_agreement, greedy_continuations, prompts_from_text
-from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_model, meta_model, resolve_model
+from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.progress import Progress
 from squeeze.prune.masks import is_n_m
 from squeeze.report import AccuracyReport, SparsityReport
@@ -48,9 +49,9 @@ class Stopwatch:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def eval_seq_len(loaded: LoadedModel, seq_len: int) -> int:
-    """``seq_len`` tokens, or fewer where the model has fewer positions."""
-    limit = getattr(loaded.config, "max_position_embeddings", None)
+def eval_seq_len(config, seq_len: int) -> int:
+    """``seq_len`` tokens, or fewer where the model (of this ``config``) has fewer positions."""
+    limit = getattr(config, "max_position_embeddings", None)
     return min(seq_len, limit) if limit else seq_len
 
 
@@ -71,7 +72,7 @@ class Prepared:
     seq_len: int
     eval_windows: torch.Tensor | None
     calib_windows: torch.Tensor | None
-    reference: torch.nn.Module | None  # the input itself until record_input replaces it by its record
+    reference: torch.nn.Module | None  # what the evaluation compares with: a RecordedReference, or a whole model
     parameters: int
     memory_before: int
     disk_before: int
@@ -96,11 +97,15 @@ def prepare(
     watch: Stopwatch,
     progress: Progress,
     reference: str | None = None,
+    record: Callable[[torch.nn.Module, str, Any, torch.Tensor], RecordedReference] | None = None,
 ) -> Prepared:
     """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
     model, text sources), then load the model and cut the evaluation and calibration windows.
-    The evaluation compares with the input itself (the pass records it with :func:`record_input`
-    before changing it), or with ``reference`` when one is named."""
+
+    The evaluation compares with the input itself, or with ``reference`` when one is named; with
+    ``record(model, kind, tokenizer, eval_windows)`` (e.g. :func:`record_input`) that model's outputs are
+    recorded here and only the record is kept. A named reference is then loaded, recorded and
+    dropped before the input is loaded, so the two are never in memory together."""
     check_output_dir(out, overwrite)
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
@@ -116,21 +121,28 @@ def prepare(
     if needs_calibration:
         load_documents(calibration_data or data)
 
+    seq_len = eval_seq_len(meta.config, seq_len)
+    # every window is cut before any model is loaded, so that too little text fails in seconds
+    eval_windows = calib_windows = None
+    if evaluate or needs_calibration:
+        tokenizer = load_tokenizer(source)
+        if evaluate:
+            eval_windows = evaluation_windows(tokenizer, data, seq_len, eval_tokens)
+        if needs_calibration:
+            calib_windows = calibration_windows(tokenizer, calibration_data or data, calibration_samples, seq_len)
+    reference_model: torch.nn.Module | None = None
+    if ref_source is not None and eval_windows is not None:
+        with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
+            ref_loaded = load_model(ref_source, device=device, dtype=compute_dtype)
+        reference_model = ref_loaded.model if record is None else record(ref_loaded.model, ref_source.kind, ref_loaded.tokenizer, eval_windows)
+        del ref_loaded
+
     with watch.stage("load"), progress.status(f"loading {source.name}"):
         loaded = load_model(source, device=device, dtype=compute_dtype)
     net = loaded.model
     layers = plan(net)
-    seq_len = eval_seq_len(loaded, seq_len)
-    eval_windows = evaluation_windows(loaded.tokenizer, data, seq_len, eval_tokens) if evaluate else None
-    calib_windows = None
-    if needs_calibration:
-        calib_windows = calibration_windows(loaded.tokenizer, calibration_data or data, calibration_samples, seq_len)
-    reference_model = None
-    if ref_source is not None:
-        with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
-            reference_model = load_model(ref_source, device=device, dtype=compute_dtype).model
-    elif evaluate:
-        reference_model = net
+    if ref_source is None and eval_windows is not None:
+        reference_model = net if record is None else record(net, source.kind, loaded.tokenizer, eval_windows)
     return Prepared(
         source=source,
         loaded=loaded,

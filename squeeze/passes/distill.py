@@ -135,7 +135,7 @@ def distill(
                 net = derive_student(t_loaded.model, spec, config.seed)
         net.requires_grad_(True)
         tokenizer = t_loaded.tokenizer
-        seq_len = eval_seq_len(t_loaded, seq_len)
+        seq_len = eval_seq_len(t_loaded.config, seq_len)
         windows = training_windows(tokenizer, data, seq_len)
         global_batch = config.batch_size * procs.world
         if windows.shape[0] < global_batch:

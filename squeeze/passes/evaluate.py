@@ -79,7 +79,7 @@ def evaluate_model(
     if ref_source is not None:
         with progress.status(f"loading the reference {ref_source.name}"):
             ref_model = load_model(ref_source, device=device, dtype=compute_dtype).model
-    length = eval_seq_len(loaded, seq_len)
+    length = eval_seq_len(loaded.config, seq_len)
     rows = []
     for name in data:
         windows = evaluation_windows(loaded.tokenizer, name, length, eval_tokens)

@@ -121,20 +121,19 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
     progress = progress or NullProgress()
     watch = Stopwatch()
     out = Path(out)
+
+    def record(reference: nn.Module, kind: str, tokenizer, windows: torch.Tensor) -> nn.Module:
+        # before the step changes anything: no copy of the model it compares with is kept
+        return record_input(reference, kind, windows, run.data, run.batch_size, watch, progress, tokenizer, run.generation_prompts)
+
     prep = prepare(
         model, out, run.overwrite, run.device, run.dtype, run.trust_remote_code, run.data, run.calibration_data,
         run.evaluate, step.needs_calibration, step.plan, run.eval_tokens, run.seq_len, run.calibration_samples,
-        watch, progress, run.reference,
+        watch, progress, run.reference, record,
     )
     if run.measure_speed:
         check_speed_kind(prep.source.kind)
     net = prep.loaded.model
-    if prep.eval_windows is not None and prep.reference is not None:
-        # the reference's outputs now, before the step changes the model: no copy of it is kept
-        prep.reference = record_input(
-            prep.reference, prep.source.kind, prep.eval_windows, run.data, run.batch_size, watch, progress,
-            prep.loaded.tokenizer, run.generation_prompts,
-        )
     label, total = step.start(prep)
     prep.plan = {}  # the step replaces layers in place: holding them here would keep every dense weight alive
     calibration = list(batches(prep.calib_windows, run.batch_size, prep.device)) if prep.calib_windows is not None else None
