@@ -26,7 +26,7 @@ from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
 from squeeze.distill.student import check_layer_map, keep_blocks, parse_student, resolve_layers, teacher_depth
 from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
-from squeeze.evaluate import reset_peak_rss
+from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, reference_name
@@ -41,7 +41,7 @@ from squeeze.quant.methods import METHODS
 from squeeze.recipes import (
     DistillStage, PruneStage, QuantizeStage, Recipe, RecipeError, StageOptions, load_recipe, recipe_from_stages, stage_folder,
 )
-from squeeze.sizes import parse_size
+from squeeze.sizes import default_memory_budget, in_gib, parse_size
 
 # the pass each stage runs, by its name in a recipe
 PASSES: dict[str, Callable[..., Any]] = {"quantize": quantize, "prune": prune, "distill": distill}
@@ -178,10 +178,10 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
     the captured inputs of its widest layer). Distillation holds the teacher and the student with
     its gradients and AdamW moments (4 copies, float32), the teacher's logits of one batch and the
     student's saved activations. Evaluation adds the logits of two models for one batch of two and
-    their log-softmax. Memory freed after calibration mostly stays with the process (the allocator
-    keeps it), so calibration and evaluation add up. On SmolLM2 (prune-distill-quantize, 128 x 512
-    calibration tokens) the estimates were 33% over, 6% over and 6% under the measured peaks of the
-    three stages; every recipe summary shows both.
+    a chunk of their log-softmax. Memory freed after calibration mostly stays with the process (the allocator
+    keeps it), so calibration and evaluation add up. On SmolLM2 (magnitude 30% then RTN W4 g64, 4,096
+    evaluation tokens, 2026-11-30) the estimates were 2% and 10% under the measured peaks (1.79 and
+    2.09 GiB), so a budget refusal comes late rather than early; every recipe summary shows both.
     """
     config = model.config
     hidden = getattr(config, "hidden_size", 0)
@@ -191,7 +191,9 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
     seq = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
     params = sum(p.numel() for p in model.parameters())
     original_params = sum(p.numel() for p in original.parameters())
-    evaluation = 3 * 2 * 2 * seq * vocab * 4 if evaluate else 0
+    # both models' float32 logits of a batch of two windows, and one METRIC_CHUNK of positions of
+    # each in log-softmax (squeeze.evaluate.compare_causal)
+    evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
     stage = entry.stage
     if isinstance(stage, DistillStage):
         teacher = original_params * dtype_bytes
@@ -211,6 +213,41 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         calibration += methods.get(stage.method).calibration_bytes(model, entry.calibration_tokens, dtype_bytes)
     codes = params if isinstance(stage, QuantizeStage) else 0  # integer codes, one byte per weight, beside the float weights
     return PROCESS_BYTES + held + codes + calibration + evaluation
+
+
+def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None) -> int | None:
+    """Refuse (OptionError naming ``memory_budget``) a plan with a stage whose estimated peak
+    (``PlannedStage.memory_bytes``) is above the budget: ``memory_budget`` when given, else the
+    memory available now less a margin. ``what`` names the work in the message (default: the
+    stage). Returns the budget, None when there is none to check against."""
+    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
+    if budget is None:
+        return None
+    for entry in plan:
+        if entry.memory_bytes > budget:
+            name = what or f"stage {entry.index + 1} ({entry.folder})"
+            limit = "the budget" if memory_budget is not None else "the memory available now less a margin"
+            raise OptionError(
+                f"{literal(name)} needs about {in_gib(entry.memory_bytes)} of memory by squeeze's estimate, above {limit} "
+                f"({in_gib(budget)}); squeeze holds the whole model in memory: free some, or set {{0}} if you know it fits",
+                "memory_budget",
+            )
+    return budget
+
+
+def check_pass_memory(
+    stage: StageOptions, model: str, data: str, eval_tokens: int, seq_len: int, dtype: str, evaluate: bool,
+    trust_remote_code: bool, memory_budget: int | str | None = None,
+) -> None:
+    """:func:`check_memory` for one pass run on its own, before it loads anything. A stage that
+    does not plan is left to the pass, which says what is wrong in its own words."""
+    if memory_budget is not None:
+        parse_size(memory_budget, "memory_budget")
+    try:
+        _, plan = plan_run([stage], model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
+    except SqueezeError:
+        return
+    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass")
 
 
 def plan_run(
@@ -252,11 +289,14 @@ def run_recipe(
     on_stage: Callable | None = None,
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str | None = None,
+    memory_budget: int | str | None = None,
 ) -> dict:
     """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
 
     ``recipe`` is a YAML file, a Recipe, or a list of stage options (QuantizeStage, PruneStage,
-    DistillStage). ``data``, ``eval_tokens``, ``seq_len`` and ``max_shard_size`` override the recipe's. Stage N reads
+    DistillStage). ``data``, ``eval_tokens``, ``seq_len`` and ``max_shard_size`` override the recipe's.
+    A stage whose estimated peak memory is above ``memory_budget`` (default: the memory available
+    now less a margin) is refused before anything runs (:func:`check_memory`). Stage N reads
     what stage N-1 wrote and is scored against ``model``. Stages are written into ``OUT.partial/``
     (each stage folder atomically), which becomes ``out`` with summary.json/md/png at the end. If a
     stage fails or is interrupted, the finished ones stay in ``OUT.partial`` and ``resume``
@@ -271,6 +311,7 @@ def run_recipe(
     check_output_dir(out, overwrite)
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
+    check_memory(plan, memory_budget)
     staging = out.parent / f"{out.name}.partial"
     if staging.exists() and not staging.is_dir():
         raise SqueezeError(f"{staging} exists and is a file")

@@ -1,7 +1,9 @@
-"""Sizes in bytes as people write them: ``5GB``, ``500MiB``, ``2.5 GB``, ``123``."""
+"""Sizes in bytes as people write them (``5GB``, ``500MiB``, ``2.5 GB``, ``123``), and the memory
+there is to spend."""
 
 from __future__ import annotations
 
+import os
 import re
 
 from squeeze.errors import OptionError, literal
@@ -24,3 +26,35 @@ def parse_size(value: int | str, option: str) -> int:
     if size < 1:
         raise OptionError(f"{{0}} must be at least one byte, not {literal(repr(value))}", option)
     return size
+
+
+def in_gib(size: int) -> str:
+    """``size`` bytes for a message: ``1.97 GiB``, or MiB below one GiB, KiB below one MiB."""
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have now (Linux ``MemAvailable``; the machine's
+    physical memory elsewhere); None when neither can be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget() -> int | None:
+    """The memory a run may plan for when the user names no budget: what is available now less a
+    margin for the rest of the machine (a tenth of it, at least 1 GiB); None when unknown."""
+    available = available_memory()
+    if available is None:
+        return None
+    return max(available - max(available // 10, 2**30), 0)

@@ -10,10 +10,11 @@ import typer
 from pydantic import BaseModel
 
 from squeeze.cli.app import (
-    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, ModelArg,
+    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, MemoryBudgetOption, ModelArg,
     NoEvalOption, OverwriteOption, QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, layer_shapes,
     model_stem, print_report,
 )
+from squeeze.chain import check_pass_memory
 from squeeze.cli.options import model_options, with_options
 from squeeze.distill.checkpoint import default_checkpoint_dir
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
@@ -57,6 +58,7 @@ def quantize(
     trust_remote_code: TrustOption = False,
     measure_speed: MeasureSpeedOption = False,
     max_shard_size: MaxShardOption = "5GB",
+    memory_budget: MemoryBudgetOption = None,
     **options: Any,
 ) -> None:
     """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -74,6 +76,7 @@ def quantize(
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
         out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
+    call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget)
     _run_pass(
         quantize_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
@@ -122,6 +125,7 @@ def prune(
     trust_remote_code: TrustOption = False,
     measure_speed: MeasureSpeedOption = False,
     max_shard_size: MaxShardOption = "5GB",
+    memory_budget: MemoryBudgetOption = None,
     **options: Any,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
@@ -135,6 +139,7 @@ def prune(
         stem = model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{stage.method}-{amount}{PRUNED_FORMATS.get(fmt).suffix}")
+    call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget)
     _run_pass(
         prune_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,

@@ -14,7 +14,7 @@ from squeeze import compare
 from squeeze.bench import run_suite
 from squeeze.chain import plan_run, run_recipe
 from squeeze.cli.app import (
-    DeviceOption, DtypeOption, JsonOption, NoEvalOption, OverwriteOption, QuietOption, TrustOption, app, call, err, fail, model_stem,
+    DeviceOption, DtypeOption, JsonOption, MemoryBudgetOption, NoEvalOption, OverwriteOption, QuietOption, TrustOption, app, call, err, fail, model_stem,
     out,
 )
 from squeeze.progress import ConsoleProgress, NullProgress
@@ -38,6 +38,7 @@ def run(
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file a stage writes, e.g. 5GB or 500MiB (default: the recipe's, else 5GB).")] = None,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Run a recipe: prune, distill and quantize in one chain, each stage scored against the original; a summary table and plot at the end."""
     if out_dir is None:
@@ -56,7 +57,7 @@ def run(
     summary = call(
         run_recipe, recipe, model, out_dir, data=data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
-        on_stage=announce, max_shard_size=max_shard_size,
+        on_stage=announce, max_shard_size=max_shard_size, memory_budget=memory_budget,
         interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); nothing was written to {out_dir}",
     )
     if as_json:

@@ -1,0 +1,67 @@
+"""--memory-budget: a run squeeze estimates above the budget is refused in one line before loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import squeeze.chain as chain
+from squeeze.chain import check_memory, plan_run
+from squeeze.cli import app
+from squeeze.errors import OptionError
+from squeeze.recipes import QuantizeStage
+
+runner = CliRunner()
+QUIET = ["--no-eval", "--quiet"]
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_refusal(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_a_pass_above_the_budget_is_refused_before_loading(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    result = run("quantize", tiny_llama_dir, "--out", out, "--memory-budget", "1MB")
+    one_line_refusal(result, "this quantize pass needs about", "above the budget (976.6 KiB", "--memory-budget")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_pass_within_the_budget_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("prune", tiny_llama_dir, "--sparsity", "0.5", "--out", tmp_path / "p", "--memory-budget", "64GB", *QUIET)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_recipe_stage_above_the_budget_is_refused_and_nothing_written(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - prune: {sparsity: 0.5}\n  - quantize: {bits: 8}\n")
+    out = tmp_path / "run"
+    result = run("run", recipe, "--model", tiny_llama_dir, "--out", out, "--memory-budget", "2MB", *QUIET)
+    one_line_refusal(result, "stage 1 (01-", "needs about", "--memory-budget")
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_a_bad_budget_names_the_flag(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    result = run("quantize", tiny_llama_dir, "--out", tmp_path / "never", "--memory-budget", "plenty")
+    one_line_refusal(result, "--memory-budget must be a size")
+
+
+def test_without_a_budget_the_available_memory_is_the_limit(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, plan = plan_run([QuantizeStage(bits=8)], str(tiny_llama_dir))
+    need = plan[0].memory_bytes
+    monkeypatch.setattr(chain, "default_memory_budget", lambda: need - 1)
+    with pytest.raises(OptionError, match="above the memory available now less a margin"):
+        check_memory(plan)
+    monkeypatch.setattr(chain, "default_memory_budget", lambda: need)
+    assert check_memory(plan) == need
+    monkeypatch.setattr(chain, "default_memory_budget", lambda: None)  # unknown: nothing to check against
+    assert check_memory(plan) is None
