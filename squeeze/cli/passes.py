@@ -21,6 +21,7 @@ from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.passes.distill import distill as distill_pass
 from squeeze.passes.prune import prune as prune_pass
 from squeeze.passes.quantize import quantize as quantize_pass
+from squeeze.passes.stream_quantize import check_streamable, stream_quantize
 from squeeze.progress import ConsoleProgress, NullProgress
 from squeeze.recipes import DistillStage, PruneStage, QuantizeStage
 
@@ -59,6 +60,7 @@ def quantize(
     measure_speed: MeasureSpeedOption = False,
     max_shard_size: MaxShardOption = "5GB",
     memory_budget: MemoryBudgetOption = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Read, quantize and write one transformer block at a time, never the whole model (rtn weight-only and hqq into compressed-tensors, with --no-eval).")] = False,
     **options: Any,
 ) -> None:
     """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -76,6 +78,14 @@ def quantize(
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
         out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
+    if stream:
+        call(check_streamable, config, not no_eval)
+        report = call(
+            stream_quantize, model, out_dir, config, device, dtype, overwrite, trust_remote_code, max_shard_size,
+            NullProgress() if quiet else ConsoleProgress(err),
+        )
+        print_report(report, out_dir, f"{fmt} safetensors, config.json, report.json, report.md", as_json, quiet)
+        return
     call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget)
     _run_pass(
         quantize_pass, model, out_dir, config, fmt, as_json, quiet,

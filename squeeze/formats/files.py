@@ -79,7 +79,8 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, readable by everyone like any other file of the checkpoint."""
     save_file(tensors, str(path), metadata={"format": "pt"})
     # safetensors creates the file private (0600); a checkpoint is meant to be shared like any file
     umask = os.umask(0)
@@ -92,12 +93,12 @@ def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_by
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         path = out_dir / WEIGHTS_NAME
-        _save_file(shards[0], path)
+        save_tensors_file(shards[0], path)
         return [path]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
         path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, path)
+        save_tensors_file(shard, path)
         paths.append(path)
         weight_map.update({k: path.name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
