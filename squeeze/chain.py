@@ -215,11 +215,14 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
     return PROCESS_BYTES + held + codes + calibration + evaluation
 
 
-def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None) -> int | None:
+def check_memory(
+    plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None, can_stream: bool = False,
+) -> int | None:
     """Refuse (OptionError naming ``memory_budget``) a plan with a stage whose estimated peak
     (``PlannedStage.memory_bytes``) is above the budget: ``memory_budget`` when given, else the
     memory available now less a margin. ``what`` names the work in the message (default: the
-    stage). Returns the budget, None when there is none to check against."""
+    stage); ``can_stream`` adds that ``--stream`` would hold one block. Returns the budget, None
+    when there is none to check against."""
     budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
     if budget is None:
         return None
@@ -227,10 +230,11 @@ def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = Non
         if entry.memory_bytes > budget:
             name = what or f"stage {entry.index + 1} ({entry.folder})"
             limit = "the budget" if memory_budget is not None else "the memory available now less a margin"
+            instead = ", or quantize one block at a time with {1} (rtn, hqq; with {2})" if can_stream else ""
             raise OptionError(
                 f"{literal(name)} needs about {in_gib(entry.memory_bytes)} of memory by squeeze's estimate, above {limit} "
-                f"({in_gib(budget)}); squeeze holds the whole model in memory: free some, or set {{0}} if you know it fits",
-                "memory_budget",
+                f"({in_gib(budget)}); squeeze holds the whole model in memory: free some, set {{0}} if you know it fits{instead}",
+                "memory_budget", *(("stream", "no_eval") if can_stream else ()),
             )
     return budget
 
@@ -247,7 +251,7 @@ def check_pass_memory(
         _, plan = plan_run([stage], model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
     except SqueezeError:
         return
-    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass")
+    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", can_stream=isinstance(stage, QuantizeStage))
 
 
 def plan_run(

@@ -159,7 +159,18 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (or since ``reset_peak_rss``), in bytes (Linux reports KiB)."""
+    """Peak resident set size of this process so far (or since ``reset_peak_rss``), in bytes.
+
+    Linux: ``VmHWM`` of /proc/self/status, this program's own peak; ``getrusage``'s maximum also
+    carries the peak of the process it was started from (fork, then exec), so a small command
+    started by a large one would report the large one's memory. Elsewhere ``getrusage``."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -32,7 +32,7 @@ def one_line_refusal(result, *words: str) -> None:
 def test_a_pass_above_the_budget_is_refused_before_loading(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     result = run("quantize", tiny_llama_dir, "--out", out, "--memory-budget", "1MB")
-    one_line_refusal(result, "this quantize pass needs about", "above the budget (976.6 KiB", "--memory-budget")
+    one_line_refusal(result, "this quantize pass needs about", "above the budget (976.6 KiB", "--memory-budget", "--stream (rtn, hqq; with --no-eval)")
     assert not list(tmp_path.iterdir())
 
 

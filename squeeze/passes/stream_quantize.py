@@ -53,6 +53,11 @@ def check_streamable(config: QuantizeConfig, evaluate: bool) -> None:
         raise OptionError("{0} does not evaluate yet: add {1}", "stream", "no_eval")
 
 
+def _exact(compute: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether a tensor stored in ``stored`` comes back unchanged through ``compute``."""
+    return compute == stored or compute == torch.float32 and stored in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def stream_quantize(
     model: str,
     out: Path,
@@ -81,7 +86,13 @@ def stream_quantize(
     fmt.check(config.scheme, config.method)
     method = METHODS.get(config.method)
     net = meta_model(source)
-    layers = method.plan(net, config)
+    planned = method.plan(net, config)
+    # names only from here on: holding the planned modules would keep each one's weights alive
+    # after its block is quantized and released
+    layers = list(planned)
+    parameters = sum(m.weight.numel() for m in planned.values())
+    linear_numel = {name: m.weight.numel() for name, m in planned.items()}
+    del planned
     lazy = LazyModel(net, CheckpointTensors(source.path), compute_dtype, device)
     if lazy_model is not None:
         lazy_model.append(lazy)
@@ -89,7 +100,7 @@ def stream_quantize(
     tokenizer = load_tokenizer(source)
     start = time.perf_counter()
     results: list[QuantizeResult] = []
-    linear_before = sum(m.weight.numel() * stored.itemsize for m in layers.values())
+    linear_before = sum(linear_numel.values()) * stored.itemsize
 
     linear_after = [0]
 
@@ -117,18 +128,25 @@ def stream_quantize(
             for index, prefix in enumerate(lazy.blocks):
                 block = lazy.block(index)
                 writer.add(quantize_part(prefix))
+                writer.end_part()
                 lazy.release(block)
                 advance(1)
-            lazy.materialise(lazy.outside())
-            net.tie_weights()
-            writer.add(quantize_part(None))
+            outside = lazy.outside()
+            if not any(not n.startswith(f"{lazy.prefix}.") for n in layers) and _exact(compute_dtype, stored):
+                # nothing to quantize out there: its tensors go straight from the checkpoint, as the
+                # resident pass would write them (cast to the stored dtype), never widened in memory
+                kept = lazy.tensors.read([n for n in outside if n in lazy.tensors])
+                writer.add({n: t.to(stored) if t.is_floating_point() else t for n, t in kept.items()})
+            else:
+                lazy.materialise(outside)
+                net.tie_weights()
+                writer.add(quantize_part(None))
             advance(1)
         files = writer.close()
-        ignored = ignored_layers(net, layers)
+        ignored = ignored_layers(net, dict.fromkeys(layers))
         write_config_files(net, folder, quantization_config(config.scheme, ignored), tokenizer, stored)
         seconds = time.perf_counter() - start
         errors = [e for r in results for e in r.layers]
-        parameters = sum(m.weight.numel() for m in layers.values())
         report = Report(
             pass_name="quantize",
             model={"spec": model, "name": source.name, "kind": source.kind, "architecture": type(net).__name__},

@@ -8,8 +8,10 @@ its safetensors files, read memory-mapped, and released back to the meta device 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,16 +36,21 @@ class CheckpointTensors:
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as handle:
                     self.files.update({name: file for name in handle.keys()})
-        self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), "pt")
-        return self._open[file].get_tensor(name)  # type: ignore[attr-defined]
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once and closed again: a file left open keeps
+        every page read from it mapped, and counted in the process's memory."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, wanted in by_file.items():
+            with safe_open(str(file), "pt") as handle:
+                out.update({name: handle.get_tensor(name) for name in wanted})
+        return out
 
 
 class LazyModel:
@@ -63,18 +70,25 @@ class LazyModel:
             raise SqueezeError(f"cannot stream {tensors.folder}: its checkpoint has no tensor {missing[0]} (names differ from the model's)")
 
     def outside(self) -> list[str]:
-        """Names of the parameters and persistent buffers outside the blocks."""
+        """Names of the parameters and persistent buffers outside the blocks, a tied weight once
+        (under its first name)."""
         inside = f"{self.prefix}."
-        return [n for n in self.model.state_dict(keep_vars=True) if not n.startswith(inside)]
+        seen: set[int] = set()
+        names = []
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(inside) or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            names.append(name)
+        return names
 
     def materialise(self, names: list[str]) -> None:
         """Read the named parameters and persistent buffers from disk into the model."""
-        for name in names:
+        # a tied weight is materialised through its owner; a buffer the checkpoint omits stays as built
+        stored_tensors = self.tensors.read([n for n in names if n in self.tensors])
+        for name, stored in stored_tensors.items():
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
-            if name not in self.tensors:
-                continue  # a tied weight, materialised through its owner, or a buffer the checkpoint omits
-            stored = self.tensors.get(name)
             value = stored.to(device=self.device, dtype=self.dtype if stored.is_floating_point() else None)
             if attr in module._parameters:
                 module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -102,6 +116,27 @@ class LazyModel:
             setattr(parent, attr, blocks)
 
     def release(self, module: nn.Module) -> None:
-        """Give ``module``'s memory back: its tensors go to the meta device."""
+        """Give ``module``'s memory back: its tensors go to the meta device, and the process
+        returns the freed memory to the system (see :func:`return_freed_memory`)."""
         module.to("meta")
         self.live -= 1
+        return_freed_memory()
+
+
+def _trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _trim()
+
+
+def return_freed_memory() -> None:
+    """Collect garbage, then (glibc) hand freed heap memory back to the system. Without it, a
+    stream of block-sized tensors freed one after another leaves the process holding a growing
+    heap: on a 16-block model, 1.8 GB peak instead of 0.9 GB."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -1,5 +1,6 @@
-"""A safetensors writer fed part by part: tensors are written out as soon as a shard is full, so
-what it holds stays below one shard; ``close`` names the shards and writes the standard index."""
+"""A safetensors writer fed part by part: each part's tensors are written out when the part ends
+(or sooner, when a shard is full), so it holds at most one part and no file exceeds the shard
+size; ``close`` names the shards and writes the standard index."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class ShardWriter:
             self.pending[name] = tensor.detach().contiguous().cpu()
             self.pending_bytes += nbytes
             self.total += nbytes
+
+    def end_part(self) -> None:
+        """The current part is complete: write what is pending."""
+        if self.pending:
+            self._flush()
 
     def _flush(self) -> None:
         path = self.folder / f"part-{len(self.written) + 1:05d}.safetensors"
