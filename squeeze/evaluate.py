@@ -44,7 +44,8 @@ class EncoderComparison:
     cosine_min: float
 
 
-def _batches(windows: torch.Tensor, batch_size: int):
+def window_batches(windows: torch.Tensor, batch_size: int):
+    """``windows`` [n, L] in consecutive batches of ``batch_size`` (the last may be shorter)."""
     for start in range(0, windows.shape[0], batch_size):
         yield windows[start : start + batch_size]
 
@@ -68,7 +69,7 @@ def compare_causal(
     device = _model_device(model)
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = tokens = 0
-    for batch in _batches(windows, batch_size):
+    for batch in window_batches(windows, batch_size):
         ids = batch.to(device)
         logits = model(input_ids=ids).logits[:, :-1]
         ref_logits = reference(input_ids=ids).logits[:, :-1] if reference is not None else None
@@ -119,7 +120,7 @@ def compare_encoder(
     """Cosine similarity of ``model``'s mean-pooled embeddings to ``reference``'s on each window."""
     device = _model_device(model)
     cosines = []
-    for batch in _batches(windows, batch_size):
+    for batch in window_batches(windows, batch_size):
         ids = batch.to(device)
         cosines.append(F.cosine_similarity(mean_pooled(model, ids), mean_pooled(reference, ids), dim=-1))
         if on_batch:

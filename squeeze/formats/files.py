@@ -66,19 +66,6 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
 def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """One safetensors file, readable by everyone like any other file of the checkpoint."""
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -90,21 +77,59 @@ def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """Write ``state`` as one safetensors file, or shards plus the standard index when large."""
-    shards = _shards(state, max_shard_bytes)
-    if len(shards) == 1:
-        path = out_dir / WEIGHTS_NAME
-        save_tensors_file(shards[0], path)
-        return [path]
-    paths, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors_file(shard, path)
-        paths.append(path)
-        weight_map.update({k: path.name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps(index, indent=2))
-    return paths
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    writer.add(state)
+    return writer.close()
+
+
+class ShardWriter:
+    """Safetensors shards of at most ``max_bytes`` (a single larger tensor gets one of its own) in
+    ``folder``, fed tensors in any number of ``add`` calls: a shard is written as soon as it is
+    full, or when ``end_part`` says a part (e.g. one streamed block) is complete, so the writer
+    holds at most one shard; ``close`` names the shards as transformers does and writes the index."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            self.pending[name] = tensor.detach().contiguous().cpu()
+            self.pending_bytes += nbytes
+            self.total += nbytes
+
+    def end_part(self) -> None:
+        """The current part is complete: write what is pending."""
+        if self.pending:
+            self._flush()
+
+    def _flush(self) -> None:
+        path = self.folder / f"part-{len(self.written) + 1:05d}.safetensors"
+        save_tensors_file(self.pending, path)
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """The files written: ``model.safetensors`` alone, or shards named as transformers names them, with the index."""
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            path = self.written[0][0].rename(self.folder / WEIGHTS_NAME)
+            return [path]
+        count, files, weight_map = len(self.written), [], {}
+        for number, (path, names) in enumerate(self.written, start=1):
+            final = path.rename(self.folder / f"model-{number:05d}-of-{count:05d}.safetensors")
+            files.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / f"{WEIGHTS_NAME}.index.json").write_text(json.dumps(index, indent=2))
+        return files
 
 
 def write_config_files(model: nn.Module, out_dir: Path, quant_config: dict | None, tokenizer=None, dtype: torch.dtype | None = None) -> None:

@@ -12,30 +12,29 @@ pass writes for the same model and options.
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from squeeze import __version__
 from squeeze.device import resolve_device, resolve_dtype
-from squeeze.errors import OptionError, SqueezeError, literal
+from squeeze.errors import OptionError, literal
 from squeeze.evaluate import peak_rss_bytes
 from squeeze.formats import QUANTIZED_FORMATS, recognise
 from squeeze.formats.compressed_tensors import quantization_config
-from squeeze.formats.files import dense_tensors, write_config_files
-from squeeze.models import atomic_output_dir, check_output_dir, load_tokenizer, meta_model, resolve_model
+from squeeze.formats.files import ShardWriter, dense_tensors, write_config_files
+from squeeze.models import check_output_dir, load_tokenizer, meta_model, resolve_model
 from squeeze.models.load import stored_dtype
+from squeeze.passes.common import Stopwatch, model_info
+from squeeze.passes.skeleton import publish
 from squeeze.progress import NullProgress, Progress
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.layers import QuantizeResult, ignored_layers
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.methods import METHODS
-from squeeze.report import LayerReport, Report, SizeReport, write_report
+from squeeze.report import LayerReport, Report, SizeReport
 from squeeze.sizes import parse_size
 from squeeze.stream.lazy import CheckpointTensors, LazyModel
-from squeeze.stream.writer import ShardWriter
 
 STREAMED_FORMAT = "compressed-tensors"
 
@@ -74,6 +73,7 @@ def stream_quantize(
     module docstring). ``lazy_model``, when given, receives the :class:`LazyModel` used (tests
     read its ``peak_parts``)."""
     progress = progress or NullProgress()
+    watch = Stopwatch()
     check_streamable(config, evaluate=False)
     max_shard_bytes = parse_size(max_shard_size, "max_shard_size")
     compute_dtype = resolve_dtype(dtype)
@@ -81,7 +81,7 @@ def stream_quantize(
     check_output_dir(out, overwrite)
     source = resolve_model(model, trust_remote_code=trust_remote_code)
     if source.is_gguf or recognise(source.path) is not None:
-        raise SqueezeError(f"streaming reads a folder of unquantized safetensors weights; {model} is not one (drop --stream)")
+        raise OptionError(f"{{0}} reads a folder of unquantized safetensors weights, and {literal(model)} is not one", "stream")
     fmt = QUANTIZED_FORMATS.get(config.format)
     fmt.check(config.scheme, config.method)
     method = METHODS.get(config.method)
@@ -91,40 +91,37 @@ def stream_quantize(
     # after its block is quantized and released
     layers = list(planned)
     parameters = sum(m.weight.numel() for m in planned.values())
-    linear_numel = {name: m.weight.numel() for name, m in planned.items()}
     del planned
     lazy = LazyModel(net, CheckpointTensors(source.path), compute_dtype, device)
     if lazy_model is not None:
         lazy_model.append(lazy)
+    outside_layers = tuple(n for n in layers if not n.startswith(f"{lazy.prefix}."))
     stored = stored_dtype(source)
     tokenizer = load_tokenizer(source)
-    start = time.perf_counter()
     results: list[QuantizeResult] = []
-    linear_before = sum(linear_numel.values()) * stored.itemsize
-
-    linear_after = [0]
+    linear_after = 0
 
     def quantize_part(prefix: str | None) -> dict[str, torch.Tensor]:
         """Quantize the planned layers of one materialised part (a block, or with ``prefix`` None
         everything outside the blocks); its tensors as the format stores them."""
-        outside = not prefix
-        own = tuple(n for n in layers if (n.startswith(f"{prefix}.") if prefix else not n.startswith(f"{lazy.prefix}.")))
+        nonlocal linear_after
+        own = tuple(n for n in layers if n.startswith(f"{prefix}.")) if prefix else outside_layers
         if own:
             results.append(method.run(net, dataclasses.replace(config, targets=own, ignore=()), None))
-        with lazy.without_blocks() if outside else nullcontext():
-            part = net if outside else net.get_submodule(prefix)
-            base = "" if outside else f"{prefix}."
+        with nullcontext() if prefix else lazy.without_blocks():
+            part = net.get_submodule(prefix) if prefix else net
+            base = f"{prefix}." if prefix else ""
             tensors: dict[str, torch.Tensor] = {}
             for name, module in part.named_modules():
                 if isinstance(module, QuantizedLinear):
                     tensors.update(fmt.layer_tensors(base + name, module))
-                    linear_after[0] += fmt.weight_bytes(module)
+                    linear_after += fmt.weight_bytes(module)
             tensors.update({base + k: v for k, v in dense_tensors(part, stored, skip=QuantizedLinear).items()})
         return tensors
 
-    with atomic_output_dir(out, overwrite=overwrite) as folder:
+    def assemble(folder: Path) -> Report:
         writer = ShardWriter(folder, max_shard_bytes)
-        with progress.task("quantizing block by block", len(lazy.blocks) + 1) as advance:
+        with watch.stage("quantize"), progress.task("quantizing block by block", len(lazy.blocks) + 1) as advance:
             for index, prefix in enumerate(lazy.blocks):
                 block = lazy.block(index)
                 writer.add(quantize_part(prefix))
@@ -132,7 +129,7 @@ def stream_quantize(
                 lazy.release(block)
                 advance(1)
             outside = lazy.outside()
-            if not any(not n.startswith(f"{lazy.prefix}.") for n in layers) and _exact(compute_dtype, stored):
+            if not outside_layers and _exact(compute_dtype, stored):
                 # nothing to quantize out there: its tensors go straight from the checkpoint, as the
                 # resident pass would write them (cast to the stored dtype), never widened in memory
                 kept = lazy.tensors.read([n for n in outside if n in lazy.tensors])
@@ -142,14 +139,13 @@ def stream_quantize(
                 net.tie_weights()
                 writer.add(quantize_part(None))
             advance(1)
-        files = writer.close()
-        ignored = ignored_layers(net, dict.fromkeys(layers))
-        write_config_files(net, folder, quantization_config(config.scheme, ignored), tokenizer, stored)
-        seconds = time.perf_counter() - start
-        errors = [e for r in results for e in r.layers]
-        report = Report(
+        with watch.stage("save"):
+            files = writer.close()
+            ignored = ignored_layers(net, dict.fromkeys(layers))
+            write_config_files(net, folder, quantization_config(config.scheme, ignored), tokenizer, stored)
+        return Report(
             pass_name="quantize",
-            model={"spec": model, "name": source.name, "kind": source.kind, "architecture": type(net).__name__},
+            model=model_info(model, source, net),
             settings={
                 "method": config.method, **config.options.settings(), "scheme": fmt.describe_scheme(config.scheme),
                 "format": fmt.describe(config.scheme), "targets": list(config.targets) or ["all Linear layers"],
@@ -160,18 +156,13 @@ def stream_quantize(
                 parameters=sum(p.numel() for p in net.parameters()), compressed_parameters=parameters,
                 disk_bytes_before=sum(p.stat().st_size for p in source.path.glob("*.safetensors")),
                 disk_bytes_after=sum(f.stat().st_size for f in files), memory_bytes_before=0, memory_bytes_after=0,
-                linear_bytes_before=linear_before,
-                linear_bytes_after=linear_after[0],
+                linear_bytes_before=parameters * stored.itemsize, linear_bytes_after=linear_after,
             ),
-            timings_s={"quantize": seconds},
+            timings_s=dict(watch.timings),
             peak_rss_bytes=peak_rss_bytes(),
             device=f"{device}, {dtype} compute",
-            layers=[LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error, None, None, None, None) for e in errors],
-            notes=[
-                f"streamed block by block ({lazy.peak_parts} part(s) in memory at most): no accuracy evaluation",
-                *fmt.notes,
-            ],
+            layers=[LayerReport(e.name, e.shape, e.relative_error, e.max_abs_error) for r in results for e in r.layers],
+            notes=[f"streamed block by block ({lazy.peak_parts} part(s) in memory at most): no accuracy evaluation", *fmt.notes],
         )
-        report.squeeze_version = __version__
-        write_report(report, folder)
-    return report
+
+    return publish(out, overwrite, assemble, watch, progress)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
+from squeeze.evaluate import window_batches
 
 # the plain attributes a stand-in copies from the block it replaces: a model's forward may read
 # some of them (e.g. ``attention_type``, to pick the mask of a sliding-window layer)
@@ -109,11 +110,6 @@ def _head_copy(model: nn.Module, recorded: RecordedReference) -> nn.Module:
     return head
 
 
-def _batches(windows: torch.Tensor, batch_size: int):
-    for start in range(0, windows.shape[0], batch_size):
-        yield windows[start : start + batch_size]
-
-
 @torch.no_grad()
 def record_reference(
     model: nn.Module,
@@ -136,7 +132,7 @@ def record_reference(
 
         handle = blocks[len(blocks) - 1].register_forward_hook(keep)
         try:
-            for batch in _batches(windows, batch_size):
+            for batch in window_batches(windows, batch_size):
                 ids = batch.to(device)
                 try:
                     model(input_ids=ids)
@@ -149,7 +145,7 @@ def record_reference(
             handle.remove()
         recorded._head.append(_head_copy(model, recorded))
     else:
-        for batch in _batches(windows, batch_size):
+        for batch in window_batches(windows, batch_size):
             ids = batch.to(device)
             recorded.outputs.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.detach().clone())
             recorded.ids.append(ids)

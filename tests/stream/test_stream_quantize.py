@@ -86,5 +86,5 @@ def test_cli_stream_refusals(extra: tuple, words: str, tiny_llama_dir: Path, tmp
 def test_stream_refuses_a_quantized_input(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert run("quantize", tiny_llama_dir, "--no-eval", "--quiet", "--out", tmp_path / "q").exit_code == 0
     result = run("quantize", tmp_path / "q", "--stream", "--no-eval", "--out", tmp_path / "never")
-    assert result.exit_code == 2 and "folder of unquantized safetensors weights" in result.output, result.output
+    assert result.exit_code == 2 and "--stream reads a folder of unquantized safetensors weights" in result.output, result.output
     assert not (tmp_path / "never").exists()
