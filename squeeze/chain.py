@@ -27,12 +27,15 @@ from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
 from squeeze.distill.student import check_layer_map, keep_blocks, parse_student, resolve_layers, teacher_depth
 from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
 from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
+from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, resident_bytes, streamed_bytes
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, reference_name
 from squeeze.passes.distill import distill
-from squeeze.passes.prune import prune
-from squeeze.passes.quantize import quantize
+from squeeze.passes.prune import PruneStep, prune
+from squeeze.passes.quantize import QuantizeStep, quantize
+from squeeze.passes.skeleton import CompressionStep, RunSettings
+from squeeze.passes.stream import streamable_source
 from squeeze.progress import NullProgress, Progress
 from squeeze.prune.apply import plan_prune
 from squeeze.prune.methods import PRUNE_METHODS
@@ -63,11 +66,18 @@ class PlannedStage:
     calibration_tokens: int = 0
     training_tokens: int = 0
     evaluation_tokens: int = 0
-    memory_bytes: int = 0  # estimated peak RSS, see _memory_estimate
+    memory_bytes: int = 0  # estimated peak RSS holding the model whole, see _memory_estimate
+    streamable: bool = False  # the stage can run one block at a time (squeeze.passes.stream)
+    stream_bytes: int | None = None  # estimated peak RSS streamed, where it can stream
+    stream: bool = False  # it will stream: asked for, or chosen by check_memory
+    block_bytes: int = 0  # one block's weights in the compute dtype: the least a streamed stage holds
+
+    @property
+    def estimate(self) -> int:
+        """The estimated peak RSS of the way the stage will run."""
+        return self.stream_bytes if self.stream and self.stream_bytes is not None else self.memory_bytes
     shapes_known: bool = True  # the input has the original's layer shapes (checked against its meta model)
 
-
-PROCESS_BYTES = 700 * 2**20  # python + torch + transformers before any model is loaded
 
 
 def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, evaluate: bool = True, dtype_bytes: int = 4) -> list[PlannedStage]:
@@ -104,6 +114,8 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
         entry = PlannedStage(index, stage, stage_folder(index, stage), "original" if index == 0 else planned[-1].folder, None)
         entry.shapes_known = current is not None
         entry.evaluation_tokens = evaluation_tokens
+        # a stage reads a safetensors folder when the model is one, or what a prune or distill stage wrote
+        input_streams = _streamable_input(source) if index == 0 else isinstance(recipe.stages[index - 1], (PruneStage, DistillStage))
         if after_quantize is not None:
             problems.append(
                 f"{head}comes after stage {after_quantize + 1} (quantize); a quantized checkpoint is final, so quantize must be the last stage"
@@ -112,6 +124,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
             if isinstance(stage, QuantizeStage):
                 after_quantize = index
                 entry.config = stage.config(current)
+                entry.streamable = input_streams and _streams(QuantizeStep(entry.config))
                 check_format(entry.config.format, entry.config.scheme, entry.config.method)
                 if current is not None:
                     plan_quantize(current, entry.config)
@@ -120,6 +133,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
                     check_text(stage.calib_data or recipe.data, *path, "calib_data")
             elif isinstance(stage, PruneStage):
                 entry.config = stage.config()
+                entry.streamable = input_streams and _streams(PruneStep(entry.config))
                 if current is not None:
                     plan_prune(current, entry.config)
                 if entry.config.needs_calibration:
@@ -158,100 +172,113 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
         except SqueezeError as exc:
             problems.append(f"{head}{in_words(exc, recipe_spelling)}")
         if entry.config is not None:
-            entry.memory_bytes = _memory_estimate(entry, current if current is not None else original, original, recipe, evaluate, dtype_bytes)
+            _memory_estimate(entry, current if current is not None else original, original, recipe, evaluate, dtype_bytes)
         planned.append(entry)
     if problems:
         raise RecipeError(problems)
     return planned
 
 
-def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evaluate: bool, dtype_bytes: int) -> int:
-    """A rough peak RSS in bytes: the models held at once, plus the largest activations.
+def _streamable_input(source) -> bool:
+    """Whether squeeze.passes.stream reads this model (a dense or sparse-bitmask safetensors folder)."""
+    try:
+        streamable_source(str(source.path), source.trust_remote_code)
+    except SqueezeError:
+        return False
+    return True
 
-    Quantize and prune hold the input and the record of what they compare it with (its blocks'
-    last hidden states on the evaluation tokens and a copy of everything outside its blocks:
-    embeddings, final norm, head): the input itself for the first stage; for a later stage the
-    original, loaded whole, recorded and dropped before the input is loaded (whichever of the two
-    moments is larger is the peak). While calibrating they also hold the
-    inputs and outputs of one block for every calibration window, plus what the method holds (its
-    ``calibration_bytes``: GPTQ and SparseGPT one in_features² Hessian per Linear of a block, AWQ
-    the captured inputs of its widest layer). Distillation holds the teacher and the student with
+
+def _streams(step: CompressionStep) -> bool:
+    """Whether the step's config streams (squeeze.passes.stream)."""
+    try:
+        step.check_stream(RunSettings())
+    except SqueezeError:
+        return False
+    return True
+
+
+def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evaluate: bool, dtype_bytes: int) -> None:
+    """Set ``entry.memory_bytes`` (resident) and, where the stage can stream, ``entry.stream_bytes``:
+    rough peak RSS in bytes (squeeze.memory). Distillation holds the teacher and the student with
     its gradients and AdamW moments (4 copies, float32), the teacher's logits of one batch and the
-    student's saved activations. Evaluation adds the logits of two models for one batch of two and
-    a chunk of their log-softmax. Memory freed after calibration mostly stays with the process (the allocator
-    keeps it), so calibration and evaluation add up. On SmolLM2 (magnitude 30% then RTN W4 g64, 4,096
-    evaluation tokens, 2026-11-30) the estimates were 2% and 10% under the measured peaks (1.79 and
-    2.09 GiB), so a budget refusal comes late rather than early; every recipe summary shows both.
-    """
-    config = model.config
-    hidden = getattr(config, "hidden_size", 0)
-    vocab = getattr(config, "vocab_size", 0)
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    heads = getattr(config, "num_attention_heads", 1)
-    seq = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
-    params = sum(p.numel() for p in model.parameters())
-    original_params = sum(p.numel() for p in original.parameters())
-    # both models' float32 logits of a batch of two windows, and one METRIC_CHUNK of positions of
-    # each in log-softmax (squeeze.evaluate.compare_causal)
-    evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
+    student's saved activations, and the evaluation's logits."""
     stage = entry.stage
+    seq = min(recipe.seq_len, getattr(original.config, "max_position_embeddings", None) or recipe.seq_len)
     if isinstance(stage, DistillStage):
-        teacher = original_params * dtype_bytes
-        blocks = len(block_list(model)[1])
-        activations = stage.batch_size * seq * (blocks * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
-        return PROCESS_BYTES + teacher + 16 * params + activations + evaluation
-    held = params * dtype_bytes
-    if evaluate:
-        compared = model if entry.index == 0 else original
-        outside_blocks = sum(p.numel() for p in compared.parameters()) - sum(p.numel() for p in block_list(compared)[1].parameters())
-        record = (outside_blocks + recipe.eval_tokens // seq * seq * hidden) * dtype_bytes
-        held = max(held + record, original_params * dtype_bytes if entry.index else 0)
-    calibration = 0
+        config = model.config
+        hidden = getattr(config, "hidden_size", 0)
+        vocab = getattr(config, "vocab_size", 0)
+        inter = getattr(config, "intermediate_size", 4 * hidden)
+        heads = getattr(config, "num_attention_heads", 1)
+        params = sum(p.numel() for p in model.parameters())
+        teacher = sum(p.numel() for p in original.parameters()) * dtype_bytes
+        activations = stage.batch_size * seq * (len(block_list(model)[1]) * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
+        evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
+        entry.memory_bytes = PROCESS_BYTES + teacher + 16 * params + activations + evaluation
+        return
+    quantize = isinstance(stage, QuantizeStage)
+    method_bytes = 0
     if entry.calibration_tokens:
-        calibration = 2 * entry.calibration_tokens * hidden * dtype_bytes
-        methods = METHODS if isinstance(stage, QuantizeStage) else PRUNE_METHODS
-        calibration += methods.get(stage.method).calibration_bytes(model, entry.calibration_tokens, dtype_bytes)
-    codes = params if isinstance(stage, QuantizeStage) else 0  # integer codes, one byte per weight, beside the float weights
-    return PROCESS_BYTES + held + codes + calibration + evaluation
+        methods = METHODS if quantize else PRUNE_METHODS
+        method_bytes = methods.get(stage.method).calibration_bytes(model, entry.calibration_tokens, dtype_bytes)
+    shape = PassShape(
+        quantize, method_bytes, entry.calibration_tokens, recipe.eval_tokens // seq * seq, seq, evaluate, entry.index > 0, dtype_bytes,
+    )
+    entry.memory_bytes = resident_bytes(model, original, shape)
+    entry.block_bytes = block_bytes(model, dtype_bytes)
+    if entry.streamable:
+        entry.stream_bytes = streamed_bytes(model, original, shape)
 
 
-def check_memory(
-    plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None, can_stream: bool = False,
-) -> int | None:
-    """Refuse (OptionError naming ``memory_budget``) a plan with a stage whose estimated peak
-    (``PlannedStage.memory_bytes``) is above the budget: ``memory_budget`` when given, else the
-    memory available now less a margin. ``what`` names the work in the message (default: the
-    stage); ``can_stream`` adds that ``--stream`` would hold one block. Returns the budget, None
-    when there is none to check against."""
+def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None, stream: bool = False) -> int | None:
+    """Settle how each quantize or prune stage runs: held whole, or streamed one block at a time
+    (``stream`` asks for it; a stage whose whole-model estimate is above the budget but whose
+    streamed one fits gets it too), and refuse (OptionError naming ``memory_budget``) a stage
+    that fits neither way. The budget is ``memory_budget`` when given, else the memory available
+    now less a margin. ``what`` names the work in the message (default: the stage). Returns the
+    budget, None when there is none to check against."""
+    for entry in plan:
+        entry.stream = stream and entry.streamable
     budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
     if budget is None:
         return None
     for entry in plan:
-        if entry.memory_bytes > budget:
-            name = what or f"stage {entry.index + 1} ({entry.folder})"
-            limit = "the budget" if memory_budget is not None else "the memory available now less a margin"
-            instead = ", or quantize one block at a time with {1} (rtn, hqq; with {2})" if can_stream else ""
-            raise OptionError(
-                f"{literal(name)} needs about {in_gib(entry.memory_bytes)} of memory by squeeze's estimate, above {limit} "
-                f"({in_gib(budget)}); squeeze holds the whole model in memory: free some, set {{0}} if you know it fits{instead}",
-                "memory_budget", *(("stream", "no_eval") if can_stream else ()),
-            )
+        estimate = entry.stream_bytes if entry.stream else entry.memory_bytes
+        if estimate is not None and estimate <= budget:
+            continue
+        if entry.stream_bytes is not None and entry.stream_bytes <= budget:
+            entry.stream = True  # it fits one block at a time
+            continue
+        name = what or f"stage {entry.index + 1} ({entry.folder})"
+        limit = "the budget" if memory_budget is not None else "the memory available now less a margin"
+        ways = f"{in_gib(entry.memory_bytes)} of memory held whole"
+        if entry.stream_bytes is not None:
+            ways += f", {in_gib(entry.stream_bytes)} one block at a time (one block alone is {in_gib(entry.block_bytes)})"
+        else:
+            ways += " (it cannot stream: see --stream in --help)"
+        raise OptionError(
+            f"{literal(name)} needs about {literal(ways)} by squeeze's estimate, above {limit} ({in_gib(budget)}): "
+            "free some memory, or set {0} if you know it fits",
+            "memory_budget",
+        )
     return budget
 
 
 def check_pass_memory(
     stage: StageOptions, model: str, data: str, eval_tokens: int, seq_len: int, dtype: str, evaluate: bool,
-    trust_remote_code: bool, memory_budget: int | str | None = None,
-) -> None:
-    """:func:`check_memory` for one pass run on its own, before it loads anything. A stage that
-    does not plan is left to the pass, which says what is wrong in its own words."""
+    trust_remote_code: bool, memory_budget: int | str | None = None, stream: bool = False,
+) -> bool:
+    """:func:`check_memory` for one pass run on its own, before it loads anything: whether it
+    streams (asked for with ``stream``, or because only then it fits). A stage that does not
+    plan is left to the pass, which says what is wrong in its own words."""
     if memory_budget is not None:
         parse_size(memory_budget, "memory_budget")
     try:
         _, plan = plan_run([stage], model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
     except SqueezeError:
-        return
-    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", can_stream=isinstance(stage, QuantizeStage))
+        return stream
+    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", stream=stream)
+    return stream or plan[0].stream
 
 
 def plan_run(
@@ -294,13 +321,15 @@ def run_recipe(
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str | None = None,
     memory_budget: int | str | None = None,
+    stream: bool = False,
 ) -> dict:
     """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
 
     ``recipe`` is a YAML file, a Recipe, or a list of stage options (QuantizeStage, PruneStage,
     DistillStage). ``data``, ``eval_tokens``, ``seq_len`` and ``max_shard_size`` override the recipe's.
-    A stage whose estimated peak memory is above ``memory_budget`` (default: the memory available
-    now less a margin) is refused before anything runs (:func:`check_memory`). Stage N reads
+    Quantize and prune stages run one transformer block at a time with ``stream``, or where only
+    that fits ``memory_budget`` (default: the memory available now less a margin); a stage that
+    fits neither way is refused before anything runs (:func:`check_memory`). Stage N reads
     what stage N-1 wrote and is scored against ``model``. Stages are written into ``OUT.partial/``
     (each stage folder atomically), which becomes ``out`` with summary.json/md/png at the end. If a
     stage fails or is interrupted, the finished ones stay in ``OUT.partial`` and ``resume``
@@ -315,7 +344,7 @@ def run_recipe(
     check_output_dir(out, overwrite)
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
-    check_memory(plan, memory_budget)
+    check_memory(plan, memory_budget, stream=stream)
     staging = out.parent / f"{out.name}.partial"
     if staging.exists() and not staging.is_dir():
         raise SqueezeError(f"{staging} exists and is a file")
@@ -378,7 +407,7 @@ def run_recipe(
                     report = run(
                         source, folder, config, data=recipe.data, calibration_data=stage.calib_data,
                         calibration_samples=stage.calib_samples, batch_size=stage.batch_size,
-                        reference=model if entry.index else None, **common,
+                        reference=model if entry.index else None, stream=entry.stream, **common,
                     )
             except SqueezeError as exc:
                 failed = f"stage {entry.index + 1} ({entry.folder}): {in_words(exc, recipe_spelling)}"
@@ -389,7 +418,7 @@ def run_recipe(
                 raise SqueezeError(failed) from None
             assert report is not None
             reports.append(report.to_dict())
-            done.write_text(json.dumps({"identity": identity, "memory_estimate_bytes": entry.memory_bytes}, indent=1) + "\n")
+            done.write_text(json.dumps({"identity": identity, "memory_estimate_bytes": entry.estimate}, indent=1) + "\n")
         summary = _write_summary(staging, recipe, plan, reports, settings)
     except BaseException:
         _keep_finished(staging)
@@ -420,7 +449,7 @@ def _write_summary(folder: Path, recipe: Recipe, plan: list[PlannedStage], repor
         return teacher == "original" or (entry.index == 0 and teacher in (None, "previous"))
 
     rows += [
-        compare.stage_row(report, entry.folder, memory_estimate=entry.memory_bytes, compared_with=original if against_original(entry) else None)
+        compare.stage_row(report, entry.folder, memory_estimate=entry.estimate, compared_with=original if against_original(entry) else None)
         for entry, report in zip(plan, reports)
     ]
     title = f"squeeze recipe {recipe.name}: {settings['model']}"

@@ -72,7 +72,7 @@ def stage_row(
         compared_with=compared if accuracy else None,
         seconds=sum(v for k, v in report["timings_s"].items() if k != "total"),
         peak_rss_bytes=report.get("peak_rss_bytes"),
-        memory_estimate_bytes=memory_estimate,
+        memory_estimate_bytes=memory_estimate or report.get("memory_estimate_bytes"),
         group=group,
     )
 

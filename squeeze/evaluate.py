@@ -51,7 +51,10 @@ def window_batches(windows: torch.Tensor, batch_size: int):
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the token ids go: the model's parameters' device, or what a stand-in model (one with
+    no parameters of its own, squeeze.stream.reference) says."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else getattr(model, "input_device", torch.device("cpu"))
 
 
 @torch.no_grad()

@@ -167,6 +167,7 @@ class Report:
     loading: str = ""  # markdown: how to load the checkpoint without squeeze, when it takes more than from_pretrained
     squeeze_version: str = ""
     created: str = ""
+    memory_estimate_bytes: int | None = None  # squeeze.memory's estimate of the peak, made before loading
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -284,6 +285,8 @@ def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]
         rows.append(("evaluation text", "", f"{a.data}: {a.windows} x {a.seq_len} tokens"))
     rows += speed_rows(report.speed)
     rows.append(("peak RSS", "", _fmt_bytes(report.peak_rss_bytes)))
+    if report.memory_estimate_bytes:
+        rows.append(("peak RSS estimated before loading", "", _fmt_bytes(report.memory_estimate_bytes)))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items())
     rows.append(("wall time", "", f"{sum(report.timings_s.values()):.1f}s ({timings})"))
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,10 @@ def one_line_refusal(result, *words: str) -> None:
 def test_a_pass_above_the_budget_is_refused_before_loading(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     result = run("quantize", tiny_llama_dir, "--out", out, "--memory-budget", "1MB")
-    one_line_refusal(result, "this quantize pass needs about", "above the budget (976.6 KiB", "--memory-budget", "--stream (rtn, hqq; with --no-eval)")
+    one_line_refusal(
+        result, "this quantize pass needs about", "held whole", "one block at a time (one block alone is 144.5 KiB)",
+        "above the budget (976.6 KiB", "--memory-budget",
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -65,3 +69,40 @@ def test_without_a_budget_the_available_memory_is_the_limit(tiny_llama_dir: Path
     assert check_memory(plan) == need
     monkeypatch.setattr(chain, "default_memory_budget", lambda: None)  # unknown: nothing to check against
     assert check_memory(plan) is None
+
+
+def test_a_stage_that_fits_only_streamed_is_streamed(tiny_llama_dir: Path) -> None:
+    _, plan = plan_run([QuantizeStage(bits=8)], str(tiny_llama_dir))
+    entry = plan[0]
+    assert entry.streamable and entry.stream_bytes is not None and not entry.stream
+    entry.memory_bytes = entry.stream_bytes + 1  # as for a model too big to hold whole
+    assert check_memory(plan, entry.stream_bytes) == entry.stream_bytes
+    assert entry.stream and entry.estimate == entry.stream_bytes
+    with pytest.raises(OptionError, match="one block at a time"):
+        check_memory(plan, entry.stream_bytes - 1)
+
+
+def test_what_cannot_stream_is_never_streamed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    assert run("quantize", tiny_llama_dir, "--out", tmp_path / "q", *QUIET).exit_code == 0
+    _, plan = plan_run([QuantizeStage(bits=8)], str(tmp_path / "q"))  # a quantized input is read whole
+    assert not plan[0].streamable and plan[0].stream_bytes is None
+    _, plan = plan_run([QuantizeStage(bits=8, format="gptq", mode="per-group", group_size=32)], str(tiny_llama_dir))
+    assert not plan[0].streamable  # the gptq format is written whole
+    check_memory(plan, stream=True)
+    assert not plan[0].stream
+
+
+def test_a_recipe_streams_every_stage(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - prune: {method: wanda, sparsity: 0.5, calib_samples: 4}\n  - quantize: {method: gptq, bits: 4, calib_samples: 4}\n")
+    out = tmp_path / "run"
+    dry = run("run", recipe, "--model", tiny_llama_dir, "--out", out, "--stream", "--dry-run", "--json", "--seq-len", "32")
+    assert dry.exit_code == 0, dry.output
+    assert "streamed" in dry.output
+    result = run("run", recipe, "--model", tiny_llama_dir, "--out", out, "--stream", "--quiet", "--eval-tokens", "256", "--seq-len", "32",
+                 "--data", "shakespeare")
+    assert result.exit_code == 0, result.output
+    reports = sorted(out.glob("*/report.json"))
+    assert len(reports) == 2
+    for report in reports:
+        assert json.loads(report.read_text())["settings"]["streamed"] is True

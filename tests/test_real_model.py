@@ -99,3 +99,19 @@ def test_smollm2_gguf_teacher_distills_into_a_student_plain_transformers_loads(t
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = load_model(str(out)).model(input_ids=ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_gguf_streams_the_weights_the_resident_load_has() -> None:
+    """The streamed reader dequantizes and reorders each GGUF tensor as transformers' whole-file load does."""
+    from squeeze.models import meta_model, resolve_model
+    from squeeze.packages import SMOLLM2
+    from squeeze.stream.gguf import GGUFTensors
+
+    source = resolve_model(str(SMOLLM2.root() / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert source.is_gguf
+    tensors = GGUFTensors(source.path, meta_model(source))
+    state = load_model(source).model.state_dict()
+    names = [n for n in state if n.startswith(("model.layers.0.", "model.layers.29.", "model.norm", "model.embed_tokens"))]
+    assert len(names) == 2 * 9 + 2 and all(n in tensors for n in names)
+    for name, tensor in tensors.read(names).items():
+        assert torch.equal(tensor, state[name]), name

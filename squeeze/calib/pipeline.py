@@ -8,6 +8,11 @@ calibrated on what the compressed blocks before it really produce.
 
 Time spent running calibration text is counted on a :class:`CalibrationClock` the caller owns
 (one per run), so two runs never add to each other's count.
+
+Where the blocks come from is the caller's choice: by default they are the model's own, resident;
+inside :func:`streamed_blocks` a :class:`BlockSource` hands each block over when its turn comes
+and takes it back when it is done (squeeze.passes.stream reads blocks from disk and writes them
+out that way), so every method built on this pipeline streams without knowing it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager
+from contextvars import ContextVar
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +50,29 @@ class CalibrationClock:
 
 def _timing(clock: CalibrationClock | None) -> ContextManager[None]:
     return clock.timing() if clock is not None else nullcontext()
+
+
+class BlockSource(Protocol):
+    """Hands out the blocks of a model one at a time (see the module docstring)."""
+
+    def onload(self, index: int) -> nn.Module:
+        """Block ``index``, ready to run; called after the block inputs were captured."""
+
+    def offload(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is compressed and its outputs computed: take it back."""
+
+
+_SOURCE: ContextVar[BlockSource | None] = ContextVar("block_source", default=None)
+
+
+@contextmanager
+def streamed_blocks(source: BlockSource) -> Iterator[None]:
+    """Within this context, :func:`calibrate_sequentially` takes its blocks from ``source``."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
 
 
 class _StopForward(Exception):
@@ -141,10 +170,14 @@ def calibrate_sequentially(
     inputs = capture_block_inputs(model, batches, clock)
     if not inputs:
         raise SqueezeError("no calibration batches reached the model")
-    for index, block in enumerate(blocks):
+    source = _SOURCE.get()
+    for index in range(len(blocks)):
         name = f"{prefix}.{index}"
+        block = source.onload(index) if source is not None else blocks[index]
         compress_block(name, block, inputs)
         inputs = run_block(block, inputs, clock)
+        if source is not None:
+            source.offload(index, block)
         if on_block:
             on_block(name)
     return clock.seconds - start

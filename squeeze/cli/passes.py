@@ -10,7 +10,7 @@ import typer
 from pydantic import BaseModel
 
 from squeeze.cli.app import (
-    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, MemoryBudgetOption, ModelArg,
+    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, MemoryBudgetOption, ModelArg, StreamOption,
     NoEvalOption, OverwriteOption, QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, layer_shapes,
     model_stem, print_report,
 )
@@ -21,7 +21,6 @@ from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.passes.distill import distill as distill_pass
 from squeeze.passes.prune import prune as prune_pass
 from squeeze.passes.quantize import quantize as quantize_pass
-from squeeze.passes.stream_quantize import check_streamable, stream_quantize
 from squeeze.progress import ConsoleProgress, NullProgress
 from squeeze.recipes import DistillStage, PruneStage, QuantizeStage
 
@@ -60,7 +59,7 @@ def quantize(
     measure_speed: MeasureSpeedOption = False,
     max_shard_size: MaxShardOption = "5GB",
     memory_budget: MemoryBudgetOption = None,
-    stream: Annotated[bool, typer.Option("--stream", help="Read, quantize and write one transformer block at a time, never the whole model (rtn weight-only and hqq into compressed-tensors, with --no-eval).")] = False,
+    stream: StreamOption = False,
     **options: Any,
 ) -> None:
     """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -78,21 +77,13 @@ def quantize(
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
         out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
-    if stream:
-        call(check_streamable, config, not no_eval)
-        report = call(
-            stream_quantize, model, out_dir, config, device, dtype, overwrite, trust_remote_code, max_shard_size,
-            NullProgress() if quiet else ConsoleProgress(err),
-        )
-        print_report(report, out_dir, f"{fmt} safetensors, config.json, report.json, report.md", as_json, quiet)
-        return
-    call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget)
+    stream = call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream)
     _run_pass(
         quantize_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, stream=stream,
     )
 
 
@@ -136,6 +127,7 @@ def prune(
     measure_speed: MeasureSpeedOption = False,
     max_shard_size: MaxShardOption = "5GB",
     memory_budget: MemoryBudgetOption = None,
+    stream: StreamOption = False,
     **options: Any,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
@@ -149,13 +141,13 @@ def prune(
         stem = model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{stage.method}-{amount}{PRUNED_FORMATS.get(fmt).suffix}")
-    call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget)
+    stream = call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream)
     _run_pass(
         prune_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, stream=stream,
     )
 
 

@@ -12,9 +12,10 @@ from rich.table import Table
 
 from squeeze import compare
 from squeeze.bench import run_suite
-from squeeze.chain import plan_run, run_recipe
+from squeeze.chain import check_memory, plan_run, run_recipe
 from squeeze.cli.app import (
-    DeviceOption, DtypeOption, JsonOption, MemoryBudgetOption, NoEvalOption, OverwriteOption, QuietOption, TrustOption, app, call, err, fail, model_stem,
+    DeviceOption, DtypeOption, JsonOption, MemoryBudgetOption, NoEvalOption, OverwriteOption, QuietOption, StreamOption, TrustOption, app,
+    call, err, fail, model_stem,
     out,
 )
 from squeeze.progress import ConsoleProgress, NullProgress
@@ -39,12 +40,14 @@ def run(
     trust_remote_code: TrustOption = False,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest safetensors file a stage writes, e.g. 5GB or 500MiB (default: the recipe's, else 5GB).")] = None,
     memory_budget: MemoryBudgetOption = None,
+    stream: StreamOption = False,
 ) -> None:
     """Run a recipe: prune, distill and quantize in one chain, each stage scored against the original; a summary table and plot at the end."""
     if out_dir is None:
         out_dir = Path(f"{recipe.stem}-{model_stem(model)}")
     if dry_run:
         loaded, plan = call(plan_run, recipe, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, max_shard_size)
+        call(check_memory, plan, memory_budget, stream=stream)
         _print_plan(loaded, plan, model, out_dir, as_json)
         return
     progress = NullProgress() if quiet else ConsoleProgress(err)
@@ -57,7 +60,7 @@ def run(
     summary = call(
         run_recipe, recipe, model, out_dir, data=data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
-        on_stage=announce, max_shard_size=max_shard_size, memory_budget=memory_budget,
+        on_stage=announce, max_shard_size=max_shard_size, memory_budget=memory_budget, stream=stream,
         interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); nothing was written to {out_dir}",
     )
     if as_json:
@@ -94,7 +97,8 @@ def _print_plan(recipe, plan, model: str, out_dir: Path, as_json: bool) -> None:
             "stage": entry.index + 1, "folder": entry.folder, "pass": entry.stage.pass_name, "input": entry.input,
             "options": entry.stage.model_dump(exclude_defaults=True), "calibration_tokens": entry.calibration_tokens,
             "training_tokens": entry.training_tokens, "evaluation_tokens": entry.evaluation_tokens,
-            "memory_estimate_bytes": entry.memory_bytes,
+            "memory_estimate_bytes": entry.estimate, "streamed": entry.stream,
+            "memory_estimate_whole_bytes": entry.memory_bytes, "memory_estimate_streamed_bytes": entry.stream_bytes,
         }
         for entry in plan
     ]
@@ -107,11 +111,12 @@ def _print_plan(recipe, plan, model: str, out_dir: Path, as_json: bool) -> None:
         table.add_column(name, overflow="fold")
     for entry in plan:
         table.add_row(
-            str(entry.index + 1), entry.folder, entry.input, settings(entry.stage), reads(entry), f"{entry.memory_bytes / 2**30:.1f} GiB",
+            str(entry.index + 1), entry.folder, entry.input, settings(entry.stage), reads(entry),
+            f"{entry.estimate / 2**30:.1f} GiB" + (" (streamed)" if entry.stream else ""),
         )
     out.print(table)
     out.print(f"evaluation text: {recipe.data}, windows of {recipe.seq_len} tokens; every stage is scored against {model}")
-    out.print("memory ≈ is an estimate of the peak RAM of each stage; the summary shows it next to the measured peak")
+    out.print("memory ≈ is an estimate of the peak RAM of each stage (streamed: one block in memory at a time); the summary shows it next to the measured peak")
 
 
 @app.command()

@@ -185,6 +185,18 @@ class PrunedFormat(Format):
         ``max_shard_bytes`` per safetensors file."""
         raise NotImplementedError
 
+    def encode(self, state: dict[str, torch.Tensor], sparse_layers: list[str]) -> dict[str, torch.Tensor]:
+        """``state`` (some or all of a model's tensors) with the weights of ``sparse_layers`` in this
+        format's layout: what :meth:`write` stores, one part of a model at a time."""
+        raise NotImplementedError
+
+    def write_config(
+        self, model: nn.Module, structure: str, global_sparsity: float, sparse_layers: list[str], out_dir: Path, tokenizer=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """config.json (its sparsity as :meth:`write` records it) and tokenizer, without the tensors."""
+        raise NotImplementedError
+
 
 
 # The formats by name. Each format's module registers its class with ``@QUANTIZED_FORMATS.register``

@@ -66,6 +66,9 @@ model.tie_weights()
 '''
 
 
+BITMASK_PARTS = ("compressed", "bitmask", "row_offsets", "shape")  # the tensors standing for one sparse weight
+
+
 def bitmask_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The sparse-bitmask tensors of one weight ``[out, in]`` (see the module docstring)."""
     weight = weight.detach().cpu()
@@ -160,9 +163,15 @@ class _SparsityConfigFormat(PrunedFormat):
     ) -> Written:
         out_dir.mkdir(parents=True, exist_ok=True)
         state = self.encode(dense_tensors(model, dtype), sparse_layers)
+        self.write_config(model, structure, global_sparsity, sparse_layers, out_dir, tokenizer, dtype)
+        return Written(save_safetensors(state, out_dir, max_shard_bytes), list(self.notes))
+
+    def write_config(
+        self, model: nn.Module, structure: str, global_sparsity: float, sparse_layers: list[str], out_dir: Path, tokenizer=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         config = sparse_only_config(sparsity_config(self.name, structure, global_sparsity, sparse_layers))
         write_config_files(model, out_dir, config, tokenizer, dtype)
-        return Written(save_safetensors(state, out_dir, max_shard_bytes), list(self.notes))
 
 
 @PRUNED_FORMATS.register

@@ -159,17 +159,42 @@ def prepare(
     )
 
 
-def sparsity_structure(layers: dict[str, torch.nn.Module], zeros: dict[str, int]) -> str | None:
-    """``N:M`` if every layer holding zeros follows one of the common patterns, ``unstructured``
-    if the layers hold at least SPARSE_INPUT_SHARE exact zeros otherwise, None for a dense model."""
-    total = sum(m.weight.numel() for m in layers.values())
-    if sum(zeros.values()) < SPARSE_INPUT_SHARE * total:
-        return None
-    sparse = [m.weight for name, m in layers.items() if zeros[name]]
-    for n, m in ((1, 4), (2, 4), (4, 8)):  # tightest first: a 1:4 layer also has at most 2 of 4
-        if all(is_n_m(w, n, m) for w in sparse):
-            return f"{n}:{m}"
-    return "unstructured"
+class SparseInput:
+    """The exact zeros of a model's layers, gathered one layer at a time (a streamed model is never
+    whole): how many, and the N:M patterns every layer holding zeros follows."""
+
+    PATTERNS = ((1, 4), (2, 4), (4, 8))  # tightest first: a 1:4 layer also has at most 2 of 4
+
+    def __init__(self) -> None:
+        self.parameters = 0
+        self.zeros: dict[str, int] = {}
+        self.patterns = set(self.PATTERNS)
+
+    def add(self, name: str, weight: torch.Tensor) -> None:
+        zeros = int((weight == 0).sum())
+        self.parameters += weight.numel()
+        self.zeros[name] = zeros
+        if zeros:
+            self.patterns &= {(n, m) for n, m in self.PATTERNS if is_n_m(weight, n, m)}
+
+    @property
+    def structure(self) -> str | None:
+        """``N:M`` if every layer holding zeros follows one of the common patterns, ``unstructured``
+        if the layers hold at least SPARSE_INPUT_SHARE exact zeros otherwise, None for a dense model."""
+        if sum(self.zeros.values()) < SPARSE_INPUT_SHARE * self.parameters:
+            return None
+        for n, m in self.PATTERNS:
+            if (n, m) in self.patterns:
+                return f"{n}:{m}"
+        return "unstructured"
+
+
+def sparsity_structure(layers: dict[str, torch.nn.Module]) -> str | None:
+    """:attr:`SparseInput.structure` of these layers."""
+    sparse = SparseInput()
+    for name, module in layers.items():
+        sparse.add(name, module.weight)
+    return sparse.structure
 
 
 def sparsity_report(

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from squeeze.errors import OptionError
 from squeeze.formats import PRUNED_FORMATS, Written
-from squeeze.formats.files import MAX_SHARD_BYTES
+from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors
 from squeeze.formats.sparse import bitmask_bytes
 from squeeze.passes.common import GENERATION_PROMPTS, Prepared, sparsity_report
 from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
+from squeeze.passes.stream import stream_pass
 from squeeze.progress import Progress
 from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
 from squeeze.prune.layers import PruneResult
@@ -47,6 +49,9 @@ class PruneStep(CompressionStep):
 
     def start(self, prep: Prepared) -> tuple[str, int]:
         self.targets = {name: sparsity for name, (_, sparsity) in prep.plan.items()}
+        self.plan_entries = dict(prep.plan)  # pruned in place: holding the layers keeps nothing extra alive
+        self.parts: list[PruneResult] = []
+        self.stored_bytes = self.bitmask_bytes = 0
         self.calib_windows = prep.calib_windows
         self.linear_flops = prep.linear_flops
         return self.method.steps(prep.loaded.model, prep.plan)
@@ -60,8 +65,18 @@ class PruneStep(CompressionStep):
         assert result is not None
         stored = prep.loaded.stored_dtype
         modules = dict(model.named_modules())
-        self.dense_bytes = sum(layer.numel * stored.itemsize for layer in result.layers)
         self.stored_bytes = sum(self.format.weight_bytes(modules[layer.name].weight, stored) for layer in result.layers)
+        self.bitmask_bytes = sum(bitmask_bytes(modules[layer.name].weight, stored) for layer in result.layers)
+        self._sparsity(stored)
+        return self.format.write(
+            model, self.config.structure, self.sparsity.sparsity, [layer.name for layer in result.layers], folder,
+            prep.loaded.tokenizer, stored, max_shard_bytes,
+        )
+
+    def _sparsity(self, stored: torch.dtype) -> None:
+        result = self.result
+        assert result is not None
+        self.dense_bytes = sum(layer.numel * stored.itemsize for layer in result.layers)
         numel = sum(layer.numel for layer in result.layers)
         self.sparsity = sparsity_report(
             self.config.structure,
@@ -69,12 +84,40 @@ class PruneStep(CompressionStep):
             [(layer.numel, layer.zeros) for layer in result.layers],
             self.linear_flops,
             self.dense_bytes,
-            sum(bitmask_bytes(modules[layer.name].weight, stored) for layer in result.layers),  # what a bitmask layout takes
+            self.bitmask_bytes,  # what a bitmask layout takes
         )
-        return self.format.write(
-            model, self.config.structure, self.sparsity.sparsity, [layer.name for layer in result.layers], folder,
-            prep.loaded.tokenizer, stored, max_shard_bytes,
-        )
+
+    def check_stream(self, run: RunSettings) -> None:
+        if self.config.scope == "global":
+            raise OptionError("{0} prunes one block at a time: a {1} ranking needs every layer at once", "stream", "scope global")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.method.needs_calibration
+
+    def compress_part(self, model: nn.Module, names: tuple[str, ...], on_step: Callable[[str], None]) -> None:
+        plan = {name: self.plan_entries[name] for name in names if self.plan_entries[name][1] > 0}
+        self.parts.append(self.method.run(model, self.config, plan, None, on_step))
+
+    def finish_parts(self) -> float:
+        dense = [name for name, (_, sparsity) in self.plan_entries.items() if sparsity == 0]
+        self.result = PruneResult(layers=[e for r in self.parts for e in r.layers], dense=dense, notes=[n for r in self.parts for n in r.notes])
+        return 0.0
+
+    def part_tensors(self, part: nn.Module, base: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        pruned = [name for name, _ in part.named_modules() if self.targets.get(base + name, 0) > 0]
+        for name in pruned:
+            weight = part.get_submodule(name).weight
+            self.stored_bytes += self.format.weight_bytes(weight, dtype)
+            self.bitmask_bytes += bitmask_bytes(weight, dtype)
+        state = {base + k: v for k, v in dense_tensors(part, dtype).items()}
+        return self.format.encode(state, [base + name for name in pruned])
+
+    def write_config(self, model: nn.Module, prep: Prepared, folder: Path) -> list[str]:
+        assert self.result is not None
+        self._sparsity(prep.loaded.stored_dtype)
+        self.format.write_config(model, self.config.structure, self.sparsity.sparsity, [layer.name for layer in self.result.layers], folder, prep.loaded.tokenizer, prep.loaded.stored_dtype)
+        return list(self.format.notes)
 
     def report(self, model: nn.Module, prep: Prepared, written: Written, run: RunSettings, out: Path) -> ReportParts:
         config, result = self.config, self.result
@@ -135,17 +178,18 @@ def prune(
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str = MAX_SHARD_BYTES,
+    stream: bool = False,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
 
-    Text, windows, devices, dtypes, ``reference`` and ``max_shard_size`` work as in
+    Text, windows, devices, dtypes, ``reference``, ``max_shard_size`` and ``stream`` work as in
     :func:`squeeze.passes.quantize.quantize`.
     Wanda and SparseGPT calibrate on ``calibration_samples`` windows of ``calibration_data``
     (default: ``data``); magnitude pruning reads no text but the evaluation's.
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
-        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"),
+        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
     )
-    return run_pass(PruneStep(config), model, out, run, progress)
+    return (stream_pass if stream else run_pass)(PruneStep(config), model, out, run, progress)

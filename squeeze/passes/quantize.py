@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from squeeze.errors import OptionError, literal
 from squeeze.formats import QUANTIZED_FORMATS, Written
-from squeeze.formats.files import MAX_SHARD_BYTES
-from squeeze.passes.common import GENERATION_PROMPTS, Prepared, sparsity_report, sparsity_structure
+from squeeze.formats.compressed_tensors import quantization_config
+from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, write_config_files
+from squeeze.formats.sparse import sparsity_config
+from squeeze.passes.common import GENERATION_PROMPTS, Prepared, SparseInput, sparsity_report
 from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
+from squeeze.passes.stream import stream_pass
 from squeeze.progress import Progress
 from squeeze.quant.apply import plan_quantize, quantize_model
 from squeeze.quant.config import QuantizeConfig
-from squeeze.quant.layers import QuantizeResult
+from squeeze.quant.layers import QuantizeResult, ignored_layers
 from squeeze.quant.methods import METHODS
 from squeeze.report import LayerReport, Report
 from squeeze.sizes import parse_size
+
+
+STREAMED_FORMATS = ("compressed-tensors",)  # the formats a streamed quantization writes, one part at a time
 
 
 class QuantizeStep(CompressionStep):
@@ -45,22 +54,75 @@ class QuantizeStep(CompressionStep):
         layers = prep.plan
         self.linear_before = sum(m.weight.numel() * prep.loaded.stored_dtype.itemsize for m in layers.values())
         self.parameters = sum(m.weight.numel() for m in layers.values())
-        self.input_zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
-        self.sparse_input = sparsity_structure(layers, self.input_zeros)  # a pruned input keeps its zeros
+        self.input = SparseInput()  # a pruned input keeps its zeros
+        if not any(m.weight.is_meta for m in layers.values()):
+            self.observe_part(layers)
         self.calib_windows = prep.calib_windows
         self.linear_flops = prep.linear_flops
+        self.linear_after = 0
+        self.parts: list[QuantizeResult] = []
         return self.method.steps(prep.loaded.model, layers)
+
+    def observe_part(self, layers: dict[str, nn.Module]) -> None:
+        for name, module in layers.items():
+            self.input.add(name, module.weight)
 
     def compress(self, model: nn.Module, calibration, on_step: Callable[[str], None]) -> float:
         self.result = quantize_model(model, self.config, calibration, on_step=on_step)
-        zeros = sum(self.input_zeros.values())
+        return self._finish()
+
+    def _finish(self) -> float:
+        assert self.result is not None
+        self.sparse_input = self.input.structure
         self.sparsity = None
         if self.sparse_input is not None:
+            zeros = sum(self.input.zeros.values())
             self.sparsity = sparsity_report(
                 self.sparse_input, zeros / max(self.parameters, 1),
                 [(e.shape[0] * e.shape[1], e.zeros) for e in self.result.layers], self.linear_flops,
             )
         return self.result.calibration_s
+
+    def check_stream(self, run: RunSettings) -> None:
+        method, fmt = self.config.method, self.config.format
+        if self.config.needs_calibration and not self.method.blockwise:
+            raise OptionError(f"{{0}} cannot measure static activation ranges with {literal(method)}: the whole model would run at once", "stream")
+        if fmt not in STREAMED_FORMATS:
+            raise OptionError(f"{{0}} writes {' or '.join(STREAMED_FORMATS)}: drop {{1}} {literal(fmt)}", "stream", "format")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.method.blockwise
+
+    def compress_part(self, model: nn.Module, names: tuple[str, ...], on_step: Callable[[str], None]) -> None:
+        self.parts.append(self.method.run(model, dataclasses.replace(self.config, targets=names, ignore=()), None, on_step))
+
+    def finish_parts(self) -> float:
+        self.result = QuantizeResult(
+            layers=[e for r in self.parts for e in r.layers], quantized=[n for r in self.parts for n in r.quantized],
+            ignored=[], notes=[note for r in self.parts for note in r.notes],
+        )
+        return self._finish()
+
+    def part_tensors(self, part: nn.Module, base: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in part.named_modules():
+            if isinstance(module, self.format.layer_type):
+                tensors.update(self.format.layer_tensors(base + name, module))
+                self.linear_after += self.format.weight_bytes(module)
+        tensors.update({base + k: v for k, v in dense_tensors(part, dtype, skip=self.format.layer_type).items()})
+        return tensors
+
+    def write_config(self, model: nn.Module, prep: Prepared, folder: Path) -> list[str]:
+        assert self.result is not None
+        if not self.result.ignored:
+            self.result.ignored = ignored_layers(model, dict.fromkeys(self.result.quantized))
+        sparsity = None
+        if self.sparsity is not None:
+            sparsity = sparsity_config("dense", self.sparse_input, self.sparsity.sparsity, [e.name for e in self.result.layers if e.zeros])
+        config = quantization_config(self.config.scheme, self.result.ignored, sparsity)
+        write_config_files(model, folder, config, prep.loaded.tokenizer, prep.loaded.stored_dtype)
+        return list(self.format.notes)
 
     def write(self, model: nn.Module, prep: Prepared, folder: Path, max_shard_bytes: int) -> Written:
         config, result = self.config, self.result
@@ -68,6 +130,7 @@ class QuantizeStep(CompressionStep):
         sparsity = None
         if self.sparsity is not None:
             sparsity = (self.sparse_input, self.sparsity.sparsity, [e.name for e in result.layers if e.zeros])
+        self.linear_after = sum(self.format.weight_bytes(m) for m in model.modules() if isinstance(m, self.format.layer_type))
         return self.format.write(
             model, config.scheme, result.ignored, folder, tokenizer=prep.loaded.tokenizer, dtype=prep.loaded.stored_dtype,
             method={"method": config.method, **config.options.settings()}, sparsity=sparsity, max_shard_bytes=max_shard_bytes,
@@ -78,7 +141,7 @@ class QuantizeStep(CompressionStep):
         assert result is not None
         notes = list(result.notes)
         if sparsity is not None:
-            zeros = sum(self.input_zeros.values())
+            zeros = sum(self.input.zeros.values())
             lost = sum(e.zeros_lost for e in result.layers)
             notes.append(
                 f"the model was pruned ({self.sparse_input}, {sparsity.target:.2%} zeros): {zeros - lost:,} of its {zeros:,} "
@@ -105,7 +168,7 @@ class QuantizeStep(CompressionStep):
             settings=settings,
             compressed_parameters=self.parameters,
             linear_bytes_before=self.linear_before,
-            linear_bytes_after=sum(self.format.weight_bytes(m) for m in model.modules() if isinstance(m, self.format.layer_type)),
+            linear_bytes_after=self.linear_after,
             layers=layers,
             notes=notes + written.notes,
             sparsity=sparsity,
@@ -132,6 +195,7 @@ def quantize(
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str = MAX_SHARD_BYTES,
+    stream: bool = False,
 ) -> Report:
     """Quantize ``model`` with ``config``; write the checkpoint (``config.format``) and the report to ``out``.
 
@@ -144,9 +208,10 @@ def quantize(
     code shipped with the model; it is never implied. ``reference`` names the model the evaluation
     compares with (default: ``model`` itself), e.g. the original of a chain of passes.
     ``max_shard_size`` (bytes, or a size such as "5GB") bounds each safetensors file written.
+    ``stream`` holds one transformer block in memory at a time (see squeeze.passes.stream).
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
-        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"),
+        trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
     )
-    return run_pass(QuantizeStep(config), model, out, run, progress)
+    return (stream_pass if stream else run_pass)(QuantizeStep(config), model, out, run, progress)

@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from squeeze import __version__
+from squeeze.device import resolve_dtype
+from squeeze.errors import OptionError
 from squeeze.evaluate import peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
-from squeeze.models import atomic_output_dir
+from squeeze.memory import PassShape, resident_bytes, streamed_bytes
+from squeeze.models import atomic_output_dir, meta_model, resolve_model
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Prepared, Stopwatch, batches, check_speed_kind, evaluate_accuracy, model_info, prepare,
     record_input, reference_name, speed_comparison,
@@ -56,6 +59,7 @@ class RunSettings:
     measure_speed: bool = False
     generation_prompts: int = GENERATION_PROMPTS
     max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors file written
+    stream: bool = False  # one block in memory at a time (squeeze.passes.stream)
 
     def calibration_line(self, windows: torch.Tensor | None, no_data: str) -> dict[str, Any]:
         """The report's ``calibration`` and ``calibration_tokens`` settings."""
@@ -85,6 +89,7 @@ class CompressionStep:
     """A pass's own step. One instance per run: it may keep what it measured between calls."""
 
     name: ClassVar[str]  # the report's pass_name and the stopwatch stage of ``compress``
+    method: Any  # the method's registry entry (its calibration_bytes feed the memory estimate)
 
     @property
     def needs_calibration(self) -> bool:
@@ -113,6 +118,51 @@ class CompressionStep:
         """The step's share of the report; ``out`` is where the checkpoint will be published."""
         raise NotImplementedError
 
+    def memory_estimate(self, model: nn.Module, prep: Prepared, run: RunSettings, streamed: bool) -> int:
+        """squeeze.memory's estimate of this run's peak RSS (``model``: the input, the meta model is enough)."""
+        dtype_bytes = resolve_dtype(run.dtype).itemsize
+        calibration = prep.calib_windows.numel() if prep.calib_windows is not None else 0
+        original = meta_model(resolve_model(run.reference, trust_remote_code=run.trust_remote_code)) if run.reference else model
+        shape = PassShape(
+            self.name == "quantize", self.method.calibration_bytes(model, calibration, dtype_bytes) if calibration else 0, calibration,
+            prep.eval_windows.numel() if prep.eval_windows is not None else 0, prep.seq_len, prep.eval_windows is not None,
+            run.reference is not None, dtype_bytes,
+        )
+        return (streamed_bytes if streamed else resident_bytes)(model, original, shape)
+
+    # Streaming (squeeze.passes.stream): the model is never whole in memory. The step sees one
+    # part at a time (a block, then everything outside the blocks), before and after compression.
+
+    def check_stream(self, run: RunSettings) -> None:
+        """OptionError (naming ``stream``) when this config cannot be streamed."""
+        raise OptionError(f"{{0}} does not run {self.name}", "stream")
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether ``compress`` walks the blocks itself (squeeze.calib.pipeline); otherwise the
+        streamed pass calls ``compress_part`` for each part and ``finish_parts`` at the end."""
+        raise NotImplementedError
+
+    def observe_part(self, layers: dict[str, nn.Module]) -> None:
+        """The planned layers of a part just read, before anything changes them."""
+
+    def compress_part(self, model: nn.Module, names: tuple[str, ...], on_step: Callable[[str], None]) -> None:
+        """Compress the planned layers ``names`` (all in the part that is in memory)."""
+        raise NotImplementedError
+
+    def finish_parts(self) -> float:
+        """After the last ``compress_part``: what ``compress`` returns."""
+        raise NotImplementedError
+
+    def part_tensors(self, part: nn.Module, base: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The checkpoint tensors of one compressed ``part`` whose names start with ``base``
+        (unchanged floating tensors in ``dtype``)."""
+        raise NotImplementedError
+
+    def write_config(self, model: nn.Module, prep: Prepared, folder: Path) -> list[str]:
+        """After every part's tensors: config.json and tokenizer into ``folder``; the notes of :class:`Written`."""
+        raise NotImplementedError
+
 
 def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
     """Run ``step`` on ``model`` into ``out`` (see the module docstring); return the report, also
@@ -134,6 +184,7 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
     if run.measure_speed:
         check_speed_kind(prep.source.kind)
     net = prep.loaded.model
+    estimate = step.memory_estimate(net, prep, run, streamed=False)
     label, total = step.start(prep)
     prep.plan = {}  # the step replaces layers in place: holding them here would keep every dense weight alive
     calibration = list(batches(prep.calib_windows, run.batch_size, prep.device)) if prep.calib_windows is not None else None
@@ -174,6 +225,7 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
             timings_s=dict(watch.timings),
             peak_rss_bytes=peak_rss_bytes(),
             device=f"{prep.device}, {run.dtype} compute",
+            memory_estimate_bytes=estimate,
             accuracy=accuracy,
             layers=parts.layers,
             notes=parts.notes,

@@ -83,7 +83,7 @@ def write_student(
             if done.masks:
                 layers = {name.removesuffix(".weight"): net.get_submodule(name.removesuffix(".weight")) for name in done.masks}
                 zeros = {name: int((m.weight == 0).sum()) for name, m in layers.items()}
-                structure = sparsity_structure(layers, zeros) or "unstructured"
+                structure = sparsity_structure(layers) or "unstructured"
                 sparsity = sum(zeros.values()) / sum(m.weight.numel() for m in layers.values())
                 fmt = PRUNED_FORMATS.get(done.sparse_format or "dense")
                 files = fmt.write(net, structure, sparsity, list(layers), tmp, teacher.tokenizer, stored, max_shard_bytes).files

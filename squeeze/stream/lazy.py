@@ -21,10 +21,14 @@ from torch import nn
 
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
+from squeeze.formats.sparse import BITMASK_PARTS, decode_bitmask_state
 
 
 class CheckpointTensors:
-    """The tensors of a safetensors checkpoint folder by name, each read only when asked for."""
+    """The tensors of a safetensors checkpoint folder by name, each read only when asked for.
+
+    A weight stored in compressed-tensors' sparse-bitmask layout (a squeeze prune output) is
+    listed under its plain ``weight`` name and decoded to the dense tensor when read."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -36,21 +40,26 @@ class CheckpointTensors:
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as handle:
                     self.files.update({name: file for name in handle.keys()})
+        self.encoded: dict[str, list[str]] = {}
+        for name in [n for n in self.files if n.endswith(".bitmask")]:
+            layer = name.removesuffix(".bitmask")
+            self.encoded[f"{layer}.weight"] = [f"{layer}.{part}" for part in BITMASK_PARTS]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.files or name in self.encoded
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, each file opened once and closed again: a file left open keeps
         every page read from it mapped, and counted in the process's memory."""
+        stored = [part for name in names for part in self.encoded.get(name, [name])]
         by_file: dict[Path, list[str]] = {}
-        for name in names:
+        for name in stored:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
             with safe_open(str(file), "pt") as handle:
                 out.update({name: handle.get_tensor(name) for name in wanted})
-        return out
+        return decode_bitmask_state(out) if self.encoded else out
 
 
 class LazyModel:
@@ -59,7 +68,7 @@ class LazyModel:
     materialised at once."""
 
     def __init__(self, model: nn.Module, tensors: CheckpointTensors, dtype: torch.dtype, device: str = "cpu") -> None:
-        self.model, self.tensors, self.dtype, self.device = model, tensors, dtype, device
+        self.model, self.tensors, self.dtype, self.device = model.eval(), tensors, dtype, device  # no dropout
         self.prefix, blocks = block_list(model)
         self.blocks = [f"{self.prefix}.{i}" for i in range(len(blocks))]
         self.live = 0
@@ -68,6 +77,23 @@ class LazyModel:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise SqueezeError(f"cannot stream {tensors.folder}: its checkpoint has no tensor {missing[0]} (names differ from the model's)")
+        self._build_computed_buffers()
+
+    def _build_computed_buffers(self) -> None:
+        """Give the buffers a checkpoint never stores (rotary frequencies, position ids) their values
+        on ``device``, computed as transformers computes them when it loads a model: they are small,
+        and the model's forward needs them whichever part runs."""
+        init = getattr(self.model, "_init_weights", None)
+        for module in self.model.modules():
+            computed = [n for n in module._non_persistent_buffers_set if module._buffers.get(n) is not None]
+            if not computed or not any(module._buffers[n].is_meta for n in computed):
+                continue
+            for name in computed:
+                module._buffers[name] = torch.empty_like(module._buffers[name], device=self.device)
+            if init is None:
+                raise SqueezeError(f"cannot stream {type(self.model).__name__}: it has no way to compute its buffers {', '.join(computed)}")
+            # its parameters are still on the meta device: only the buffers get values here
+            init(module)
 
     def outside(self) -> list[str]:
         """Names of the parameters and persistent buffers outside the blocks, a tied weight once
@@ -97,6 +123,13 @@ class LazyModel:
         self.live += 1
         self.peak_parts = max(self.peak_parts, self.live)
 
+    def materialise_outside(self) -> None:
+        """Read everything outside the blocks (embeddings, final norm, head), tied weights tied again."""
+        self.materialise(self.outside())
+        tie = getattr(self.model, "tie_weights", None)
+        if tie is not None:
+            tie()
+
     def block(self, index: int) -> nn.Module:
         """Block ``index``, materialised."""
         module = self.model.get_submodule(self.blocks[index])
@@ -115,10 +148,27 @@ class LazyModel:
         finally:
             setattr(parent, attr, blocks)
 
-    def release(self, module: nn.Module) -> None:
-        """Give ``module``'s memory back: its tensors go to the meta device, and the process
-        returns the freed memory to the system (see :func:`return_freed_memory`)."""
-        module.to("meta")
+    def release(self, module: nn.Module, replaced: list[nn.Module] = ()) -> None:
+        """Give ``module``'s memory back: its tensors (and those of the ``replaced`` modules it
+        held before a pass swapped them out) go to the meta device, and the process returns the
+        freed memory to the system (see :func:`return_freed_memory`)."""
+        for old in (module, *replaced):
+            old.to("meta")
+        self.live -= 1
+        return_freed_memory()
+
+    def release_outside(self) -> None:
+        """Send the parts outside the blocks (embeddings, final norm, head) back to the meta device;
+        the buffers computed from the config stay."""
+        inside = f"{self.prefix}."
+        # every name, tied copies too: a head left holding the embeddings' tensor would keep it alive
+        for name in [n for n in self.model.state_dict(keep_vars=True) if not n.startswith(inside)]:
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(module._parameters[attr].to("meta"), requires_grad=False)
+            elif attr not in module._non_persistent_buffers_set:
+                module._buffers[attr] = module._buffers[attr].to("meta")
         self.live -= 1
         return_freed_memory()
 

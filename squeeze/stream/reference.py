@@ -38,20 +38,39 @@ class _StopAfterBlocks(Exception):
     """Raised by the recording hook: the head's work is done later, from the recorded states."""
 
 
-class _StandIn(nn.Module):
-    """In place of one block of the head copy: the first returns the recorded hidden states of
-    the current batch, the others pass them on, in the form the real block returned."""
+class Handover:
+    """What the stand-ins hand over: the current batch's recorded hidden states, and the form the
+    real blocks returned them in. Records that share a head share one."""
 
-    def __init__(self, block: nn.Module, recorded: RecordedReference, first: bool) -> None:
+    def __init__(self) -> None:
+        self.current: torch.Tensor | None = None
+        self.returns_tuple = False
+
+
+class _StandIn(nn.Module):
+    """In place of one block of a head: the first returns the recorded hidden states of the
+    current batch, the others pass them on, in the form the real block returned."""
+
+    def __init__(self, block: nn.Module, handover: Handover, first: bool) -> None:
         super().__init__()
         for key, value in vars(block).items():
             if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
                 setattr(self, key, value)
-        self._recorded, self._first = recorded, first
+        self._handover, self._first = handover, first
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        hidden = self._recorded.current if self._first else hidden_states
-        return (hidden,) if self._recorded.returns_tuple else hidden
+        hidden = self._handover.current if self._first else hidden_states
+        return (hidden,) if self._handover.returns_tuple else hidden
+
+
+def stand_in_blocks(model: nn.Module, handover: Handover) -> nn.Module:
+    """``model`` with stand-ins in place of its blocks (changed in place; returned): its forward
+    turns the hidden states ``handover`` holds into the model's outputs."""
+    prefix, blocks = block_list(model)
+    parent_name, _, attr = prefix.rpartition(".")
+    stand_ins = nn.ModuleList(_StandIn(block, handover, first=i == 0) for i, block in enumerate(blocks))
+    setattr(model.get_submodule(parent_name), attr, stand_ins)
+    return model
 
 
 @dataclass
@@ -67,25 +86,31 @@ class RecordedReference(nn.Module):
     :func:`~squeeze.evaluate.compare_encoder`: called with the token ids of recorded batch i (in
     any order), it returns that batch's logits (causal) or last hidden states (encoder)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, handover: Handover | None = None) -> None:
         super().__init__()
         self.kind = kind
         self.ids: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
         self.returns_tuple = False
-        self.current: torch.Tensor | None = None
+        self.handover = handover or Handover()
         self.generation: Generation | None = None
         self._head: list[nn.Module] = []  # in a list: not a submodule (its parameters are not the reference's)
 
-    def forward(self, input_ids: torch.Tensor, **_: Any) -> SimpleNamespace:
+    @property
+    def input_device(self) -> torch.device:
+        """Where the token ids go (the comparison asks a model for it)."""
+        return self.ids[0].device if self.ids else torch.device("cpu")
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> SimpleNamespace:
         index = self._find(input_ids)
-        if self.kind != "causal":
+        if not self._head:
             return SimpleNamespace(last_hidden_state=self.outputs[index])
-        self.current = self.outputs[index]
+        self.handover.current, self.handover.returns_tuple = self.outputs[index], self.returns_tuple
         try:
-            return SimpleNamespace(logits=self._head[0](input_ids=input_ids).logits)
+            out = self._head[0](input_ids=input_ids, **kwargs)
+            return SimpleNamespace(logits=out.logits) if self.kind == "causal" else SimpleNamespace(last_hidden_state=out.last_hidden_state)
         finally:
-            self.current = None
+            self.handover.current = None
 
     def _find(self, ids: torch.Tensor) -> int:
         for index, recorded in enumerate(self.ids):
@@ -100,14 +125,26 @@ def _head_copy(model: nn.Module, recorded: RecordedReference) -> nn.Module:
     prefix, blocks = block_list(model)
     parent_name, _, attr = prefix.rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, attr, nn.ModuleList())
+    stand_in_blocks(model, recorded.handover)
     try:
-        head = copy.deepcopy(model)
+        return copy.deepcopy(model, memo={id(recorded.handover): recorded.handover})
     finally:
         setattr(parent, attr, blocks)
-    stand_ins = nn.ModuleList(_StandIn(block, recorded, first=i == 0) for i, block in enumerate(blocks))
-    setattr(head.get_submodule(parent_name), attr, stand_ins)
-    return head
+
+
+def recorded_states(
+    kind: str, ids: list[torch.Tensor], states: list[torch.Tensor], returns_tuple: bool, head: nn.Module,
+) -> RecordedReference:
+    """A record of a model's last-block hidden ``states`` on the batches ``ids``, answered through
+    ``head``: a model whose blocks are :func:`stand_in_blocks` (several records may share it)."""
+    _, blocks = block_list(head)
+    handover = blocks[0]._handover if isinstance(blocks[0], _StandIn) else None
+    if handover is None:
+        raise ValueError("the head's blocks must be stand-ins")
+    recorded = RecordedReference(kind, handover)
+    recorded.ids, recorded.outputs, recorded.returns_tuple = ids, states, returns_tuple
+    recorded._head.append(head)
+    return recorded
 
 
 @torch.no_grad()

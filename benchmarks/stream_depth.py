@@ -1,0 +1,156 @@
+"""Peak memory of streamed passes against model depth, evaluation and calibration included.
+
+    python benchmarks/stream_depth.py [--depths 8 16 32] [--methods rtn gptq] [--calib-samples 32] [--eval-tokens 4096]
+
+For each depth, a random-weight Llama of that many blocks (``synthetic_model.py``: bf16 shards,
+SmolLM2's tokenizer, hidden 2048, MLP 5632) is quantized W4 group-128 (asymmetric, every Linear
+but lm_head, float32 compute) with ``squeeze quantize --stream``, each run in a fresh process:
+RTN, and GPTQ on ``--calib-samples`` x 512 calibration tokens; both evaluated on
+``--eval-tokens`` Wikipedia tokens against the input. Peak RSS, stage times and the streamed
+report's part count come from each run's report. Random weights: memory and time only (their
+perplexities mean nothing). Results go to benchmarks/results/stream_depth.json and to the table
+between the ``stream_depth`` markers of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from quantize_rtn import BENCH, SNAPSHOT, WORK, machine, publish, snapshot_squeeze
+from stream_memory import model_folder
+
+from squeeze.memory import PassShape, streamed_bytes
+from squeeze.quant.methods import METHODS
+
+NAME = "stream_depth"
+RESULTS = BENCH / "results" / f"{NAME}.json"
+SCHEME = ["--bits", "4", "--mode", "per-group", "--group-size", "128", "--asym"]
+
+
+def run(model: Path, method: str, args: argparse.Namespace) -> dict:
+    out = WORK / f"stream-depth-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "squeeze.cli", "quantize", str(model), "--out", str(out), "--method", method, *SCHEME, "--stream",
+        "--eval-tokens", str(args.eval_tokens), "--seq-len", "512", "--calib-samples", str(args.calib_samples), "--json", "--quiet",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    report = json.loads(done.stdout)
+    timings = {k: v for k, v in report["timings_s"].items() if k != "total"}
+    return {
+        "peak_rss_bytes": report["peak_rss_bytes"], "estimate_bytes": report["memory_estimate_bytes"],
+        "seconds": sum(timings.values()), "timings_s": timings,
+        "kl_divergence": report["accuracy"]["kl_divergence"], "eval_tokens": report["accuracy"]["tokens"],
+        "calibration_tokens": report["settings"]["calibration_tokens"],
+    }
+
+
+# real shapes the estimate is shown for beside the measured rows: (name, blocks, hidden, MLP, heads, kv heads, vocab)
+SHAPES = (("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256), ("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256),
+          ("Llama-3.1-70B", 80, 8192, 28672, 64, 8, 128256))
+
+
+def estimates(args: argparse.Namespace) -> list[dict]:
+    """squeeze.memory's streamed estimate (the one --memory-budget checks) for real shapes, GPTQ and RTN, fp32 and bf16 compute."""
+    rows = []
+    for name, blocks, hidden, mlp, heads, kv, vocab in SHAPES:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=blocks, hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
+            vocab_size=vocab, tie_word_embeddings=False,
+        )
+        with torch.device("meta"):
+            model = transformers.LlamaForCausalLM(config)
+        row = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
+        for method in ("rtn", "gptq"):
+            for dtype_bytes in (4, 2):
+                tokens = args.calib_samples * 512 if method == "gptq" else 0
+                shape = PassShape(True, METHODS.get(method).calibration_bytes(model, tokens, dtype_bytes) if tokens else 0, tokens,
+                                  args.eval_tokens, 512, True, False, dtype_bytes)
+                row[f"{method}_{'fp32' if dtype_bytes == 4 else 'bf16'}"] = streamed_bytes(model, model, shape)
+        rows.append(row)
+    return rows
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Random-weight Llama models (bf16 shards, SmolLM2's vocabulary, untied head), hidden {result['hidden']}, MLP "
+        f"{result['intermediate']}; `squeeze quantize --stream`, W4 group-128 asym, float32 compute, evaluated on "
+        f"{result['eval_tokens']} Wikipedia tokens; GPTQ calibrated on {result['calib_samples']} x 512 tokens. Each run a fresh "
+        "process, peak RSS from its report.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
+        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        "",
+        "| method | blocks | parameters | bf16 on disk | peak RSS | vs first depth | estimated before loading | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in result["methods"]:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        for r in rows:
+            lines.append(
+                f"| {method} | {r['blocks']} | {r['parameters'] / 1e9:.2f} B | {r['disk_bytes'] / 1e9:.2f} GB | "
+                f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_rss_bytes'] / rows[0]['peak_rss_bytes']:.2f}x | "
+                f"{r['estimate_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} |"
+            )
+    lines += [
+        "", "The estimate `--memory-budget` checks, for real shapes (squeeze.memory, streamed, same text; not measured here):", "",
+        "| model | parameters | RTN fp32 | RTN bf16 | GPTQ fp32 | GPTQ bf16 |", "|---|---|---|---|---|---|",
+    ]
+    for e in result["estimates"]:
+        lines.append(
+            f"| {e['model']} | {e['parameters'] / 1e9:.1f} B | {e['rtn_fp32'] / 2**30:.1f} GiB | {e['rtn_bf16'] / 2**30:.1f} GiB | "
+            f"{e['gptq_fp32'] / 2**30:.1f} GiB | {e['gptq_bf16'] / 2**30:.1f} GiB |"
+        )
+    lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+    for method in result["methods"]:
+        rows = [r for r in result["rows"] if r["method"] == method]
+        if len(rows) > 1:
+            growth = rows[-1]["peak_rss_bytes"] / rows[0]["peak_rss_bytes"] - 1
+            lines.append(
+                f"| {method}: peak at {rows[-1]['blocks']} blocks within 15% of the peak at {rows[0]['blocks']} | "
+                f"{growth:+.1%} | {'pass' if growth <= 0.15 else '**FAIL**'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = snapshot_squeeze()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    rows: list[dict] = []
+    result = {
+        "benchmark": NAME, "hidden": args.hidden, "intermediate": args.intermediate, "calib_samples": args.calib_samples,
+        "eval_tokens": args.eval_tokens, "methods": args.methods, "squeeze_source": source, "machine": machine(), "rows": rows,
+        "estimates": estimates(args),
+    }
+    for method in args.methods:
+        for depth in args.depths:
+            model = model_folder(depth, args.hidden, args.intermediate)
+            disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+            rows.append({"method": method, "blocks": depth, "parameters": disk // 2, "disk_bytes": disk, **run(model, method, args)})
+            print(json.dumps(rows[-1]), flush=True)
+            publish(result, RESULTS, table(result), NAME)  # after every row: a long run interrupted keeps what it measured
+
+
+if __name__ == "__main__":
+    main()

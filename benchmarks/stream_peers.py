@@ -1,0 +1,123 @@
+"""SmolLM2 held whole and streamed, GPTQ W4 g64 and Wanda 50%, beside the peers' peak memory.
+
+    python benchmarks/stream_peers.py [--calib-samples 32] [--eval-tokens 4096]
+
+SmolLM2 is the built-in (its Q4_1 GGUF dequantized to fp32, in squeeze's cache as a safetensors
+folder). Each configuration runs twice in a fresh ``squeeze`` process, on the same calibration and evaluation windows as
+``quantize_calibrated.py`` and ``prune.py``: held whole, and ``--stream``. Peak RSS, seconds
+(calibration and the pass's own work) and the scores come from each report. The peers' peak RSS
+(llm-compressor, GPTQModel) is read from the last runs of ``quantize_calibrated.py`` and
+``prune.py`` (benchmarks/results/*.json, their dates in the table): their venvs are not rebuilt
+here. Results go to benchmarks/results/stream_peers.json and to the table between the
+``stream_peers`` markers of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from quantize_rtn import BENCH, SNAPSHOT, WORK, machine, publish, snapshot_squeeze
+
+NAME = "stream_peers"
+RESULTS = BENCH / "results" / f"{NAME}.json"
+CONFIGS = {
+    "gptq-w4-g64": (["quantize", "--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "64"], "quantize_calibrated"),
+    "wanda-50": (["prune", "--method", "wanda", "--sparsity", "0.5"], "prune"),
+}
+
+
+def run(name: str, stream: bool, args: argparse.Namespace) -> dict:
+    command, _ = CONFIGS[name]
+    out = WORK / f"stream-peers-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "squeeze.cli", command[0], "smollm2", *command[1:], "--out", str(out),
+        "--calib-samples", str(args.calib_samples), "--eval-tokens", str(args.eval_tokens), "--seq-len", "512", "--json", "--quiet",
+        *(["--stream"] if stream else []),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    report = json.loads(done.stdout)
+    timings = report["timings_s"]
+    accuracy = report["accuracy"]
+    return {
+        "peak_rss_bytes": report["peak_rss_bytes"], "estimate_bytes": report["memory_estimate_bytes"],
+        "work_s": sum(v for k, v in timings.items() if k in ("calibrate", "quantize", "prune")),
+        "wall_s": sum(v for k, v in timings.items() if k != "total"),
+        "perplexity": accuracy["perplexity_after"], "kl_divergence": accuracy["kl_divergence"], "top1_agreement": accuracy["top1_agreement"],
+    }
+
+
+def peers(name: str) -> dict:
+    """The peers' peak RSS for ``name`` from the last run of its own benchmark."""
+    _, benchmark = CONFIGS[name]
+    recorded = json.loads((BENCH / "results" / f"{benchmark}.json").read_text())
+    found = {}
+    for row in recorded["rows"]:
+        if (row.get("config") or row.get("name")) == name and row.get("tool") != "squeeze" and row.get("peak_rss_bytes"):
+            found[row["tool"]] = row["peak_rss_bytes"]
+    return {"benchmark": benchmark, "date": recorded["machine"]["date"], "peak_rss_bytes": found}
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"SmolLM2-135M (the built-in, fp32), {result['calib_samples']} x 512 calibration tokens, "
+        f"{result['eval_tokens']} Wikipedia evaluation tokens; each run a fresh `squeeze` process. Peers' peak RSS from their "
+        "own benchmark's last run (date beside it).",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
+        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        "",
+        "| configuration | whole: peak RSS | streamed: peak RSS | estimated (streamed) | lowest peer peak RSS | streamed ÷ peer | KL whole | KL streamed | s whole | s streamed | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    targets = []
+    for r in result["rows"]:
+        whole, streamed, peer = r["whole"], r["streamed"], r["peers"]
+        tool, lowest = min(peer["peak_rss_bytes"].items(), key=lambda kv: kv[1]) if peer["peak_rss_bytes"] else ("-", 0)
+        ratio = streamed["peak_rss_bytes"] / lowest if lowest else float("nan")
+        time_ratio = streamed["work_s"] / whole["work_s"]
+        lines.append(
+            f"| {r['config']} | {whole['peak_rss_bytes'] / 2**30:.2f} GiB | {streamed['peak_rss_bytes'] / 2**30:.2f} GiB | "
+            f"{streamed['estimate_bytes'] / 2**30:.2f} GiB | {lowest / 2**30:.2f} GiB ({tool}, {peer['date']}) | {ratio:.2f}x | "
+            f"{whole['kl_divergence']:.5f} | {streamed['kl_divergence']:.5f} | {whole['work_s']:.0f} | {streamed['work_s']:.0f} | {time_ratio:.2f}x |"
+        )
+        same = abs(streamed["kl_divergence"] - whole["kl_divergence"]) <= 1e-5 * max(whole["kl_divergence"], 1e-9)
+        targets += [
+            f"| {r['config']}: streamed peak RSS ≤ 0.5x the lowest peer's | {ratio:.2f}x | {'pass' if ratio <= 0.5 else '**FAIL**'} |",
+            f"| {r['config']}: quality unchanged from the whole-model pass | KL {streamed['kl_divergence']:.6f} vs {whole['kl_divergence']:.6f} | {'pass' if same else '**FAIL**'} |",
+            f"| {r['config']}: time within 1.1x of the whole-model pass (calibration + work) | {time_ratio:.2f}x | {'pass' if time_ratio <= 1.1 else '**FAIL**'} |",
+        ]
+    return "\n".join(lines + ["", "| target | measured | verdict |", "|---|---|---|", *targets])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = snapshot_squeeze()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    rows: list[dict] = []
+    result = {
+        "benchmark": NAME, "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, "squeeze_source": source,
+        "machine": machine(), "rows": rows,
+    }
+    for name in CONFIGS:
+        rows.append({"config": name, "whole": run(name, False, args), "streamed": run(name, True, args), "peers": peers(name)})
+        print(json.dumps(rows[-1]), flush=True)
+        publish(result, RESULTS, table(result), NAME)
+
+
+if __name__ == "__main__":
+    main()

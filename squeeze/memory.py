@@ -1,0 +1,111 @@
+"""How much memory a quantize or prune pass takes, estimated from the config alone, resident or streamed.
+
+The estimate is a rough peak RSS in bytes, made before anything is loaded from the meta model
+(shapes only), so that a run is kept resident, streamed or refused before any long work
+(squeeze.chain.check_memory), and every report shows it beside the peak it measured.
+
+Resident, the pass holds the input and the record of what it compares it with (the last block's
+hidden states on the evaluation tokens and a copy of everything outside the blocks: embeddings,
+final norm, head): the input itself for the first stage; for a later stage the original, loaded
+whole, recorded and dropped before the input is loaded (whichever of the two moments is larger
+is the peak). Quantizing adds the integer codes beside the float weights (a byte a weight).
+
+Streamed (squeeze.passes.stream), it holds everything outside the blocks (live when the text goes
+in and when the head comes out, and again as the tensors written), one block twice (the block and
+its compressed copy), and two evaluation hidden states, the reference's and the output's; a named
+reference keeps a head of its own.
+
+Both, while calibrating, hold the inputs and outputs of one block for every calibration window,
+plus what the method holds (its ``calibration_bytes``: GPTQ and SparseGPT one in_features²
+Hessian per Linear of a block, AWQ the captured inputs of its widest layer); evaluation adds the
+logits of two models for one batch of two and a chunk of their log-softmax. Memory freed after
+calibration mostly stays with the process (the allocator keeps it), so calibration and evaluation
+add up. On SmolLM2 (magnitude 30% then RTN W4 g64, 4,096 evaluation tokens, 2026-11-30) the
+resident estimates were 2% and 10% under the measured peaks (1.79 and 2.09 GiB), so a budget
+refusal comes late rather than early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+from squeeze.evaluate import METRIC_CHUNK
+
+PROCESS_BYTES = 700 * 2**20  # python + torch + transformers before any model is loaded
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """What the estimate reads of a run: the pass, the method's calibration memory, the text."""
+
+    quantize: bool  # quantize (codes beside the weights) or prune
+    method_bytes: int  # the method's calibration_bytes for one block
+    calibration_tokens: int
+    evaluation_tokens: int
+    seq_len: int
+    evaluate: bool
+    named_reference: bool  # compared with another model than its input (a later recipe stage)
+    dtype_bytes: int = 4
+
+
+def _parameters(model: nn.Module) -> tuple[int, int, int]:
+    """All parameters, those outside the blocks, and those of the largest block (meta models
+    are enough; tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    blocks = block_list(model)[1]
+    inside = sum(p.numel() for p in blocks.parameters())
+    largest = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
+    return total, total - inside, largest
+
+
+def _shared(model: nn.Module, shape: PassShape) -> int:
+    """Calibration and evaluation memory, the same resident or streamed."""
+    config = model.config
+    hidden = getattr(config, "hidden_size", 0)
+    vocab = getattr(config, "vocab_size", 0)
+    calibration = 0
+    if shape.calibration_tokens:
+        calibration = 2 * shape.calibration_tokens * hidden * shape.dtype_bytes + shape.method_bytes
+    # both models' float32 logits of a batch of two windows, and one METRIC_CHUNK of positions of
+    # each in log-softmax (squeeze.evaluate.compare_causal)
+    evaluation = 2 * 2 * (shape.seq_len + METRIC_CHUNK) * vocab * 4 if shape.evaluate else 0
+    return PROCESS_BYTES + calibration + evaluation
+
+
+def resident_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> int:
+    """The estimated peak of the pass on ``model`` holding it whole (see the module docstring)."""
+    params, _, _ = _parameters(model)
+    held = params * shape.dtype_bytes
+    if shape.evaluate:
+        compared = original if shape.named_reference else model
+        compared_params, compared_outside, _ = _parameters(compared)
+        hidden = getattr(model.config, "hidden_size", 0)
+        record = (compared_outside + shape.evaluation_tokens * hidden) * shape.dtype_bytes
+        held = max(held + record, compared_params * shape.dtype_bytes if shape.named_reference else 0)
+    codes = params if shape.quantize else 0
+    return _shared(model, shape) + held + codes
+
+
+def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> int:
+    """The estimated peak of the pass on ``model`` streamed one block at a time."""
+    _, outside, block = _parameters(model)
+    held = (2 * outside + 2 * block) * shape.dtype_bytes
+    if shape.evaluate:
+        hidden = getattr(model.config, "hidden_size", 0)
+        held += 2 * shape.evaluation_tokens * hidden * shape.dtype_bytes
+        if shape.named_reference:
+            held += _parameters(original)[1] * shape.dtype_bytes
+    return _shared(model, shape) + held
+
+
+def block_bytes(model: nn.Module, dtype_bytes: int = 4) -> int:
+    """One block's weights in the compute dtype: the least a streamed pass holds."""
+    return _parameters(model)[2] * dtype_bytes

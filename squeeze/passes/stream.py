@@ -1,0 +1,297 @@
+"""Streamed passes: quantize or prune from disk to disk with one transformer block in memory.
+
+The model is built on the meta device from its config (squeeze.stream.lazy). Everything outside
+the blocks (embeddings, final norm, head) is read first, to turn the text into the first block's
+inputs, and dropped; then each block in turn is read from the safetensors files, compressed,
+handed to the shard writer and dropped; last, the outside is read again, its own planned layers
+(if any) are compressed, and it is written too. Calibrating methods get their blocks through the
+block source of squeeze.calib.pipeline, so GPTQ, AWQ, SmoothQuant, Wanda and SparseGPT stream
+without knowing it; the others are run one part at a time. The tensors written are the resident
+pass's, bit for bit.
+
+The evaluation holds no second model either. The reference (the input itself, or a named one) is
+streamed over the evaluation windows first and only its last block's hidden states are kept; the
+compressed model's states follow the same windows through each block right after it is
+compressed; at the end both go through the head (the model's own forward, its blocks stood in
+for: squeeze.stream.reference) and are scored as the resident pass scores them. Generation
+agreement needs the whole model for every token and is left out, with a note; so is speed.
+
+Where the device is a GPU, only the current part and the activations live on it: the model is
+onloaded one block at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from squeeze.calib.pipeline import BlockInputs, capture_block_inputs, streamed_blocks
+from squeeze.data import calibration_windows, evaluation_windows, load_documents
+from squeeze.device import resolve_device, resolve_dtype
+from squeeze.distill.student import check_vocab_sizes
+from squeeze.errors import OptionError, literal
+from squeeze.evaluate import peak_rss_bytes, window_batches
+from squeeze.formats import Written, recognise
+from squeeze.formats.files import ShardWriter
+from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_tokenizer, meta_model, resolve_model
+from squeeze.models.load import stored_dtype
+from squeeze.passes.common import (
+    Prepared, Stopwatch, batches, encoder_batch_size, eval_seq_len, evaluate_accuracy, model_info, reference_name,
+)
+from squeeze.passes.skeleton import CompressionStep, RunSettings, publish
+from squeeze.progress import NullProgress, Progress
+from squeeze.report import Report, SizeReport
+from squeeze.stream.gguf import GGUFTensors
+from squeeze.stream.lazy import CheckpointTensors, LazyModel
+from squeeze.stream.reference import Handover, RecordedReference, recorded_states, stand_in_blocks
+
+
+@dataclass
+class _Windows:
+    """Evaluation batches followed through a model one block at a time: the token ids, and the
+    hidden states (with keyword arguments) the next block receives."""
+
+    kind: str
+    ids: list[torch.Tensor]
+    states: BlockInputs
+    returns_tuple: bool = False
+
+    @classmethod
+    def capture(cls, model: nn.Module, kind: str, windows: torch.Tensor, batch_size: int, device: str) -> _Windows:
+        """The first block's inputs, batched as the comparison will ask (needs the outside in memory)."""
+        size = batch_size if kind == "causal" else encoder_batch_size(batch_size)
+        ids = [batch.to(device) for batch in window_batches(windows, size)]
+        calls = [{"input_ids": i} if kind == "causal" else {"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids]
+        return cls(kind, ids, capture_block_inputs(model, calls))
+
+    @torch.no_grad()
+    def through(self, block: nn.Module) -> None:
+        """Move the states on through ``block``."""
+        moved = []
+        for hidden, kwargs in self.states:
+            out = block(hidden, **kwargs)
+            self.returns_tuple = isinstance(out, (tuple, list))
+            moved.append((out[0] if self.returns_tuple else out, kwargs))
+        self.states = moved
+
+    def record(self, head: nn.Module) -> RecordedReference:
+        """The comparison's side of this model: the states through ``head`` (blocks stood in for)."""
+        return recorded_states(self.kind, self.ids, [hidden for hidden, _ in self.states], self.returns_tuple, head)
+
+
+def streamable_source(spec: str, trust_remote_code: bool) -> ModelSource:
+    """The model ``spec`` names, if it is a GGUF file (dequantized one tensor at a time) or a folder
+    of unquantized safetensors weights (pruned ones in sparse-bitmask layout too: they are decoded
+    one weight at a time); an OptionError naming ``stream`` otherwise."""
+    source = resolve_model(spec, trust_remote_code=trust_remote_code)
+    fmt = None if source.is_gguf else recognise(source.path)
+    if fmt is not None and fmt.name != "sparse-bitmask":
+        raise OptionError(
+            f"{{0}} reads GGUF files and folders of safetensors weights (dense, or a sparse-bitmask prune output), and "
+            f"{literal(spec)} is a {literal(fmt.name)} checkpoint", "stream",
+        )
+    return source
+
+
+def _lazy(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module | None = None) -> LazyModel:
+    """``source`` (its meta ``model``, when already built) with weights read when their part's turn comes."""
+    model = model if model is not None else meta_model(source)
+    tensors = GGUFTensors(source.path, model) if source.is_gguf else CheckpointTensors(source.path)
+    return LazyModel(model, tensors, dtype, device)
+
+
+def _stream_states(lazy: LazyModel, kind: str, windows: torch.Tensor, run: RunSettings, progress: Progress, label: str) -> _Windows:
+    """The last block's hidden states of ``lazy``'s model on the evaluation ``windows``, one block in memory."""
+    lazy.materialise_outside()
+    states = _Windows.capture(lazy.model, kind, windows, run.batch_size, lazy.device)
+    lazy.release_outside()
+    with progress.task(label, len(lazy.blocks)) as advance:
+        for index in range(len(lazy.blocks)):
+            block = lazy.block(index)
+            states.through(block)
+            lazy.release(block)
+            advance(1)
+    return states
+
+
+class _BlockSource:
+    """Hands a streamed pass its blocks (squeeze.calib.pipeline.BlockSource): read from disk,
+    shown to the step before it compresses them; after, moved on by the evaluation states,
+    written, released. The outside, live at first, goes before block 0 and comes back after the last."""
+
+    def __init__(self, lazy: LazyModel, step: CompressionStep, writer: ShardWriter, dtype: torch.dtype, planned: list[str], windows: _Windows | None) -> None:
+        self.lazy, self.step, self.writer, self.dtype, self.windows = lazy, step, writer, dtype, windows
+        self.planned = planned
+        self.outside_live = True
+        self.held: list[nn.Module] = []
+
+    def own(self, index: int) -> tuple[str, ...]:
+        """The planned layers of block ``index``."""
+        return tuple(n for n in self.planned if n.startswith(f"{self.lazy.blocks[index]}."))
+
+    def outside(self) -> tuple[str, ...]:
+        """The planned layers outside the blocks."""
+        return tuple(n for n in self.planned if not n.startswith(f"{self.lazy.prefix}."))
+
+    def _observe(self, names: tuple[str, ...]) -> None:
+        self.step.observe_part({n: self.lazy.model.get_submodule(n) for n in names})
+
+    def onload(self, index: int) -> nn.Module:
+        if self.outside_live:
+            self.lazy.release_outside()
+            self.outside_live = False
+        block = self.lazy.block(index)
+        self.held = list(block.modules())  # the layers the step swaps out are released with the block
+        self._observe(self.own(index))
+        return block
+
+    def offload(self, index: int, block: nn.Module) -> None:
+        if self.windows is not None:
+            self.windows.through(block)
+        self.writer.add(self.step.part_tensors(block, f"{self.lazy.blocks[index]}.", self.dtype))
+        self.writer.end_part()
+        self.lazy.release(block, self.held)
+        self.held = []
+        if index == len(self.lazy.blocks) - 1:
+            self.lazy.materialise_outside()
+            self.outside_live = True
+            self._observe(self.outside())
+
+
+def _meta_sizes(model: nn.Module, stored: torch.dtype) -> tuple[int, int, int]:
+    """Parameters, bytes in memory and bytes in a checkpoint (floating tensors in ``stored``) of a
+    model whose tensors may be on the meta device; tied tensors counted once."""
+    seen: set[int] = set()
+    parameters = memory = checkpoint = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        memory += tensor.numel() * tensor.element_size()
+        checkpoint += tensor.numel() * (stored.itemsize if tensor.is_floating_point() else tensor.element_size())
+        if isinstance(tensor, nn.Parameter):
+            parameters += tensor.numel()
+    return parameters, memory, checkpoint
+
+
+def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
+    """Run ``step`` on ``model`` into ``out`` one block at a time (see the module docstring);
+    the report as :func:`squeeze.passes.skeleton.run_pass` gives it."""
+    step.check(run)
+    step.check_stream(run)
+    if run.measure_speed:
+        raise OptionError("{0} loads the whole model to time it: drop it with {1}", "measure_speed", "stream")
+    progress = progress or NullProgress()
+    watch = Stopwatch()
+    out = Path(out)
+    check_output_dir(out, run.overwrite)
+    device = resolve_device(run.device)
+    compute = resolve_dtype(run.dtype)
+    source = streamable_source(model, run.trust_remote_code)
+    net = meta_model(source)
+    prep_plan = step.plan(net)
+    ref_source = None
+    if run.reference is not None and run.evaluate:
+        ref_source = streamable_source(run.reference, run.trust_remote_code)
+        check_vocab_sizes(meta_model(ref_source).config, net.config)
+    if run.evaluate:
+        load_documents(run.data)
+    if step.needs_calibration:
+        load_documents(run.calibration_data or run.data)
+    seq_len = eval_seq_len(net.config, run.seq_len)
+    tokenizer = load_tokenizer(source)
+    eval_windows = evaluation_windows(tokenizer, run.data, seq_len, run.eval_tokens) if run.evaluate else None
+    calib_windows = None
+    if step.needs_calibration:
+        calib_windows = calibration_windows(tokenizer, run.calibration_data or run.data, run.calibration_samples, seq_len)
+    stored = stored_dtype(source)
+    lazy = _lazy(source, compute, device, net)
+    parameters, memory_before, disk_before = _meta_sizes(net, stored)
+    prep = Prepared(
+        source=source, loaded=LoadedModel(net, tokenizer, source, net.config, stored), device=device, plan=prep_plan,
+        seq_len=seq_len, eval_windows=eval_windows, calib_windows=calib_windows, reference=None, parameters=parameters,
+        memory_before=memory_before, disk_before=disk_before,
+        linear_flops=sum(2 * m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear)),
+    )
+    estimate = step.memory_estimate(net, prep, run, streamed=True)
+    label, total = step.start(prep)
+    planned = list(prep.plan)
+    prep.plan = {}
+    del prep_plan
+
+    def assemble(folder: Path) -> Report:
+        reference = None
+        if eval_windows is not None:
+            with watch.stage("evaluate"):
+                reference = _stream_states(
+                    _lazy(ref_source or source, compute, device), source.kind, eval_windows, run, progress,
+                    f"the {'reference' if ref_source else 'input'}'s outputs on {run.data}, block by block",
+                )
+        writer = ShardWriter(folder, run.max_shard_size)
+        lazy.materialise_outside()
+        ours = _Windows.capture(net, source.kind, eval_windows, run.batch_size, device) if eval_windows is not None else None
+        blocks = _BlockSource(lazy, step, writer, stored, planned, ours)
+        calibration = list(batches(calib_windows, run.batch_size, device)) if calib_windows is not None else None
+        with watch.stage(step.name), progress.task(label, total) as advance, streamed_blocks(blocks):
+            if step.blockwise:
+                calibration_s = step.compress(net, calibration, lambda _name: advance(1))
+            else:
+                for index in range(len(lazy.blocks)):
+                    block = blocks.onload(index)
+                    step.compress_part(net, blocks.own(index), lambda _name: advance(1))
+                    blocks.offload(index, block)
+                if blocks.outside():
+                    step.compress_part(net, blocks.outside(), lambda _name: advance(1))
+                calibration_s = step.finish_parts()
+        if calibration is not None:
+            watch.timings["calibrate"] = calibration_s
+            watch.timings[step.name] -= calibration_s
+        del calibration
+        with watch.stage("save"), progress.status(f"writing {out}"):
+            with lazy.without_blocks():
+                writer.add(step.part_tensors(net, "", stored))
+            files = writer.close()
+            written = Written(files, step.write_config(net, prep, folder))
+        _, memory_after, _ = _meta_sizes(net, stored)
+        accuracy = None
+        notes = [f"streamed: one block in memory at a time ({lazy.peak_parts} part(s) at most; the parts outside the blocks are one)"]
+        if reference is not None and ours is not None:
+            head = stand_in_blocks(net, Handover())
+            if ref_source is None and not blocks.outside():
+                ref_head = head  # the input's outside is the output's: one head serves both
+            else:
+                ref_lazy = _lazy(ref_source or source, compute, device)
+                ref_lazy.materialise_outside()
+                ref_head = stand_in_blocks(ref_lazy.model, Handover())
+            accuracy = evaluate_accuracy(
+                ours.record(head), source.kind, reference.record(ref_head), eval_windows, run.data, seq_len, run.batch_size,
+                watch, progress, reference_name(run.reference),
+            )
+            if source.kind == "causal" and run.generation_prompts:
+                notes.append("no generation agreement: greedy decoding needs the whole model for every token, and a streamed pass never holds it")
+        parts = step.report(net, prep, written, run, out)
+        return Report(
+            pass_name=step.name,
+            model=model_info(model, source, net),
+            settings={**parts.settings, "streamed": True},
+            size=SizeReport(
+                parameters=parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=disk_before,
+                disk_bytes_after=sum(f.stat().st_size for f in files), memory_bytes_before=memory_before,
+                memory_bytes_after=memory_after, linear_bytes_before=parts.linear_bytes_before,
+                linear_bytes_after=parts.linear_bytes_after,
+            ),
+            timings_s=dict(watch.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            device=f"{device}, {run.dtype} compute",
+            memory_estimate_bytes=estimate,
+            accuracy=accuracy,
+            layers=parts.layers,
+            notes=parts.notes + notes,
+            sparsity=parts.sparsity,
+            loading=parts.loading,
+        )
+
+    return publish(out, run.overwrite, assemble, watch, progress)
