@@ -56,18 +56,18 @@ def run(model: Path, method: str, args: argparse.Namespace) -> dict:
     }
 
 
-# real shapes the estimate is shown for beside the measured rows: (name, blocks, hidden, MLP, heads, kv heads, vocab)
-SHAPES = (("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256), ("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256),
-          ("Llama-3.1-70B", 80, 8192, 28672, 64, 8, 128256))
+# real shapes the estimate is shown for beside the measured rows: (name, blocks, hidden, MLP, heads, kv heads, vocab, tied head)
+SHAPES = (("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256, True), ("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256, False),
+          ("Llama-3.1-70B", 80, 8192, 28672, 64, 8, 128256, False))
 
 
 def estimates(args: argparse.Namespace) -> list[dict]:
     """squeeze.memory's streamed estimate (the one --memory-budget checks) for real shapes, GPTQ and RTN, fp32 and bf16 compute."""
     rows = []
-    for name, blocks, hidden, mlp, heads, kv, vocab in SHAPES:
+    for name, blocks, hidden, mlp, heads, kv, vocab, tied in SHAPES:
         config = transformers.LlamaConfig(
             num_hidden_layers=blocks, hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
-            vocab_size=vocab, tie_word_embeddings=False,
+            vocab_size=vocab, tie_word_embeddings=tied,
         )
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config)

@@ -10,9 +10,10 @@ final norm, head): the input itself for the first stage; for a later stage the o
 whole, recorded and dropped before the input is loaded (whichever of the two moments is larger
 is the peak). Quantizing adds the integer codes beside the float weights (a byte a weight).
 
-Streamed (squeeze.passes.stream), it holds everything outside the blocks (live when the text goes
-in and when the head comes out, and again as the tensors written), one block twice (the block and
-its compressed copy), and two evaluation hidden states, the reference's and the output's; a named
+Streamed (squeeze.passes.stream), it holds one side of what lies outside the blocks at a time (the
+input embeddings when the text goes in, the final norm and head when the logits come out) and
+the largest of those tensors again as it is written, one block twice (the block and its
+compressed copy), and two evaluation hidden states, the reference's and the output's; a named
 reference keeps a head of its own.
 
 Both, while calibrating, hold the inputs and outputs of one block for every calibration window,
@@ -94,15 +95,32 @@ def resident_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> i
     return _shared(model, shape) + held + codes
 
 
+def _sides(model: nn.Module) -> tuple[int, int]:
+    """Parameters of the larger side of what lies outside the blocks (all but the head, or all but
+    the input embeddings; tied ones are both), and of its largest tensor."""
+    _, outside, _ = _parameters(model)
+    ends = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        ends.append({id(p): p.numel() for p in module.parameters()} if isinstance(module, nn.Module) else {})
+    inputs, outputs = ends
+    without_head = outside - sum(n for i, n in outputs.items() if i not in inputs)
+    without_inputs = outside - sum(n for i, n in inputs.items() if i not in outputs)
+    inside = {id(p) for p in block_list(model)[1].parameters()}
+    largest = max((p.numel() for p in model.parameters() if id(p) not in inside), default=0)
+    return max(without_head, without_inputs), largest
+
+
 def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> int:
     """The estimated peak of the pass on ``model`` streamed one block at a time."""
-    _, outside, block = _parameters(model)
-    held = (2 * outside + 2 * block) * shape.dtype_bytes
+    _, _, block = _parameters(model)
+    side, largest = _sides(model)
+    held = (side + largest + 2 * block) * shape.dtype_bytes
     if shape.evaluate:
         hidden = getattr(model.config, "hidden_size", 0)
         held += 2 * shape.evaluation_tokens * hidden * shape.dtype_bytes
         if shape.named_reference:
-            held += _parameters(original)[1] * shape.dtype_bytes
+            held += _sides(original)[0] * shape.dtype_bytes
     return _shared(model, shape) + held
 
 

@@ -105,7 +105,7 @@ def _lazy(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module
 
 def _stream_states(lazy: LazyModel, kind: str, windows: torch.Tensor, run: RunSettings, progress: Progress, label: str) -> _Windows:
     """The last block's hidden states of ``lazy``'s model on the evaluation ``windows``, one block in memory."""
-    lazy.materialise_outside()
+    lazy.materialise_outside("input")
     states = _Windows.capture(lazy.model, kind, windows, run.batch_size, lazy.device)
     lazy.release_outside()
     with progress.task(label, len(lazy.blocks)) as advance:
@@ -120,11 +120,15 @@ def _stream_states(lazy: LazyModel, kind: str, windows: torch.Tensor, run: RunSe
 class _BlockSource:
     """Hands a streamed pass its blocks (squeeze.calib.pipeline.BlockSource): read from disk,
     shown to the step before it compresses them; after, moved on by the evaluation states,
-    written, released. The outside, live at first, goes before block 0 and comes back after the last."""
+    written, released. The outside, live at first (its input side), goes before block 0; after the
+    last, ``final_side`` of it comes back (see squeeze.stream.lazy.LazyModel.outside; None: none)."""
 
-    def __init__(self, lazy: LazyModel, step: CompressionStep, writer: ShardWriter, dtype: torch.dtype, planned: list[str], windows: _Windows | None) -> None:
+    def __init__(
+        self, lazy: LazyModel, step: CompressionStep, writer: ShardWriter, dtype: torch.dtype, planned: list[str], windows: _Windows | None,
+        final_side: str | None,
+    ) -> None:
         self.lazy, self.step, self.writer, self.dtype, self.windows = lazy, step, writer, dtype, windows
-        self.planned = planned
+        self.planned, self.final_side = planned, final_side
         self.outside_live = True
         self.held: list[nn.Module] = []
 
@@ -155,10 +159,16 @@ class _BlockSource:
         self.writer.end_part()
         self.lazy.release(block, self.held)
         self.held = []
-        if index == len(self.lazy.blocks) - 1:
-            self.lazy.materialise_outside()
+        if index == len(self.lazy.blocks) - 1 and self.final_side is not None:
+            self.lazy.materialise_outside(self.final_side)
             self.outside_live = True
             self._observe(self.outside())
+
+
+def _exact(compute: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether a tensor stored in ``stored`` comes back unchanged through ``compute``: then what the
+    pass writes of an untouched tensor is the checkpoint's own."""
+    return compute == stored or compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
 
 
 def _meta_sizes(model: nn.Module, stored: torch.dtype) -> tuple[int, int, int]:
@@ -231,9 +241,14 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                     f"the {'reference' if ref_source else 'input'}'s outputs on {run.data}, block by block",
                 )
         writer = ShardWriter(folder, run.max_shard_size)
-        lazy.materialise_outside()
+        lazy.materialise_outside("input")
         ours = _Windows.capture(net, source.kind, eval_windows, run.batch_size, device) if eval_windows is not None else None
-        blocks = _BlockSource(lazy, step, writer, stored, planned, ours)
+        # with nothing to compress outside the blocks, their tensors go from the checkpoint to the
+        # writer one at a time, and only the head comes back, for the evaluation
+        outside_planned = any(not n.startswith(f"{lazy.prefix}.") for n in planned)
+        direct = not outside_planned and _exact(compute, stored)
+        final_side = "all" if not direct else "output" if ours is not None else None
+        blocks = _BlockSource(lazy, step, writer, stored, planned, ours, final_side)
         calibration = list(batches(calib_windows, run.batch_size, device)) if calib_windows is not None else None
         with watch.stage(step.name), progress.task(label, total) as advance, streamed_blocks(blocks):
             if step.blockwise:
@@ -251,8 +266,14 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
             watch.timings[step.name] -= calibration_s
         del calibration
         with watch.stage("save"), progress.status(f"writing {out}"):
-            with lazy.without_blocks():
-                writer.add(step.part_tensors(net, "", stored))
+            if direct:
+                for name in lazy.outside():
+                    kept = lazy.tensors.read([name]) if name in lazy.tensors else {}
+                    writer.add({n: t.to(stored) if t.is_floating_point() else t for n, t in kept.items()})
+                    writer.end_part()
+            else:
+                with lazy.without_blocks():
+                    writer.add(step.part_tensors(net, "", stored))
             files = writer.close()
             written = Written(files, step.write_config(net, prep, folder))
         _, memory_after, _ = _meta_sizes(net, stored)
@@ -264,7 +285,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                 ref_head = head  # the input's outside is the output's: one head serves both
             else:
                 ref_lazy = _lazy(ref_source or source, compute, device)
-                ref_lazy.materialise_outside()
+                ref_lazy.materialise_outside("output")
                 ref_head = stand_in_blocks(ref_lazy.model, Handover())
             accuracy = evaluate_accuracy(
                 ours.record(head), source.kind, reference.record(ref_head), eval_windows, run.data, seq_len, run.batch_size,

@@ -95,14 +95,21 @@ class LazyModel:
             # its parameters are still on the meta device: only the buffers get values here
             init(module)
 
-    def outside(self) -> list[str]:
+    def outside(self, side: str = "all") -> list[str]:
         """Names of the parameters and persistent buffers outside the blocks, a tied weight once
-        (under its first name)."""
+        (under its first name). ``side`` "input" leaves out the output embeddings (the head: the
+        text goes in without it), "output" the input embeddings (the head's logits come without
+        them), unless the two are tied."""
+        skip: set[int] = set()
+        if side != "all":
+            ends = {"input": _params(self.model, "get_input_embeddings"), "output": _params(self.model, "get_output_embeddings")}
+            other = "output" if side == "input" else "input"
+            skip = ends[other] - ends[side]
         inside = f"{self.prefix}."
         seen: set[int] = set()
         names = []
         for name, tensor in self.model.state_dict(keep_vars=True).items():
-            if name.startswith(inside) or id(tensor) in seen:
+            if name.startswith(inside) or id(tensor) in seen or id(tensor) in skip:
                 continue
             seen.add(id(tensor))
             names.append(name)
@@ -123,9 +130,13 @@ class LazyModel:
         self.live += 1
         self.peak_parts = max(self.peak_parts, self.live)
 
-    def materialise_outside(self) -> None:
-        """Read everything outside the blocks (embeddings, final norm, head), tied weights tied again."""
-        self.materialise(self.outside())
+    def materialise_outside(self, side: str = "all") -> None:
+        """Read everything outside the blocks (embeddings, final norm, head), or one ``side`` of it
+        (see :meth:`outside`), tied weights tied again."""
+        self.materialise(self.outside(side))
+        self._tie()
+
+    def _tie(self) -> None:
         tie = getattr(self.model, "tie_weights", None)
         if tie is not None:
             tie()
@@ -169,8 +180,18 @@ class LazyModel:
                 module._parameters[attr] = nn.Parameter(module._parameters[attr].to("meta"), requires_grad=False)
             elif attr not in module._non_persistent_buffers_set:
                 module._buffers[attr] = module._buffers[attr].to("meta")
+        self._tie()  # tied on the meta device too: which side a tensor belongs to reads the ties
         self.live -= 1
         return_freed_memory()
+
+
+def _params(model: nn.Module, getter: str) -> set[int]:
+    """The ids of the parameters of the model's input or output embeddings (none if it has none)."""
+    try:
+        module = getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return set()
+    return {id(p) for p in module.parameters()} if isinstance(module, nn.Module) else set()
 
 
 def _trim() -> Callable[[int], int] | None:

@@ -63,13 +63,30 @@ class _StandIn(nn.Module):
         return (hidden,) if self._handover.returns_tuple else hidden
 
 
+class _NoEmbedding(nn.Module):
+    """In place of input embeddings left on disk: zeros of their width (the first stand-in block
+    ignores what it is given)."""
+
+    def __init__(self, width: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.width, self.dtype = width, dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*input_ids.shape, self.width, dtype=self.dtype, device=input_ids.device)
+
+
 def stand_in_blocks(model: nn.Module, handover: Handover) -> nn.Module:
     """``model`` with stand-ins in place of its blocks (changed in place; returned): its forward
-    turns the hidden states ``handover`` holds into the model's outputs."""
+    turns the hidden states ``handover`` holds into the model's outputs. Input embeddings still
+    on the meta device (a streamed model's, never read for the head) give way to zeros."""
     prefix, blocks = block_list(model)
     parent_name, _, attr = prefix.rpartition(".")
     stand_ins = nn.ModuleList(_StandIn(block, handover, first=i == 0) for i, block in enumerate(blocks))
     setattr(model.get_submodule(parent_name), attr, stand_ins)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding) and embeddings.weight.is_meta:
+        dtype = next((p.dtype for p in model.parameters() if not p.is_meta and p.is_floating_point()), torch.float32)
+        model.set_input_embeddings(_NoEmbedding(embeddings.embedding_dim, dtype))
     return model
 
 
