@@ -93,6 +93,14 @@ def snapshot_squeeze() -> str:
     return squeeze_source()
 
 
+def snapshot_for_children() -> str:
+    """:func:`snapshot_squeeze`, and every subprocess started from here on imports the snapshot."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = snapshot_squeeze()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    return source
+
+
 def _run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     """Run ``cmd`` with its output in ``log``; (exit code, wall seconds, 1-minute load average just before).
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from quantize_rtn import BENCH, SNAPSHOT, WORK, machine, publish, snapshot_squeeze
+from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
 from stream_memory import model_folder
 
 from squeeze.memory import PassShape, streamed_bytes
@@ -134,9 +133,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    source = snapshot_squeeze()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    source = snapshot_for_children()
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "hidden": args.hidden, "intermediate": args.intermediate, "calib_samples": args.calib_samples,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantize_rtn import BENCH, SNAPSHOT, WORK, machine, publish, snapshot_squeeze
+from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
 
 NAME = "stream_memory"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -98,9 +97,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    source = snapshot_squeeze()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    source = snapshot_for_children()
     rows = []
     for depth in args.depths:
         model = model_folder(depth, args.hidden, args.intermediate)

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from quantize_rtn import BENCH, SNAPSHOT, WORK, machine, publish, snapshot_squeeze
+from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
 
 NAME = "stream_peers"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -105,9 +103,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     args = parser.parse_args()
-    WORK.mkdir(parents=True, exist_ok=True)
-    source = snapshot_squeeze()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    source = snapshot_for_children()
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, "squeeze_source": source,

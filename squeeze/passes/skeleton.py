@@ -32,7 +32,7 @@ from squeeze.passes.common import (
     record_input, reference_name, speed_comparison,
 )
 from squeeze.progress import NullProgress, Progress
-from squeeze.report import LayerReport, Report, SizeReport, SparsityReport, write_report
+from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, SparsityReport, write_report
 
 
 @dataclass(frozen=True)
@@ -208,33 +208,38 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
         with watch.stage("save"), progress.status(f"writing {out}"):
             written = step.write(net, prep, folder, run.max_shard_size)
         parts = step.report(net, prep, written, run, out)
-        return Report(
-            pass_name=step.name,
-            model=model_info(model, prep.source, net),
-            settings=parts.settings,
-            size=SizeReport(
-                parameters=prep.parameters,
-                compressed_parameters=parts.compressed_parameters,
-                disk_bytes_before=prep.disk_before,
-                disk_bytes_after=sum(f.stat().st_size for f in written.files),
-                memory_bytes_before=prep.memory_before,
-                memory_bytes_after=tensor_bytes(net),
-                linear_bytes_before=parts.linear_bytes_before,
-                linear_bytes_after=parts.linear_bytes_after,
-            ),
-            timings_s=dict(watch.timings),
-            peak_rss_bytes=peak_rss_bytes(),
-            device=f"{prep.device}, {run.dtype} compute",
-            memory_estimate_bytes=estimate,
-            accuracy=accuracy,
-            layers=parts.layers,
-            notes=parts.notes,
-            sparsity=parts.sparsity,
-            loading=parts.loading,
+        size = SizeReport(
+            parameters=prep.parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=prep.disk_before,
+            disk_bytes_after=sum(f.stat().st_size for f in written.files), memory_bytes_before=prep.memory_before,
+            memory_bytes_after=tensor_bytes(net), linear_bytes_before=parts.linear_bytes_before, linear_bytes_after=parts.linear_bytes_after,
         )
+        return step_report(step, model_info(model, prep.source, net), parts, size, watch, f"{prep.device}, {run.dtype} compute", estimate, accuracy)
 
     speed = (model, run.data, prep.device) if run.measure_speed else None
     return publish(out, run.overwrite, assemble, watch, progress, speed)
+
+
+def step_report(
+    step: CompressionStep, model: dict, parts: ReportParts, size: SizeReport, watch: Stopwatch, device: str, estimate: int,
+    accuracy: AccuracyReport | None, settings: dict | None = None, notes: list[str] | None = None,
+) -> Report:
+    """A compression pass's report from the step's parts and what the skeleton measured
+    (``settings`` and ``notes`` added to the step's own)."""
+    return Report(
+        pass_name=step.name,
+        model=model,
+        settings={**parts.settings, **(settings or {})},
+        size=size,
+        timings_s=dict(watch.timings),
+        peak_rss_bytes=peak_rss_bytes(),
+        device=device,
+        memory_estimate_bytes=estimate,
+        accuracy=accuracy,
+        layers=parts.layers,
+        notes=parts.notes + (notes or []),
+        sparsity=parts.sparsity,
+        loading=parts.loading,
+    )
 
 
 def publish(

@@ -33,7 +33,7 @@ from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, literal
-from squeeze.evaluate import peak_rss_bytes, window_batches
+from squeeze.evaluate import window_batches
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter
 from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_tokenizer, meta_model, resolve_model
@@ -41,7 +41,7 @@ from squeeze.models.load import stored_dtype
 from squeeze.passes.common import (
     Prepared, Stopwatch, batches, encoder_batch_size, eval_seq_len, evaluate_accuracy, model_info, reference_name,
 )
-from squeeze.passes.skeleton import CompressionStep, RunSettings, publish
+from squeeze.passes.skeleton import CompressionStep, RunSettings, publish, step_report
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report, SizeReport
 from squeeze.stream.gguf import GGUFTensors
@@ -294,25 +294,14 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
             if source.kind == "causal" and run.generation_prompts:
                 notes.append("no generation agreement: greedy decoding needs the whole model for every token, and a streamed pass never holds it")
         parts = step.report(net, prep, written, run, out)
-        return Report(
-            pass_name=step.name,
-            model=model_info(model, source, net),
-            settings={**parts.settings, "streamed": True},
-            size=SizeReport(
-                parameters=parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=disk_before,
-                disk_bytes_after=sum(f.stat().st_size for f in files), memory_bytes_before=memory_before,
-                memory_bytes_after=memory_after, linear_bytes_before=parts.linear_bytes_before,
-                linear_bytes_after=parts.linear_bytes_after,
-            ),
-            timings_s=dict(watch.timings),
-            peak_rss_bytes=peak_rss_bytes(),
-            device=f"{device}, {run.dtype} compute",
-            memory_estimate_bytes=estimate,
-            accuracy=accuracy,
-            layers=parts.layers,
-            notes=parts.notes + notes,
-            sparsity=parts.sparsity,
-            loading=parts.loading,
+        size = SizeReport(
+            parameters=parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=disk_before,
+            disk_bytes_after=sum(f.stat().st_size for f in files), memory_bytes_before=memory_before, memory_bytes_after=memory_after,
+            linear_bytes_before=parts.linear_bytes_before, linear_bytes_after=parts.linear_bytes_after,
+        )
+        return step_report(
+            step, model_info(model, source, net), parts, size, watch, f"{device}, {run.dtype} compute", estimate, accuracy,
+            settings={"streamed": True}, notes=notes,
         )
 
     return publish(out, run.overwrite, assemble, watch, progress)
