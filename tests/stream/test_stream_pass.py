@@ -181,3 +181,20 @@ def test_cli_stream_refusals(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = run("quantize", tmp_path / "q", "--stream", "--no-eval", "--out", tmp_path / "never")
     assert result.exit_code == 2 and "is a compressed-tensors checkpoint" in result.output, result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_stream_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    save_safetensors(dense_tensors(model), sharded, max_shard_bytes=600_000)
+    model.config.save_pretrained(sharded)
+    transformers.AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(sharded)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    result = run("quantize", sharded, "--stream", "--no-eval", "--out", tmp_path / "never")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"missing shard {shards[-1].name}" in result.output
+    result = run("quantize", tiny_llama_dir, "--stream", "--no-eval", "--memory-budget", "1MB", "--out", tmp_path / "never")
+    assert result.exit_code == 2 and "one block alone is" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "never").exists()
