@@ -398,7 +398,8 @@ def run_recipe(
                     report = run(
                         teacher, student, folder, entry.config, data=stage.data or recipe.data, eval_data=recipe.data,
                         resume=resume and checkpoints.read_run() is not None,
-                        teacher_cache=Path(stage.teacher_cache) if stage.teacher_cache else None, **common,
+                        teacher_cache=Path(stage.teacher_cache) if stage.teacher_cache else None, stream_teacher=stage.stream_teacher,
+                        **common,
                     )
                 else:
                     config = entry.config

@@ -50,7 +50,7 @@ def window_batches(windows: torch.Tensor, batch_size: int):
         yield windows[start : start + batch_size]
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     """Where the token ids go: the model's parameters' device, or what a stand-in model (one with
     no parameters of its own, squeeze.stream.reference) says."""
     parameter = next(model.parameters(), None)
@@ -69,7 +69,7 @@ def compare_causal(
 
     Each window predicts its tokens 1..L-1 from the ones before; windows do not overlap.
     """
-    device = _model_device(model)
+    device = model_device(model)
     nll_sum = ref_nll_sum = kl_sum = 0.0
     agree = tokens = 0
     for batch in window_batches(windows, batch_size):
@@ -121,7 +121,7 @@ def compare_encoder(
     on_batch: Callable[[int], None] | None = None,
 ) -> EncoderComparison:
     """Cosine similarity of ``model``'s mean-pooled embeddings to ``reference``'s on each window."""
-    device = _model_device(model)
+    device = model_device(model)
     cosines = []
     for batch in window_batches(windows, batch_size):
         ids = batch.to(device)
@@ -137,15 +137,20 @@ def compare_encoder(
     )
 
 
+def _identity(tensor: torch.Tensor) -> int:
+    """What tells shared tensors apart: their storage, or on the meta device (no storage) the tensor object."""
+    return id(tensor) if tensor.is_meta else tensor.untyped_storage().data_ptr()
+
+
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, each shared storage counted once."""
+    """Bytes held by the model's parameters and buffers, each shared storage counted once (on the
+    meta device: what they would hold)."""
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen:
+        if _identity(tensor) in seen:
             continue
-        seen.add(ptr)
+        seen.add(_identity(tensor))
         total += tensor.numel() * tensor.element_size()
     return total
 
@@ -155,10 +160,23 @@ def parameter_count(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        if _identity(p) in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(_identity(p))
         total += p.numel()
+    return total
+
+
+def checkpoint_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the model's tensors in a checkpoint that stores the floating ones in ``dtype``,
+    tied tensors once; the tensors may be on the meta device."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if _identity(tensor) in seen:
+            continue
+        seen.add(_identity(tensor))
+        total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
     return total
 
 

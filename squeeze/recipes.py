@@ -273,6 +273,8 @@ class DistillStage(_Options):
         DistillConfig.cache_samples, description="Teacher cache: draws per position from the teacher's distribution off those tokens "
         "(an unbiased estimate of the rest; 0: top-k only, a lower bound).",
     )
+    stream_teacher: bool = Field(False, description="Never hold the teacher whole: read it one block at a time to build the teacher cache "
+                                 "and for the evaluation (a causal teacher, with a teacher cache).")
     batch_size: int = Field(DistillConfig.batch_size, ge=1, description="Windows per forward pass, per process.")
 
     def config(self, seq_len: int, processes: int = 1, fsdp: bool = False):

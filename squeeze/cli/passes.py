@@ -201,6 +201,7 @@ def distill(
         eval_data=eval_data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval,
         overwrite=overwrite, resume=resume, checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache,
         trust_remote_code=trust_remote_code, progress=progress, measure_speed=measure_speed, max_shard_size=max_shard_size,
+        stream_teacher=stage.stream_teacher,
     )
     if report is None:
         return

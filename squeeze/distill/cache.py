@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from squeeze.distill.losses import top_k_logprobs
 from squeeze.errors import OptionError, SqueezeError, literal
+from squeeze.evaluate import model_device
 
 META_FILE = "cache.json"
 SHARD_WINDOWS = 256
@@ -66,7 +67,7 @@ def check_cache_use(folder: Path, config, causal: bool) -> None:
 
 @torch.no_grad()
 def build_cache(
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | Callable[[list[int]], torch.nn.Module],
     windows: torch.Tensor,
     needed: list[int],
     identity: dict[str, Any],
@@ -76,16 +77,18 @@ def build_cache(
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Write the teacher's top-k log-probabilities (and tail draws) for the training windows
-    ``needed`` into ``folder``."""
-    device = next(teacher.parameters()).device
+    ``needed`` into ``folder``. ``teacher`` is the model, or gives the model to ask for the
+    window ids of one shard (a streamed teacher computes them shard by shard)."""
     k = identity["top_k"]
     for shard, start in enumerate(range(0, len(needed), SHARD_WINDOWS)):
         ids = needed[start : start + SHARD_WINDOWS]
+        model = teacher if isinstance(teacher, torch.nn.Module) else teacher(ids)
+        device = model_device(model)
         values, indices = [], []
         for batch_start in range(0, len(ids), batch_size):
             batch = windows[ids[batch_start : batch_start + batch_size]].to(device)
             with autocast():
-                logits = teacher(input_ids=batch).logits[:, :-1]
+                logits = model(input_ids=batch).logits[:, :-1]
             # the tail draws of window w depend only on (seed, w): the same cache whatever the batch size
             draws = [
                 top_k_logprobs(row[None], k, identity["temperature"], identity["samples"], _generator(identity["seed"], window))

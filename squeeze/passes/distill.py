@@ -24,6 +24,8 @@ from squeeze.evaluate import compare_causal, compare_encoder, parameter_count
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.models import atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy
+from squeeze.passes.stream import comparison_batches, streamable_source
+from squeeze.passes.stream_teacher import StreamedTeacher
 from squeeze.passes.student_writer import Distilled, write_student
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report
@@ -53,6 +55,7 @@ def distill(
     measure_speed: bool = False,
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str = MAX_SHARD_BYTES,
+    stream_teacher: bool = False,
 ) -> Report | None:
     """Train ``student`` to imitate ``teacher``; write it (safetensors) and the report to ``out``.
 
@@ -66,7 +69,9 @@ def distill(
     from the newest one. ``teacher_cache`` names a folder of the teacher's top-k logits: made on
     first use, reused afterwards. Under torchrun every process calls this; only process 0 writes
     and returns the report (the others return None). ``max_shard_size`` (bytes, or a size such as
-    "5GB") bounds each safetensors file written.
+    "5GB") bounds each safetensors file written. ``stream_teacher`` never holds the teacher whole:
+    it is read one block at a time to build ``teacher_cache`` and for the evaluation
+    (squeeze.passes.stream_teacher); a causal teacher with a cache only.
     """
     progress = progress or NullProgress()
     watch = Stopwatch()
@@ -98,6 +103,12 @@ def distill(
     if teacher_cache is not None:
         teacher_cache = Path(teacher_cache)
         logit_cache.check_cache_use(teacher_cache, config, causal)
+    if stream_teacher:
+        if teacher_cache is None:
+            raise OptionError("{0} trains from the teacher's logits cached block by block: add {1} DIR", "stream_teacher", "teacher_cache")
+        if measure_speed:
+            raise OptionError("{0} loads the teacher whole to time it: drop it with {1}", "measure_speed", "stream_teacher")
+        streamable_source(teacher, trust_remote_code)
     load_documents(data)
     if evaluate:
         load_documents(eval_data or data)
@@ -120,8 +131,13 @@ def distill(
     try:
         if config.fsdp and procs.world < 2:
             raise OptionError("{0} shards the student over processes: start it with torchrun --nproc-per-node 2 (or more)", "fsdp")
+        streamed = None
         with watch.stage("load"), progress.status(f"loading {t_source.name}"):
-            t_loaded = load_model(t_source, device=device, dtype=compute_dtype)
+            if stream_teacher:
+                streamed = StreamedTeacher(t_source, compute_dtype, device)
+                t_loaded = streamed.loaded
+            else:
+                t_loaded = load_model(t_source, device=device, dtype=compute_dtype)
             masks: dict[str, torch.Tensor] = {}
             input_sparse_format = None
             if s_source is not None:
@@ -132,7 +148,7 @@ def distill(
                 if masks:
                     input_sparse_format = "sparse-bitmask" if is_sparse_folder(s_source.path) else "dense"
             else:
-                net = derive_student(t_loaded.model, spec, config.seed)
+                net = streamed.student(spec, config.seed) if streamed else derive_student(t_loaded.model, spec, config.seed)
         net.requires_grad_(True)
         tokenizer = t_loaded.tokenizer
         seq_len = eval_seq_len(t_loaded.config, seq_len)
@@ -181,9 +197,8 @@ def distill(
             if procs.main and not logit_cache.is_cache(teacher_cache):
                 with watch.stage("teacher_cache"), progress.task(f"teacher logits → {teacher_cache}", len(needed)) as advance:
                     with atomic_output_dir(teacher_cache) as tmp:
-                        logit_cache.build_cache(
-                            t_loaded.model, windows, needed, identity, tmp, config.batch_size, autocast, on_batch=advance
-                        )
+                        source = streamed.cache_teacher(windows, config.batch_size, NullProgress(), autocast) if streamed else t_loaded.model
+                        logit_cache.build_cache(source, windows, needed, identity, tmp, config.batch_size, autocast, on_batch=advance)
             procs.barrier()
             cache = logit_cache.LogitCache(teacher_cache, identity, needed)
 
@@ -231,9 +246,17 @@ def distill(
         net = trained.to(device)
 
         accuracy = None
+        notes: list[str] = ["the teacher was streamed: read one block at a time, never whole"] if streamed else []
         if eval_windows is not None:
+            reference = t_loaded.model
+            if streamed:
+                with watch.stage("evaluate"):
+                    batches = comparison_batches(eval_windows, "causal", config.batch_size, device)
+                    reference = streamed.outputs(batches, progress, f"the teacher's outputs on {eval_data or data}, block by block")
+                generation_prompts = 0
+                notes.append("no generation agreement: greedy decoding needs the whole teacher for every token, and it was streamed")
             accuracy = evaluate_accuracy(
-                net, t_source.kind, t_loaded.model, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress,
+                net, t_source.kind, reference, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress,
                 None, t_loaded.tokenizer, generation_prompts,
             )
         done = Distilled(
@@ -241,7 +264,7 @@ def distill(
             config=config, layer_map=layer_map, masks=masks, sparse_format=input_sparse_format, state=state,
             resumed_from=resumed_from, processes=procs.world, data=data, eval_data=eval_data or data,
             training_windows=windows.shape[0], seq_len=seq_len, teacher_cache=teacher_cache, accuracy=accuracy, device=device,
-            dtype=dtype,
+            dtype=dtype, notes=notes,
         )
         report = write_student(out, overwrite, done, watch, progress, measure_speed, max_shard_bytes)
         checkpoints.clear()

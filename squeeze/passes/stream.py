@@ -22,8 +22,11 @@ onloaded one block at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -33,7 +36,7 @@ from squeeze.data import calibration_windows, evaluation_windows, load_documents
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, literal
-from squeeze.evaluate import window_batches
+from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter
 from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_tokenizer, meta_model, resolve_model
@@ -50,9 +53,9 @@ from squeeze.stream.reference import Handover, RecordedReference, recorded_state
 
 
 @dataclass
-class _Windows:
-    """Evaluation batches followed through a model one block at a time: the token ids, and the
-    hidden states (with keyword arguments) the next block receives."""
+class StreamedStates:
+    """Batches of token ids followed through a model one block at a time: the ids, and the hidden
+    states (with keyword arguments) the next block receives."""
 
     kind: str
     ids: list[torch.Tensor]
@@ -60,12 +63,10 @@ class _Windows:
     returns_tuple: bool = False
 
     @classmethod
-    def capture(cls, model: nn.Module, kind: str, windows: torch.Tensor, batch_size: int, device: str) -> _Windows:
-        """The first block's inputs, batched as the comparison will ask (needs the outside in memory)."""
-        size = batch_size if kind == "causal" else encoder_batch_size(batch_size)
-        ids = [batch.to(device) for batch in window_batches(windows, size)]
-        calls = [{"input_ids": i} if kind == "causal" else {"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids]
-        return cls(kind, ids, capture_block_inputs(model, calls))
+    def capture(cls, model: nn.Module, kind: str, batches: list[torch.Tensor]) -> StreamedStates:
+        """The first block's inputs for each batch (needs the input side of the outside in memory)."""
+        calls = [{"input_ids": i} if kind == "causal" else {"input_ids": i, "attention_mask": torch.ones_like(i)} for i in batches]
+        return cls(kind, batches, capture_block_inputs(model, calls))
 
     @torch.no_grad()
     def through(self, block: nn.Module) -> None:
@@ -78,8 +79,14 @@ class _Windows:
         self.states = moved
 
     def record(self, head: nn.Module) -> RecordedReference:
-        """The comparison's side of this model: the states through ``head`` (blocks stood in for)."""
+        """This model's outputs on the batches: the states through ``head`` (blocks stood in for)."""
         return recorded_states(self.kind, self.ids, [hidden for hidden, _ in self.states], self.returns_tuple, head)
+
+
+def comparison_batches(windows: torch.Tensor, kind: str, batch_size: int, device: str) -> list[torch.Tensor]:
+    """``windows`` batched as the evaluation's comparison asks for them."""
+    size = batch_size if kind == "causal" else encoder_batch_size(batch_size)
+    return [batch.to(device) for batch in window_batches(windows, size)]
 
 
 def streamable_source(spec: str, trust_remote_code: bool) -> ModelSource:
@@ -96,22 +103,28 @@ def streamable_source(spec: str, trust_remote_code: bool) -> ModelSource:
     return source
 
 
-def _lazy(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module | None = None) -> LazyModel:
+def lazy_model(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module | None = None) -> LazyModel:
     """``source`` (its meta ``model``, when already built) with weights read when their part's turn comes."""
     model = model if model is not None else meta_model(source)
     tensors = GGUFTensors(source.path, model) if source.is_gguf else CheckpointTensors(source.path)
     return LazyModel(model, tensors, dtype, device)
 
 
-def _stream_states(lazy: LazyModel, kind: str, windows: torch.Tensor, run: RunSettings, progress: Progress, label: str) -> _Windows:
-    """The last block's hidden states of ``lazy``'s model on the evaluation ``windows``, one block in memory."""
+def stream_states(
+    lazy: LazyModel, kind: str, batches: list[torch.Tensor], progress: Progress, label: str,
+    context: Callable[[], ContextManager[object]] = nullcontext,
+) -> StreamedStates:
+    """The last block's hidden states of ``lazy``'s model on ``batches``, one block in memory at a
+    time; each block runs inside ``context()`` (e.g. autocast)."""
     lazy.materialise_outside("input")
-    states = _Windows.capture(lazy.model, kind, windows, run.batch_size, lazy.device)
+    with context():
+        states = StreamedStates.capture(lazy.model, kind, batches)
     lazy.release_outside()
     with progress.task(label, len(lazy.blocks)) as advance:
         for index in range(len(lazy.blocks)):
             block = lazy.block(index)
-            states.through(block)
+            with context():
+                states.through(block)
             lazy.release(block)
             advance(1)
     return states
@@ -124,7 +137,7 @@ class _BlockSource:
     last, ``final_side`` of it comes back (see squeeze.stream.lazy.LazyModel.outside; None: none)."""
 
     def __init__(
-        self, lazy: LazyModel, step: CompressionStep, writer: ShardWriter, dtype: torch.dtype, planned: list[str], windows: _Windows | None,
+        self, lazy: LazyModel, step: CompressionStep, writer: ShardWriter, dtype: torch.dtype, planned: list[str], windows: StreamedStates | None,
         final_side: str | None,
     ) -> None:
         self.lazy, self.step, self.writer, self.dtype, self.windows = lazy, step, writer, dtype, windows
@@ -171,22 +184,6 @@ def _exact(compute: torch.dtype, stored: torch.dtype) -> bool:
     return compute == stored or compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
 
 
-def _meta_sizes(model: nn.Module, stored: torch.dtype) -> tuple[int, int, int]:
-    """Parameters, bytes in memory and bytes in a checkpoint (floating tensors in ``stored``) of a
-    model whose tensors may be on the meta device; tied tensors counted once."""
-    seen: set[int] = set()
-    parameters = memory = checkpoint = 0
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        memory += tensor.numel() * tensor.element_size()
-        checkpoint += tensor.numel() * (stored.itemsize if tensor.is_floating_point() else tensor.element_size())
-        if isinstance(tensor, nn.Parameter):
-            parameters += tensor.numel()
-    return parameters, memory, checkpoint
-
-
 def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
     """Run ``step`` on ``model`` into ``out`` one block at a time (see the module docstring);
     the report as :func:`squeeze.passes.skeleton.run_pass` gives it."""
@@ -218,8 +215,8 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
     if step.needs_calibration:
         calib_windows = calibration_windows(tokenizer, run.calibration_data or run.data, run.calibration_samples, seq_len)
     stored = stored_dtype(source)
-    lazy = _lazy(source, compute, device, net)
-    parameters, memory_before, disk_before = _meta_sizes(net, stored)
+    lazy = lazy_model(source, compute, device, net)
+    parameters, memory_before, disk_before = parameter_count(net), tensor_bytes(net), checkpoint_bytes(net, stored)
     prep = Prepared(
         source=source, loaded=LoadedModel(net, tokenizer, source, net.config, stored), device=device, plan=prep_plan,
         seq_len=seq_len, eval_windows=eval_windows, calib_windows=calib_windows, reference=None, parameters=parameters,
@@ -236,13 +233,16 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         reference = None
         if eval_windows is not None:
             with watch.stage("evaluate"):
-                reference = _stream_states(
-                    _lazy(ref_source or source, compute, device), source.kind, eval_windows, run, progress,
+                reference = stream_states(
+                    lazy_model(ref_source or source, compute, device), source.kind,
+                    comparison_batches(eval_windows, source.kind, run.batch_size, device), progress,
                     f"the {'reference' if ref_source else 'input'}'s outputs on {run.data}, block by block",
                 )
         writer = ShardWriter(folder, run.max_shard_size)
         lazy.materialise_outside("input")
-        ours = _Windows.capture(net, source.kind, eval_windows, run.batch_size, device) if eval_windows is not None else None
+        ours = None
+        if eval_windows is not None:
+            ours = StreamedStates.capture(net, source.kind, comparison_batches(eval_windows, source.kind, run.batch_size, device))
         # with nothing to compress outside the blocks, their tensors go from the checkpoint to the
         # writer one at a time, and only the head comes back, for the evaluation
         outside_planned = any(not n.startswith(f"{lazy.prefix}.") for n in planned)
@@ -276,7 +276,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                     writer.add(step.part_tensors(net, "", stored))
             files = writer.close()
             written = Written(files, step.write_config(net, prep, folder))
-        _, memory_after, _ = _meta_sizes(net, stored)
+        memory_after = tensor_bytes(net)
         accuracy = None
         notes = [f"streamed: one block in memory at a time ({lazy.peak_parts} part(s) at most; the parts outside the blocks are one)"]
         if reference is not None and ours is not None:
@@ -284,7 +284,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
             if ref_source is None and not blocks.outside():
                 ref_head = head  # the input's outside is the output's: one head serves both
             else:
-                ref_lazy = _lazy(ref_source or source, compute, device)
+                ref_lazy = lazy_model(ref_source or source, compute, device)
                 ref_lazy.materialise_outside("output")
                 ref_head = stand_in_blocks(ref_lazy.model, Handover())
             accuracy = evaluate_accuracy(

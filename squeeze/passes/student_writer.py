@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,8 +14,7 @@ from squeeze.distill.checkpoint import TrainingState
 from squeeze.distill.config import DistillConfig
 from squeeze.distill.student import StudentSpec
 from squeeze.distill.trainer import autocast_for
-from squeeze.evaluate import parameter_count, peak_rss_bytes, tensor_bytes
-from squeeze.formats.compressed_tensors import checkpoint_state_dict
+from squeeze.evaluate import checkpoint_bytes, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, save_safetensors, write_config_files
 from squeeze.formats import PRUNED_FORMATS
 from squeeze.models import LoadedModel
@@ -50,6 +49,7 @@ class Distilled:
     accuracy: AccuracyReport | None
     device: str
     dtype: str
+    notes: list[str] = field(default_factory=list)  # what the pass itself has to say
 
 
 def write_student(
@@ -61,8 +61,8 @@ def write_student(
     config, teacher, net, state = done.config, done.teacher, done.student, done.state
     causal = teacher.source.kind == "causal"
     stored = teacher.stored_dtype
-    teacher_bytes = sum(t.numel() * t.element_size() for t in checkpoint_state_dict(teacher.model, stored).values())
-    notes = []
+    teacher_bytes = checkpoint_bytes(teacher.model, stored)  # the teacher may be streamed: counted, not copied
+    notes = list(done.notes)
     if done.masks:
         notes.append(
             f"the student was pruned: {len(done.masks)} layer(s) kept their zeros through training "
