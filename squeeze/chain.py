@@ -44,7 +44,7 @@ from squeeze.quant.methods import METHODS
 from squeeze.recipes import (
     DistillStage, PruneStage, QuantizeStage, Recipe, RecipeError, StageOptions, load_recipe, recipe_from_stages, stage_folder,
 )
-from squeeze.sizes import default_memory_budget, in_gib, parse_size
+from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib, parse_size
 
 # the pass each stage runs, by its name in a recipe
 PASSES: dict[str, Callable[..., Any]] = {"quantize": quantize, "prune": prune, "distill": distill}
@@ -230,15 +230,19 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         entry.stream_bytes = streamed_bytes(model, original, shape)
 
 
-def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None, stream: bool = False) -> int | None:
+def check_memory(
+    plan: list[PlannedStage], memory_budget: int | str | None = None, what: str | None = None, stream: bool = False, device: str = "cpu",
+) -> int | None:
     """Settle how each quantize or prune stage runs: held whole, or streamed one block at a time
     (``stream`` asks for it; a stage whose whole-model estimate is above the budget but whose
-    streamed one fits gets it too), and refuse (OptionError naming ``memory_budget``) a stage
-    that fits neither way. The budget is ``memory_budget`` when given, else the memory available
-    now less a margin. ``what`` names the work in the message (default: the stage). Returns the
-    budget, None when there is none to check against."""
+    streamed one fits gets it too, and so does one whose model would not fit the free memory of a
+    CUDA ``device``: only the current block goes to the GPU), and refuse (OptionError naming
+    ``memory_budget``) a stage that fits neither way. The budget is ``memory_budget`` when given,
+    else the memory available now less a margin. ``what`` names the work in the message (default:
+    the stage). Returns the budget, None when there is none to check against."""
+    gpu = accelerator_memory(device)
     for entry in plan:
-        entry.stream = stream and entry.streamable
+        entry.stream = entry.streamable and (stream or gpu is not None and entry.memory_bytes > gpu)
     budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
     if budget is None:
         return None
@@ -266,7 +270,7 @@ def check_memory(plan: list[PlannedStage], memory_budget: int | str | None = Non
 
 def check_pass_memory(
     stage: StageOptions, model: str, data: str, eval_tokens: int, seq_len: int, dtype: str, evaluate: bool,
-    trust_remote_code: bool, memory_budget: int | str | None = None, stream: bool = False,
+    trust_remote_code: bool, memory_budget: int | str | None = None, stream: bool = False, device: str = "cpu",
 ) -> bool:
     """:func:`check_memory` for one pass run on its own, before it loads anything: whether it
     streams (asked for with ``stream``, or because only then it fits). A stage that does not
@@ -277,7 +281,7 @@ def check_pass_memory(
         _, plan = plan_run([stage], model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
     except SqueezeError:
         return stream
-    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", stream=stream)
+    check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", stream=stream, device=device)
     return stream or plan[0].stream
 
 
@@ -344,7 +348,7 @@ def run_recipe(
     check_output_dir(out, overwrite)
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
-    check_memory(plan, memory_budget, stream=stream)
+    check_memory(plan, memory_budget, stream=stream, device=device)
     staging = out.parent / f"{out.name}.partial"
     if staging.exists() and not staging.is_dir():
         raise SqueezeError(f"{staging} exists and is a file")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 
+import torch
+
 from squeeze.errors import OptionError, literal
 
 # decimal and binary units, as transformers' max_shard_size reads them ("5GB" is 5 * 10**9 bytes)
@@ -58,3 +60,12 @@ def default_memory_budget() -> int | None:
     if available is None:
         return None
     return max(available - max(available // 10, 2**30), 0)
+
+
+def accelerator_memory(device: str) -> int | None:
+    """Free bytes on ``device`` when it is a CUDA GPU (``cuda``, ``cuda:N``, or ``auto`` with one
+    present); None on the CPU."""
+    if not device.startswith("cuda") and device != "auto" or not torch.cuda.is_available():
+        return None
+    index = int(device.partition(":")[2] or 0)
+    return torch.cuda.mem_get_info(index)[0]

@@ -106,3 +106,12 @@ def test_a_recipe_streams_every_stage(tiny_llama_dir: Path, tmp_path: Path) -> N
     assert len(reports) == 2
     for report in reports:
         assert json.loads(report.read_text())["settings"]["streamed"] is True
+
+
+def test_a_model_larger_than_the_gpu_streams_there(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, plan = plan_run([QuantizeStage(bits=8)], str(tiny_llama_dir))
+    monkeypatch.setattr(chain, "accelerator_memory", lambda device: plan[0].memory_bytes - 1 if device.startswith("cuda") else None)
+    check_memory(plan, "64GB", device="cpu")
+    assert not plan[0].stream
+    check_memory(plan, "64GB", device="cuda:0")
+    assert plan[0].stream  # only the current block goes to the GPU

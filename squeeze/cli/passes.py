@@ -77,7 +77,9 @@ def quantize(
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
         out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
-    stream = call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream)
+    stream = call(
+        check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream, device,
+    )
     _run_pass(
         quantize_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
@@ -141,7 +143,9 @@ def prune(
         stem = model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{stage.method}-{amount}{PRUNED_FORMATS.get(fmt).suffix}")
-    stream = call(check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream)
+    stream = call(
+        check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream, device,
+    )
     _run_pass(
         prune_pass, model, out_dir, config, fmt, as_json, quiet,
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,

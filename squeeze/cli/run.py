@@ -47,7 +47,7 @@ def run(
         out_dir = Path(f"{recipe.stem}-{model_stem(model)}")
     if dry_run:
         loaded, plan = call(plan_run, recipe, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, max_shard_size)
-        call(check_memory, plan, memory_budget, stream=stream)
+        call(check_memory, plan, memory_budget, stream=stream, device=device)
         _print_plan(loaded, plan, model, out_dir, as_json)
         return
     progress = NullProgress() if quiet else ConsoleProgress(err)
