@@ -81,23 +81,24 @@ def worker(name: str, eval_tokens: int, out: Path) -> None:
     quantize(MODEL, out, config, data=DATA, eval_tokens=eval_tokens, seq_len=SEQ_LEN, batch_size=BATCH_SIZE, overwrite=True)
 
 
-def snapshot_squeeze() -> str:
-    """Copy squeeze/ to benchmarks/work/ so every subprocess of the run imports the same code.
+def snapshot_squeeze(root: Path = SNAPSHOT) -> str:
+    """Copy squeeze/ to ``root`` (default benchmarks/work/squeeze-src) so every subprocess of the
+    run imports the same code.
 
     squeeze is edited while benchmarks run; without a snapshot, configurations started minutes
     apart could measure different code. Returns the snapshot's identity (see squeeze_source).
     """
-    target = SNAPSHOT / "squeeze"
-    shutil.rmtree(SNAPSHOT, ignore_errors=True)
-    shutil.copytree(REPO / "squeeze", target, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(REPO / "squeeze", root / "squeeze", ignore=shutil.ignore_patterns("__pycache__"))
     return squeeze_source()
 
 
-def snapshot_for_children() -> str:
-    """:func:`snapshot_squeeze`, and every subprocess started from here on imports the snapshot."""
+def snapshot_for_children(root: Path = SNAPSHOT) -> str:
+    """:func:`snapshot_squeeze` into ``root`` (a benchmark running beside another takes its own),
+    and every subprocess started from here on imports the snapshot."""
     WORK.mkdir(parents=True, exist_ok=True)
-    source = snapshot_squeeze()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))
+    source = snapshot_squeeze(root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return source
 
 

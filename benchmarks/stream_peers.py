@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     args = parser.parse_args()
-    source = snapshot_for_children()
+    source = snapshot_for_children(WORK / "squeeze-src-stream-peers")  # its own: it may run beside another benchmark
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, "squeeze_source": source,
