@@ -143,6 +143,7 @@ class _BlockSource:
         self.lazy, self.step, self.writer, self.dtype, self.windows = lazy, step, writer, dtype, windows
         self.planned, self.final_side = planned, final_side
         self.outside_live = True
+        self.other = Stopwatch()  # time spent inside the pass's compress stage on evaluating and writing
         self.held: list[nn.Module] = []
 
     def own(self, index: int) -> tuple[str, ...]:
@@ -166,10 +167,13 @@ class _BlockSource:
         return block
 
     def offload(self, index: int, block: nn.Module) -> None:
-        if self.windows is not None:
-            self.windows.through(block)
-        self.writer.add(self.step.part_tensors(block, f"{self.lazy.blocks[index]}.", self.dtype))
-        self.writer.end_part()
+        # the evaluation's and the writer's share of the time, which the pass books under their own names
+        with self.other.stage("evaluate"):
+            if self.windows is not None:
+                self.windows.through(block)
+        with self.other.stage("save"):
+            self.writer.add(self.step.part_tensors(block, f"{self.lazy.blocks[index]}.", self.dtype))
+            self.writer.end_part()
         self.lazy.release(block, self.held)
         self.held = []
         if index == len(self.lazy.blocks) - 1 and self.final_side is not None:
@@ -264,6 +268,9 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         if calibration is not None:
             watch.timings["calibrate"] = calibration_s
             watch.timings[step.name] -= calibration_s
+        for stage, seconds in blocks.other.timings.items():
+            watch.timings[step.name] -= seconds
+            watch.timings[stage] = watch.timings.get(stage, 0.0) + seconds
         del calibration
         with watch.stage("save"), progress.status(f"writing {out}"):
             if direct:
