@@ -175,7 +175,9 @@ class SparseInput:
         self.parameters += weight.numel()
         self.zeros[name] = zeros
         if zeros:
-            self.patterns &= {(n, m) for n, m in self.PATTERNS if is_n_m(weight, n, m)}
+            # N of every M nonzero needs at least (M - N) / M zeros: below half, no pattern can hold
+            possible = {(n, m) for n, m in self.patterns if zeros >= (m - n) / m * weight.numel()}
+            self.patterns = {(n, m) for n, m in possible if is_n_m(weight, n, m)}
 
     @property
     def structure(self) -> str | None:
