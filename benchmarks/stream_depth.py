@@ -1,6 +1,7 @@
 """Peak memory of streamed passes against model depth, evaluation and calibration included.
 
     python benchmarks/stream_depth.py [--depths 8 16 32] [--methods rtn gptq] [--calib-samples 32] [--eval-tokens 4096]
+    python benchmarks/stream_depth.py --big rtn [gptq]
 
 For each depth, a random-weight Llama of that many blocks (``synthetic_model.py``: bf16 shards,
 SmolLM2's tokenizer, hidden 2048, MLP 5632) is quantized W4 group-128 (asymmetric, every Linear
@@ -8,7 +9,9 @@ but lm_head, float32 compute) with ``squeeze quantize --stream``, each run in a 
 RTN, and GPTQ on ``--calib-samples`` x 512 calibration tokens; both evaluated on
 ``--eval-tokens`` Wikipedia tokens against the input. Peak RSS, stage times and the streamed
 report's part count come from each run's report. Random weights: memory and time only (their
-perplexities mean nothing). Results go to benchmarks/results/stream_depth.json and to the table
+perplexities mean nothing). ``--big METHOD...`` instead runs those methods, the same way, on an
+8B-parameter model of Llama-3-8B's shapes (32 blocks, hidden 4096, MLP 14336, 8 KV heads, ~15 GB
+in bf16; the target: peak RSS at most 8 GiB), keeping the depth rows already measured. Results go to benchmarks/results/stream_depth.json and to the table
 between the ``stream_depth`` markers of benchmarks/README.md.
 """
 
@@ -58,6 +61,23 @@ def run(model: Path, method: str, args: argparse.Namespace) -> dict:
 # real shapes the estimate is shown for beside the measured rows: (name, blocks, hidden, MLP, heads, kv heads, vocab, tied head)
 SHAPES = (("Llama-3.2-1B", 16, 2048, 8192, 32, 8, 128256, True), ("Llama-3.1-8B", 32, 4096, 14336, 32, 8, 128256, False),
           ("Llama-3.1-70B", 80, 8192, 28672, 64, 8, 128256, False))
+
+
+BIG = {"blocks": 32, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8}
+BIG_TARGET = 8 * 2**30
+
+
+def big_model() -> Path:
+    """The 8B-parameter random-weight model, made once (about one shard of memory, 15 GB of disk)."""
+    folder = WORK / "synthetic-llama-8b"
+    if not folder.exists():
+        subprocess.run(
+            [sys.executable, str(BENCH / "synthetic_model.py"), str(folder), "--layers", str(BIG["blocks"]), "--hidden", str(BIG["hidden"]),
+             "--intermediate", str(BIG["intermediate"]), "--heads", str(BIG["heads"]), "--kv-heads", str(BIG["kv_heads"]),
+             "--max-shard-size", "2GB"],
+            check=True,
+        )
+    return folder
 
 
 def estimates(args: argparse.Namespace) -> list[dict]:
@@ -114,6 +134,18 @@ def table(result: dict) -> str:
             f"| {e['model']} | {e['parameters'] / 1e9:.1f} B | {e['rtn_fp32_whole'] / 2**30:.1f} GiB | {e['rtn_fp32'] / 2**30:.1f} GiB | "
             f"{e['rtn_bf16'] / 2**30:.1f} GiB | {e['gptq_fp32'] / 2**30:.1f} GiB | {e['gptq_bf16'] / 2**30:.1f} GiB |"
         )
+    big = result.get("big_rows", [])
+    if big:
+        lines += [
+            "", f"Bigger than comfortable: Llama-3-8B's shapes ({BIG['blocks']} blocks, hidden {BIG['hidden']}, MLP {BIG['intermediate']}, "
+            f"{BIG['kv_heads']} KV heads, SmolLM2's vocabulary), same settings:", "",
+            "| method | parameters | bf16 on disk | peak RSS | estimated before loading | seconds | run |", "|---|---|---|---|---|---|---|",
+        ]
+        for r in big:
+            lines.append(
+                f"| {r['method']} | {r['parameters'] / 1e9:.2f} B | {r['disk_bytes'] / 1e9:.1f} GB | {r['peak_rss_bytes'] / 2**30:.2f} GiB | "
+                f"{r['estimate_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} | {r['date']}, squeeze {r['squeeze_source']} |"
+            )
     lines += ["", "| target | measured | verdict |", "|---|---|---|"]
     deepest = max(r["blocks"] for r in result["rows"])
     for method in result["methods"]:
@@ -127,6 +159,11 @@ def table(result: dict) -> str:
                 f"| {method}: peak at {deepest} blocks within 15% of the peak at {rows[0]['blocks']} | "
                 f"{growth:+.1%} at {rows[-1]['blocks']} blocks | {verdict} |"
             )
+    for r in big:
+        verdict = "pass" if r["peak_rss_bytes"] <= BIG_TARGET else "**FAIL**"
+        lines.append(f"| {r['method']}: 8B model with evaluation, peak RSS at most 8 GiB | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {verdict} |")
+    for method in result.get("big_not_run", []):
+        lines.append(f"| {method}: 8B model with evaluation, peak RSS at most 8 GiB | not run | **not measured** |")
     if result.get("note"):
         lines += ["", result["note"]]
     return "\n".join(lines)
@@ -140,6 +177,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--big", nargs="+", metavar="METHOD", help="Run these methods on the 8B-parameter model instead of the depths.")
     parser.add_argument("--table-only", action="store_true", help="Rewrite the README table from the last results (estimates made anew).")
     parser.add_argument("--note", help="With --table-only: a line under the table (e.g. what else ran on the machine).")
     args = parser.parse_args()
@@ -151,6 +189,19 @@ def main() -> None:
         publish(result, RESULTS, table(result), NAME)
         return
     source = snapshot_for_children()
+    if args.big:
+        result = json.loads(RESULTS.read_text())
+        model = big_model()
+        disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        big = [r for r in result.get("big_rows", []) if r["method"] not in args.big]
+        result["big_rows"] = big
+        for method in args.big:
+            big.append({"method": method, "parameters": disk // 2, "disk_bytes": disk, "squeeze_source": source,
+                        "date": machine()["date"], **run(model, method, args)})
+            print(json.dumps(big[-1]), flush=True)
+            result["big_not_run"] = [m for m in ("rtn", "gptq") if m not in {r["method"] for r in big}]
+            publish(result, RESULTS, table(result), NAME)
+        return
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "hidden": args.hidden, "intermediate": args.intermediate, "calib_samples": args.calib_samples,
