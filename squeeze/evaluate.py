@@ -57,6 +57,23 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else getattr(model, "input_device", torch.device("cpu"))
 
 
+class _BatchLogits:
+    """One batch's logits, a span of positions at a time. A model that can compute the logits of
+    chosen positions alone (``slices_logits``, then ``logits_at``: a recorded model, whose head is
+    cheap to rerun) is asked
+    span by span, so the batch's logits over the whole vocabulary never exist at once; any other
+    model runs once, and its logits are sliced."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor) -> None:
+        self.model, self.ids = model, ids
+        self.whole = None if getattr(model, "slices_logits", False) else model(input_ids=ids).logits
+
+    def span(self, positions: slice) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[:, positions]
+        return self.model.logits_at(self.ids, positions)
+
+
 @torch.no_grad()
 def compare_causal(
     model: nn.Module,
@@ -74,18 +91,18 @@ def compare_causal(
     agree = tokens = 0
     for batch in window_batches(windows, batch_size):
         ids = batch.to(device)
-        logits = model(input_ids=ids).logits[:, :-1]
-        ref_logits = reference(input_ids=ids).logits[:, :-1] if reference is not None else None
+        logits = _BatchLogits(model, ids)
+        ref_logits = _BatchLogits(reference, ids) if reference is not None else None
         targets = ids[:, 1:]
         # a vocabulary-wide float copy of every position at once is the memory peak of a run:
         # take log-softmax over a bounded number of positions at a time instead
         for start in range(0, targets.shape[1], METRIC_CHUNK):
-            span = slice(start, start + METRIC_CHUNK)
+            span = slice(start, min(start + METRIC_CHUNK, targets.shape[1]))
             target = targets[:, span].reshape(-1)
-            logprobs = F.log_softmax(logits[:, span].float(), dim=-1).flatten(0, 1)
+            logprobs = F.log_softmax(logits.span(span).float(), dim=-1).flatten(0, 1)
             nll_sum += float(F.nll_loss(logprobs, target, reduction="sum"))
             if ref_logits is not None:
-                ref_logprobs = F.log_softmax(ref_logits[:, span].float(), dim=-1).flatten(0, 1)
+                ref_logprobs = F.log_softmax(ref_logits.span(span).float(), dim=-1).flatten(0, 1)
                 ref_nll_sum += float(F.nll_loss(ref_logprobs, target, reduction="sum"))
                 kl_sum += float(F.kl_div(logprobs, ref_logprobs, log_target=True, reduction="sum"))
                 agree += int((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())

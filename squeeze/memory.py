@@ -18,8 +18,10 @@ reference keeps a head of its own.
 
 Both, while calibrating, hold the inputs and outputs of one block for every calibration window,
 plus what the method holds (its ``calibration_bytes``: GPTQ and SparseGPT one in_features²
-Hessian per Linear of a block, AWQ the captured inputs of its widest layer); evaluation adds the
-logits of two models for one batch of two and a chunk of their log-softmax. Memory freed after
+Hessian per Linear of a block, AWQ the captured inputs of its widest layer); evaluation adds a
+span of positions of both models' logits and log-softmax for a batch of two, and, resident, the
+compressed model's logits of the whole batch (streamed, both sides are recorded states whose head
+projects one span at a time). Memory freed after
 calibration mostly stays with the process (the allocator keeps it), so calibration and evaluation
 add up. On SmolLM2 (magnitude 30% then RTN W4 g64, 4,096 evaluation tokens, 2026-11-30) the
 resident estimates were 2% and 10% under the measured peaks (1.79 and 2.09 GiB), so a budget
@@ -67,17 +69,19 @@ def _parameters(model: nn.Module) -> tuple[int, int, int]:
     return total, total - inside, largest
 
 
-def _shared(model: nn.Module, shape: PassShape) -> int:
-    """Calibration and evaluation memory, the same resident or streamed."""
+def _shared(model: nn.Module, shape: PassShape, whole_logits: bool) -> int:
+    """Calibration and evaluation memory; ``whole_logits``: the compressed model's logits of a
+    whole batch are held (resident)."""
     config = model.config
     hidden = getattr(config, "hidden_size", 0)
     vocab = getattr(config, "vocab_size", 0)
     calibration = 0
     if shape.calibration_tokens:
         calibration = 2 * shape.calibration_tokens * hidden * shape.dtype_bytes + shape.method_bytes
-    # both models' float32 logits of a batch of two windows, and one METRIC_CHUNK of positions of
-    # each in log-softmax (squeeze.evaluate.compare_causal)
-    evaluation = 2 * 2 * (shape.seq_len + METRIC_CHUNK) * vocab * 4 if shape.evaluate else 0
+    # a batch of two windows, float32 (squeeze.evaluate.compare_causal): a METRIC_CHUNK of positions
+    # in five vocabulary-wide tensors (both logits, both log-softmaxes, the KL terms), and resident
+    # the compressed model's logits of every position
+    evaluation = 2 * (5 * METRIC_CHUNK + (shape.seq_len if whole_logits else 0)) * vocab * 4 if shape.evaluate else 0
     return PROCESS_BYTES + calibration + evaluation
 
 
@@ -92,7 +96,7 @@ def resident_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> i
         record = (compared_outside + shape.evaluation_tokens * hidden) * shape.dtype_bytes
         held = max(held + record, compared_params * shape.dtype_bytes if shape.named_reference else 0)
     codes = params if shape.quantize else 0
-    return _shared(model, shape) + held + codes
+    return _shared(model, shape, whole_logits=True) + held + codes
 
 
 def _sides(model: nn.Module) -> tuple[int, int]:
@@ -121,7 +125,7 @@ def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> i
         held += 2 * shape.evaluation_tokens * hidden * shape.dtype_bytes
         if shape.named_reference:
             held += _sides(original)[0] * shape.dtype_bytes
-    return _shared(model, shape) + held
+    return _shared(model, shape, whole_logits=False) + held
 
 
 def block_bytes(model: nn.Module, dtype_bytes: int = 4) -> int:

@@ -1,5 +1,5 @@
-"""What every pass shares: the stopwatch, the prepare step (cheap checks, then load and cut the
-text windows), accuracy scoring against a reference, sparsity and speed summaries, and the
+"""What every pass shares: the stopwatch, the cheap checks and text windows every pass starts
+with, the prepare step (load), accuracy scoring against a reference, sparsity and speed summaries, and the
 report's model line."""
 
 from __future__ import annotations
@@ -79,13 +79,29 @@ class Prepared:
     linear_flops: int  # 2 · Σ out · in over every Linear layer: matmul FLOPs per token
 
 
-def prepare(
+@dataclass
+class Checked:
+    """What a pass knows once its cheap checks passed, before any weight is loaded: the sources,
+    the meta model and the plan made on it, and the text windows, already cut."""
+
+    source: ModelSource
+    meta: torch.nn.Module
+    plan: dict
+    ref_source: ModelSource | None
+    device: str
+    compute_dtype: torch.dtype
+    seq_len: int
+    tokenizer: Any | None  # loaded when there is text to cut
+    eval_windows: torch.Tensor | None
+    calib_windows: torch.Tensor | None
+
+
+def check_inputs(
     model: str,
     out: Path,
     overwrite: bool,
     device: str,
     dtype: str,
-    trust_remote_code: bool,
     data: str,
     calibration_data: str | None,
     evaluate: bool,
@@ -94,63 +110,72 @@ def prepare(
     eval_tokens: int,
     seq_len: int,
     calibration_samples: int,
-    watch: Stopwatch,
-    progress: Progress,
-    reference: str | None = None,
-    record: Callable[[torch.nn.Module, str, Any, torch.Tensor], RecordedReference] | None = None,
-) -> Prepared:
-    """Validate everything cheap (output directory, device, dtype, model, ``plan`` on the meta
-    model, text sources), then load the model and cut the evaluation and calibration windows.
-
-    The evaluation compares with the input itself, or with ``reference`` when one is named; with
-    ``record(model, kind, tokenizer, eval_windows)`` (e.g. :func:`record_input`) that model's outputs are
-    recorded here and only the record is kept. A named reference is then loaded, recorded and
-    dropped before the input is loaded, so the two are never in memory together."""
+    reference: str | None,
+    resolve: Callable[[str], ModelSource],
+) -> Checked:
+    """Validate everything cheap (output directory, device, dtype, the model and reference as
+    ``resolve`` finds them, ``plan`` on the meta model, text sources) and cut the evaluation and
+    calibration windows, so that bad input or too little text fails in seconds, before any load."""
     check_output_dir(out, overwrite)
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    source = resolve(model)
     meta = meta_model(source)
-    plan(meta)
+    layers = plan(meta)
     ref_source = None
     if reference is not None and evaluate:
-        ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
+        ref_source = resolve(reference)
         check_vocab_sizes(meta_model(ref_source).config, meta.config)
     if evaluate:
         load_documents(data)
     if needs_calibration:
         load_documents(calibration_data or data)
-
     seq_len = eval_seq_len(meta.config, seq_len)
-    # every window is cut before any model is loaded, so that too little text fails in seconds
-    eval_windows = calib_windows = None
+    tokenizer = eval_windows = calib_windows = None
     if evaluate or needs_calibration:
         tokenizer = load_tokenizer(source)
         if evaluate:
             eval_windows = evaluation_windows(tokenizer, data, seq_len, eval_tokens)
         if needs_calibration:
             calib_windows = calibration_windows(tokenizer, calibration_data or data, calibration_samples, seq_len)
+    return Checked(source, meta, layers, ref_source, device, compute_dtype, seq_len, tokenizer, eval_windows, calib_windows)
+
+
+def prepare(
+    checked: Checked,
+    plan: Callable[[torch.nn.Module], dict],
+    watch: Stopwatch,
+    progress: Progress,
+    record: Callable[[torch.nn.Module, str, Any, torch.Tensor], RecordedReference] | None = None,
+) -> Prepared:
+    """Load the model :func:`check_inputs` checked and ``plan`` its layers.
+
+    The evaluation compares with the input itself, or with the named reference; with
+    ``record(model, kind, tokenizer, eval_windows)`` (e.g. :func:`record_input`) that model's outputs are
+    recorded here and only the record is kept. A named reference is then loaded, recorded and
+    dropped before the input is loaded, so the two are never in memory together."""
+    source, eval_windows = checked.source, checked.eval_windows
     reference_model: torch.nn.Module | None = None
-    if ref_source is not None and eval_windows is not None:
-        with watch.stage("load"), progress.status(f"loading the reference {ref_source.name}"):
-            ref_loaded = load_model(ref_source, device=device, dtype=compute_dtype)
-        reference_model = ref_loaded.model if record is None else record(ref_loaded.model, ref_source.kind, ref_loaded.tokenizer, eval_windows)
+    if checked.ref_source is not None and eval_windows is not None:
+        with watch.stage("load"), progress.status(f"loading the reference {checked.ref_source.name}"):
+            ref_loaded = load_model(checked.ref_source, device=checked.device, dtype=checked.compute_dtype)
+        reference_model = ref_loaded.model if record is None else record(ref_loaded.model, checked.ref_source.kind, ref_loaded.tokenizer, eval_windows)
         del ref_loaded
 
     with watch.stage("load"), progress.status(f"loading {source.name}"):
-        loaded = load_model(source, device=device, dtype=compute_dtype)
+        loaded = load_model(source, device=checked.device, dtype=checked.compute_dtype)
     net = loaded.model
     layers = plan(net)
-    if ref_source is None and eval_windows is not None:
+    if checked.ref_source is None and eval_windows is not None:
         reference_model = net if record is None else record(net, source.kind, loaded.tokenizer, eval_windows)
     return Prepared(
         source=source,
         loaded=loaded,
-        device=device,
+        device=checked.device,
         plan=layers,
-        seq_len=seq_len,
+        seq_len=checked.seq_len,
         eval_windows=eval_windows,
-        calib_windows=calib_windows,
+        calib_windows=checked.calib_windows,
         reference=reference_model,
         parameters=parameter_count(net),
         memory_before=tensor_bytes(net),

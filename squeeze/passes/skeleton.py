@@ -26,9 +26,9 @@ from squeeze.evaluate import peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
-from squeeze.models import atomic_output_dir, meta_model, resolve_model
+from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model
 from squeeze.passes.common import (
-    GENERATION_PROMPTS, Prepared, Stopwatch, batches, check_speed_kind, evaluate_accuracy, model_info, prepare,
+    GENERATION_PROMPTS, Checked, Prepared, Stopwatch, batches, check_inputs, check_speed_kind, evaluate_accuracy, model_info, prepare,
     record_input, reference_name, speed_comparison,
 )
 from squeeze.progress import NullProgress, Progress
@@ -164,6 +164,15 @@ class CompressionStep:
         raise NotImplementedError
 
 
+def check_run(step: CompressionStep, model: str, out: Path, run: RunSettings, resolve: Callable[[str], ModelSource]) -> Checked:
+    """:func:`~squeeze.passes.common.check_inputs` with this run's settings: the checks and text
+    windows a pass starts with, held whole or streamed."""
+    return check_inputs(
+        model, out, run.overwrite, run.device, run.dtype, run.data, run.calibration_data, run.evaluate, step.needs_calibration,
+        step.plan, run.eval_tokens, run.seq_len, run.calibration_samples, run.reference, resolve,
+    )
+
+
 def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
     """Run ``step`` on ``model`` into ``out`` (see the module docstring); return the report, also
     written to ``out/report.json`` and ``out/report.md``."""
@@ -176,11 +185,8 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
         # before the step changes anything: no copy of the model it compares with is kept
         return record_input(reference, kind, windows, run.data, run.batch_size, watch, progress, tokenizer, run.generation_prompts)
 
-    prep = prepare(
-        model, out, run.overwrite, run.device, run.dtype, run.trust_remote_code, run.data, run.calibration_data,
-        run.evaluate, step.needs_calibration, step.plan, run.eval_tokens, run.seq_len, run.calibration_samples,
-        watch, progress, run.reference, record,
-    )
+    checked = check_run(step, model, out, run, lambda spec: resolve_model(spec, trust_remote_code=run.trust_remote_code))
+    prep = prepare(checked, step.plan, watch, progress, record)
     if run.measure_speed:
         check_speed_kind(prep.source.kind)
     net = prep.loaded.model

@@ -32,19 +32,16 @@ import torch
 from torch import nn
 
 from squeeze.calib.pipeline import BlockInputs, capture_block_inputs, streamed_blocks
-from squeeze.data import calibration_windows, evaluation_windows, load_documents
-from squeeze.device import resolve_device, resolve_dtype
-from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter
-from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_tokenizer, meta_model, resolve_model
+from squeeze.models import LoadedModel, ModelSource, load_tokenizer, meta_model, resolve_model
 from squeeze.models.load import stored_dtype
 from squeeze.passes.common import (
-    Prepared, Stopwatch, batches, encoder_batch_size, eval_seq_len, evaluate_accuracy, model_info, reference_name,
+    Prepared, Stopwatch, batches, encoder_batch_size, evaluate_accuracy, model_info, reference_name,
 )
-from squeeze.passes.skeleton import CompressionStep, RunSettings, publish, step_report
+from squeeze.passes.skeleton import CompressionStep, RunSettings, check_run, publish, step_report
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report, SizeReport
 from squeeze.stream.gguf import GGUFTensors
@@ -198,26 +195,11 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
     progress = progress or NullProgress()
     watch = Stopwatch()
     out = Path(out)
-    check_output_dir(out, run.overwrite)
-    device = resolve_device(run.device)
-    compute = resolve_dtype(run.dtype)
-    source = streamable_source(model, run.trust_remote_code)
-    net = meta_model(source)
-    prep_plan = step.plan(net)
-    ref_source = None
-    if run.reference is not None and run.evaluate:
-        ref_source = streamable_source(run.reference, run.trust_remote_code)
-        check_vocab_sizes(meta_model(ref_source).config, net.config)
-    if run.evaluate:
-        load_documents(run.data)
-    if step.needs_calibration:
-        load_documents(run.calibration_data or run.data)
-    seq_len = eval_seq_len(net.config, run.seq_len)
-    tokenizer = load_tokenizer(source)
-    eval_windows = evaluation_windows(tokenizer, run.data, seq_len, run.eval_tokens) if run.evaluate else None
-    calib_windows = None
-    if step.needs_calibration:
-        calib_windows = calibration_windows(tokenizer, run.calibration_data or run.data, run.calibration_samples, seq_len)
+    checked = check_run(step, model, out, run, lambda spec: streamable_source(spec, run.trust_remote_code))
+    source, net, device, compute, seq_len = checked.source, checked.meta, checked.device, checked.compute_dtype, checked.seq_len
+    ref_source, eval_windows, calib_windows = checked.ref_source, checked.eval_windows, checked.calib_windows
+    prep_plan = checked.plan
+    tokenizer = checked.tokenizer if checked.tokenizer is not None else load_tokenizer(source)
     stored = stored_dtype(source)
     lazy = lazy_model(source, compute, device, net)
     parameters, memory_before, disk_before = parameter_count(net), tensor_bytes(net), checkpoint_bytes(net, stored)

@@ -18,6 +18,7 @@ call brings the token ids that were recorded for it.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -112,6 +113,18 @@ class RecordedReference(nn.Module):
         self.handover = handover or Handover()
         self.generation: Generation | None = None
         self._head: list[nn.Module] = []  # in a list: not a submodule (its parameters are not the reference's)
+
+    @property
+    def slices_logits(self) -> bool:
+        """Whether :meth:`logits_at` can give the logits of chosen positions alone: a causal
+        record whose head takes ``logits_to_keep`` (transformers' causal LMs do)."""
+        return self.kind == "causal" and bool(self._head) and "logits_to_keep" in inspect.signature(self._head[0].forward).parameters
+
+    def logits_at(self, input_ids: torch.Tensor, positions: slice) -> torch.Tensor:
+        """The logits at ``positions`` of the recorded batch with these token ids (see
+        :attr:`slices_logits`): the head runs on the recorded states, projecting those positions only."""
+        keep = torch.arange(positions.start, positions.stop, device=input_ids.device)
+        return self.forward(input_ids, logits_to_keep=keep).logits
 
     @property
     def input_device(self) -> torch.device:
