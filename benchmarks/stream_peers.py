@@ -1,14 +1,15 @@
 """SmolLM2 held whole and streamed, GPTQ W4 g64 and Wanda 50%, beside the peers' peak memory.
 
-    python benchmarks/stream_peers.py [--calib-samples 32] [--eval-tokens 4096]
+    python benchmarks/stream_peers.py [--calib-samples 32] [--eval-tokens 4096] [--no-peers]
 
 SmolLM2 is the built-in (its Q4_1 GGUF dequantized to fp32, in squeeze's cache as a safetensors
 folder). Each configuration runs twice in a fresh ``squeeze`` process, on the same calibration and evaluation windows as
 ``quantize_calibrated.py`` and ``prune.py``: held whole, and ``--stream``. Peak RSS, seconds
-(calibration and the pass's own work) and the scores come from each report. The peers' peak RSS
-(llm-compressor, GPTQModel) is read from the last runs of ``quantize_calibrated.py`` and
-``prune.py`` (benchmarks/results/*.json, their dates in the table): their venvs are not rebuilt
-here. Results go to benchmarks/results/stream_peers.json and to the table between the
+(calibration and the pass's own work) and the scores come from each report. The peers
+(llm-compressor, GPTQModel with its disk offload on) run the same configuration in the same
+invocation, through ``quantize_calibrated.py`` and ``prune.py --only NAME --peers-only`` (their
+venvs: ``benchmarks/peers/setup.sh``), which record them in benchmarks/results/*.json; with
+``--no-peers`` their last recorded runs are used instead (the dates are in the table). Results go to benchmarks/results/stream_peers.json and to the table between the
 ``stream_peers`` markers of benchmarks/README.md.
 """
 
@@ -54,6 +55,16 @@ def run(name: str, stream: bool, args: argparse.Namespace) -> dict:
     }
 
 
+def run_peers(name: str, args: argparse.Namespace) -> None:
+    """Run the peers on ``name`` through its own benchmark, which records them."""
+    _, benchmark = CONFIGS[name]
+    cmd = [sys.executable, str(BENCH / f"{benchmark}.py"), "--only", name, "--peers-only",
+           "--calib-samples", str(args.calib_samples), "--eval-tokens", str(args.eval_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+
+
 def peers(name: str) -> dict:
     """The peers' peak RSS for ``name`` from the last run of its own benchmark."""
     _, benchmark = CONFIGS[name]
@@ -70,7 +81,7 @@ def table(result: dict) -> str:
     lines = [
         f"SmolLM2-135M (the built-in, fp32), {result['calib_samples']} x 512 calibration tokens, "
         f"{result['eval_tokens']} Wikipedia evaluation tokens; each run a fresh `squeeze` process. Peers' peak RSS from their "
-        "own benchmark's last run (date beside it).",
+        f"own benchmark's run {'in this invocation' if result.get('peers_ran') else 'last recorded'} (date beside it).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
         f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
@@ -105,6 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--no-peers", action="store_true", help="Use the peers' last recorded runs instead of running them.")
     parser.add_argument("--table-only", action="store_true", help="Rewrite the README table from the last results.")
     parser.add_argument("--note", help="With --table-only: a line under the table (e.g. what else ran on the machine).")
     args = parser.parse_args()
@@ -118,9 +130,11 @@ def main() -> None:
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, "squeeze_source": source,
-        "machine": machine(), "rows": rows,
+        "machine": machine(), "rows": rows, "peers_ran": not args.no_peers,
     }
     for name in CONFIGS:
+        if not args.no_peers:
+            run_peers(name, args)
         rows.append({"config": name, "whole": run(name, False, args), "streamed": run(name, True, args), "peers": peers(name)})
         print(json.dumps(rows[-1]), flush=True)
         publish(result, RESULTS, table(result), NAME)
