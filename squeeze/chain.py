@@ -70,11 +70,15 @@ class PlannedStage:
     streamable: bool = False  # the stage can run one block at a time (squeeze.passes.stream)
     stream_bytes: int | None = None  # estimated peak RSS streamed, where it can stream
     stream: bool = False  # it will stream: asked for, or chosen by check_memory
+    spill_bytes: int | None = None  # streamed with the calibration activations on disk, where it calibrates
+    spill: bool = False  # it will stream with its calibration activations on disk: chosen by check_memory
     block_bytes: int = 0  # one block's weights in the compute dtype: the least a streamed stage holds
 
     @property
     def estimate(self) -> int:
         """The estimated peak RSS of the way the stage will run."""
+        if self.spill and self.spill_bytes is not None:
+            return self.spill_bytes
         return self.stream_bytes if self.stream and self.stream_bytes is not None else self.memory_bytes
     shapes_known: bool = True  # the input has the original's layer shapes (checked against its meta model)
 
@@ -228,6 +232,8 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
     entry.block_bytes = block_bytes(model, dtype_bytes)
     if entry.streamable:
         entry.stream_bytes = streamed_bytes(model, original, shape)
+        if entry.calibration_tokens:
+            entry.spill_bytes = streamed_bytes(model, original, dataclasses.replace(shape, spilled=True))
 
 
 def check_memory(
@@ -235,7 +241,8 @@ def check_memory(
 ) -> int | None:
     """Settle how each quantize or prune stage runs: held whole, or streamed one block at a time
     (``stream`` asks for it; a stage whose whole-model estimate is above the budget but whose
-    streamed one fits gets it too, and so does one whose model would not fit the free memory of a
+    streamed one fits gets it too, with its calibration activations spilled to disk when only
+    that fits, and so does one whose model would not fit the free memory of a
     CUDA ``device``: only the current block goes to the GPU), and refuse (OptionError naming
     ``memory_budget``) a stage that fits neither way. The budget is ``memory_budget`` when given,
     else the memory available now less a margin. ``what`` names the work in the message (default:
@@ -253,11 +260,17 @@ def check_memory(
         if entry.stream_bytes is not None and entry.stream_bytes <= budget:
             entry.stream = True  # it fits one block at a time
             continue
+        if entry.spill_bytes is not None and entry.spill_bytes <= budget:
+            entry.stream = entry.spill = True  # it fits one block at a time with its calibration activations on disk
+            continue
         name = what or f"stage {entry.index + 1} ({entry.folder})"
         limit = "the budget" if memory_budget is not None else "the memory available now less a margin"
         ways = f"{in_gib(entry.memory_bytes)} of memory held whole"
         if entry.stream_bytes is not None:
-            ways += f", {in_gib(entry.stream_bytes)} one block at a time (one block alone is {in_gib(entry.block_bytes)})"
+            ways += f", {in_gib(entry.stream_bytes)} one block at a time"
+            if entry.spill_bytes is not None:
+                ways += f", {in_gib(entry.spill_bytes)} with its calibration activations on disk"
+            ways += f" (one block alone is {in_gib(entry.block_bytes)})"
         else:
             ways += " (it cannot stream: see --stream in --help)"
         raise OptionError(
@@ -271,18 +284,19 @@ def check_memory(
 def check_pass_memory(
     stage: StageOptions, model: str, data: str, eval_tokens: int, seq_len: int, dtype: str, evaluate: bool,
     trust_remote_code: bool, memory_budget: int | str | None = None, stream: bool = False, device: str = "cpu",
-) -> bool:
+) -> tuple[bool, bool]:
     """:func:`check_memory` for one pass run on its own, before it loads anything: whether it
-    streams (asked for with ``stream``, or because only then it fits). A stage that does not
-    plan is left to the pass, which says what is wrong in its own words."""
+    streams (asked for with ``stream``, or because only then it fits), and whether its
+    calibration activations go to disk (only then it fits). A stage that does not plan is left
+    to the pass, which says what is wrong in its own words."""
     if memory_budget is not None:
         parse_size(memory_budget, "memory_budget")
     try:
         _, plan = plan_run([stage], model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code)
     except SqueezeError:
-        return stream
+        return stream, False
     check_memory(plan, memory_budget, what=f"this {stage.pass_name} pass", stream=stream, device=device)
-    return stream or plan[0].stream
+    return stream or plan[0].stream, plan[0].spill
 
 
 def plan_run(
@@ -412,7 +426,7 @@ def run_recipe(
                     report = run(
                         source, folder, config, data=recipe.data, calibration_data=stage.calib_data,
                         calibration_samples=stage.calib_samples, batch_size=stage.batch_size,
-                        reference=model if entry.index else None, stream=entry.stream, **common,
+                        reference=model if entry.index else None, stream=entry.stream, spill_calibration=entry.spill, **common,
                     )
             except SqueezeError as exc:
                 failed = f"stage {entry.index + 1} ({entry.folder}): {in_words(exc, recipe_spelling)}"

@@ -16,8 +16,8 @@ the largest of those tensors again as it is written, one block twice (the block 
 compressed copy), and two evaluation hidden states, the reference's and the output's; a named
 reference keeps a head of its own.
 
-Both, while calibrating, hold the inputs and outputs of one block for every calibration window,
-plus what the method holds (its ``calibration_bytes``: GPTQ and SparseGPT one in_features²
+Both, while calibrating, hold the inputs and outputs of one block for every calibration window
+(streamed with them spilled to disk, of one batch), plus what the method holds (its ``calibration_bytes``: GPTQ and SparseGPT one in_features²
 Hessian per Linear of a block, AWQ the captured inputs of its widest layer); evaluation adds a
 span of positions of both models' logits and log-softmax for a batch of two, and, resident, the
 compressed model's logits of the whole batch (streamed, both sides are recorded states whose head
@@ -52,6 +52,7 @@ class PassShape:
     evaluate: bool
     named_reference: bool  # compared with another model than its input (a later recipe stage)
     dtype_bytes: int = 4
+    spilled: bool = False  # streamed with the calibration activations on disk (squeeze.calib.spill)
 
 
 def _parameters(model: nn.Module) -> tuple[int, int, int]:
@@ -77,7 +78,9 @@ def _shared(model: nn.Module, shape: PassShape, whole_logits: bool) -> int:
     vocab = getattr(config, "vocab_size", 0)
     calibration = 0
     if shape.calibration_tokens:
-        calibration = 2 * shape.calibration_tokens * hidden * shape.dtype_bytes + shape.method_bytes
+        # a block's inputs and outputs for every window; spilled, a batch of two windows of each
+        tokens = 2 * shape.seq_len if shape.spilled else shape.calibration_tokens
+        calibration = 2 * tokens * hidden * shape.dtype_bytes + shape.method_bytes
     # a batch of two windows, float32 (squeeze.evaluate.compare_causal): a METRIC_CHUNK of positions
     # in five vocabulary-wide tensors (both logits, both log-softmaxes, the KL terms), and resident
     # the compressed model's logits of every position

@@ -44,6 +44,12 @@ def make_tiny_llama(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def twelve_blocks(make_tiny_llama) -> Path:
+    """A 12-block tiny random Llama: enough blocks that one at a time is far from the whole (streaming tests)."""
+    return make_tiny_llama(12, 5)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(make_tiny_llama) -> Path:
     """A 2-layer, hidden-64 random Llama (tied embeddings, like SmolLM2) with the MiniLM tokenizer."""
     return make_tiny_llama(2, 0)

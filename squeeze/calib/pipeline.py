@@ -27,9 +27,12 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
+from squeeze.calib.spill import SpilledInputs, inputs_like, new_inputs, release_inputs
 from squeeze.errors import SqueezeError
 
-BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]]
+# one (hidden states, keyword arguments) pair per calibration batch; on disk inside
+# squeeze.calib.spill.spilled_calibration
+BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]] | SpilledInputs
 
 
 class CalibrationClock:
@@ -85,7 +88,7 @@ def capture_block_inputs(
 ) -> BlockInputs:
     """The hidden states and keyword arguments block 0 receives, one entry per batch."""
     _, blocks = block_list(model)
-    captured: BlockInputs = []
+    captured = new_inputs()
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -120,8 +123,11 @@ def _hidden(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None) -> BlockInputs:
     """The block's outputs for every captured input, paired with the same keyword arguments."""
+    outputs = inputs_like(inputs)
     with _timing(clock):
-        return [(_hidden(block(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        for hidden, kwargs in inputs:
+            outputs.append((_hidden(block(hidden, **kwargs)), kwargs))
+    return outputs
 
 
 @torch.no_grad()
@@ -175,9 +181,12 @@ def calibrate_sequentially(
         name = f"{prefix}.{index}"
         block = source.onload(index) if source is not None else blocks[index]
         compress_block(name, block, inputs)
-        inputs = run_block(block, inputs, clock)
+        outputs = run_block(block, inputs, clock)
+        release_inputs(inputs)
+        inputs = outputs
         if source is not None:
             source.offload(index, block)
         if on_block:
             on_block(name)
+    release_inputs(inputs)
     return clock.seconds - start

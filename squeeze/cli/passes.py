@@ -77,7 +77,7 @@ def quantize(
         suffix = f"{scheme.name}-{mode}" + (f"{scheme.weights.group_size}" if scheme.weights.group_size else "")
         suffix += f"-{method}" if method != QuantizeStage.model_fields["method"].default else ""
         out_dir = Path(f"{stem}-{QUANTIZED_FORMATS.get(fmt).output_name(suffix)}")
-    stream = call(
+    stream, spill = call(
         check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream, device,
     )
     _run_pass(
@@ -85,7 +85,7 @@ def quantize(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size, stream=stream,
+        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill,
     )
 
 
@@ -143,7 +143,7 @@ def prune(
         stem = model_stem(model)
         amount = config.pattern.replace(":", "of") if config.pattern else f"{round(100 * (config.sparsity or 0))}"
         out_dir = Path(f"{stem}-{stage.method}-{amount}{PRUNED_FORMATS.get(fmt).suffix}")
-    stream = call(
+    stream, spill = call(
         check_pass_memory, stage, model, data, eval_tokens, seq_len, dtype, not no_eval, trust_remote_code, memory_budget, stream, device,
     )
     _run_pass(
@@ -151,7 +151,7 @@ def prune(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size, stream=stream,
+        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill,
     )
 
 

@@ -97,8 +97,9 @@ def _print_plan(recipe, plan, model: str, out_dir: Path, as_json: bool) -> None:
             "stage": entry.index + 1, "folder": entry.folder, "pass": entry.stage.pass_name, "input": entry.input,
             "options": entry.stage.model_dump(exclude_defaults=True), "calibration_tokens": entry.calibration_tokens,
             "training_tokens": entry.training_tokens, "evaluation_tokens": entry.evaluation_tokens,
-            "memory_estimate_bytes": entry.estimate, "streamed": entry.stream,
+            "memory_estimate_bytes": entry.estimate, "streamed": entry.stream, "calibration_on_disk": entry.spill,
             "memory_estimate_whole_bytes": entry.memory_bytes, "memory_estimate_streamed_bytes": entry.stream_bytes,
+            "memory_estimate_spilled_bytes": entry.spill_bytes,
         }
         for entry in plan
     ]
@@ -112,7 +113,7 @@ def _print_plan(recipe, plan, model: str, out_dir: Path, as_json: bool) -> None:
     for entry in plan:
         table.add_row(
             str(entry.index + 1), entry.folder, entry.input, settings(entry.stage), reads(entry),
-            f"{entry.estimate / 2**30:.1f} GiB" + (" (streamed)" if entry.stream else ""),
+            f"{entry.estimate / 2**30:.1f} GiB" + (" (streamed, calibration on disk)" if entry.spill else " (streamed)" if entry.stream else ""),
         )
     out.print(table)
     out.print(f"evaluation text: {recipe.data}, windows of {recipe.seq_len} tokens; every stage is scored against {model}")

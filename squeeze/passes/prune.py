@@ -179,6 +179,7 @@ def prune(
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str = MAX_SHARD_BYTES,
     stream: bool = False,
+    spill_calibration: bool = False,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
@@ -191,5 +192,6 @@ def prune(
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
+        spill_calibration,
     )
     return (stream_pass if stream else run_pass)(PruneStep(config), model, out, run, progress)

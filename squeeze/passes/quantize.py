@@ -196,6 +196,7 @@ def quantize(
     generation_prompts: int = GENERATION_PROMPTS,
     max_shard_size: int | str = MAX_SHARD_BYTES,
     stream: bool = False,
+    spill_calibration: bool = False,
 ) -> Report:
     """Quantize ``model`` with ``config``; write the checkpoint (``config.format``) and the report to ``out``.
 
@@ -208,10 +209,14 @@ def quantize(
     code shipped with the model; it is never implied. ``reference`` names the model the evaluation
     compares with (default: ``model`` itself), e.g. the original of a chain of passes.
     ``max_shard_size`` (bytes, or a size such as "5GB") bounds each safetensors file written.
-    ``stream`` holds one transformer block in memory at a time (see squeeze.passes.stream).
+    ``stream`` holds one transformer block in memory at a time (see squeeze.passes.stream);
+    with ``spill_calibration`` too, the calibration activations are kept on disk, beside ``out``,
+    one batch in memory at a time (squeeze.calib.spill; the memory budget turns it on by itself
+    when only that fits).
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
+        spill_calibration,
     )
     return (stream_pass if stream else run_pass)(QuantizeStep(config), model, out, run, progress)

@@ -60,6 +60,7 @@ class RunSettings:
     generation_prompts: int = GENERATION_PROMPTS
     max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors file written
     stream: bool = False  # one block in memory at a time (squeeze.passes.stream)
+    spill_calibration: bool = False  # streamed, with the calibration activations on disk (squeeze.calib.spill)
 
     def calibration_line(self, windows: torch.Tensor | None, no_data: str) -> dict[str, Any]:
         """The report's ``calibration`` and ``calibration_tokens`` settings."""
@@ -126,7 +127,7 @@ class CompressionStep:
         shape = PassShape(
             self.name == "quantize", self.method.calibration_bytes(model, calibration, dtype_bytes) if calibration else 0, calibration,
             prep.eval_windows.numel() if prep.eval_windows is not None else 0, prep.seq_len, prep.eval_windows is not None,
-            run.reference is not None, dtype_bytes,
+            run.reference is not None, dtype_bytes, streamed and run.spill_calibration,
         )
         return (streamed_bytes if streamed else resident_bytes)(model, original, shape)
 
@@ -177,6 +178,8 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
     """Run ``step`` on ``model`` into ``out`` (see the module docstring); return the report, also
     written to ``out/report.json`` and ``out/report.md``."""
     step.check(run)
+    if run.spill_calibration:
+        raise OptionError("{0} keeps a streamed pass's calibration activations on disk: add {1}", "spill_calibration", "stream")
     progress = progress or NullProgress()
     watch = Stopwatch()
     out = Path(out)

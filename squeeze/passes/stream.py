@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.pipeline import BlockInputs, capture_block_inputs, streamed_blocks
+from squeeze.calib.spill import spilled_calibration
 from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
@@ -236,7 +237,8 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         final_side = "all" if not direct else "output" if ours is not None else None
         blocks = _BlockSource(lazy, step, writer, stored, planned, ours, final_side)
         calibration = list(batches(calib_windows, run.batch_size, device)) if calib_windows is not None else None
-        with watch.stage(step.name), progress.task(label, total) as advance, streamed_blocks(blocks):
+        spill = spilled_calibration(out.parent) if run.spill_calibration and calibration is not None else nullcontext()
+        with watch.stage(step.name), progress.task(label, total) as advance, streamed_blocks(blocks), spill:
             if step.blockwise:
                 calibration_s = step.compress(net, calibration, lambda _name: advance(1))
             else:
@@ -268,6 +270,8 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         memory_after = tensor_bytes(net)
         accuracy = None
         notes = [f"streamed: one block in memory at a time ({lazy.peak_parts} part(s) at most; the parts outside the blocks are one)"]
+        if run.spill_calibration and calib_windows is not None:
+            notes.append("the calibration activations were kept on disk, one batch in memory at a time")
         if reference is not None and ours is not None:
             head = stand_in_blocks(net, Handover())
             if ref_source is None and not blocks.outside():

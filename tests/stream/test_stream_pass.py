@@ -64,13 +64,6 @@ class BlockCounter:
         monkeypatch.setattr(lazy_module.LazyModel, "release", counted_release)
 
 
-@pytest.fixture(scope="module")
-def twelve_blocks(tmp_path_factory, minilm_tokenizer) -> Path:
-    from conftest import tiny_llama
-
-    return tiny_llama(tmp_path_factory.mktemp("twelve"), minilm_tokenizer, 12, 5)
-
-
 def assert_same(resident, streamed, a: Path, b: Path) -> None:
     assert digests(b) == digests(a)
     x, y = resident.accuracy, streamed.accuracy
