@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from squeeze.evaluate import compare_causal, compare_encoder
+from squeeze.evaluate import METRIC_CHUNK, compare_causal, compare_encoder
 from squeeze.models import load_model
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.methods import METHODS
@@ -66,3 +66,19 @@ def test_encoder_metrics_equal_the_whole_model_s(tiny_bert_dir: Path) -> None:
     got = compare_encoder(model, recorded, windows, batch_size=8)
     assert want.cosine_mean < 1
     assert got == want
+
+
+def test_a_recorded_model_s_logits_come_a_span_of_positions_at_a_time(tiny_llama_dir: Path) -> None:
+    model = load_model(str(tiny_llama_dir)).model
+    windows = _windows(model.config.vocab_size, 2, 2 * METRIC_CHUNK + 40)
+    recorded = record_reference(model, "causal", windows, batch_size=2)
+    assert recorded.slices_logits
+    positions: list[int] = []
+    head = recorded._head[0]
+    handle = head.lm_head.register_forward_hook(lambda _m, _a, out: positions.append(out.shape[1]))
+    try:
+        got = compare_causal(model, windows, recorded, batch_size=2)
+    finally:
+        handle.remove()
+    assert max(positions) <= METRIC_CHUNK and sum(positions) == windows.shape[1] - 1  # never the whole window at once
+    assert got == compare_causal(model, windows, copy.deepcopy(model), batch_size=2)
