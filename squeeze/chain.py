@@ -27,7 +27,7 @@ from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
 from squeeze.distill.student import check_layer_map, keep_blocks, parse_student, resolve_layers, teacher_depth
 from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
 from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
-from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, resident_bytes, streamed_bytes
+from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, read_in_blocks_bytes, resident_bytes, streamed_bytes
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, reference_name
@@ -215,7 +215,10 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         inter = getattr(config, "intermediate_size", 4 * hidden)
         heads = getattr(config, "num_attention_heads", 1)
         params = sum(p.numel() for p in model.parameters())
-        teacher = sum(p.numel() for p in original.parameters()) * dtype_bytes
+        if stage.stream_teacher:  # read one block at a time, into the cache and for the evaluation
+            teacher = read_in_blocks_bytes(original, dtype_bytes)
+        else:
+            teacher = sum(p.numel() for p in original.parameters()) * dtype_bytes
         activations = stage.batch_size * seq * (len(block_list(model)[1]) * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
         evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
         entry.memory_bytes = PROCESS_BYTES + teacher + 16 * params + activations + evaluation

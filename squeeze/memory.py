@@ -118,11 +118,18 @@ def _sides(model: nn.Module) -> tuple[int, int]:
     return max(without_head, without_inputs), largest
 
 
-def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> int:
-    """The estimated peak of the pass on ``model`` streamed one block at a time."""
+def read_in_blocks_bytes(model: nn.Module, dtype_bytes: int, blocks: int = 1, written: bool = False) -> int:
+    """The weights held while ``model`` is read one part at a time: the larger side of what lies
+    outside the blocks, ``blocks`` blocks, and (``written``: a pass writing them out) the largest
+    tensor outside the blocks again, as it is written."""
     _, _, block = _parameters(model)
     side, largest = _sides(model)
-    held = (side + largest + 2 * block) * shape.dtype_bytes
+    return (side + blocks * block + (largest if written else 0)) * dtype_bytes
+
+
+def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> int:
+    """The estimated peak of the pass on ``model`` streamed one block at a time."""
+    held = read_in_blocks_bytes(model, shape.dtype_bytes, blocks=2, written=True)  # a block and its compressed copy
     if shape.evaluate:
         hidden = getattr(model.config, "hidden_size", 0)
         held += 2 * shape.evaluation_tokens * hidden * shape.dtype_bytes

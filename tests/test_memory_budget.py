@@ -12,7 +12,9 @@ import squeeze.chain as chain
 from squeeze.chain import check_memory, plan_run
 from squeeze.cli import app
 from squeeze.errors import OptionError
-from squeeze.recipes import QuantizeStage
+from squeeze.memory import read_in_blocks_bytes
+from squeeze.models import meta_model, resolve_model
+from squeeze.recipes import DistillStage, QuantizeStage
 
 runner = CliRunner()
 QUIET = ["--no-eval", "--quiet"]
@@ -116,3 +118,16 @@ def test_a_model_larger_than_the_gpu_streams_there(tiny_llama_dir: Path, monkeyp
     assert not plan[0].stream
     check_memory(plan, "64GB", device="cuda:0")
     assert plan[0].stream  # only the current block goes to the GPU
+
+
+def test_a_streamed_teacher_is_estimated_one_block_at_a_time(make_tiny_llama, small_text: Path, tmp_path: Path) -> None:
+    teacher = make_tiny_llama(12, 3)
+    options = dict(student="layers:2", steps=1, batch_size=1, data=str(small_text), teacher_cache=str(tmp_path / "cache"))
+    _, whole = plan_run([DistillStage(**options)], str(teacher), seq_len=32, eval_tokens=64)
+    _, streamed = plan_run([DistillStage(stream_teacher=True, **options)], str(teacher), seq_len=32, eval_tokens=64)
+    saved = whole[0].memory_bytes - streamed[0].memory_bytes
+    model = meta_model(resolve_model(str(teacher)))
+    held = read_in_blocks_bytes(model, 4)
+    # the teacher is counted as what reading it one block at a time holds (fp32), not whole
+    assert saved == sum(p.numel() for p in model.parameters()) * 4 - held
+    assert held < sum(p.numel() for p in model.parameters()) * 4
