@@ -429,7 +429,8 @@ def run_recipe(
                     report = run(
                         source, folder, config, data=recipe.data, calibration_data=stage.calib_data,
                         calibration_samples=stage.calib_samples, batch_size=stage.batch_size,
-                        reference=model if entry.index else None, stream=entry.stream, spill_calibration=entry.spill, **common,
+                        reference=model if entry.index else None, stream=entry.stream, spill_calibration=entry.spill,
+                        memory_budget=memory_budget, **common,
                     )
             except SqueezeError as exc:
                 failed = f"stage {entry.index + 1} ({entry.folder}): {in_words(exc, recipe_spelling)}"

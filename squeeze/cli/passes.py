@@ -85,7 +85,7 @@ def quantize(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill,
+        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill, memory_budget=memory_budget,
     )
 
 
@@ -151,7 +151,7 @@ def prune(
         data=data, calibration_data=stage.calib_data, eval_tokens=eval_tokens, seq_len=seq_len,
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
-        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill,
+        max_shard_size=max_shard_size, stream=stream, spill_calibration=spill, memory_budget=memory_budget,
     )
 
 

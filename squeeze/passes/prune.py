@@ -180,6 +180,7 @@ def prune(
     max_shard_size: int | str = MAX_SHARD_BYTES,
     stream: bool = False,
     spill_calibration: bool = False,
+    memory_budget: int | str | None = None,
 ) -> Report:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
@@ -192,6 +193,6 @@ def prune(
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
-        spill_calibration,
+        spill_calibration, parse_size(memory_budget, "memory_budget") if memory_budget is not None else None,
     )
     return (stream_pass if stream else run_pass)(PruneStep(config), model, out, run, progress)

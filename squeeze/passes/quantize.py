@@ -197,6 +197,7 @@ def quantize(
     max_shard_size: int | str = MAX_SHARD_BYTES,
     stream: bool = False,
     spill_calibration: bool = False,
+    memory_budget: int | str | None = None,
 ) -> Report:
     """Quantize ``model`` with ``config``; write the checkpoint (``config.format``) and the report to ``out``.
 
@@ -212,11 +213,12 @@ def quantize(
     ``stream`` holds one transformer block in memory at a time (see squeeze.passes.stream);
     with ``spill_calibration`` too, the calibration activations are kept on disk, beside ``out``,
     one batch in memory at a time (squeeze.calib.spill; the memory budget turns it on by itself
-    when only that fits).
+    when only that fits). A streamed pass scores generation agreement only when the whole model
+    fits ``memory_budget`` (bytes or a size; default: the memory available now less a margin).
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
-        spill_calibration,
+        spill_calibration, parse_size(memory_budget, "memory_budget") if memory_budget is not None else None,
     )
     return (stream_pass if stream else run_pass)(QuantizeStep(config), model, out, run, progress)

@@ -61,6 +61,7 @@ class RunSettings:
     max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors file written
     stream: bool = False  # one block in memory at a time (squeeze.passes.stream)
     spill_calibration: bool = False  # streamed, with the calibration activations on disk (squeeze.calib.spill)
+    memory_budget: int | None = None  # bytes a streamed pass may hold the whole model in for generation (None: what is available)
 
     def calibration_line(self, windows: torch.Tensor | None, no_data: str) -> dict[str, Any]:
         """The report's ``calibration`` and ``calibration_tokens`` settings."""

@@ -14,7 +14,9 @@ streamed over the evaluation windows first and only its last block's hidden stat
 compressed model's states follow the same windows through each block right after it is
 compressed; at the end both go through the head (the model's own forward, its blocks stood in
 for: squeeze.stream.reference) and are scored as the resident pass scores them. Generation
-agreement needs the whole model for every token and is left out, with a note; so is speed.
+agreement needs the whole model for every token: when a whole model fits the memory budget, the
+reference and then the written output are loaded whole, one after the other, for their greedy
+continuations; otherwise it is left out, with a note. Speed is never measured streamed.
 
 Where the device is a GPU, only the current part and the activations live on it: the model is
 onloaded one block at a time.
@@ -22,6 +24,7 @@ onloaded one block at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,17 +40,21 @@ from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter
-from squeeze.models import LoadedModel, ModelSource, load_tokenizer, meta_model, resolve_model
+from squeeze.generate import greedy_continuations, prompts_from_text
+from squeeze.memory import PROCESS_BYTES
+from squeeze.models import LoadedModel, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.models.load import stored_dtype
 from squeeze.passes.common import (
-    Prepared, Stopwatch, batches, encoder_batch_size, evaluate_accuracy, model_info, reference_name,
+    GENERATION_PROMPT_TOKENS, GENERATION_TOKENS, Prepared, Stopwatch, batches, encoder_batch_size, evaluate_accuracy,
+    generation_agreement, model_info, reference_name,
 )
 from squeeze.passes.skeleton import CompressionStep, RunSettings, check_run, publish, step_report
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report, SizeReport
+from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib
 from squeeze.stream.gguf import GGUFTensors
-from squeeze.stream.lazy import CheckpointTensors, LazyModel
-from squeeze.stream.reference import Handover, RecordedReference, recorded_states, stand_in_blocks
+from squeeze.stream.lazy import CheckpointTensors, LazyModel, return_freed_memory
+from squeeze.stream.reference import Generation, Handover, RecordedReference, recorded_states, stand_in_blocks
 
 
 @dataclass
@@ -186,6 +193,31 @@ def _exact(compute: torch.dtype, stored: torch.dtype) -> bool:
     return compute == stored or compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
 
 
+def _fits_whole(need: int, memory_budget: int | None, device: str) -> bool:
+    """Whether a whole model needing about ``need`` bytes fits the budget (and the GPU's free memory)."""
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    gpu = accelerator_memory(device)
+    return (budget is None or need <= budget) and (gpu is None or need <= gpu)
+
+
+def _generation_one_model_at_a_time(
+    reference: ModelSource, folder: Path, tokenizer, run: RunSettings, device: str, compute: torch.dtype, watch: Stopwatch,
+    progress: Progress,
+) -> dict:
+    """Generation agreement for a streamed pass whose model fits whole: the reference's greedy
+    continuations, then the output's (read back from ``folder``), one model in memory at a time."""
+    recorded = RecordedReference("causal")
+    with watch.stage("generate"), progress.status(f"greedy continuations of {run.generation_prompts} prompts, the reference"):
+        model = load_model(reference, device=device, dtype=compute).model
+        prompts = prompts_from_text(tokenizer, run.data, run.generation_prompts, GENERATION_PROMPT_TOKENS)
+        recorded.generation = Generation(prompts, greedy_continuations(model, tokenizer, prompts, GENERATION_TOKENS, tokenizer.eos_token_id))
+        del model
+        return_freed_memory()
+    with watch.stage("load"):
+        output = load_model(resolve_model(str(folder)), device=device, dtype=compute).model
+    return generation_agreement(output, recorded, tokenizer, run.data, run.generation_prompts, watch, progress)
+
+
 def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
     """Run ``step`` on ``model`` into ``out`` one block at a time (see the module docstring);
     the report as :func:`squeeze.passes.skeleton.run_pass` gives it."""
@@ -285,7 +317,18 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                 watch, progress, reference_name(run.reference),
             )
             if source.kind == "causal" and run.generation_prompts:
-                notes.append("no generation agreement: greedy decoding needs the whole model for every token, and a streamed pass never holds it")
+                whole = PROCESS_BYTES + max(parameters, parameter_count(meta_model(ref_source)) if ref_source else 0) * compute.itemsize
+                if _fits_whole(whole, run.memory_budget, device):
+                    generation = _generation_one_model_at_a_time(
+                        ref_source or source, folder, tokenizer, run, device, compute, watch, progress,
+                    )
+                    accuracy = dataclasses.replace(accuracy, **generation)
+                    notes.append("generation agreement: the reference, then the output, each loaded whole after the streamed pass")
+                else:
+                    notes.append(
+                        f"no generation agreement: greedy decoding needs the whole model for every token (about {in_gib(whole)}), "
+                        "more than the memory budget"
+                    )
         parts = step.report(net, prep, written, run, out)
         size = SizeReport(
             parameters=parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=disk_before,
