@@ -147,3 +147,11 @@ BAD = [
 @pytest.mark.parametrize("args, message", BAD, ids=[m for _, m in BAD])
 def test_bad_input(args: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
     check_bad_input(args, message, tiny_llama_dir, tmp_path, monkeypatch)
+
+
+def test_generation_prompts_zero_skips_the_agreement(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    result = run("prune", tiny_llama_dir, "--method", "magnitude", "--out", tmp_path / "p", "--generation-prompts", "0", "--json", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    accuracy = json.loads(result.stdout)["accuracy"]
+    assert accuracy["rouge1"] is None and accuracy["kl_divergence"] > 0
+    check_bad_input(["prune", "{llama}", "--generation-prompts", "-1"], "--generation-prompts must not be negative", tiny_llama_dir, tmp_path, monkeypatch)

@@ -12,9 +12,10 @@ from rich.panel import Panel
 from rich.table import Table
 
 from squeeze.cli.app import (
-    BatchSizeOption, DataOption, DeviceOption, EvalTokensOption, JsonOption, ModelArg, OverwriteOption, QuietOption, SeqLenOption,
-    TrustOption, app, at_least_one, call, err, fail, out,
+    BatchSizeOption, DataOption, DeviceOption, EvalTokensOption, GenerationPromptsOption, JsonOption, ModelArg, OverwriteOption,
+    QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, not_negative, out,
 )
+from squeeze.passes.common import GENERATION_PROMPTS
 from squeeze.passes.evaluate import evaluate_model
 from squeeze.passes.generate import generate_side_by_side, read_prompts
 from squeeze.progress import ConsoleProgress, NullProgress
@@ -91,7 +92,7 @@ def eval_command(
     model: ModelArg,
     reference: Annotated[Optional[str], typer.Option(help="Compare with this model: KL, top-1 and generation agreement (causal LMs) or embedding cosine (encoders).")] = None,
     data: Annotated[list[str], typer.Option(help="Text source, repeatable: wikipedia, bbc, shakespeare, or a .txt file/folder (default wikipedia).")] = [],
-    generation_prompts: Annotated[int, typer.Option(help="Prompts for generation agreement with --reference (greedy, 32 tokens each); 0 skips it.")] = 8,
+    generation_prompts: GenerationPromptsOption = GENERATION_PROMPTS,
     eval_tokens: EvalTokensOption = 16384,
     seq_len: SeqLenOption = 512,
     batch_size: BatchSizeOption = 2,
@@ -103,8 +104,7 @@ def eval_command(
 ) -> None:
     """Perplexity per text source and, against --reference, KL, top-1 and generation agreement or embedding cosine: the numbers the pass reports use."""
     at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size))
-    if generation_prompts < 0:
-        fail(f"--generation-prompts must not be negative, got {generation_prompts}")
+    not_negative(("--generation-prompts", generation_prompts))
     progress = NullProgress() if quiet else ConsoleProgress(err)
     result = call(
         evaluate_model, model, reference, data or ["wikipedia"], eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,

@@ -10,14 +10,15 @@ import typer
 from pydantic import BaseModel
 
 from squeeze.cli.app import (
-    DataOption, DeviceOption, DtypeOption, EvalTokensOption, JsonOption, MaxShardOption, MeasureSpeedOption, MemoryBudgetOption, ModelArg, StreamOption,
-    NoEvalOption, OverwriteOption, QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, layer_shapes,
-    model_stem, print_report,
+    DataOption, DeviceOption, DtypeOption, EvalTokensOption, GenerationPromptsOption, JsonOption, MaxShardOption, MeasureSpeedOption,
+    MemoryBudgetOption, ModelArg, NoEvalOption, OverwriteOption, QuietOption, SeqLenOption, StreamOption, TrustOption, app,
+    at_least_one, call, err, fail, layer_shapes, model_stem, not_negative, print_report,
 )
 from squeeze.chain import check_pass_memory
 from squeeze.cli.options import model_options, with_options
 from squeeze.distill.checkpoint import default_checkpoint_dir
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
+from squeeze.passes.common import GENERATION_PROMPTS
 from squeeze.passes.distill import distill as distill_pass
 from squeeze.passes.prune import prune as prune_pass
 from squeeze.passes.quantize import quantize as quantize_pass
@@ -60,6 +61,7 @@ def quantize(
     max_shard_size: MaxShardOption = "5GB",
     memory_budget: MemoryBudgetOption = None,
     stream: StreamOption = False,
+    generation_prompts: GenerationPromptsOption = GENERATION_PROMPTS,
     **options: Any,
 ) -> None:
     """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
@@ -67,6 +69,7 @@ def quantize(
         ("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", options["batch_size"]),
         ("--calib-samples", options["calib_samples"]),
     )
+    not_negative(("--generation-prompts", generation_prompts))
     method, fmt = options["method"], options["format"]
     stage = QuantizeStage(**options)
     shapes = call(layer_shapes, model, trust_remote_code) if stage.needs_shapes else None
@@ -86,6 +89,7 @@ def quantize(
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
         max_shard_size=max_shard_size, stream=stream, spill_calibration=spill, memory_budget=memory_budget,
+        generation_prompts=generation_prompts,
     )
 
 
@@ -130,12 +134,12 @@ def prune(
     max_shard_size: MaxShardOption = "5GB",
     memory_budget: MemoryBudgetOption = None,
     stream: StreamOption = False,
+    generation_prompts: GenerationPromptsOption = GENERATION_PROMPTS,
     **options: Any,
 ) -> None:
     """Prune (magnitude, Wanda or SparseGPT; unstructured or N:M) to a sparse checkpoint, with a memory and accuracy report."""
     at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", options["batch_size"]))
-    if options["calib_samples"] < 0:
-        fail(f"--calib-samples must not be negative, got {options['calib_samples']}")
+    not_negative(("--calib-samples", options["calib_samples"]), ("--generation-prompts", generation_prompts))
     stage = PruneStage(**options | {"layer_sparsity": _layer_sparsity(options["layer_sparsity"])})
     config = call(stage.config)
     fmt = stage.format
@@ -152,6 +156,7 @@ def prune(
         calibration_samples=stage.calib_samples, batch_size=stage.batch_size, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, trust_remote_code=trust_remote_code, measure_speed=measure_speed,
         max_shard_size=max_shard_size, stream=stream, spill_calibration=spill, memory_budget=memory_budget,
+        generation_prompts=generation_prompts,
     )
 
 
