@@ -1,10 +1,11 @@
 """SmolLM2 held whole and streamed, GPTQ W4 g64 and Wanda 50%, beside the peers' peak memory.
 
-    python benchmarks/stream_peers.py [--calib-samples 32] [--eval-tokens 4096] [--no-peers]
+    python benchmarks/stream_peers.py [--calib-samples 32] [--eval-tokens 4096] [--no-peers] [--only NAME ...]
 
 SmolLM2 is the built-in (its Q4_1 GGUF dequantized to fp32, in squeeze's cache as a safetensors
 folder). Each configuration runs twice in a fresh ``squeeze`` process, on the same calibration and evaluation windows as
-``quantize_calibrated.py`` and ``prune.py``: held whole, and ``--stream``. Peak RSS, seconds
+``quantize_calibrated.py`` and ``prune.py``: held whole, and ``--stream``, both without generation
+agreement (the peers score none; streamed, it would load the whole model after the pass). Peak RSS, seconds
 (calibration and the pass's own work) and the scores come from each report. The peers
 (llm-compressor, GPTQModel with its disk offload on) run the same configuration in the same
 invocation, through ``quantize_calibrated.py`` and ``prune.py --only NAME --peers-only`` (their
@@ -38,6 +39,7 @@ def run(name: str, stream: bool, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, "-m", "squeeze.cli", command[0], "smollm2", *command[1:], "--out", str(out),
         "--calib-samples", str(args.calib_samples), "--eval-tokens", str(args.eval_tokens), "--seq-len", "512", "--json", "--quiet",
+        "--generation-prompts", "0",
         *(["--stream"] if stream else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -96,7 +98,7 @@ def table(result: dict) -> str:
         ratio = streamed["peak_rss_bytes"] / lowest if lowest else float("nan")
         time_ratio = streamed["wall_s"] / whole["wall_s"]
         lines.append(
-            f"| {r['config']} | {whole['peak_rss_bytes'] / 2**30:.2f} GiB | {streamed['peak_rss_bytes'] / 2**30:.2f} GiB | "
+            f"| {r['config']}{' (run ' + r['run'] + ')' if r.get('run') and len(result['rows']) > 1 else ''} | {whole['peak_rss_bytes'] / 2**30:.2f} GiB | {streamed['peak_rss_bytes'] / 2**30:.2f} GiB | "
             f"{streamed['estimate_bytes'] / 2**30:.2f} GiB | {lowest / 2**30:.2f} GiB ({tool}, {peer['date']}) | {ratio:.2f}x | "
             f"{whole['kl_divergence']:.5f} | {streamed['kl_divergence']:.5f} | {whole['wall_s']:.0f} | {streamed['wall_s']:.0f} | {time_ratio:.2f}x |"
         )
@@ -116,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="Run these configurations; keep the other rows measured before.")
     parser.add_argument("--no-peers", action="store_true", help="Use the peers' last recorded runs instead of running them.")
     parser.add_argument("--table-only", action="store_true", help="Rewrite the README table from the last results.")
     parser.add_argument("--note", help="With --table-only: a line under the table (e.g. what else ran on the machine).")
@@ -127,16 +130,25 @@ def main() -> None:
         publish(result, RESULTS, table(result), NAME)
         return
     source = snapshot_for_children(WORK / "squeeze-src-stream-peers")  # its own: it may run beside another benchmark
-    rows: list[dict] = []
+    kept = []
+    if args.only and RESULTS.exists():
+        before = json.loads(RESULTS.read_text())
+        kept = [r for r in before["rows"] if r["config"] not in args.only]
+        for r in kept:
+            r.setdefault("run", f"{before['machine']['date']}, squeeze {before['squeeze_source']}")
+    rows: list[dict] = list(kept)
     result = {
         "benchmark": NAME, "calib_samples": args.calib_samples, "eval_tokens": args.eval_tokens, "squeeze_source": source,
         "machine": machine(), "rows": rows, "peers_ran": not args.no_peers,
     }
-    for name in CONFIGS:
+    for name in args.only or CONFIGS:
         if not args.no_peers:
             run_peers(name, args)
-        rows.append({"config": name, "whole": run(name, False, args), "streamed": run(name, True, args), "peers": peers(name)})
-        print(json.dumps(rows[-1]), flush=True)
+        row = {"config": name, "whole": run(name, False, args), "streamed": run(name, True, args), "peers": peers(name),
+               "run": f"{machine()['date']}, squeeze {source}"}
+        rows.append(row)
+        rows.sort(key=lambda r: list(CONFIGS).index(r["config"]))
+        print(json.dumps(row), flush=True)
         publish(result, RESULTS, table(result), NAME)
 
 
