@@ -205,9 +205,10 @@ _MALLOC_TRIM = _trim()
 
 
 def return_freed_memory() -> None:
-    """Collect garbage, then (glibc) hand freed heap memory back to the system. Without it, a
-    stream of block-sized tensors freed one after another leaves the process holding a growing
-    heap: on a 16-block model, 1.8 GB peak instead of 0.9 GB."""
-    gc.collect()
+    """Collect young garbage, then (glibc) hand freed heap memory back to the system. Without it,
+    a stream of block-sized tensors freed one after another leaves the process holding a growing
+    heap: on a 16-block model, 1.8 GB peak instead of 0.9 GB. A full collection (every generation)
+    freed no more and cost 0.2 s a call, a quarter of a streamed Wanda pass on SmolLM2."""
+    gc.collect(1)
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
