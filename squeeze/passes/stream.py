@@ -41,7 +41,7 @@ from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, wi
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter
 from squeeze.generate import greedy_continuations, prompts_from_text
-from squeeze.memory import PROCESS_BYTES
+from squeeze.memory import generation_bytes
 from squeeze.models import LoadedModel, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.models.load import stored_dtype
 from squeeze.passes.common import (
@@ -317,7 +317,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                 watch, progress, reference_name(run.reference),
             )
             if source.kind == "causal" and run.generation_prompts:
-                whole = PROCESS_BYTES + max(parameters, parameter_count(meta_model(ref_source)) if ref_source else 0) * compute.itemsize
+                whole = generation_bytes(max(parameters, parameter_count(meta_model(ref_source)) if ref_source else 0), compute.itemsize)
                 if _fits_whole(whole, run.memory_budget, device):
                     generation = _generation_one_model_at_a_time(
                         ref_source or source, folder, tokenizer, run, device, compute, watch, progress,
