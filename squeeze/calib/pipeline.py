@@ -1,7 +1,7 @@
 """Layer-sequential calibration: one transformer block at a time.
 
-The inputs of block 0 are captured once for every calibration batch (the model's forward is cut
-off there). Then, for each block in turn: run it on its inputs while hooks collect statistics,
+What every block receives is captured once for every calibration batch (squeeze.calib.capture:
+block 0's hidden states and each block's own keyword arguments, without running a block). Then, for each block in turn: run it on its inputs while hooks collect statistics,
 compress it, run the *compressed* block to make the next block's inputs, and drop the old ones.
 Peak memory is one block's worth of work plus the calibration activations, and each block is
 calibrated on what the compressed blocks before it really produce.
@@ -27,12 +27,9 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
-from squeeze.calib.spill import SpilledInputs, inputs_like, new_inputs, release_inputs
+from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls
+from squeeze.calib.spill import inputs_like, release_inputs
 from squeeze.errors import SqueezeError
-
-# one (hidden states, keyword arguments) pair per calibration batch; on disk inside
-# squeeze.calib.spill.spilled_calibration
-BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]] | SpilledInputs
 
 
 class CalibrationClock:
@@ -78,42 +75,13 @@ def streamed_blocks(source: BlockSource) -> Iterator[None]:
         _SOURCE.reset(token)
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing past the first block needs to run."""
-
-
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], clock: CalibrationClock | None = None
-) -> BlockInputs:
-    """The hidden states and keyword arguments block 0 receives, one entry per batch."""
-    _, blocks = block_list(model)
-    captured = new_inputs()
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.append((hidden, kwargs))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with _timing(clock):
-            for batch in batches:
-                try:
-                    model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _accepts_use_cache(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_decoder", False)) or hasattr(
-        getattr(model, "config", None), "use_cache"
-    )
+) -> BlockCalls:
+    """What every block receives on each batch in a full forward (squeeze.calib.capture), timed on ``clock``."""
+    with _timing(clock):
+        return capture_block_calls(model, batches)
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -121,12 +89,15 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None) -> BlockInputs:
-    """The block's outputs for every captured input, paired with the same keyword arguments."""
+def run_block(
+    block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None, next_kwargs: list[dict[str, Any]] | None = None
+) -> BlockInputs:
+    """The block's outputs for every captured input, paired with ``next_kwargs`` (the next block's
+    keyword arguments, one per batch; default: the same as this block's)."""
     outputs = inputs_like(inputs)
     with _timing(clock):
-        for hidden, kwargs in inputs:
-            outputs.append((_hidden(block(hidden, **kwargs)), kwargs))
+        for index, (hidden, kwargs) in enumerate(inputs):
+            outputs.append((_hidden(block(hidden, **kwargs)), kwargs if next_kwargs is None else next_kwargs[index]))
     return outputs
 
 
@@ -173,7 +144,8 @@ def calibrate_sequentially(
     clock = clock if clock is not None else CalibrationClock()
     start = clock.seconds
     prefix, blocks = block_list(model)
-    inputs = capture_block_inputs(model, batches, clock)
+    calls = capture_block_inputs(model, batches, clock)
+    inputs = calls.first
     if not inputs:
         raise SqueezeError("no calibration batches reached the model")
     source = _SOURCE.get()
@@ -181,7 +153,8 @@ def calibrate_sequentially(
         name = f"{prefix}.{index}"
         block = source.onload(index) if source is not None else blocks[index]
         compress_block(name, block, inputs)
-        outputs = run_block(block, inputs, clock)
+        following = calls.for_block(index + 1) if index + 1 < len(blocks) else None
+        outputs = run_block(block, inputs, clock, following)
         release_inputs(inputs)
         inputs = outputs
         if source is not None:

@@ -34,7 +34,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from squeeze.calib.pipeline import BlockInputs, capture_block_inputs, streamed_blocks
+from squeeze.calib.pipeline import BlockCalls, BlockInputs, capture_block_inputs, streamed_blocks
 from squeeze.calib.spill import spilled_calibration
 from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
@@ -59,29 +59,35 @@ from squeeze.stream.reference import Generation, Handover, RecordedReference, re
 
 @dataclass
 class StreamedStates:
-    """Batches of token ids followed through a model one block at a time: the ids, and the hidden
-    states (with keyword arguments) the next block receives."""
+    """Batches of token ids followed through a model one block at a time: the ids, the hidden
+    states (with keyword arguments) the next block receives, and every block's own keyword
+    arguments (squeeze.calib.capture)."""
 
     kind: str
     ids: list[torch.Tensor]
     states: BlockInputs
+    calls: BlockCalls
     returns_tuple: bool = False
+    done: int = 0  # blocks the states have been through
 
     @classmethod
     def capture(cls, model: nn.Module, kind: str, batches: list[torch.Tensor]) -> StreamedStates:
         """The first block's inputs for each batch (needs the input side of the outside in memory)."""
         calls = [{"input_ids": i} if kind == "causal" else {"input_ids": i, "attention_mask": torch.ones_like(i)} for i in batches]
-        return cls(kind, batches, capture_block_inputs(model, calls))
+        captured = capture_block_inputs(model, calls)
+        return cls(kind, batches, captured.first, captured)
 
     @torch.no_grad()
     def through(self, block: nn.Module) -> None:
-        """Move the states on through ``block``."""
+        """Move the states on through ``block`` (the next block of the model)."""
+        following = self.done + 1 < len(self.calls.kwargs)
         moved = []
-        for hidden, kwargs in self.states:
+        for index, (hidden, kwargs) in enumerate(self.states):
             out = block(hidden, **kwargs)
             self.returns_tuple = isinstance(out, (tuple, list))
-            moved.append((out[0] if self.returns_tuple else out, kwargs))
+            moved.append((out[0] if self.returns_tuple else out, self.calls.kwargs[self.done + 1][index] if following else kwargs))
         self.states = moved
+        self.done += 1
 
     def record(self, head: nn.Module) -> RecordedReference:
         """This model's outputs on the batches: the states through ``head`` (blocks stood in for)."""

@@ -11,12 +11,11 @@ smallest output error ``‖X Wᵀ − X (Q(W·s)/s)ᵀ‖²``. ``r = 0`` is ``s 
 so AWQ never does worse than RTN on the calibration rows. Then each group of weights may be clipped
 to a smaller range when that lowers its own output error.
 
-The kernels work on plain tensors; :mod:`squeeze.quant.methods.awq` finds the folds block by block.
+The kernels work on plain tensors; :mod:`squeeze.quant.methods.awq` applies them to the folds
+:mod:`squeeze.calib.folds` finds and proves in each block.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,79 +23,14 @@ from torch import nn
 from squeeze.calib.pipeline import CalibrationClock, run_block_observed
 from squeeze.quant.rtn import fake_quantize
 from squeeze.quant.scheme import QuantArgs
-from squeeze.quant.smoothquant import fold_smoothing, smoothing_groups
 
 # Calibration rows (tokens) the searches look at per layer input: the error of every candidate is
 # computed from the Gram matrix XᵀX, so more rows cost only when the Gram matrix is built.
 MAX_ROWS = 4096
 
-# producer → the Linear layers that read its output, by name inside a decoder block, in the order
-# the block computes them. A fold divides only its own targets' input by ``s``, so searching in
-# this order sees every earlier fold.
-FOLDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    # attention output is a weighted sum of value rows: scaling v_proj's outputs scales o_proj's input
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    # act(gate) · (up / s) = (act(gate) · up) / s: only in gated MLPs, where up_proj feeds no activation
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
-
 # attention scores multiply the errors of q and k together, so clipping them (judged by their own
 # output error) tends to hurt
 UNCLIPPED = ("q_proj", "k_proj", "query", "key")
-
-
-@dataclass(frozen=True)
-class FoldGroup:
-    """A producer (norm or Linear) inside a block and the Linear layers that read its output."""
-
-    prev: str
-    linears: tuple[str, ...]
-
-
-def fold_groups(block: nn.Module) -> tuple[list[FoldGroup], list[str]]:
-    """The folds AWQ can make in one block, and why any Llama-like fold present had to be skipped."""
-    names = dict(block.named_modules())
-    norms = {g.norm: g.linears for g in smoothing_groups(block)}
-    groups: list[FoldGroup] = []
-    skipped: list[str] = []
-    for prev, linears in FOLDS:
-        if prev in norms:
-            groups.append(FoldGroup(prev, norms[prev]))
-            continue
-        producer = names.get(prev)
-        if not isinstance(producer, nn.Linear) or not all(isinstance(names.get(n), nn.Linear) for n in linears):
-            continue
-        fold = f"{prev} -> {', '.join(linears)}"
-        reads = {names[n].in_features for n in linears}
-        if reads != {producer.out_features}:
-            skipped.append(
-                f"{fold}: {prev} gives {producer.out_features} outputs, the next layer reads "
-                f"{', '.join(map(str, sorted(reads)))} (grouped-query attention)"
-            )
-        elif prev == "mlp.up_proj" and not isinstance(names.get("mlp.gate_proj"), nn.Linear):
-            skipped.append(f"{fold}: no mlp.gate_proj, so up_proj's output goes through the activation")
-        else:
-            groups.append(FoldGroup(prev, linears))
-    return groups, skipped
-
-
-@torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
-    """Divide ``prev``'s output by ``scales`` and multiply the matching input columns of ``linears``.
-
-    ``prev`` is a norm (its weight and bias are divided) or a Linear layer (its output rows and bias
-    are divided). The block computes the same function.
-    """
-    if not isinstance(prev, nn.Linear):
-        fold_smoothing(prev, linears, scales)
-        return
-    prev.weight.div_(scales.to(prev.weight.dtype)[:, None])
-    if prev.bias is not None:
-        prev.bias.div_(scales.to(prev.bias.dtype))
-    for linear in linears:
-        linear.weight.mul_(scales.to(linear.weight.dtype))
 
 
 def subsample_rows(x: torch.Tensor, max_rows: int = MAX_ROWS, seed: int = 0) -> torch.Tensor:

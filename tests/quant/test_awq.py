@@ -10,7 +10,9 @@ import transformers
 from squeeze.errors import OptionError, cli_spelling
 from squeeze.evaluate import compare_causal
 from squeeze.quant.apply import QuantizeConfig, quantize_model
-from squeeze.quant.awq import FOLDS, apply_clip, awq_clip_search, awq_scale_search, fold_groups, fold_scales
+from squeeze.calib.folds import find_folds, fold_scales
+from squeeze.calib.pipeline import capture_block_inputs
+from squeeze.quant.awq import apply_clip, awq_clip_search, awq_scale_search
 from squeeze.quant.methods import METHODS
 from squeeze.quant.rtn import fake_quantize
 from squeeze.quant.scheme import QuantArgs, scheme_from_options
@@ -48,25 +50,40 @@ def outlier_inputs(n: int = 1024, width: int = 64) -> torch.Tensor:
     return x
 
 
-def test_fold_groups_skip_grouped_query_attention(tiny_llama_dir: Path) -> None:
-    groups, skipped = fold_groups(llama(tiny_llama_dir).model.layers[0])
-    assert [g.prev for g in groups] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
-    assert len(skipped) == 1 and "grouped-query attention" in skipped[0]
-    groups, skipped = fold_groups(llama(tiny_llama_dir, kv_heads=4).model.layers[0])
-    assert [g.prev for g in groups] == [prev for prev, _ in FOLDS] and not skipped
+LLAMA_FOLDS = ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"]
 
 
-@pytest.mark.parametrize("prev", [prev for prev, _ in FOLDS])
+def block_folds(model: torch.nn.Module, index: int = 0):
+    """The folds proven in block ``index`` of the tiny Llama on one batch."""
+    calls = capture_block_inputs(model, [{"input_ids": ids()}])
+    hidden, _ = calls.first[0]
+    return find_folds(model.model.layers[index], hidden, calls.for_block(index)[0])
+
+
+def test_folds_skip_grouped_query_attention(tiny_llama_dir: Path) -> None:
+    """With grouped-query attention v_proj gives fewer channels than o_proj reads: no fold, not
+    even a candidate; with a value head per query head it folds."""
+    found = block_folds(llama(tiny_llama_dir))
+    assert [f.prev for f in found.folds] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    assert "self_attn.v_proj -> self_attn.o_proj" not in found.skipped
+    # the candidates with a nonlinearity between them were tried and refused
+    assert set(found.skipped) == {"self_attn.q_proj -> self_attn.o_proj", "mlp.gate_proj -> mlp.down_proj"}
+    found = block_folds(llama(tiny_llama_dir, kv_heads=4))
+    assert [f.prev for f in found.folds] == LLAMA_FOLDS
+    assert found.folds[0].linears == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+@pytest.mark.parametrize("prev", LLAMA_FOLDS)
 def test_folding_alone_keeps_the_output(tiny_llama_dir: Path, prev: str) -> None:
     model = llama(tiny_llama_dir, kv_heads=4, outliers=True)
     x = ids()
     with torch.no_grad():
         before = model(input_ids=x).logits
-    for layer in model.model.layers:
-        group = next(g for g in fold_groups(layer)[0] if g.prev == prev)
-        linears = [layer.get_submodule(n) for n in group.linears]
+    for index, layer in enumerate(model.model.layers):
+        fold = next(f for f in block_folds(model, index).folds if f.prev == prev)
+        linears = [layer.get_submodule(n) for n in fold.linears]
         scales = torch.exp(torch.randn(linears[0].in_features, generator=torch.Generator().manual_seed(1)))
-        fold_scales(layer.get_submodule(prev), linears, scales)
+        fold_scales(layer.get_submodule(prev), linears, scales, fold.kind)
     with torch.no_grad():
         after = model(input_ids=x).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
@@ -132,7 +149,8 @@ def test_awq_beats_rtn_with_outliers(tiny_llama_dir: Path) -> None:
     assert kl_awq < 0.7 * kl_rtn
     assert len(result.layers) == 14 and result.ignored == ["lm_head"]
     assert any(n.startswith("AWQ scaled") for n in result.notes)
-    assert any("self_attn.v_proj -> self_attn.o_proj" in n and "2 block(s)" in n for n in result.notes)
+    assert any(n.startswith("AWQ folded input_layernorm -> self_attn.q_proj, self_attn.k_proj, self_attn.v_proj (norm)") for n in result.notes)
+    assert any(n.startswith("AWQ skipped the fold self_attn.q_proj -> self_attn.o_proj in 2 block(s): not exact") for n in result.notes)
 
 
 def test_awq_is_weight_only(tiny_llama_dir: Path) -> None:
@@ -144,10 +162,11 @@ def test_awq_is_weight_only(tiny_llama_dir: Path) -> None:
         QuantizeConfig(scheme=config.scheme, method="awq")
 
 
-def test_post_norm_encoder_gets_clipping_only(tiny_bert_dir: Path) -> None:
+def test_post_norm_encoder_folds_no_norm(tiny_bert_dir: Path) -> None:
+    """BERT's norms feed the residual too: AWQ never scales through them, and says so."""
     model = transformers.AutoModel.from_pretrained(tiny_bert_dir).eval()
     config = QuantizeConfig(scheme=scheme_from_options(mode="per-group", bits=4, group_size=32, asym=True), method="awq")
     result = quantize_model(model, config, [{"input_ids": ids()}])
     assert len(result.layers) == 12
-    assert any("clipping and round-to-nearest only" in n for n in result.notes)
-    assert not any(n.startswith("AWQ scaled") for n in result.notes)
+    assert not any(n.startswith("AWQ folded") and "LayerNorm ->" in n for n in result.notes)
+    assert any(n.startswith("AWQ skipped the fold attention.output.LayerNorm -> intermediate.dense in 2 block(s)") for n in result.notes)

@@ -118,7 +118,7 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    inputs = capture_block_inputs(model, [{"input_ids": ids}, {"input_ids": ids.flip(0)}])
+    inputs = capture_block_inputs(model, [{"input_ids": ids}, {"input_ids": ids.flip(0)}]).first
     block = model.model.layers[0]
     modules = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     seen: dict[str, list[torch.Tensor]] = {}

@@ -12,7 +12,9 @@ from squeeze.errors import OptionError, cli_spelling
 from squeeze.evaluate import compare_causal
 from squeeze.quant.apply import QuantizeConfig, plan_quantize, quantize_model
 from squeeze.quant.scheme import scheme_from_options
-from squeeze.quant.smoothquant import fold_smoothing, smoothing_factors, smoothing_groups
+from squeeze.calib.folds import find_folds, fold_scales
+from squeeze.calib.pipeline import capture_block_inputs
+from squeeze.quant.smoothquant import smoothing_factors
 
 
 def llama_with_outliers(folder: Path) -> torch.nn.Module:
@@ -44,13 +46,18 @@ def test_smoothing_alone_keeps_the_output(tiny_llama_dir: Path, alpha: float) ->
     x = ids()
     with torch.no_grad():
         before = model(input_ids=x).logits
-    for layer in model.model.layers:
-        groups = smoothing_groups(layer)
-        assert [g.norm for g in groups] == ["input_layernorm", "post_attention_layernorm"]
-        for group in groups:
-            linears = [layer.get_submodule(n) for n in group.linears]
+    calls = capture_block_inputs(model, [{"input_ids": x}])
+    for index, layer in enumerate(model.model.layers):
+        hidden = calls.first[0][0] if index == 0 else layer_input
+        found = find_folds(layer, hidden, calls.for_block(index)[0])
+        with torch.no_grad():
+            layer_input = layer(hidden, **calls.for_block(index)[0])
+        norms = [f for f in found.folds if f.kind == "norm"]
+        assert [f.prev for f in norms] == ["input_layernorm", "post_attention_layernorm"]
+        for fold in found.folds:
+            linears = [layer.get_submodule(n) for n in fold.linears]
             act = torch.rand(linears[0].in_features) * 10
-            fold_smoothing(layer.get_submodule(group.norm), linears, smoothing_factors(act, [m.weight for m in linears], alpha))
+            fold_scales(layer.get_submodule(fold.prev), linears, smoothing_factors(act, [m.weight for m in linears], alpha), fold.kind)
     with torch.no_grad():
         after = model(input_ids=x).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
@@ -67,44 +74,33 @@ def test_smoothquant_beats_plain_w8a8_with_outliers(tiny_llama_dir: Path) -> Non
     kl_plain = compare_causal(plain, evaluation, original).kl_divergence
     kl_smooth = compare_causal(smooth, evaluation, original).kl_divergence
     assert kl_smooth < 0.7 * kl_plain
-    # q/k/v, gate/up and down in both blocks; v -> o is skipped (grouped-query attention), and said so
+    # q/k/v, gate/up and down in both blocks; o_proj has no exact fold (grouped-query attention)
     assert len(result.layers) == 14 and any("smoothed 12 of 14" in n for n in result.notes)
-    assert any("v_proj -> self_attn.o_proj" in n and "grouped-query" in n for n in result.notes)
+    assert "SmoothQuant folded mlp.up_proj -> mlp.down_proj (linear) in 2 block(s)" in result.notes
+    assert any(n.startswith("SmoothQuant skipped the fold self_attn.q_proj -> self_attn.o_proj in 2 block(s): not exact") for n in result.notes)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_every_fold_keeps_the_output(tiny_llama_dir: Path, kv_heads: int) -> None:
-    """norm -> q/k/v, v -> o (when every head has its own values), norm -> gate/up, up -> down."""
-    import transformers
-
-    from squeeze.quant.awq import fold_groups, fold_scales
-
-    config = transformers.AutoConfig.from_pretrained(tiny_llama_dir)
-    config.num_key_value_heads = kv_heads
-    model = transformers.LlamaForCausalLM(config).eval()
-    x = ids()
-    with torch.no_grad():
-        before = model(input_ids=x).logits
-        for layer in model.model.layers:
-            groups, _ = fold_groups(layer)
-            expected = 4 if kv_heads == config.num_attention_heads else 3
-            assert len(groups) == expected
-            for group in groups:
-                linears = [layer.get_submodule(n) for n in group.linears]
-                act = torch.rand(linears[0].in_features) * 10
-                fold_scales(layer.get_submodule(group.prev), linears, smoothing_factors(act, [m.weight for m in linears], 0.5))
-        after = model(input_ids=x).logits
-    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
-
-
-def test_post_norm_encoder_cannot_be_folded(tiny_bert_dir: Path) -> None:
+def test_post_norm_encoder_folds_only_the_value_path(tiny_bert_dir: Path) -> None:
+    """BERT's norms feed the residual too, so they never fold; its value -> output.dense does."""
     model = transformers.AutoModel.from_pretrained(tiny_bert_dir).eval()
     config = QuantizeConfig(scheme=scheme_from_options(bits=8, act="per-token"), method="smoothquant")
-    for check in (plan_quantize, lambda m, c: quantize_model(m, c, [{"input_ids": ids()}])):
-        with pytest.raises(OptionError) as error:
-            check(model, config)
-        assert re.search(r"cannot fold into encoder.layer.0 .*--smooth-fallback", error.value.render(cli_spelling))
-    fallback = QuantizeConfig(scheme=config.scheme, method="smoothquant", options={"smooth_fallback": True})
+    result = quantize_model(model, config, [{"input_ids": ids()}])
+    assert "SmoothQuant folded attention.self.value -> attention.output.dense (linear) in 2 block(s)" in result.notes
+    assert any(n.startswith("SmoothQuant skipped the fold attention.output.LayerNorm -> intermediate.dense") for n in result.notes)
+
+
+def test_no_fold_into_the_quantized_layers_is_refused_before_compressing(tiny_llama_dir: Path) -> None:
+    """Only o_proj quantized, and grouped-query attention: nothing folds into it in block 0."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scheme = scheme_from_options(bits=8, act="per-token")
+    config = QuantizeConfig(scheme=scheme, method="smoothquant", targets=("*.o_proj",))
+    plan_quantize(model, config)  # nothing to see before loading: the folds are proven on the weights
+    with pytest.raises(OptionError) as error:
+        quantize_model(model, config, [{"input_ids": ids()}])
+    assert re.search(r"cannot fold into model.layers.0 .*--smooth-fallback", error.value.render(cli_spelling))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fallback = QuantizeConfig(scheme=scheme, method="smoothquant", targets=("*.o_proj",), options={"smooth_fallback": True})
     result = quantize_model(model, fallback, [{"input_ids": ids()}])
     assert any("without smoothing" in n for n in result.notes)
 

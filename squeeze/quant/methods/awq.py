@@ -9,19 +9,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially
 from squeeze.errors import OptionError
 from squeeze.options import MethodOptions, option
-from squeeze.quant.awq import (
-    UNCLIPPED,
-    apply_clip,
-    awq_clip_search,
-    awq_scale_search,
-    capture_inputs,
-    fold_groups,
-    fold_scales,
-)
+from squeeze.calib.folds import FoldTally, find_folds, fold_scales
+from squeeze.quant.awq import UNCLIPPED, apply_clip, awq_clip_search, awq_scale_search, capture_inputs
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.methods.base import METHODS, Batches, QuantMethod, SchemeDefaults
@@ -64,8 +56,9 @@ class AWQ(QuantMethod):
     ) -> QuantizeResult:
         """AWQ then round-to-nearest, one transformer block at a time, on calibration ``batches``.
 
-        In each block: capture the inputs of the targeted Linear layers once; for each fold (norm →
-        q/k/v, v_proj → o_proj, norm → gate/up, up_proj → down_proj) search the scales on ``awq_grid``
+        In each block: capture the inputs of the targeted Linear layers once; for each fold proven in
+        the block (squeeze.calib.folds: a norm → the layers reading it, v_proj → o_proj, up_proj →
+        down_proj in gated MLPs, whatever their names) search the scales on ``awq_grid``
         ratios and fold them (dividing the captured inputs of the fold's targets by them, as the fold
         does to the real ones); with ``awq_clip``, search a clip range per weight group (not for q/k);
         then quantize every targeted layer. Blocks with nothing to fold into (post-norm encoders) get
@@ -76,13 +69,7 @@ class AWQ(QuantMethod):
         n_grid, clip = config.options.awq_grid, config.options.awq_clip  # type: ignore[attr-defined]
         layers = self.plan(model, config)
         args = config.scheme.weights
-        _, blocks = block_list(model)
         notes: list[str] = []
-        if not fold_groups(blocks[0])[0]:
-            notes.append(
-                f"no norm or Linear layer in {type(blocks[0]).__name__} feeds only Linear layers, so AWQ has "
-                "nothing to fold scales into: clipping and round-to-nearest only"
-            )
         if clip and args.strategy not in ("group", "channel"):
             notes.append(f"no clipping search for per-{args.strategy} weight scales")
             clip = False
@@ -90,7 +77,7 @@ class AWQ(QuantMethod):
         done: set[str] = set()
         scaled: list[str] = []
         clipped: list[str] = []
-        skipped: dict[str, int] = {}
+        tally = FoldTally()
         clock = CalibrationClock()
 
         def compress_block(block_name: str, block: nn.Module, inputs) -> None:
@@ -98,20 +85,24 @@ class AWQ(QuantMethod):
             targets = {n[len(prefix):]: m for n, m in layers.items() if n.startswith(prefix)}
             if not targets:
                 return
-            groups, reasons = fold_groups(block)
-            for group in groups:
-                if not all(n in targets for n in group.linears):
-                    reasons.append(f"{group.prev} -> {', '.join(group.linears)}: not all of them are quantized")
-            for reason in reasons:
-                skipped[reason] = skipped.get(reason, 0) + 1
-            groups = [g for g in groups if all(n in targets for n in g.linears)]
+            with clock.timing():
+                found = find_folds(block, *inputs[0])
+            for fold, reason in found.skipped.items():
+                tally.skip(fold, reason)
+            groups = []
+            for fold in found.folds:
+                if all(n in targets for n in fold.linears):
+                    groups.append(fold)
+                else:
+                    tally.skip(fold.describe(), "not every layer reading it is quantized")
             captured = capture_inputs(block, inputs, targets, clock=clock)
             for group in groups:
                 linears = [targets[n] for n in group.linears]
                 scales, _, ratio = awq_scale_search(captured[group.linears[0]], [m.weight for m in linears], args, n_grid)
                 if ratio == 0:
                     continue  # s = 1: round-to-nearest is already best here
-                fold_scales(block.get_submodule(group.prev), linears, scales)
+                tally.fold(group)
+                fold_scales(block.get_submodule(group.prev), linears, scales, group.kind)
                 for x in {id(captured[n]): captured[n] for n in group.linears}.values():
                     x.div_(scales.to(x.device))
                 scaled.extend(prefix + n for n in group.linears)
@@ -131,7 +122,9 @@ class AWQ(QuantMethod):
         finish_outside_blocks(model, config, layers, done, errors, notes)
         if scaled:
             notes.append(f"AWQ scaled {len(scaled)} of {len(layers)} layers (grid of {n_grid} ratios)")
-        notes.extend(f"AWQ skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
+        if not tally.made and not tally.skipped:
+            notes.append("AWQ found no exact fold in any block: clipping and round-to-nearest only")
+        notes.extend(tally.notes("AWQ"))
         if clipped:
             notes.append(f"clipped the weight range of {len(clipped)} layers (q/k projections are never clipped)")
         return QuantizeResult(

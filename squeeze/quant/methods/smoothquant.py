@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
+from squeeze.calib.folds import FoldTally, find_folds, fold_scales
 from squeeze.calib.observers import Ranges, merge_range
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block_observed
 from squeeze.errors import OptionError, literal
 from squeeze.options import MethodOptions, option
-from squeeze.quant.awq import fold_groups, fold_scales
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
-from squeeze.quant.smoothquant import smoothing_factors, smoothing_groups
+from squeeze.quant.smoothquant import smoothing_factors
 
 
 class SmoothQuantOptions(MethodOptions):
@@ -46,13 +46,8 @@ class SmoothQuant(QuantMethod):
         if config.options.smooth_fallback:  # type: ignore[attr-defined]
             return
         prefix, blocks = block_list(model)
-        if not smoothing_groups(blocks[0]):
-            raise OptionError(
-                f"SmoothQuant cannot fold into {literal(prefix)}.0 ({type(blocks[0]).__name__}): no norm there feeds only "
-                "Linear layers (in post-norm encoders the norm's output is also the residual); "
-                "pass {0} to quantize W8A8 without smoothing",
-                "smooth_fallback",
-            )
+        if not any(isinstance(m, nn.Linear) for m in blocks[0].modules()):
+            raise _no_fold(prefix, blocks[0], "it has no Linear layer")
 
     @torch.no_grad()
     def run(
@@ -65,33 +60,42 @@ class SmoothQuant(QuantMethod):
         """SmoothQuant then round-to-nearest W8A8, one block at a time, on calibration ``batches``.
 
         In each block: measure the per-channel input maxima of the Linear layers whose input can be
-        rescaled exactly (fed by a norm; o_proj through v_proj without grouped-query attention;
-        down_proj through up_proj in gated MLPs), fold the smoothing factors into the producer and
-        those layers (the block computes the same function), measure static activation ranges if the
-        scheme has them (after smoothing), then quantize. Layers with no such producer are quantized
-        unsmoothed.
+        rescaled exactly (the folds squeeze.calib.folds finds and proves: fed by a norm; o_proj
+        through v_proj without grouped-query attention; down_proj through up_proj in gated MLPs),
+        fold the smoothing factors into the producer and those layers (the block computes the same
+        function), measure static activation ranges if the scheme has them (after smoothing), then
+        quantize. Layers with no such producer are quantized unsmoothed. Without ``smooth_fallback``,
+        a first block with no fold into its quantized layers is an OptionError (nothing compressed yet).
         """
         assert batches is not None
         alpha = config.options.alpha  # type: ignore[attr-defined]
         layers = self.plan(model, config)
-        _, blocks = block_list(model)
+        prefix, blocks = block_list(model)
+        fallback = config.options.smooth_fallback  # type: ignore[attr-defined]
         notes: list[str] = []
-        if not smoothing_groups(blocks[0]):
-            notes.append(f"no norm -> Linear pair to fold into in {type(blocks[0]).__name__}: W8A8 without smoothing")
         errors: list[LayerError] = []
         done: set[str] = set()
         static = not config.scheme.input_activations.dynamic  # type: ignore[union-attr]
         smoothed: list[str] = []
-        skipped: dict[str, int] = {}
+        tally = FoldTally()
         clock = CalibrationClock()
 
         def compress_block(block_name: str, block: nn.Module, inputs) -> None:
-            # every exact fold: norm -> q/k/v, v -> o (without grouped-query attention), norm -> gate/up,
-            # up -> down (gated MLPs); each divides only its own consumers' inputs, so one pass measures all
-            groups, reasons = fold_groups(block)
-            for reason in reasons:
-                skipped[reason] = skipped.get(reason, 0) + 1
-            groups = [g for g in groups if all(f"{block_name}.{n}" in layers for n in g.linears)]
+            # every proven fold divides only its own readers' inputs, so one pass measures all
+            with clock.timing():
+                found = find_folds(block, *inputs[0])
+            for fold, reason in found.skipped.items():
+                tally.skip(fold, reason)
+            groups = []
+            for fold in found.folds:
+                if all(f"{block_name}.{n}" in layers for n in fold.linears):
+                    groups.append(fold)
+                else:
+                    tally.skip(fold.describe(), "not every layer reading it is quantized")
+            if not groups and block_name == f"{prefix}.0":
+                if not fallback:
+                    raise _no_fold(prefix, block, "no norm or Linear layer there feeds only quantized Linear layers exactly")
+                notes.append(f"no fold into the quantized layers of {block_name}: W8A8 without smoothing there")
             channel_max: dict[str, torch.Tensor] = {}
 
             def observe_max(name: str, _module: nn.Module, x: torch.Tensor) -> None:
@@ -103,7 +107,8 @@ class SmoothQuant(QuantMethod):
             for group in groups:
                 linears = [block.get_submodule(n) for n in group.linears]
                 factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], alpha)
-                fold_scales(block.get_submodule(group.prev), linears, factors)
+                fold_scales(block.get_submodule(group.prev), linears, factors, group.kind)
+                tally.fold(group)
                 smoothed.extend(f"{block_name}.{n}" for n in group.linears)
 
             targets = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
@@ -121,8 +126,16 @@ class SmoothQuant(QuantMethod):
         finish_outside_blocks(model, config, layers, done, errors, notes)
         if smoothed:
             notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {alpha})")
-        notes.extend(f"SmoothQuant skipped the fold {reason}, in {count} block(s)" for reason, count in skipped.items())
+        notes.extend(tally.notes("SmoothQuant"))
         return QuantizeResult(
             layers=errors, quantized=list(layers), ignored=ignored_layers(model, layers), notes=notes,
             calibration_s=calibration_s,
         )
+
+
+def _no_fold(prefix: str, block: nn.Module, why: str) -> OptionError:
+    return OptionError(
+        f"SmoothQuant cannot fold into {literal(prefix)}.0 ({type(block).__name__}): {why} "
+        "(in post-norm encoders the norm's output is also the residual); pass {0} to quantize W8A8 without smoothing",
+        "smooth_fallback",
+    )

@@ -1,0 +1,134 @@
+"""What each transformer block receives in a full forward, captured without running any block.
+
+Block-by-block work (calibration, streamed evaluation) runs one block at a time, so it must feed
+every block exactly what the whole model would: the hidden states, and keyword arguments that
+are not the same for every block in every architecture. Gemma 2/3 and Mistral-style models give
+sliding-window layers one attention mask and full layers another, and some models give each layer
+type its own rotary tables. Recording block 0's arguments and reusing them for all blocks gets
+those layers wrong.
+
+So the model's forward runs with every block stood in for by a recorder: the recorders pass the
+hidden states through untouched and record the arguments each block is called with (by name, the
+positional ones too), and the last raises to stop the forward before the head. Only the
+embeddings and the model's own mask and position code run; no block's weights are read (a
+streamed model's blocks can stay on disk).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeeze.calib.blocks import block_list
+from squeeze.calib.spill import SpilledInputs, new_inputs, release_inputs
+
+# one (hidden states, keyword arguments) pair per calibration batch; on disk inside
+# squeeze.calib.spill.spilled_calibration
+BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]] | SpilledInputs
+
+# arguments about the key/value cache: block-by-block work never keeps one
+_CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+# plain attributes a recorder copies from the block it stands in for: a model's forward may read
+# some of them (``attention_type`` picks the mask of a sliding-window layer)
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing past the blocks needs to run."""
+
+
+@dataclass
+class BlockCalls:
+    """The inputs of block 0 for each batch, and the keyword arguments of every block.
+
+    ``kwargs[i][b]`` are block i's arguments for batch b (``kwargs[0][b]`` is the dictionary in
+    ``first[b]``). Arguments that are the same tensor for every block are one shared object, so
+    holding them per block costs nothing.
+    """
+
+    first: BlockInputs
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def for_block(self, index: int) -> list[dict[str, Any]]:
+        """Block ``index``'s keyword arguments, one dictionary per batch."""
+        return self.kwargs[index]
+
+
+class _Recorder(nn.Module):
+    def __init__(self, block: nn.Module, index: int, last: bool, calls: BlockCalls, wrap: bool) -> None:
+        super().__init__()
+        for key, value in vars(block).items():
+            if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
+                setattr(self, key, value)
+        self._signature = inspect.signature(block.forward)
+        self._index, self._last, self._calls, self._wrap = index, last, calls, wrap
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind_partial(*args, **kwargs)
+        named = dict(bound.arguments)
+        # a ``**kwargs`` parameter binds as one dictionary: spread it out
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+        hidden_name = next(iter(self._signature.parameters))
+        hidden = named.pop(hidden_name)
+        for key in _CACHE_ARGUMENTS:
+            named.pop(key, None)
+        if "use_cache" in self._signature.parameters:
+            named["use_cache"] = False
+        if self._index == 0:
+            self._calls.first.append((hidden, named))
+        self._calls.kwargs[self._index].append(named)
+        if self._last:
+            raise _StopForward
+        return (hidden,) if self._wrap else hidden
+
+
+def _record(model: nn.Module, batches: list[dict[str, torch.Tensor]], wrap: bool) -> BlockCalls:
+    prefix, blocks = block_list(model)
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    calls = BlockCalls(first=new_inputs(), kwargs=[[] for _ in blocks])
+    recorders = nn.ModuleList(
+        _Recorder(block, i, i == len(blocks) - 1, calls, wrap) for i, block in enumerate(blocks)
+    )
+    setattr(parent, attr, recorders)
+    try:
+        for batch in batches:
+            try:
+                model(**batch, use_cache=False) if _accepts_use_cache(model) else model(**batch)
+            except _StopForward:
+                pass
+    except BaseException:
+        release_inputs(calls.first)
+        raise
+    finally:
+        setattr(parent, attr, blocks)
+    return calls
+
+
+@torch.no_grad()
+def capture_block_calls(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockCalls:
+    """Every block's inputs on each batch, as a full forward of ``model`` would give them (see the
+    module docstring). The hidden states are those of block 0; the rest come from running blocks."""
+    batches = list(batches)
+    if not batches:
+        return BlockCalls(first=new_inputs())
+    # the model's loop may use a block's output as the hidden states or take its first item: a
+    # recorder returning the wrong form makes the next one fail, so try the other form
+    try:
+        return _record(model, batches, wrap=False)
+    except (TypeError, IndexError, RuntimeError, ValueError, AttributeError):
+        pass
+    return _record(model, batches, wrap=True)
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_decoder", False)) or hasattr(config, "use_cache")

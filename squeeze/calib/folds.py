@@ -1,0 +1,228 @@
+"""Folds found in each block, and proven before they are used.
+
+A fold divides the output of a *producer* by per-channel scales ``s`` and multiplies the matching
+input columns of the Linear layers that read that output by ``s``: the block computes the same
+function, but the readers' inputs and weights change shape (SmoothQuant flattens activations,
+AWQ protects salient weight columns). The producer is a norm, or a Linear layer whose output
+reaches its readers only through linear operations (attention's value path, a gated MLP's up
+branch).
+
+Nothing here knows module names. For each block, :func:`find_folds` runs it once on a
+calibration batch and watches its data flow:
+
+- a norm-like module (a 1-D weight as wide as its output) whose output tensor is read directly
+  by Linear layers is a candidate, with those layers as its readers;
+- a Linear layer P and a later Linear layer C that reads as many channels as P gives out, computed
+  inside the block (not a producer's output, not the block's input), are a candidate
+  (v_proj → o_proj, up_proj → down_proj, and also pairs that are not folds, like q_proj → o_proj).
+
+Then every candidate is *proven*: the fold is made with random scales of 1/2 and 2 (powers of
+two, so an exact fold changes no bit) and the block's output on the batch must stay the same;
+otherwise it is undone and reported as skipped with what it changed. A norm is tried with the
+plain algebra (``y = x̂ · w + b``: divide ``w`` and ``b``) and then with Gemma's ``y = x̂ · (1 + w)``
+(``w ← (1 + w) / s − 1``). A post-norm encoder's norm, whose output is also the residual, fails
+both, and so does a pair with a nonlinearity or attention scores between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# how a producer's output is divided by the scales
+NORM = "norm"  # y = x̂ · w (+ b): divide w and b
+OFFSET_NORM = "offset-norm"  # y = x̂ · (1 + w) (Gemma): w ← (1 + w) / s − 1
+LINEAR = "linear"  # y = x Wᵀ + b: divide W's rows and b
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A producer inside a block (name relative to the block), the Linear layers that read its
+    output, and the algebra that divides that output."""
+
+    prev: str
+    linears: tuple[str, ...]
+    kind: str
+
+    def describe(self) -> str:
+        return f"{self.prev} -> {', '.join(self.linears)}"
+
+
+@dataclass
+class BlockFolds:
+    """The proven folds of one block, in the order the block computes their producers, and the
+    candidates that failed their proof (fold → why)."""
+
+    folds: list[Fold] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _norm_like(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        not isinstance(module, (nn.Linear, nn.Embedding))
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 1
+        and not list(module.children())
+    )
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor, kind: str) -> None:
+    """Divide ``prev``'s output by ``scales`` (per ``kind``'s algebra) and multiply the matching
+    input columns of ``linears``: the block computes the same function."""
+    if kind == LINEAR:
+        prev.weight.div_(scales.to(prev.weight.dtype)[:, None])
+    elif kind == OFFSET_NORM:
+        weight = prev.weight
+        weight.copy_((weight.float() + 1) / scales.to(weight.device) - 1)
+    else:
+        prev.weight.div_(scales.to(prev.weight.dtype))
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.div_(scales.to(bias.dtype))
+    for linear in linears:
+        linear.weight.mul_(scales.to(linear.weight.dtype))
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class _Trace:
+    """One run of a block: producers in call order, and which Linear layers read each one's output."""
+
+    order: list[str] = field(default_factory=list)
+    readers: dict[str, list[str]] = field(default_factory=dict)
+    # Linear layers whose input is neither a producer's output nor the block's own input: computed
+    # inside the block (attention output, act(gate) · up), so possibly reached through a fold
+    computed: set[str] = field(default_factory=set)
+    output: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def _trace(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> _Trace:
+    names = {module: name for name, module in block.named_modules() if name}
+    producers = {m: n for m, n in names.items() if _norm_like(m) or isinstance(m, nn.Linear)}
+    trace = _Trace()
+    made: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # holding every output keeps its id from being reused in the run
+
+    def produced(module: nn.Module, _args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            name = producers[module]
+            made[id(output)] = name
+            alive.append(output)
+            if name not in trace.order:
+                trace.order.append(name)
+
+    def read(module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        if id(args[0]) in made:
+            readers = trace.readers.setdefault(made[id(args[0])], [])
+            if names[module] not in readers:
+                readers.append(names[module])
+        elif args[0] is not hidden:
+            trace.computed.add(names[module])
+
+    handles = [m.register_forward_hook(produced) for m in producers]
+    handles += [m.register_forward_pre_hook(read) for m in names if isinstance(m, nn.Linear)]
+    try:
+        trace.output = _hidden(block(hidden, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+        alive.clear()
+    return trace
+
+
+def _candidates(block: nn.Module, trace: _Trace) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(producer, readers, algebras to try), in the order the block computes the producers."""
+    found = []
+    linears = [n for n in trace.order if isinstance(block.get_submodule(n), nn.Linear)]
+    for prev in trace.order:
+        module = block.get_submodule(prev)
+        if isinstance(module, nn.Linear):
+            later = linears[linears.index(prev) + 1:]
+            direct = tuple(trace.readers.get(prev, ()))
+            if direct:
+                found.append((prev, direct, (LINEAR,)))
+            for reader in later:
+                if reader in trace.computed and block.get_submodule(reader).in_features == module.out_features:
+                    found.append((prev, (reader,), (LINEAR,)))
+        elif trace.readers.get(prev):
+            readers = tuple(trace.readers[prev])
+            if all(block.get_submodule(r).in_features == module.weight.numel() for r in readers):
+                found.append((prev, readers, (NORM, OFFSET_NORM)))
+    return found
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Relative change of the block's output a fold may make: rounding of the (1 + w) algebra."""
+    return 1e-4 if torch.finfo(dtype).bits >= 32 else 2e-2
+
+
+@torch.no_grad()
+def find_folds(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], seed: int = 0) -> BlockFolds:
+    """The folds of ``block`` proven on one calibration batch (``hidden`` and ``kwargs``: what the
+    block receives); see the module docstring. The block is unchanged afterwards."""
+    trace = _trace(block, hidden, kwargs)
+    reference = trace.output
+    assert reference is not None
+    scale = float(reference.float().norm()) or 1.0
+    tolerance = _tolerance(reference.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    result = BlockFolds()
+    for prev, readers, kinds in _candidates(block, trace):
+        fold_name = f"{prev} -> {', '.join(readers)}"
+        producer = block.get_submodule(prev)
+        modules = [block.get_submodule(r) for r in readers]
+        width = modules[0].in_features
+        scales = 2.0 ** (torch.randint(0, 2, (width,), generator=generator) * 2 - 1).float()
+        saved = [t.detach().clone() for t in _touched(producer, modules)]
+        change = float("inf")
+        for kind in kinds:
+            fold_scales(producer, modules, scales.to(modules[0].weight.device), kind)
+            change = float((_hidden(block(hidden, **kwargs)).float() - reference.float()).norm()) / scale
+            for tensor, original in zip(_touched(producer, modules), saved, strict=True):
+                tensor.copy_(original)
+            if change <= tolerance:
+                result.folds.append(Fold(prev, readers, kind))
+                break
+        else:
+            result.skipped[fold_name] = f"not exact: scaling {prev}'s output changes the block's output"
+    return result
+
+
+def _touched(producer: nn.Module, linears: list[nn.Module]) -> list[torch.Tensor]:
+    tensors = [producer.weight]
+    bias = getattr(producer, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        tensors.append(bias)
+    return tensors + [m.weight for m in linears]
+
+
+@dataclass
+class FoldTally:
+    """Folds made and skipped over a model's blocks, counted by block, for the report's notes."""
+
+    made: dict[str, int] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def fold(self, fold: Fold) -> None:
+        key = f"{fold.describe()} ({fold.kind})"
+        self.made[key] = self.made.get(key, 0) + 1
+
+    def skip(self, fold: str, reason: str) -> None:
+        self.skipped[(fold, reason)] = self.skipped.get((fold, reason), 0) + 1
+
+    def notes(self, method: str) -> list[str]:
+        """One line per fold made and per fold skipped, with the number of blocks."""
+        lines = [f"{method} folded {fold} in {count} block(s)" for fold, count in self.made.items()]
+        lines += [f"{method} skipped the fold {fold} in {count} block(s): {reason}" for (fold, reason), count in self.skipped.items()]
+        return lines
