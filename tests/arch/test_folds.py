@@ -1,0 +1,77 @@
+"""Folds are found from each block's data flow, whatever the architecture names its modules, and
+every fold found leaves the model's function unchanged (issue #17, item 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from squeeze.calib.blocks import block_list
+from squeeze.calib.folds import OFFSET_NORM, find_folds, fold_scales
+from squeeze.calib.pipeline import capture_block_inputs
+from squeeze.models.tiny import tiny_model
+
+# the producers each architecture's block folds, in the order it computes them
+EXPECTED = {
+    "llama": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],
+    "qwen3": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],
+    # sandwich norms: the post-norms feed the residual; the pre-norms fold, with (1 + w) algebra
+    "gemma2": ["input_layernorm", "pre_feedforward_layernorm", "mlp.up_proj"],
+    "gemma3": ["input_layernorm", "pre_feedforward_layernorm", "mlp.up_proj"],
+    # fused projections: the norms fold into qkv_proj and gate_up_proj
+    "phi3": ["input_layernorm", "post_attention_layernorm"],
+    # post-norm: only the gated MLP's up branch
+    "olmo2": ["mlp.up_proj"],
+    # parallel attention, two norms (GPT-NeoX) or one feeding both branches (Falcon)
+    "gpt_neox": ["input_layernorm", "post_attention_layernorm"],
+    "falcon": ["input_layernorm"],
+    "bert": ["attention.self.value"],
+}
+
+
+def _model_and_calls(architecture: str):
+    model = tiny_model(architecture, vocab_size=1000)
+    ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    return model, ids, capture_block_inputs(model, [{"input_ids": ids}])
+
+
+@pytest.mark.parametrize("architecture", list(EXPECTED))
+def test_folds_are_found_and_keep_the_function(architecture: str) -> None:
+    model, ids, calls = _model_and_calls(architecture)
+    _, blocks = block_list(model)
+    with torch.no_grad():
+        before = model(input_ids=ids)[0]
+    generator = torch.Generator().manual_seed(1)
+    hidden = calls.first[0][0]
+    for index, block in enumerate(blocks):
+        kwargs = calls.for_block(index)[0]
+        found = find_folds(block, hidden, kwargs)
+        assert [f.prev for f in found.folds] == EXPECTED[architecture], f"block {index}"
+        with torch.no_grad():
+            following = block(hidden, **kwargs)
+            hidden = following[0] if isinstance(following, tuple) else following
+        # any positive scales, not only the powers of two of the proof
+        for fold in found.folds:
+            linears = [block.get_submodule(n) for n in fold.linears]
+            scales = torch.exp(torch.randn(linears[0].in_features, generator=generator))
+            fold_scales(block.get_submodule(fold.prev), linears, scales, fold.kind)
+    with torch.no_grad():
+        after = model(input_ids=ids)[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_norms_fold_with_their_own_algebra() -> None:
+    model, _, calls = _model_and_calls("gemma2")
+    found = find_folds(model.model.layers[0], calls.first[0][0], calls.for_block(0)[0])
+    kinds = {f.prev: f.kind for f in found.folds}
+    assert kinds["input_layernorm"] == OFFSET_NORM and kinds["pre_feedforward_layernorm"] == OFFSET_NORM
+    assert kinds["mlp.up_proj"] == "linear"
+
+
+def test_a_failed_proof_leaves_the_block_as_it_was() -> None:
+    model, _, calls = _model_and_calls("bert")
+    block = model.encoder.layer[0]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    found = find_folds(block, calls.first[0][0], calls.for_block(0)[0])
+    assert "attention.output.LayerNorm -> intermediate.dense" in found.skipped
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
