@@ -17,7 +17,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
+from squeeze.errors import OptionError, literal
 from squeeze.formats.files import MAX_SHARD_BYTES
+from squeeze.linears import is_transposed
 from squeeze.options import Registry
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import QuantScheme
@@ -80,19 +87,87 @@ class Format:
         return ""
 
 
+def initialisation_reads_weight(model: nn.Module, layers: list[str]) -> str | None:
+    """The first ``name.weight`` of ``layers`` that transformers' weight initialisation of
+    ``model`` reads, or None.
+
+    transformers 5 runs the model's ``_init_weights`` on every module while loading a checkpoint;
+    some architectures (Falcon, ModernBERT, GPT-2) read a Linear layer's ``weight`` there, which
+    a packed quantized layer no longer has, and loading fails. Each layer's weight is taken away
+    for a moment and the initialisation run with every tensor of the model on the meta device
+    (where writing costs nothing and changes nothing); then everything is put back."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return None
+    held = {name: model.get_submodule(name) for name in layers}
+    names = {module: name for name, module in model.named_modules()}
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        for module, parameters, buffers in saved:
+            for key, value in parameters.items():
+                if value is not None:
+                    module._parameters[key] = nn.Parameter(value.detach().to("meta"), requires_grad=False)
+            for key, value in buffers.items():
+                if value is not None:
+                    module._buffers[key] = value.to("meta")
+        taken = [name for name, module in held.items() if module._parameters.pop("weight", None) is not None]
+        for module in list(model.modules()):
+            try:
+                with torch.no_grad(), no_init_weights():
+                    init(module)
+            except AttributeError as exc:
+                if "has no attribute 'weight'" not in str(exc):
+                    raise
+                inside = [n for n in taken if n == names[module] or n.startswith(f"{names[module]}.")]
+                return f"{inside[0] if inside else taken[0]}.weight"
+    finally:
+        for module, parameters, buffers in saved:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+    return None
+
+
 class QuantizedFormat(Format):
     """A format for quantized models: which schemes and methods it stores, and how."""
 
     layer_type: ClassVar[type[nn.Module]] = QuantizedLinear  # the layer it stores, made by quantized_layer
     fixed_scheme: ClassVar[FixedScheme | None] = None
     records_sparsity: ClassVar[bool] = False  # has a field saying which zeros a pruned model keeps
+    # why transformers cannot load this format's quantized ``Conv1D`` layers (GPT-2's, held as
+    # squeeze.linears.TransposedLinear); None: it loads them
+    transposed_refusal: ClassVar[str | None] = None
 
     def check(self, scheme: QuantScheme, method: str) -> None:
         """Raise SqueezeError when ``scheme`` or ``method`` cannot be stored (cheap; run first)."""
 
+    def drops_weight(self, scheme: QuantScheme) -> bool:
+        """Whether a layer stored in this format has no ``weight`` tensor any more (packed codes):
+        then a model whose transformers initialisation reads that weight cannot be loaded."""
+        return False
+
     def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
         """Raise SqueezeError when quantizing ``layers`` of ``model`` gives a checkpoint this format
         cannot hold (the meta model is enough: only names and shapes are read)."""
+        transposed = [n for n in layers if is_transposed(model.get_submodule(n))]
+        if transposed and self.transposed_refusal is not None:
+            loads = " or ".join(
+                f.name for f in QUANTIZED_FORMATS if f.transposed_refusal is None and not f.drops_weight(scheme)
+            )
+            raise OptionError(
+                f"{literal(self.name)} cannot hold the quantized Conv1D layer {literal(transposed[0])} of "
+                f"{literal(type(model).__name__)} ({literal(self.transposed_refusal)}); use {{0}} {literal(loads)}, "
+                "or leave the Conv1D layers out with {1}", "format", "ignore",
+            )
+        reads = initialisation_reads_weight(model, layers) if self.drops_weight(scheme) else None
+        if reads is not None:
+            raise OptionError(
+                f"transformers cannot load {literal(type(model).__name__)} with {literal(self.describe(scheme))} layers: "
+                f"its weight initialisation reads {literal(reads)}, which such a layer does not have; "
+                "store quantized weights whole instead ({0} bnb-int8, or a scheme with {1} per-token), or leave that layer out "
+                "with {2}", "format", "act", "ignore",
+            )
 
     def describe(self, scheme: QuantScheme) -> str:
         """The format in a report's words, e.g. ``compressed-tensors (pack-quantized)``."""

@@ -23,13 +23,9 @@ import torch
 import transformers
 from torch import nn
 
-try:
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4
-    from transformers.modeling_utils import no_init_weights
-
 from squeeze.errors import SqueezeError
-from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
+from squeeze.linears import as_linear_layers, to_held_layout
+from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written, no_init_weights
 from squeeze.formats.files import (
     MAX_SHARD_BYTES,
     auto_class,
@@ -183,7 +179,7 @@ def _quantized_layer(name: str, linear: nn.Linear, state: dict[str, torch.Tensor
         zero = state.pop(f"{name}.weight_zero_point", None)
     if zero is None:
         zero = torch.zeros(scale.shape, dtype=torch.int8)
-    bias = state.pop(f"{name}.bias", None)
+    bias = state.get(f"{name}.bias")  # stays in the state: loaded into the layer's own parameter
     input_scale = state.pop(f"{name}.input_scale", None)
     input_zero = state.pop(f"{name}.input_zero_point", None)
     if input_scale is not None and input_zero is None:
@@ -209,12 +205,13 @@ def load_quantized(folder: Path, kind: str, dtype: torch.dtype = torch.float32, 
     state = read_safetensors_folder(folder)
     with no_init_weights():  # every tensor is overwritten from the checkpoint
         model = auto_class(kind).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    as_linear_layers(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.weight_scale" in state:
             layer = _quantized_layer(name, module, state, scheme)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = to_held_layout(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     distinct = {n for n, _ in model.named_parameters()}
@@ -233,11 +230,15 @@ class CompressedTensors(QuantizedFormat):
     squeeze itself (the layers compute exactly what the pass evaluated)."""
 
     name = "compressed-tensors"
+    transposed_refusal = "compressed-tensors quantizes Linear layers only, so transformers would load them uninitialised"
     summary = "compressed-tensors (transformers, vLLM)"
     records_sparsity = True
 
     def describe(self, scheme: QuantScheme) -> str:
         return f"compressed-tensors ({scheme.checkpoint_format})"
+
+    def drops_weight(self, scheme: QuantScheme) -> bool:
+        return scheme.checkpoint_format == "pack-quantized"
 
     def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
         return quantized_tensors(name, layer)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from squeeze.errors import SqueezeError
+from squeeze.linears import stored_tensor
 
 MAX_SHARD_BYTES = 5 * 10**9  # the default largest safetensors file, as transformers' "5GB"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,7 +49,8 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
     """The tensors outside the compressed layers (modules of type ``skip``), tied copies stored once.
 
     ``dtype`` casts the floating tensors (embeddings, norms, heads, biases), e.g. back to the
-    bfloat16 a model was stored in.
+    bfloat16 a model was stored in. Weights of layers held transposed (squeeze.linears) go back
+    to the checkpoint's layout.
     """
     compressed = [n for n, m in model.named_modules() if isinstance(m, skip)]
     inside_compressed = tuple(f"{n}." for n in compressed)
@@ -62,6 +64,8 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
         if tensor.numel() and ident in seen:
             continue
         seen.add(ident)
+        module_name, _, attr = key.rpartition(".")
+        tensor = stored_tensor(model.get_submodule(module_name), attr, tensor)  # as the checkpoint lays it out
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 

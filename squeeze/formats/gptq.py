@@ -184,7 +184,11 @@ class Gptq(QuantizedFormat):
     def check(self, scheme: QuantScheme, method: str) -> None:
         check_gptq_scheme(scheme)
 
+    def drops_weight(self, scheme: QuantScheme) -> bool:
+        return True
+
     def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
+        super().check_model(model, layers, scheme)
         check_gptq_layers(model, layers, scheme.weights.num_bits)
 
     def describe(self, scheme: QuantScheme) -> str:

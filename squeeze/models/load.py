@@ -12,6 +12,7 @@ import transformers
 from squeeze.errors import SqueezeError
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.formats.files import auto_class, read_config
+from squeeze.linears import as_linear_layers
 from squeeze.models.sources import ModelSource, Progress, resolve_model
 from squeeze.models.weights import quiet_progress_bars, read_model, read_tokenizer
 
@@ -65,7 +66,8 @@ def stored_dtype(source: ModelSource) -> torch.dtype:
 def meta_model(source: ModelSource) -> torch.nn.Module:
     """The model's modules built from its config on the meta device: shapes and names, no weights.
 
-    Cheap (no weight is read), so passes validate their plan against it before loading.
+    Cheap (no weight is read), so passes validate their plan against it before loading. ``Conv1D``
+    layers are Linear layers here, as in a loaded model (squeeze.linears).
     """
     with quiet_progress_bars():
         if source.is_gguf:
@@ -75,7 +77,9 @@ def meta_model(source: ModelSource) -> torch.nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        return auto_class(source.kind).from_config(config, trust_remote_code=source.trust_remote_code)
+        model = auto_class(source.kind).from_config(config, trust_remote_code=source.trust_remote_code)
+    as_linear_layers(model)
+    return model
 
 
 def is_sparse_folder(folder: Path) -> bool:

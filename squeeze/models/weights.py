@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from squeeze.errors import SqueezeError
 from squeeze.formats import recognise
 from squeeze.formats.files import auto_class
+from squeeze.linears import as_linear_layers
 from squeeze.models.checks import first_line
 
 
@@ -37,7 +38,7 @@ def read_model(
     it has no pad token. ``spec`` names the model in errors.
 
     A GGUF file is dequantized to fp32 and rebuilt as an ordinary model, so it saves like any HF
-    model. A folder whose checkpoint format squeeze reads back (compressed-tensors integer,
+    model. ``Conv1D`` layers come back as Linear layers (squeeze.linears). A folder whose checkpoint format squeeze reads back (compressed-tensors integer,
     sparse-bitmask) goes through that format's reader, so the layers compute exactly what the pass
     evaluated; any other folder through ``from_pretrained``.
     """
@@ -58,7 +59,10 @@ def read_model(
         tokenizer = read_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(dtype=dtype).eval()
+    as_linear_layers(model)
+    if not getattr(model, "is_quantized", False):  # transformers' quantized layers (GPTQ, bitsandbytes) keep their dtypes
+        model = model.to(dtype=dtype)
+    model = model.eval()
     model.requires_grad_(False)
     return model, tokenizer
 

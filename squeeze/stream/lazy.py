@@ -22,6 +22,7 @@ from torch import nn
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
 from squeeze.formats.sparse import BITMASK_PARTS, decode_bitmask_state
+from squeeze.linears import stored_tensor
 
 
 class CheckpointTensors:
@@ -122,7 +123,8 @@ class LazyModel:
         for name, stored in stored_tensors.items():
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
-            value = stored.to(device=self.device, dtype=self.dtype if stored.is_floating_point() else None)
+            value = stored_tensor(module, attr, stored).contiguous()  # the layout the model holds (squeeze.linears)
+            value = value.to(device=self.device, dtype=self.dtype if stored.is_floating_point() else None)
             if attr in module._parameters:
                 module._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
