@@ -30,6 +30,7 @@ from squeeze.calib.blocks import block_list
 from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls
 from squeeze.calib.spill import inputs_like, release_inputs
 from squeeze.errors import SqueezeError
+from squeeze.linears import all_experts_calibrating
 
 
 class CalibrationClock:
@@ -140,9 +141,19 @@ def calibrate_sequentially(
     outputs of the already-compressed blocks before it. ``compress_block`` changes the block in
     place (it may run it on ``inputs`` as often as it needs). Returns the seconds spent running
     calibration text in this call (capture, block outputs, and the observation passes that
-    ``compress_block`` times on the same ``clock``); the rest is the method's own work."""
+    ``compress_block`` times on the same ``clock``); the rest is the method's own work.
+    Mixture-of-experts blocks run every expert on every token, so that each expert's statistics
+    come from all the calibration text (squeeze.linears.all_experts_calibrating)."""
     clock = clock if clock is not None else CalibrationClock()
     start = clock.seconds
+    with all_experts_calibrating():
+        return _calibrate(model, batches, compress_block, on_block, clock, start)
+
+
+def _calibrate(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], compress_block: Callable[[str, nn.Module, BlockInputs], None],
+    on_block: Callable[[str], None] | None, clock: CalibrationClock, start: float,
+) -> float:
     prefix, blocks = block_list(model)
     calls = capture_block_inputs(model, batches, clock)
     inputs = calls.first

@@ -23,8 +23,8 @@ import torch
 import transformers
 from torch import nn
 
-from squeeze.errors import SqueezeError
-from squeeze.linears import as_linear_layers, to_held_layout
+from squeeze.errors import OptionError, SqueezeError, literal
+from squeeze.linears import as_linear_layers, expert_layers, to_held_layout
 from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written, no_init_weights
 from squeeze.formats.files import (
     MAX_SHARD_BYTES,
@@ -239,6 +239,17 @@ class CompressedTensors(QuantizedFormat):
 
     def drops_weight(self, scheme: QuantScheme) -> bool:
         return scheme.checkpoint_format == "pack-quantized"
+
+    def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
+        super().check_model(model, layers, scheme)
+        experts = expert_layers(model, layers)
+        if experts and scheme.checkpoint_format != "pack-quantized":
+            raise OptionError(
+                f"transformers loads the mixture-of-experts layers of a compressed-tensors checkpoint only packed "
+                f"(weight-only), and {literal(experts[0])} would be {literal(scheme.checkpoint_format)} "
+                f"({literal(scheme.describe())}); leave the experts out with {{0}} 're:.*experts.*', or quantize weights only",
+                "ignore",
+            )
 
     def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
         return quantized_tensors(name, layer)  # type: ignore[arg-type]

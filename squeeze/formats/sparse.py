@@ -31,6 +31,7 @@ from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.formats.base import PRUNED_FORMATS, PrunedFormat, Written
+from squeeze.linears import has_experts
 from squeeze.formats.files import (
     MAX_SHARD_BYTES,
     auto_class,
@@ -221,7 +222,30 @@ class SparseBitmask(_SparsityConfigFormat):
 
 @PRUNED_FORMATS.register
 class Dense(_SparsityConfigFormat):
-    """Plain ``weight`` tensors with the zeros: loads with a plain ``from_pretrained``."""
+    """Plain ``weight`` tensors with the zeros: loads with a plain ``from_pretrained``. A
+    mixture-of-experts model gets no ``sparsity_config`` (transformers 5 cannot load one on its
+    fused experts), so that it still loads as is."""
+
+    def write(
+        self, model: nn.Module, structure: str, global_sparsity: float, sparse_layers: list[str], out_dir: Path,
+        tokenizer=None, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+    ) -> Written:
+        written = super().write(model, structure, global_sparsity, sparse_layers, out_dir, tokenizer, dtype, max_shard_bytes)
+        if has_experts(model):
+            written.notes.append(
+                "no sparsity_config in config.json: transformers cannot load one on a mixture-of-experts model; "
+                "the zeros are in the weights"
+            )
+        return written
+
+    def write_config(
+        self, model: nn.Module, structure: str, global_sparsity: float, sparse_layers: list[str], out_dir: Path, tokenizer=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if has_experts(model):
+            write_config_files(model, out_dir, None, tokenizer, dtype)
+        else:
+            super().write_config(model, structure, global_sparsity, sparse_layers, out_dir, tokenizer, dtype)
 
     name = "dense"
     summary = "dense (zeros stored, loads with from_pretrained)"

@@ -128,6 +128,12 @@ def _resolve_local(spec: str, path: Path, trust_remote_code: bool, name: str | N
 def _kind_from_config(config: dict[str, Any], spec: str, trust_remote_code: bool) -> ModelKind:
     model_type = config.get("model_type", "")
     architectures = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        # BART's type maps to a causal LM class too: loading that would quietly drop the encoder
+        raise SqueezeError(
+            f"model {spec} is an encoder-decoder (model_type {model_type!r}, {', '.join(architectures) or 'no architectures'}), "
+            "which squeeze does not compress yet; it handles decoder-only causal LMs and BERT-like encoders"
+        )
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "causal"
     if model_type in _ENCODER_TYPES:
