@@ -199,3 +199,26 @@ def expert_layers(model: nn.Module, layers: list[str]) -> list[str]:
 def has_experts(model: nn.Module) -> bool:
     """Whether ``model`` holds mixture-of-experts weights split per expert (:class:`ExpertLinears`)."""
     return any(isinstance(m, ExpertLinears) for m in model.modules())
+
+
+def uncompressed_matrices(model: nn.Module, compressed: set[str]) -> dict[str, str]:
+    """Every weight matrix (a parameter of two or more dimensions) of ``model`` outside the
+    ``compressed`` layers, a tied one once, with why it was left as it is."""
+    inside = tuple(f"{n}." for n in compressed)
+    seen: set[int] = set()
+    left: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if name in compressed or name.startswith(inside):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param is None or param.ndim < 2 or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, nn.Embedding):
+                why = "embedding (a lookup table, not a matrix product)"
+            elif isinstance(module, nn.Linear):
+                why = "Linear layer outside the targets, or matched by an ignore pattern"
+            else:
+                why = f"{type(module).__name__} is not a Linear layer (e.g. a mixture-of-experts router), so no method applies"
+            left[f"{name}.{attr}" if name else attr] = why
+    return left

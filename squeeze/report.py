@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ class Report:
     squeeze_version: str = ""
     created: str = ""
     memory_estimate_bytes: int | None = None  # squeeze.memory's estimate of the peak, made before loading
+    uncompressed: dict[str, str] = field(default_factory=dict)  # weight matrix left as it was → why
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -311,6 +313,16 @@ def _columns(report: Report) -> tuple[str, str]:
     return ("teacher", "student") if report.training is not None else ("before", "after")
 
 
+def _grouped(left: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """``left`` with block and expert numbers replaced by ``*``: one line per kind of matrix."""
+    groups: dict[str, tuple[int, str]] = {}
+    for name, why in left.items():
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        count, _ = groups.get(pattern, (0, why))
+        groups[pattern] = (count + 1, why)
+    return groups
+
+
 def to_markdown(report: Report, worst_layers: int = 0) -> str:
     """report.md: the summary table, the settings, and the per-layer error table."""
     lines = [
@@ -327,6 +339,9 @@ def to_markdown(report: Report, worst_layers: int = 0) -> str:
     lines += [f"- **device**: {report.device}"]
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    if report.uncompressed:
+        lines += ["", "## Weight matrices left uncompressed", ""]
+        lines += [f"- `{pattern}` ({count}): {why}" for pattern, (count, why) in _grouped(report.uncompressed).items()]
     if report.loading:
         lines += ["", "## Loading without squeeze", "", report.loading.rstrip()]
     if report.layers:

@@ -242,13 +242,17 @@ class CompressedTensors(QuantizedFormat):
 
     def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
         super().check_model(model, layers, scheme)
-        experts = expert_layers(model, layers)
-        if experts and scheme.checkpoint_format != "pack-quantized":
+        everything = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        experts = expert_layers(model, everything)
+        packed = scheme.checkpoint_format == "pack-quantized" and scheme.weights.symmetric
+        dense = [n for n in experts if n not in set(layers)]
+        if experts and (dense or not packed):
+            why = f"{literal(dense[0])} would stay dense" if dense else f"{literal(experts[0])} would be {literal(scheme.describe())}"
             raise OptionError(
-                f"transformers loads the mixture-of-experts layers of a compressed-tensors checkpoint only packed "
-                f"(weight-only), and {literal(experts[0])} would be {literal(scheme.checkpoint_format)} "
-                f"({literal(scheme.describe())}); leave the experts out with {{0}} 're:.*experts.*', or quantize weights only",
-                "ignore",
+                "transformers loads the mixture-of-experts layers of a compressed-tensors checkpoint only packed and symmetric "
+                f"(weight-only, no zero points, every expert quantized), and {why}; quantize every expert's weights only, "
+                "without {0}",
+                "asym",
             )
 
     def layer_tensors(self, name: str, layer: nn.Module) -> dict[str, torch.Tensor]:

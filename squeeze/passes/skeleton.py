@@ -25,6 +25,7 @@ from squeeze.errors import OptionError
 from squeeze.evaluate import peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
+from squeeze.linears import uncompressed_matrices
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
 from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model
 from squeeze.passes.common import (
@@ -223,7 +224,7 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
             disk_bytes_after=sum(f.stat().st_size for f in written.files), memory_bytes_before=prep.memory_before,
             memory_bytes_after=tensor_bytes(net), linear_bytes_before=parts.linear_bytes_before, linear_bytes_after=parts.linear_bytes_after,
         )
-        return step_report(step, model_info(model, prep.source, net), parts, size, watch, f"{prep.device}, {run.dtype} compute", estimate, accuracy)
+        return step_report(step, model_info(model, prep.source, net), parts, size, watch, f"{prep.device}, {run.dtype} compute", estimate, accuracy, net)
 
     speed = (model, run.data, prep.device) if run.measure_speed else None
     return publish(out, run.overwrite, assemble, watch, progress, speed)
@@ -231,10 +232,11 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
 
 def step_report(
     step: CompressionStep, model: dict, parts: ReportParts, size: SizeReport, watch: Stopwatch, device: str, estimate: int,
-    accuracy: AccuracyReport | None, settings: dict | None = None, notes: list[str] | None = None,
+    accuracy: AccuracyReport | None, net: nn.Module, settings: dict | None = None, notes: list[str] | None = None,
 ) -> Report:
     """A compression pass's report from the step's parts and what the skeleton measured
-    (``settings`` and ``notes`` added to the step's own)."""
+    (``settings`` and ``notes`` added to the step's own); ``net`` is the model the step compressed
+    (every weight matrix it left alone is listed with why)."""
     return Report(
         pass_name=step.name,
         model=model,
@@ -249,6 +251,7 @@ def step_report(
         notes=parts.notes + (notes or []),
         sparsity=parts.sparsity,
         loading=parts.loading,
+        uncompressed=uncompressed_matrices(net, {layer.name for layer in parts.layers}),
     )
 
 

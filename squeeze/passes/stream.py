@@ -342,7 +342,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
             linear_bytes_before=parts.linear_bytes_before, linear_bytes_after=parts.linear_bytes_after,
         )
         return step_report(
-            step, model_info(model, source, net), parts, size, watch, f"{device}, {run.dtype} compute", estimate, accuracy,
+            step, model_info(model, source, net), parts, size, watch, f"{device}, {run.dtype} compute", estimate, accuracy, net,
             settings={"streamed": True}, notes=notes,
         )
 
