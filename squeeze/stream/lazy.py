@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
@@ -46,12 +48,33 @@ class CheckpointTensors:
             layer = name.removesuffix(".bitmask")
             self.encoded[f"{layer}.weight"] = [f"{layer}.{part}" for part in BITMASK_PARTS]
 
+        self.aliases: dict[str, str] = {}  # a model's name → the checkpoint's, where they differ
+
+    def rename_like(self, model_type: str | None, names: list[str]) -> None:
+        """Find the checkpoint's tensor for each of ``names`` missing from it under the older name
+        transformers renames on loading (Mixtral's ``block_sparse_moe`` is its ``mlp``)."""
+        renamings = [
+            (target, source)
+            for conversion in (get_checkpoint_conversion_mapping(model_type) or [] if model_type else [])
+            if type(conversion).__name__ == "WeightRenaming"
+            for source, target in zip(conversion.source_patterns, conversion.target_patterns)
+            if re.fullmatch(r"[\w.]+", source) and re.fullmatch(r"[\w.]+", target)  # plain text, not a pattern
+        ]
+        for name in names:
+            for new, old in renamings:
+                if name not in self and new in name and name.replace(new, old) in self:
+                    self.aliases[name] = name.replace(new, old)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.files or name in self.encoded
+        return name in self.files or name in self.encoded or name in self.aliases
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, each file opened once and closed again: a file left open keeps
         every page read from it mapped, and counted in the process's memory."""
+        found = self._read([self.aliases.get(n, n) for n in names])
+        return {name: found[self.aliases.get(name, name)] for name in names} if self.aliases else found
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         stored = [part for name in names for part in self.encoded.get(name, [name])]
         by_file: dict[Path, list[str]] = {}
         for name in stored:
@@ -75,6 +98,7 @@ class LazyModel:
         self.live = 0
         self.peak_parts = 0
         names = list(dict(model.named_parameters()))
+        tensors.rename_like(getattr(getattr(model, "config", None), "model_type", None), [n for n in names if n not in tensors])
         missing = [n for n in names if n not in tensors]
         if missing:
             raise SqueezeError(f"cannot stream {tensors.folder}: its checkpoint has no tensor {missing[0]} (names differ from the model's)")
