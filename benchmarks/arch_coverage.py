@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -95,7 +96,7 @@ def tiny_rows(work: Path) -> list[dict]:
                 done, total = _block_share(report, prefix)
                 row["cells"][method] = {"compressed": done, "matrices": total, "seconds": round(time.perf_counter() - start, 2)}
             except SqueezeError as exc:
-                row["cells"][method] = {"refused": str(exc).split(";")[0]}
+                row["cells"][method] = {"refused": str(exc).split(";")[0].replace(f"{work}/", "")}
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         print(architecture, row["cells"], flush=True)
@@ -154,9 +155,12 @@ def table(result: dict) -> str:
             cell = row["cells"][method]
             cells.append(_cell(cell))
             if "refused" in cell:
-                refusals.setdefault(cell["refused"], []).append(f"{row['architecture']} × {method}")
-        folds = ", ".join(row["folds_block0"]) if row.get("folds_block0") else ("-" if row.get("folds_block0") is not None else "n/a")
-        lines.append(f"| {row['architecture']} | " + " | ".join(cells) + f" | {folds} |")
+                reason = re.sub(r"/tmp/arch-coverage-\w+/", "", cell["refused"])
+                refusals.setdefault(reason, []).append(f"{row['architecture']} × {method}")
+        # every expert folds alike: one entry for all of them
+        folds = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", f) for f in row.get("folds_block0") or []))
+        folds_text = ", ".join(folds) if folds else ("-" if row.get("folds_block0") is not None else "n/a")
+        lines.append(f"| {row['architecture']} | " + " | ".join(cells) + f" | {folds_text} |")
     if refusals:
         lines += ["", "Refused cells, with the one-line reason squeeze gives before loading:", ""]
         lines += [f"- {', '.join(cells)}: {reason}" for reason, cells in refusals.items()]
@@ -165,6 +169,7 @@ def table(result: dict) -> str:
         "A cell below its total means matrices the method cannot touch, each named in the report with why "
         "(mixture-of-experts routers are not Linear layers).",
     ]
+    lines += [f"- {note}" for note in result.get("notes", [])]
     real = result.get("real", [])
     if real:
         lines += [
@@ -188,8 +193,12 @@ def main() -> None:
     parser.add_argument("--only-tiny", action="store_true")
     parser.add_argument("--only-real", action="store_true")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--render", action="store_true", help="only rebuild the README tables from the results JSON")
     args = parser.parse_args()
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.render:
+        publish(previous, RESULTS, table(previous), NAME)
+        return
     result = {
         "machine": machine(),
         "squeeze": squeeze_source(),

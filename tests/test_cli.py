@@ -222,8 +222,9 @@ def test_smoothquant_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert any("smoothed" in note for note in report["notes"])
 
 
-def test_smoothquant_on_a_post_norm_encoder_needs_the_fallback(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    args = ["quantize", tiny_bert_dir, "--method", "smoothquant", "--act", "per-token", *FAST]
+def test_smoothquant_with_nothing_to_fold_into_needs_the_fallback(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """BERT's intermediate.dense reads a post-norm, whose output is also the residual: no fold."""
+    args = ["quantize", tiny_bert_dir, "--method", "smoothquant", "--act", "per-token", "--target", "*.intermediate.dense", *FAST]
     result = run(*args, "--out", tmp_path / "a")
     assert result.exit_code == 2 and "--smooth-fallback" in result.stderr
     assert not (tmp_path / "a").exists()
