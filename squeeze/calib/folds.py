@@ -26,6 +26,7 @@ both, and so does a pair with a nonlinearity or attention scores between them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,20 @@ class FoldTally:
 
     def skip(self, fold: str, reason: str) -> None:
         self.skipped[(fold, reason)] = self.skipped.get((fold, reason), 0) + 1
+
+    def usable(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], quantized: Callable[[str], bool]) -> list[Fold]:
+        """The folds proven in ``block`` (on its inputs ``hidden`` and ``kwargs``) whose readers all
+        satisfy ``quantized(name)``; every other candidate is counted as skipped, with why."""
+        found = find_folds(block, hidden, kwargs)
+        for fold, reason in found.skipped.items():
+            self.skip(fold, reason)
+        usable = []
+        for fold in found.folds:
+            if all(quantized(n) for n in fold.linears):
+                usable.append(fold)
+            else:
+                self.skip(fold.describe(), "not every layer reading it is quantized")
+        return usable
 
     def notes(self, method: str) -> list[str]:
         """One line per fold made and per fold skipped, with the number of blocks."""

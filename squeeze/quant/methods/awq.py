@@ -12,7 +12,7 @@ from torch import nn
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially
 from squeeze.errors import OptionError
 from squeeze.options import MethodOptions, option
-from squeeze.calib.folds import FoldTally, find_folds, fold_scales
+from squeeze.calib.folds import FoldTally, fold_scales
 from squeeze.quant.awq import UNCLIPPED, apply_clip, awq_clip_search, awq_scale_search, capture_inputs
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
@@ -86,15 +86,7 @@ class AWQ(QuantMethod):
             if not targets:
                 return
             with clock.timing():
-                found = find_folds(block, *inputs[0])
-            for fold, reason in found.skipped.items():
-                tally.skip(fold, reason)
-            groups = []
-            for fold in found.folds:
-                if all(n in targets for n in fold.linears):
-                    groups.append(fold)
-                else:
-                    tally.skip(fold.describe(), "not every layer reading it is quantized")
+                groups = tally.usable(block, *inputs[0], quantized=lambda name: name in targets)
             captured = capture_inputs(block, inputs, targets, clock=clock)
             for group in groups:
                 linears = [targets[n] for n in group.linears]

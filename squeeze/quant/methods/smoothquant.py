@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
-from squeeze.calib.folds import FoldTally, find_folds, fold_scales
+from squeeze.calib.folds import FoldTally, fold_scales
 from squeeze.calib.observers import Ranges, merge_range
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block_observed
 from squeeze.errors import OptionError, literal
@@ -83,15 +83,7 @@ class SmoothQuant(QuantMethod):
         def compress_block(block_name: str, block: nn.Module, inputs) -> None:
             # every proven fold divides only its own readers' inputs, so one pass measures all
             with clock.timing():
-                found = find_folds(block, *inputs[0])
-            for fold, reason in found.skipped.items():
-                tally.skip(fold, reason)
-            groups = []
-            for fold in found.folds:
-                if all(f"{block_name}.{n}" in layers for n in fold.linears):
-                    groups.append(fold)
-                else:
-                    tally.skip(fold.describe(), "not every layer reading it is quantized")
+                groups = tally.usable(block, *inputs[0], quantized=lambda name: f"{block_name}.{name}" in layers)
             if not groups and block_name == f"{prefix}.0":
                 if not fallback:
                     raise _no_fold(prefix, block, "no norm or Linear layer there feeds only quantized Linear layers exactly")
