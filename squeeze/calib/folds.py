@@ -168,11 +168,31 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if torch.finfo(dtype).bits >= 32 else 2e-2
 
 
+def _first_row(value: Any, batch: int) -> Any:
+    """``value`` (a block argument) cut to the first of ``batch`` rows where it has them."""
+    if isinstance(value, torch.Tensor):
+        return value[:1] if value.ndim >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_row(v, batch) for v in value)
+    return value
+
+
 @torch.no_grad()
 def find_folds(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], seed: int = 0) -> BlockFolds:
     """The folds of ``block`` proven on one calibration batch (``hidden`` and ``kwargs``: what the
-    block receives); see the module docstring. The block is unchanged afterwards."""
-    trace = _trace(block, hidden, kwargs)
+    block receives), its first row when the block runs on that alone (one row of text tells an
+    exact fold from another as well as many, at a fraction of the time); see the module
+    docstring. The block is unchanged afterwards."""
+    batch = hidden.shape[0]
+    if batch > 1:
+        row, row_kwargs = hidden[:1], {k: _first_row(v, batch) for k, v in kwargs.items()}
+        try:
+            trace = _trace(block, row, row_kwargs)
+            hidden, kwargs = row, row_kwargs
+        except (RuntimeError, ValueError, IndexError):  # an argument that cannot be cut by rows
+            trace = _trace(block, hidden, kwargs)
+    else:
+        trace = _trace(block, hidden, kwargs)
     reference = trace.output
     assert reference is not None
     scale = float(reference.float().norm()) or 1.0
