@@ -178,11 +178,19 @@ def _first_row(value: Any, batch: int) -> Any:
 
 
 @torch.no_grad()
-def find_folds(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], seed: int = 0) -> BlockFolds:
+def find_folds(
+    block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], seed: int = 0,
+    known: dict[tuple, BlockFolds] | None = None,
+) -> BlockFolds:
     """The folds of ``block`` proven on one calibration batch (``hidden`` and ``kwargs``: what the
     block receives), its first row when the block runs on that alone (one row of text tells an
     exact fold from another as well as many, at a fraction of the time); see the module
-    docstring. The block is unchanged afterwards."""
+    docstring. The block is unchanged afterwards.
+
+    ``known`` (kept by the caller across blocks) holds the verdicts of earlier blocks with the same
+    candidates: then the folds proven there are proven here all at once, with independent scales,
+    in one run of the block (candidates refused there are refused here with the same reason), and
+    only if that fails is each candidate proven on its own."""
     batch = hidden.shape[0]
     if batch > 1:
         row, row_kwargs = hidden[:1], {k: _first_row(v, batch) for k, v in kwargs.items()}
@@ -195,29 +203,50 @@ def find_folds(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], s
         trace = _trace(block, hidden, kwargs)
     reference = trace.output
     assert reference is not None
-    scale = float(reference.float().norm()) or 1.0
-    tolerance = _tolerance(reference.dtype)
-    generator = torch.Generator().manual_seed(seed)
+    proof = _Proof(block, hidden, kwargs, reference, torch.Generator().manual_seed(seed))
+    candidates = _candidates(block, trace)
+    signature = (type(block).__name__, tuple((prev, readers) for prev, readers, _ in candidates))
+    earlier = known.get(signature) if known is not None else None
+    if earlier is not None and proof.holds(earlier.folds):
+        return BlockFolds(list(earlier.folds), dict(earlier.skipped))
     result = BlockFolds()
-    for prev, readers, kinds in _candidates(block, trace):
-        fold_name = f"{prev} -> {', '.join(readers)}"
-        producer = block.get_submodule(prev)
-        modules = [block.get_submodule(r) for r in readers]
-        width = modules[0].in_features
-        scales = 2.0 ** (torch.randint(0, 2, (width,), generator=generator) * 2 - 1).float()
-        saved = [t.detach().clone() for t in _touched(producer, modules)]
-        change = float("inf")
-        for kind in kinds:
-            fold_scales(producer, modules, scales.to(modules[0].weight.device), kind)
-            change = float((_hidden(block(hidden, **kwargs)).float() - reference.float()).norm()) / scale
-            for tensor, original in zip(_touched(producer, modules), saved, strict=True):
-                tensor.copy_(original)
-            if change <= tolerance:
-                result.folds.append(Fold(prev, readers, kind))
-                break
+    for prev, readers, kinds in candidates:
+        kind = next((k for k in kinds if proof.holds([Fold(prev, readers, k)])), None)
+        if kind is not None:
+            result.folds.append(Fold(prev, readers, kind))
         else:
-            result.skipped[fold_name] = f"not exact: scaling {prev}'s output changes the block's output"
+            result.skipped[f"{prev} -> {', '.join(readers)}"] = f"not exact: scaling {prev}'s output changes the block's output"
+    if known is not None:
+        known[signature] = result
     return result
+
+
+class _Proof:
+    """Makes folds with random scales of 1/2 and 2, runs the block, and puts every tensor back."""
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], reference: torch.Tensor, generator: torch.Generator) -> None:
+        self.block, self.hidden, self.kwargs, self.generator = block, hidden, kwargs, generator
+        self.reference = reference.float()
+        self.scale = float(self.reference.norm()) or 1.0
+        self.tolerance = _tolerance(reference.dtype)
+
+    def holds(self, folds: list[Fold]) -> bool:
+        """Whether the block's output stays the same with all of ``folds`` made at once."""
+        if not folds:
+            return True
+        parts = [(self.block.get_submodule(f.prev), [self.block.get_submodule(r) for r in f.linears], f.kind) for f in folds]
+        touched = {id(t): t for producer, linears, _ in parts for t in _touched(producer, linears)}
+        saved = {key: t.detach().clone() for key, t in touched.items()}
+        try:
+            for producer, linears, kind in parts:
+                width = linears[0].in_features
+                scales = 2.0 ** (torch.randint(0, 2, (width,), generator=self.generator) * 2 - 1).float()
+                fold_scales(producer, linears, scales.to(linears[0].weight.device), kind)
+            output = _hidden(self.block(self.hidden, **self.kwargs)).float()
+        finally:
+            for key, tensor in touched.items():
+                tensor.copy_(saved[key])
+        return float((output - self.reference).norm()) / self.scale <= self.tolerance
 
 
 def _touched(producer: nn.Module, linears: list[nn.Module]) -> list[torch.Tensor]:
@@ -234,6 +263,7 @@ class FoldTally:
 
     made: dict[str, int] = field(default_factory=dict)
     skipped: dict[tuple[str, str], int] = field(default_factory=dict)
+    known: dict[tuple, BlockFolds] = field(default_factory=dict)  # verdicts by block structure (see find_folds)
 
     def fold(self, fold: Fold) -> None:
         key = f"{fold.describe()} ({fold.kind})"
@@ -245,7 +275,7 @@ class FoldTally:
     def usable(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], quantized: Callable[[str], bool]) -> list[Fold]:
         """The folds proven in ``block`` (on its inputs ``hidden`` and ``kwargs``) whose readers all
         satisfy ``quantized(name)``; every other candidate is counted as skipped, with why."""
-        found = find_folds(block, hidden, kwargs)
+        found = find_folds(block, hidden, kwargs, known=self.known)
         for fold, reason in found.skipped.items():
             self.skip(fold, reason)
         usable = []

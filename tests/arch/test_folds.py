@@ -75,3 +75,31 @@ def test_a_failed_proof_leaves_the_block_as_it_was() -> None:
     found = find_folds(block, calls.first[0][0], calls.for_block(0)[0])
     assert "attention.output.LayerNorm -> intermediate.dense" in found.skipped
     assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())
+
+
+def test_later_blocks_prove_the_known_folds_in_one_run() -> None:
+    """Block 1 has block 0's candidates: its folds are proven together, in one run after the trace;
+    a verdict that does not hold there sends it back to proving each candidate alone."""
+    from squeeze.calib.folds import BlockFolds, Fold
+
+    model, _, calls = _model_and_calls("llama")
+    hidden = calls.first[0][0]
+    blocks = model.model.layers
+    known: dict = {}
+    first = find_folds(blocks[0], hidden, calls.for_block(0)[0], known=known)
+    with torch.no_grad():
+        hidden = blocks[0](hidden, **calls.for_block(0)[0])
+    runs = []
+    hook = blocks[1].register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        second = find_folds(blocks[1], hidden, calls.for_block(1)[0], known=known)
+        assert len(runs) == 2  # the trace, then all the folds at once
+        assert second.folds == first.folds and second.skipped == first.skipped
+        # a wrong verdict (q_proj -> o_proj is not a fold) is caught and each candidate proven alone
+        signature = next(iter(known))
+        known[signature] = BlockFolds([Fold("self_attn.q_proj", ("self_attn.o_proj",), "linear")], {})
+        runs.clear()
+        third = find_folds(blocks[1], hidden, calls.for_block(1)[0], known=known)
+    finally:
+        hook.remove()
+    assert len(runs) > 2 and third.folds == first.folds
