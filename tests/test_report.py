@@ -55,3 +55,17 @@ def test_markdown_without_accuracy() -> None:
     report = make_report()
     report.accuracy = None
     assert "perplexity" not in to_markdown(report)
+
+
+def test_uncompressed_matrices_are_listed_one_line_per_kind() -> None:
+    report = make_report()
+    router = "MixtralTopKRouter is not a Linear layer"
+    report.uncompressed = {
+        "model.embed_tokens.weight": "embedding",
+        **{f"model.layers.{i}.mlp.gate.weight": router for i in range(3)},
+    }
+    markdown = to_markdown(report)
+    assert "## Weight matrices left uncompressed" in markdown
+    assert f"- `model.layers.*.mlp.gate.weight` (3): {router}" in markdown
+    assert "- `model.embed_tokens.weight` (1): embedding" in markdown
+    assert json.loads(json.dumps(report.to_dict()))["uncompressed"]["model.layers.2.mlp.gate.weight"] == router

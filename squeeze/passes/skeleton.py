@@ -25,7 +25,7 @@ from squeeze.errors import OptionError
 from squeeze.evaluate import peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
-from squeeze.linears import uncompressed_matrices
+from squeeze.linears import has_experts, uncompressed_matrices
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
 from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model
 from squeeze.passes.common import (
@@ -237,6 +237,10 @@ def step_report(
     """A compression pass's report from the step's parts and what the skeleton measured
     (``settings`` and ``notes`` added to the step's own); ``net`` is the model the step compressed
     (every weight matrix it left alone is listed with why)."""
+    tokens = parts.settings.get("calibration_tokens", 0)
+    if tokens and has_experts(net):
+        # no expert is calibrated on too few tokens, so none falls back to round-to-nearest
+        notes = [*(notes or []), f"every expert was calibrated on all {tokens:,} calibration tokens (the blocks' outputs kept the real routing)"]
     return Report(
         pass_name=step.name,
         model=model,

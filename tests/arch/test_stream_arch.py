@@ -46,6 +46,7 @@ def test_moe_quantizes_streamed_as_held(tiny_arch_dir, tmp_path: Path) -> None:
     streamed = quantize(str(tiny_arch_dir("qwen3_moe")), tmp_path / "streamed", config, stream=True, **SMALL)
     _same(tmp_path / "held", tmp_path / "streamed")
     assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in _tensors(tmp_path / "streamed")
+    assert any(n.startswith("every expert was calibrated on all") for n in held.notes + streamed.notes)
     assert streamed.accuracy.kl_divergence == pytest.approx(held.accuracy.kl_divergence, rel=1e-6)
 
 
