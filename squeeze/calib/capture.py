@@ -34,9 +34,16 @@ BlockInputs = list[tuple[torch.Tensor, dict[str, Any]]] | SpilledInputs
 # arguments about the key/value cache: block-by-block work never keeps one
 _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
-# plain attributes a recorder copies from the block it stands in for: a model's forward may read
-# some of them (``attention_type`` picks the mask of a sliding-window layer)
+# plain attributes a stand-in copies from the block it replaces: a model's forward may read some of
+# them (``attention_type`` picks the mask of a sliding-window layer)
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def copy_plain_attributes(block: nn.Module, stand_in: nn.Module) -> None:
+    """Give ``stand_in`` the plain public attributes of ``block`` (see ``_PLAIN``)."""
+    for key, value in vars(block).items():
+        if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
+            setattr(stand_in, key, value)
 
 
 class _StopForward(Exception):
@@ -63,9 +70,7 @@ class BlockCalls:
 class _Recorder(nn.Module):
     def __init__(self, block: nn.Module, index: int, last: bool, calls: BlockCalls, wrap: bool) -> None:
         super().__init__()
-        for key, value in vars(block).items():
-            if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
-                setattr(self, key, value)
+        copy_plain_attributes(block, self)
         self._signature = inspect.signature(block.forward)
         self._index, self._last, self._calls, self._wrap = index, last, calls, wrap
 

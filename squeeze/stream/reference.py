@@ -28,12 +28,8 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_list
+from squeeze.calib.capture import copy_plain_attributes
 from squeeze.evaluate import window_batches
-
-# the plain attributes a stand-in copies from the block it replaces: a model's forward may read
-# some of them (e.g. ``attention_type``, to pick the mask of a sliding-window layer)
-_PLAIN = (str, int, float, bool, type(None))
-
 
 class _StopAfterBlocks(Exception):
     """Raised by the recording hook: the head's work is done later, from the recorded states."""
@@ -54,9 +50,7 @@ class _StandIn(nn.Module):
 
     def __init__(self, block: nn.Module, handover: Handover, first: bool) -> None:
         super().__init__()
-        for key, value in vars(block).items():
-            if not key.startswith("_") and key != "training" and isinstance(value, _PLAIN):
-                setattr(self, key, value)
+        copy_plain_attributes(block, self)
         self._handover, self._first = handover, first
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
