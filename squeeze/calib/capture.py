@@ -121,7 +121,8 @@ def _record(model: nn.Module, batches: list[dict[str, torch.Tensor]], wrap: bool
 @torch.no_grad()
 def capture_block_calls(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockCalls:
     """Every block's inputs on each batch, as a full forward of ``model`` would give them (see the
-    module docstring). The hidden states are those of block 0; the rest come from running blocks."""
+    module docstring): block 0's hidden states, and every block's keyword arguments, recorded
+    without running any block."""
     batches = list(batches)
     if not batches:
         return BlockCalls(first=new_inputs())

@@ -1,8 +1,9 @@
 """Layer-sequential calibration: one transformer block at a time.
 
 What every block receives is captured once for every calibration batch (squeeze.calib.capture:
-block 0's hidden states and each block's own keyword arguments, without running a block). Then, for each block in turn: run it on its inputs while hooks collect statistics,
-compress it, run the *compressed* block to make the next block's inputs, and drop the old ones.
+block 0's hidden states and each block's own keyword arguments, without running a block). Then,
+for each block in turn: run it on its inputs while hooks collect statistics, compress it, run the
+*compressed* block to make the next block's inputs, and drop the old ones.
 Peak memory is one block's worth of work plus the calibration activations, and each block is
 calibrated on what the compressed blocks before it really produce.
 

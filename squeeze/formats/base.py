@@ -116,7 +116,7 @@ def initialisation_reads_weight(model: nn.Module, layers: list[str]) -> str | No
                 with torch.no_grad(), no_init_weights():
                     init(module)
             except AttributeError as exc:
-                if "has no attribute 'weight'" not in str(exc):
+                if "has no attribute 'weight'" not in str(exc) or not taken:
                     raise
                 inside = [n for n in taken if n == names[module] or n.startswith(f"{names[module]}.")]
                 return f"{inside[0] if inside else taken[0]}.weight"
@@ -165,8 +165,8 @@ class QuantizedFormat(Format):
             raise OptionError(
                 f"transformers cannot load {literal(type(model).__name__)} with {literal(self.describe(scheme))} layers: "
                 f"its weight initialisation reads {literal(reads)}, which such a layer does not have; "
-                "store quantized weights whole instead ({0} bnb-int8, or a scheme with {1} per-token), or leave that layer out "
-                "with {2}", "format", "act", "ignore",
+                "quantize W8A8 instead ({0} per-token: its layers keep .weight), or leave that layer out with {1}",
+                "act", "ignore",
             )
 
     def describe(self, scheme: QuantScheme) -> str:

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.formats.base import QUANTIZED_FORMATS, FixedScheme, InputRange, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import dense_tensors, save_safetensors, write_config_files
 from squeeze.quant.linear import QuantizedLinear
@@ -103,6 +103,20 @@ class _Bitsandbytes(QuantizedFormat):
     """What bnb-int8 and bnb-nf4 share: the layers' tensors beside the dense rest, and the config."""
 
     four_bit: ClassVar[bool]
+
+    def check_model(self, model: nn.Module, layers: list[str], scheme: QuantScheme) -> None:
+        """bitsandbytes swaps a layer's weight for its own int8/4-bit tensor and leaves the layer's
+        forward in place: a Linear subclass with a forward of its own (Falcon's) then multiplies by
+        the raw codes, so such layers are refused."""
+        super().check_model(model, layers, scheme)
+        own = [n for n in layers if type(model.get_submodule(n)).forward is not nn.Linear.forward]
+        if own:
+            layer = model.get_submodule(own[0])
+            raise OptionError(
+                f"transformers runs {literal(own[0])} ({literal(type(layer).__name__)}) with its own forward, which "
+                f"multiplies by the weight itself: {literal(self.name)} weights would be used as raw codes; quantize W8A8 "
+                "({0} per-token) in compressed-tensors instead, or leave those layers out with {1}", "act", "ignore",
+            )
 
     def _write(
         self, model: nn.Module, scheme: QuantScheme, ignored: list[str], out_dir: Path, tokenizer, dtype: torch.dtype | None,

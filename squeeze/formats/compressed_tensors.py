@@ -24,7 +24,6 @@ import transformers
 from torch import nn
 
 from squeeze.errors import OptionError, SqueezeError, literal
-from squeeze.linears import as_linear_layers, expert_layers, to_held_layout
 from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written, no_init_weights
 from squeeze.formats.files import (
     MAX_SHARD_BYTES,
@@ -36,6 +35,7 @@ from squeeze.formats.files import (
     write_config_files,
 )
 from squeeze.formats.sparse import compressed_tensors_version, sparsity_config
+from squeeze.linears import as_linear_layers, expert_layers, to_held_layout
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.pack import pack_int32, unpack_int32
 from squeeze.quant.scheme import QuantArgs, QuantScheme

@@ -42,8 +42,17 @@ INSTEAD = [
     ("gpt2", "rtn", {"format": "bnb-int8"}),
     ("gpt2", "gptq", {"format": "bnb-int8"}),
     ("falcon", "rtn", {"act": "per-token"}),
+    ("modernbert", "rtn", {"format": "bnb-int8"}),
     ("mixtral", "gptq", {"bits": 8}),
 ]
+
+
+def test_bitsandbytes_refuses_layers_with_a_forward_of_their_own(tiny_arch_dir, tmp_path: Path) -> None:
+    """Falcon's FalconLinear multiplies by its weight itself: bitsandbytes' int8 codes would be used raw."""
+    config = QuantizeConfig(scheme=scheme_from_options(checkpoint="bnb-int8"), method="rtn", format="bnb-int8")
+    with pytest.raises(SqueezeError, match="FalconLinear. with its own forward") as error:
+        quantize(str(tiny_arch_dir("falcon")), tmp_path / "out", config, **SMALL)
+    assert "--act per-token" in error.value.render(cli_spelling) and not (tmp_path / "out").exists()
 
 
 def test_asymmetric_experts_are_refused(tiny_arch_dir, tmp_path: Path) -> None:
