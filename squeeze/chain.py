@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from squeeze import __version__, compare
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import all_blocks
 from squeeze.data import load_documents
 from squeeze.distill import cache as logit_cache
 from squeeze.device import resolve_device, resolve_dtype
@@ -219,7 +219,7 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
             teacher = read_in_blocks_bytes(original, dtype_bytes)
         else:
             teacher = sum(p.numel() for p in original.parameters()) * dtype_bytes
-        activations = stage.batch_size * seq * (len(block_list(model)[1]) * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
+        activations = stage.batch_size * seq * (len(all_blocks(model)) * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
         evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
         entry.memory_bytes = PROCESS_BYTES + teacher + 16 * params + activations + evaluation
         return

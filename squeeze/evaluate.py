@@ -84,7 +84,8 @@ def compare_causal(
 ) -> CausalComparison:
     """Score ``model`` (and ``reference``, in the same pass over the data) on token ``windows`` [n, L].
 
-    Each window predicts its tokens 1..L-1 from the ones before; windows do not overlap.
+    Each window predicts its tokens 1..L-1 from the ones before (an encoder-decoder's view,
+    squeeze.seq2seq.DecoderScoring, its second half); windows do not overlap.
     """
     device = model_device(model)
     nll_sum = ref_nll_sum = kl_sum = 0.0
@@ -93,7 +94,10 @@ def compare_causal(
         ids = batch.to(device)
         logits = _BatchLogits(model, ids)
         ref_logits = _BatchLogits(reference, ids) if reference is not None else None
-        targets = ids[:, 1:]
+        # a causal LM predicts every token but the first; a decoder seen through
+        # squeeze.seq2seq.DecoderScoring the second half of the window
+        first = model.first_target(ids.shape[1]) if hasattr(model, "first_target") else 1
+        targets = ids[:, first:]
         # a vocabulary-wide float copy of every position at once is the memory peak of a run:
         # take log-softmax over a bounded number of positions at a time instead
         for start in range(0, targets.shape[1], METRIC_CHUNK):

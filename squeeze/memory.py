@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import all_blocks
 from squeeze.evaluate import METRIC_CHUNK
 
 PROCESS_BYTES = 700 * 2**20  # python + torch + transformers before any model is loaded
@@ -64,8 +64,8 @@ def _parameters(model: nn.Module) -> tuple[int, int, int]:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    blocks = block_list(model)[1]
-    inside = sum(p.numel() for p in blocks.parameters())
+    blocks = [block for _, block in all_blocks(model)]
+    inside = sum(p.numel() for block in blocks for p in block.parameters())
     largest = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
     return total, total - inside, largest
 
@@ -113,7 +113,7 @@ def _sides(model: nn.Module) -> tuple[int, int]:
     inputs, outputs = ends
     without_head = outside - sum(n for i, n in outputs.items() if i not in inputs)
     without_inputs = outside - sum(n for i, n in inputs.items() if i not in outputs)
-    inside = {id(p) for p in block_list(model)[1].parameters()}
+    inside = {id(p) for _, block in all_blocks(model) for p in block.parameters()}
     largest = max((p.numel() for p in model.parameters() if id(p) not in inside), default=0)
     return max(without_head, without_inputs), largest
 

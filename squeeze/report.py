@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from squeeze.seq2seq import split_at
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -284,7 +286,11 @@ def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]
                 f"generation agreement ({a.generation_prompts} prompts x {a.generation_tokens} greedy tokens)", "1 / 100",
                 f"ROUGE-1 {a.rouge1:.3f}, ROUGE-2 {a.rouge2:.3f}, ROUGE-L {a.rougeL:.3f}, BLEU {a.bleu:.1f}",
             ))
-        rows.append(("evaluation text", "", f"{a.data}: {a.windows} x {a.seq_len} tokens"))
+        text = f"{a.data}: {a.windows} x {a.seq_len} tokens"
+        if report.model.get("kind") == "seq2seq":
+            cut = split_at(a.seq_len)
+            text += f" (the encoder reads the first {cut}, the decoder is scored on the last {a.seq_len - cut})"
+        rows.append(("evaluation text", "", text))
     rows += speed_rows(report.speed)
     rows.append(("peak RSS", "", _fmt_bytes(report.peak_rss_bytes)))
     if report.memory_estimate_bytes:

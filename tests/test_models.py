@@ -159,6 +159,17 @@ def test_unsupported_architecture(llama_copy: Path) -> None:
         resolve_model(str(llama_copy))
 
 
+def test_text_encoder_decoders_resolve_as_seq2seq_and_others_are_refused(llama_copy: Path) -> None:
+    config = json.loads((llama_copy / "config.json").read_text())
+    config.update(model_type="bart", architectures=["BartForConditionalGeneration"], is_encoder_decoder=True)
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    assert resolve_model(str(llama_copy)).kind == "seq2seq"
+    config.update(model_type="whisper", architectures=["WhisperForConditionalGeneration"])
+    (llama_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SqueezeError, match="model_type 'whisper'.*not a text-to-text model"):
+        resolve_model(str(llama_copy))
+
+
 # --- output directories ----------------------------------------------------------------------
 
 

@@ -7,11 +7,18 @@ sliding-window layers one attention mask and full layers another, and some model
 type its own rotary tables. Recording block 0's arguments and reusing them for all blocks gets
 those layers wrong.
 
-So the model's forward runs with every block stood in for by a recorder: the recorders pass the
-hidden states through untouched and record the arguments each block is called with (by name, the
-positional ones too), and the last raises to stop the forward before the head. Only the
-embeddings and the model's own mask and position code run; no block's weights are read (a
-streamed model's blocks can stay on disk).
+So the model's forward runs with every block of one stack stood in for by a recorder: the
+recorders pass the hidden states through untouched and record the arguments each block is called
+with (by name, the positional ones too), and the last raises to stop the forward before the head.
+Only the embeddings and the model's own mask and position code run; no block's weights are read (a
+streamed model's blocks can stay on disk). In an encoder-decoder, the decoder's stack is captured
+after the encoder's blocks are done: the forward runs the encoder whole, so the decoder's
+cross-attention gets the encoder's output.
+
+Some blocks hand the next one more than hidden states: T5's first block computes the relative
+position bias, and its stack passes it on to every later block (``CARRIED``). A recorder cannot
+know it, so the capture leaves it empty and :func:`next_arguments` fills it in from a real block's
+output when the blocks run.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_stacks
 from squeeze.calib.spill import SpilledInputs, new_inputs, release_inputs
 
 # one (hidden states, keyword arguments) pair per calibration batch; on disk inside
@@ -37,6 +44,24 @@ _CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 # plain attributes a stand-in copies from the block it replaces: a model's forward may read some of
 # them (``attention_type`` picks the mask of a sliding-window layer)
 _PLAIN = (str, int, float, bool, type(None))
+
+# block class → the arguments its stack passes from a block's outputs 1, 2, ... to the next block
+CARRIED: dict[str, tuple[str, ...]] = {
+    name: ("position_bias", "encoder_decoder_position_bias") for name in ("T5Block", "MT5Block")
+}
+
+
+def carried(block: nn.Module) -> tuple[str, ...]:
+    """What ``block``'s stack passes from its outputs to the next block (see ``CARRIED``)."""
+    return CARRIED.get(type(block).__name__, ())
+
+
+def next_arguments(block: nn.Module, output: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The next block's keyword arguments ``kwargs``, with what ``block``'s ``output`` carries to it."""
+    names = carried(block)
+    if not names or not isinstance(output, (tuple, list)):
+        return kwargs
+    return {**kwargs, **dict(zip(names, output[1:]))}
 
 
 def copy_plain_attributes(block: nn.Module, stand_in: nn.Module) -> None:
@@ -73,6 +98,7 @@ class _Recorder(nn.Module):
         copy_plain_attributes(block, self)
         self._signature = inspect.signature(block.forward)
         self._index, self._last, self._calls, self._wrap = index, last, calls, wrap
+        self._carried = carried(block)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self._signature.bind_partial(*args, **kwargs)
@@ -92,11 +118,13 @@ class _Recorder(nn.Module):
         self._calls.kwargs[self._index].append(named)
         if self._last:
             raise _StopForward
+        if self._carried:
+            return (hidden, *(named.get(name) for name in self._carried))
         return (hidden,) if self._wrap else hidden
 
 
-def _record(model: nn.Module, batches: list[dict[str, torch.Tensor]], wrap: bool) -> BlockCalls:
-    prefix, blocks = block_list(model)
+def _record(model: nn.Module, stack: int, batches: list[dict[str, torch.Tensor]], wrap: bool) -> BlockCalls:
+    prefix, blocks = block_stacks(model)[stack]
     parent_name, _, attr = prefix.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     calls = BlockCalls(first=new_inputs(), kwargs=[[] for _ in blocks])
@@ -119,20 +147,20 @@ def _record(model: nn.Module, batches: list[dict[str, torch.Tensor]], wrap: bool
 
 
 @torch.no_grad()
-def capture_block_calls(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> BlockCalls:
+def capture_block_calls(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], stack: int = 0) -> BlockCalls:
     """Every block's inputs on each batch, as a full forward of ``model`` would give them (see the
     module docstring): block 0's hidden states, and every block's keyword arguments, recorded
-    without running any block."""
+    without running any block of stack ``stack`` (squeeze.calib.blocks.block_stacks)."""
     batches = list(batches)
     if not batches:
         return BlockCalls(first=new_inputs())
     # the model's loop may use a block's output as the hidden states or take its first item: a
     # recorder returning the wrong form makes the next one fail, so try the other form
     try:
-        return _record(model, batches, wrap=False)
+        return _record(model, stack, batches, wrap=False)
     except (TypeError, IndexError, RuntimeError, ValueError, AttributeError):
         pass
-    return _record(model, batches, wrap=True)
+    return _record(model, stack, batches, wrap=True)
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:

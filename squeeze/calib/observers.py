@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_stacks
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, run_block_observed
 
 Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -30,10 +30,12 @@ class HessianAccumulator:
 
 
 def hessian_bytes(model: nn.Module) -> int:
-    """Bytes of one float32 ``in × in`` Hessian per Linear layer of a block (the first)."""
-    _, blocks = block_list(model)
-    linears = [m for m in blocks[0].modules() if hasattr(m, "in_features")] if len(blocks) else []
-    return sum(m.in_features**2 * 4 for m in linears)
+    """Bytes of one float32 ``in × in`` Hessian per Linear layer of a block (the first of each
+    stack; the larger, in an encoder-decoder)."""
+    return max(
+        sum(m.in_features**2 * 4 for m in blocks[0].modules() if hasattr(m, "in_features")) if len(blocks) else 0
+        for _, blocks in block_stacks(model)
+    )
 
 
 def merge_range(ranges: Ranges, name: str, x: torch.Tensor) -> None:

@@ -27,8 +27,8 @@ from typing import Any, ContextManager, Protocol
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
-from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls
+from squeeze.calib.blocks import block_stacks
+from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls, next_arguments
 from squeeze.calib.spill import inputs_like, release_inputs
 from squeeze.errors import SqueezeError
 from squeeze.linears import all_experts_calibrating
@@ -79,11 +79,12 @@ def streamed_blocks(source: BlockSource) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], clock: CalibrationClock | None = None
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], clock: CalibrationClock | None = None, stack: int = 0,
 ) -> BlockCalls:
-    """What every block receives on each batch in a full forward (squeeze.calib.capture), timed on ``clock``."""
+    """What every block of stack ``stack`` receives on each batch in a full forward
+    (squeeze.calib.capture), timed on ``clock``."""
     with _timing(clock):
-        return capture_block_calls(model, batches)
+        return capture_block_calls(model, batches, stack)
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -95,11 +96,14 @@ def run_block(
     block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None, next_kwargs: list[dict[str, Any]] | None = None
 ) -> BlockInputs:
     """The block's outputs for every captured input, paired with ``next_kwargs`` (the next block's
-    keyword arguments, one per batch; default: the same as this block's)."""
+    keyword arguments, one per batch; default: the same as this block's) and with what the block's
+    output carries to the next one (squeeze.calib.capture.next_arguments)."""
     outputs = inputs_like(inputs)
     with _timing(clock):
         for index, (hidden, kwargs) in enumerate(inputs):
-            outputs.append((_hidden(block(hidden, **kwargs)), kwargs if next_kwargs is None else next_kwargs[index]))
+            output = block(hidden, **kwargs)
+            following = kwargs if next_kwargs is None else next_kwargs[index]
+            outputs.append((_hidden(output), next_arguments(block, output, following)))
     return outputs
 
 
@@ -155,12 +159,27 @@ def _calibrate(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], compress_block: Callable[[str, nn.Module, BlockInputs], None],
     on_block: Callable[[str], None] | None, clock: CalibrationClock, start: float,
 ) -> float:
-    prefix, blocks = block_list(model)
-    calls = capture_block_inputs(model, batches, clock)
+    batches = list(batches)
+    stacks = block_stacks(model)
+    source = _SOURCE.get()
+    if source is not None and len(stacks) > 1:
+        raise SqueezeError(f"{type(model).__name__} has an encoder and a decoder: its blocks cannot be streamed yet")
+    # an encoder-decoder's decoder stack is captured once its encoder is compressed: the
+    # decoder's cross-attention reads what the compressed encoder gives
+    for stack, (prefix, blocks) in enumerate(stacks):
+        _calibrate_stack(model, stack, prefix, blocks, batches, compress_block, on_block, clock, source)
+    return clock.seconds - start
+
+
+def _calibrate_stack(
+    model: nn.Module, stack: int, prefix: str, blocks: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+    compress_block: Callable[[str, nn.Module, BlockInputs], None], on_block: Callable[[str], None] | None,
+    clock: CalibrationClock, source: BlockSource | None,
+) -> None:
+    calls = capture_block_inputs(model, batches, clock, stack)
     inputs = calls.first
     if not inputs:
         raise SqueezeError("no calibration batches reached the model")
-    source = _SOURCE.get()
     for index in range(len(blocks)):
         name = f"{prefix}.{index}"
         block = source.onload(index) if source is not None else blocks[index]
@@ -174,4 +193,3 @@ def _calibrate(
         if on_block:
             on_block(name)
     release_inputs(inputs)
-    return clock.seconds - start

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_list, is_encoder_decoder
 
 PRUNED_LAYER_SHARE = 0.01  # a Linear with at least this share of exact zeros keeps them as a mask
 
@@ -99,6 +99,10 @@ def check_layer_map(layer_map: tuple[tuple[int, int], ...], student_depth: int, 
 
 
 def teacher_depth(model: nn.Module) -> int:
+    """The teacher's number of blocks; SqueezeError for an encoder-decoder (students are cut from
+    one stack of blocks)."""
+    if is_encoder_decoder(model):
+        raise SqueezeError(f"distillation trains causal LMs and encoders; {type(model).__name__} is an encoder-decoder")
     return len(block_list(model)[1])
 
 

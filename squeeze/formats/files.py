@@ -32,9 +32,12 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise SqueezeError(f"cannot read {Path(folder) / 'config.json'}: {exc}") from exc
 
 
+_AUTO_CLASSES = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "encoder": "AutoModel"}
+
+
 def auto_class(kind: str) -> type:
-    """The transformers Auto class that builds a model of ``kind`` ("causal" or "encoder")."""
-    return transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
+    """The transformers Auto class that builds a model of ``kind`` ("causal", "seq2seq" or "encoder")."""
+    return getattr(transformers, _AUTO_CLASSES[kind])
 
 
 def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:

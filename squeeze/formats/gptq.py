@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from squeeze import __version__
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_list, is_encoder_decoder
 from squeeze.errors import SqueezeError
 from squeeze.formats.base import QUANTIZED_FORMATS, QuantizedFormat, Sparsity, Written
 from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, save_safetensors, write_config_files
@@ -94,7 +94,13 @@ def gptq_version(model: nn.Module) -> str:
 def check_gptq_layers(model: nn.Module, names: list[str], bits: int) -> list[str]:
     """The quantized layers' names relative to a block, the same in every block; raise SqueezeError
     when GPTQ loaders could not place them (a layer outside the blocks, blocks that differ) or
-    when a layer's sides do not fill whole int32 words of ``bits``-bit codes."""
+    when a layer's sides do not fill whole int32 words of ``bits``-bit codes, or the model has two
+    stacks of blocks (GPTQ loaders place one)."""
+    if is_encoder_decoder(model):
+        raise SqueezeError(
+            f"--format gptq describes one stack of blocks and {type(model).__name__} has an encoder and a decoder; "
+            "use --format compressed-tensors"
+        )
     prefix, blocks = block_list(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:

@@ -21,12 +21,13 @@ from squeeze.models.load import (
     stored_dtype,
 )
 from squeeze.models.output import atomic_output_dir, check_output_dir, publish_dir
-from squeeze.models.sources import BUILTIN_MODELS, ModelKind, ModelSource, resolve_model
+from squeeze.models.sources import BUILTIN_MODELS, KIND_NAMES, ModelKind, ModelSource, resolve_model
 from squeeze.models.weights import save_model
 
 __all__ = [
     "BUILTIN_MODELS",
     "LoadedModel",
+    "KIND_NAMES",
     "ModelKind",
     "ModelSource",
     "atomic_output_dir",

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from squeeze.calib.blocks import find_blocks
+from squeeze.calib.blocks import block_stacks
 from squeeze.models.load import meta_model
 from squeeze.models.sources import ModelSource, resolve_model
 
@@ -26,13 +26,13 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     model = meta_model(source)
     config = model.config
     params_total = sum(p.numel() for p in model.parameters())
-    blocks = find_blocks(model, getattr(config, "num_hidden_layers", None))
     params_quantizable = sum(
         module.weight.numel()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and blocks is not None and name.startswith(blocks + ".")
+        for _, blocks in block_stacks(model)
+        for module in blocks.modules()
+        if isinstance(module, torch.nn.Linear)
     )
-    params_embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params_embedding = sum({id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}.values())
     params_other = params_total - params_quantizable
     return {
         "name": source.name,

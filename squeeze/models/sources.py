@@ -19,7 +19,7 @@ from typing import Any, Literal
 import huggingface_hub
 import torch
 from huggingface_hub import errors as hub_errors
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 from squeeze.errors import SqueezeError
 from squeeze.formats.files import read_config
@@ -27,7 +27,9 @@ from squeeze.models.checks import check_gguf, check_safetensors_folder, first_li
 from squeeze.models.weights import is_gguf, quiet_progress_bars, read_model, save_model
 from squeeze.packages import MINILM, SMOLLM2, PackageData, cache_dir
 
-ModelKind = Literal["causal", "encoder"]
+ModelKind = Literal["causal", "encoder", "seq2seq"]
+# how messages name each kind
+KIND_NAMES: dict[str, str] = {"causal": "a causal LM", "encoder": "an encoder", "seq2seq": "an encoder-decoder"}
 Progress = Callable[[str], None] | None
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -129,10 +131,13 @@ def _kind_from_config(config: dict[str, Any], spec: str, trust_remote_code: bool
     model_type = config.get("model_type", "")
     architectures = config.get("architectures") or []
     if config.get("is_encoder_decoder"):
-        # BART's type maps to a causal LM class too: loading that would quietly drop the encoder
+        # checked first: BART's type maps to a causal LM class too, and loading that would quietly
+        # drop the encoder
+        if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+            return "seq2seq"
         raise SqueezeError(
-            f"model {spec} is an encoder-decoder (model_type {model_type!r}, {', '.join(architectures) or 'no architectures'}), "
-            "which squeeze does not compress yet; it handles decoder-only causal LMs and BERT-like encoders"
+            f"model {spec} is an encoder-decoder (model_type {model_type!r}, {', '.join(architectures) or 'no architectures'}) "
+            "that is not a text-to-text model; squeeze handles causal LMs, text encoder-decoders (T5, BART) and BERT-like encoders"
         )
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "causal"
@@ -149,7 +154,7 @@ def _kind_from_config(config: dict[str, Any], spec: str, trust_remote_code: bool
         return "causal" if "AutoModelForCausalLM" in config["auto_map"] else "encoder"
     raise SqueezeError(
         f"model {spec} has model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}), "
-        "which squeeze does not support; it handles decoder-only causal LMs and BERT-like encoders"
+        "which squeeze does not support; it handles causal LMs, text encoder-decoders (T5, BART) and BERT-like encoders"
     )
 
 

@@ -26,6 +26,7 @@ from squeeze.progress import Progress
 from squeeze.prune.masks import is_n_m
 from squeeze.report import AccuracyReport, SparsityReport
 from squeeze.runtime import Form, bench_infer
+from squeeze.seq2seq import DecoderScoring, decoder_start, forward_inputs
 from squeeze.stream.reference import Generation, RecordedReference, record_reference
 
 GENERATION_PROMPTS = 8  # prompts for a pass report's generation agreement (0: none)
@@ -55,10 +56,11 @@ def eval_seq_len(config, seq_len: int) -> int:
     return min(seq_len, limit) if limit else seq_len
 
 
-def batches(windows: torch.Tensor, batch_size: int, device: str) -> Iterator[dict[str, torch.Tensor]]:
-    """``windows`` in forward-pass batches of ``batch_size`` windows, on ``device``."""
+def batches(windows: torch.Tensor, batch_size: int, device: str, model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """``windows`` in forward-pass batches of ``batch_size`` windows for ``model``, on ``device``
+    (an encoder-decoder's cut in two: squeeze.seq2seq)."""
     for start in range(0, windows.shape[0], batch_size):
-        yield {"input_ids": windows[start : start + batch_size].to(device)}
+        yield forward_inputs(model, windows[start : start + batch_size].to(device))
 
 
 @dataclass
@@ -245,7 +247,8 @@ def sparsity_report(
 def check_speed_kind(kind: str) -> None:
     """Speed is measured on causal LMs only; an OptionError naming ``measure_speed`` otherwise."""
     if kind != "causal":
-        raise OptionError("{0} measures prefill and decode of causal LMs; this is an encoder", "measure_speed")
+        what = "an encoder-decoder" if kind == "seq2seq" else "an encoder"
+        raise OptionError("{0} measures prefill and decode of causal LMs; this is " + what, "measure_speed")
 
 
 def speed_comparison(model: str, written: Path, data: str, device: str, watch: Stopwatch, progress: Progress) -> dict:
@@ -277,7 +280,7 @@ def record_input(
 ) -> RecordedReference:
     """What :func:`evaluate_accuracy` needs of ``model`` (see squeeze.stream.reference), recorded
     now, so that the pass may then change ``model`` in place without keeping a copy."""
-    size = batch_size if kind == "causal" else encoder_batch_size(batch_size)
+    size = encoder_batch_size(batch_size) if kind == "encoder" else batch_size
     with watch.stage("evaluate"), progress.task(f"recording the input's outputs on {data}", windows.shape[0]) as advance:
         recorded = record_reference(model, kind, windows, size, on_batch=advance)
     if kind == "causal" and generation_prompts and tokenizer is not None:
@@ -324,13 +327,17 @@ def evaluate_accuracy(
     tokenizer=None,
     generation_prompts: int = 0,
 ) -> AccuracyReport:
-    """Score ``model`` against ``reference`` on ``windows``; for causal LMs with ``generation_prompts``
-    also the agreement of their greedy continuations (GENERATION_TOKENS each) on prompts from ``data``."""
-    if kind == "causal":
+    """Score ``model`` against ``reference`` on ``windows`` (an encoder-decoder's decoder on the
+    second half of each, squeeze.seq2seq); for causal LMs with ``generation_prompts`` also the agreement of their greedy continuations (GENERATION_TOKENS each) on prompts from ``data``."""
+    if kind == "seq2seq":
+        # the decoder, teacher-forced on the second half of each window (squeeze.seq2seq)
+        start = decoder_start(model)
+        model, reference = DecoderScoring(model, start), DecoderScoring(reference, start)
+    if kind in ("causal", "seq2seq"):
         with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
             cmp = compare_causal(model, windows, reference, batch_size=batch_size, on_batch=advance)
         generation = {}
-        if generation_prompts and tokenizer is not None:
+        if kind == "causal" and generation_prompts and tokenizer is not None:
             generation = generation_agreement(model, reference, tokenizer, data, generation_prompts, watch, progress)
         return AccuracyReport(
             **generation,

@@ -12,10 +12,11 @@ from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, peak_rss_bytes
-from squeeze.models import load_model, meta_model, resolve_model
+from squeeze.models import KIND_NAMES, load_model, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, eval_seq_len, evaluate_accuracy
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import AccuracyReport
+from squeeze.seq2seq import scoring_view
 
 
 @dataclass
@@ -53,7 +54,8 @@ def evaluate_model(
     progress: Progress | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on each text source and, against ``reference``, KL, top-1 agreement
-    and generation agreement (causal LMs) or embedding cosine (encoders): the implementation the
+    and generation agreement (causal LMs), the same of the decoder on each window's second half
+    (encoder-decoders, squeeze.seq2seq) or embedding cosine (encoders): the implementation the
     pass reports use, on the same evaluation windows for the same source, tokens and window length."""
     progress = progress or NullProgress()
     watch = Stopwatch()
@@ -66,7 +68,7 @@ def evaluate_model(
     if reference is not None:
         ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
         if ref_source.kind != source.kind:
-            raise SqueezeError(f"{model} is {'a causal LM' if source.kind == 'causal' else 'an encoder'} but the reference {reference} is not")
+            raise SqueezeError(f"{model} is {KIND_NAMES[source.kind]} but the reference {reference} is not")
         check_vocab_sizes(meta_model(ref_source).config, meta_model(source).config)
     elif source.kind == "encoder":
         raise OptionError(f"{literal(model)} is an encoder: it has no perplexity; give {{0}} MODEL to compare its embeddings with", "reference")
@@ -85,7 +87,7 @@ def evaluate_model(
         windows = evaluation_windows(loaded.tokenizer, name, length, eval_tokens)
         if ref_model is None:
             with progress.task(f"evaluating on {name}", windows.shape[0]) as advance:
-                cmp = compare_causal(loaded.model, windows, batch_size=batch_size, on_batch=advance)
+                cmp = compare_causal(scoring_view(loaded.model), windows, batch_size=batch_size, on_batch=advance)
             rows.append(AccuracyReport(data=name, windows=windows.shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
         else:
             rows.append(evaluate_accuracy(

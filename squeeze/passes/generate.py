@@ -11,7 +11,7 @@ from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.generate import generate
-from squeeze.models import load_model, meta_model, resolve_model
+from squeeze.models import KIND_NAMES, load_model, meta_model, resolve_model
 from squeeze.progress import NullProgress, Progress
 from squeeze.runtime import accelerate
 from squeeze.sampling import Sampling
@@ -62,7 +62,7 @@ def generate_side_by_side(
     sources = [resolve_model(spec, trust_remote_code=trust_remote_code) for spec in models]
     for source in sources:
         if source.kind != "causal":
-            raise SqueezeError(f"{source.spec} is an encoder: it does not generate text")
+            raise SqueezeError(f"{source.spec} is {KIND_NAMES[source.kind]}: squeeze generate continues text with causal LMs")
     first = meta_model(sources[0]).config
     for source in sources[1:]:
         check_vocab_sizes(first, meta_model(source).config)

@@ -198,7 +198,7 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
     estimate = step.memory_estimate(net, prep, run, streamed=False)
     label, total = step.start(prep)
     prep.plan = {}  # the step replaces layers in place: holding them here would keep every dense weight alive
-    calibration = list(batches(prep.calib_windows, run.batch_size, prep.device)) if prep.calib_windows is not None else None
+    calibration = list(batches(prep.calib_windows, run.batch_size, prep.device, net)) if prep.calib_windows is not None else None
     with watch.stage(step.name), progress.task(label, total) as advance:
         calibration_s = step.compress(net, calibration, lambda _name: advance(1))
     if calibration is not None:

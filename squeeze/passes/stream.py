@@ -103,8 +103,10 @@ def comparison_batches(windows: torch.Tensor, kind: str, batch_size: int, device
 def streamable_source(spec: str, trust_remote_code: bool) -> ModelSource:
     """The model ``spec`` names, if it is a GGUF file (dequantized one tensor at a time) or a folder
     of unquantized safetensors weights (pruned ones in sparse-bitmask layout too: they are decoded
-    one weight at a time); an OptionError naming ``stream`` otherwise."""
+    one weight at a time) of a model with one stack of blocks; an OptionError naming ``stream`` otherwise."""
     source = resolve_model(spec, trust_remote_code=trust_remote_code)
+    if source.kind == "seq2seq":
+        raise OptionError(f"{{0}} reads one stack of blocks, and {literal(spec)} is an encoder-decoder (two): run without {{0}}", "stream")
     fmt = None if source.is_gguf else recognise(source.path)
     if fmt is not None and fmt.name != "sparse-bitmask":
         raise OptionError(
@@ -274,7 +276,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         direct = not outside_planned and _exact(compute, stored)
         final_side = "all" if not direct else "output" if ours is not None else None
         blocks = _BlockSource(lazy, step, writer, stored, planned, ours, final_side)
-        calibration = list(batches(calib_windows, run.batch_size, device)) if calib_windows is not None else None
+        calibration = list(batches(calib_windows, run.batch_size, device, net)) if calib_windows is not None else None
         spill = spilled_calibration(out.parent) if run.spill_calibration and calibration is not None else nullcontext()
         with watch.stage(step.name), progress.task(label, total) as advance, streamed_blocks(blocks), spill:
             if step.blockwise:

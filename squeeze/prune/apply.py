@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_stacks
 from squeeze.calib.targets import check_patterns, matches, select_linears
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.prune.config import PruneConfig
@@ -65,12 +65,13 @@ def plan_prune(model: nn.Module, config: PruneConfig) -> Plan:
 
 
 def _block_depth(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
-    """(block index, block count) of every layer inside the transformer blocks."""
-    prefix, blocks = block_list(model)
+    """(block index, block count) of every layer inside the transformer blocks (of its own stack,
+    in an encoder-decoder)."""
     depth = {}
-    for name in names:
-        if name.startswith(prefix + "."):
-            depth[name] = (int(name[len(prefix) + 1 :].split(".")[0]), len(blocks))
+    for prefix, blocks in block_stacks(model):
+        for name in names:
+            if name.startswith(prefix + "."):
+                depth[name] = (int(name[len(prefix) + 1 :].split(".")[0]), len(blocks))
     return depth
 
 

@@ -92,6 +92,13 @@ class QuantizedLinear(nn.Module):
             compute_dtype=linear.weight.dtype,
         )
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The shape and dtype of the weight this layer computes with, on the meta device: no
+        values (those are :meth:`dequantized_weight`). Some models read a layer's weight dtype in
+        their forward (T5's feed-forward casts its input to it)."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device="meta")
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The real-valued weight the codes stand for, ``[out, in]``."""
         return dequantize(

@@ -23,7 +23,7 @@ from squeeze.errors import SqueezeError
 from squeeze.evaluate import tensor_bytes
 from squeeze.formats.compressed_tensors import quantization_scheme
 from squeeze.generate import agreement, generate, prompts_from_text
-from squeeze.models import is_quantized_folder, load_model, load_tokenizer, meta_model, resolve_model
+from squeeze.models import KIND_NAMES, is_quantized_folder, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.runtime.kernels import accelerate
 from squeeze.runtime.measure import RssSampler, measure_speed
 from squeeze.sampling import Sampling
@@ -158,7 +158,7 @@ def bench_infer(
     device = resolve_device(device)
     base = resolve_model(model)
     if base.kind != "causal":
-        raise SqueezeError(f"{model} is an encoder: prefill and decode speed are measured on causal LMs (use squeeze eval)")
+        raise SqueezeError(f"{model} is {KIND_NAMES[base.kind]}: prefill and decode speed are measured on causal LMs (use squeeze eval)")
     base_config = meta_model(base).config
     positions = getattr(base_config, "max_position_embeddings", None)
     if positions and prefill_tokens + decode_tokens > positions:

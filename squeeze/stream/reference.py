@@ -8,6 +8,9 @@ in place:
   a few percent of the logits), and a copy of the model without its blocks (embeddings, final
   norm, head), whose blocks are stand-ins that hand over the recorded states, so that the copy's
   own forward turns them into the very logits the whole model gives;
+- an encoder-decoder: the same of its decoder; the copy keeps both stacks' ends, with
+  stand-ins for the blocks of both (the encoder's pass its embeddings on: the decoder's
+  stand-ins ignore the cross-attention input);
 - an encoder: the last hidden states themselves (mean pooling needs nothing else);
 - the greedy continuations of the generation-agreement prompts.
 
@@ -27,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
-from squeeze.calib.capture import copy_plain_attributes
+from squeeze.calib.blocks import block_stacks
+from squeeze.calib.capture import carried, copy_plain_attributes
 from squeeze.evaluate import window_batches
+from squeeze.seq2seq import forward_inputs
 
 class _StopAfterBlocks(Exception):
     """Raised by the recording hook: the head's work is done later, from the recorded states."""
@@ -52,9 +56,13 @@ class _StandIn(nn.Module):
         super().__init__()
         copy_plain_attributes(block, self)
         self._handover, self._first = handover, first
+        self._carried = carried(block)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         hidden = self._handover.current if self._first else hidden_states
+        if self._carried:
+            # the stack unpacks what a block carries to the next one; stand-ins need none of it
+            return (hidden, *(None for _ in self._carried))
         return (hidden,) if self._handover.returns_tuple else hidden
 
 
@@ -74,10 +82,12 @@ def stand_in_blocks(model: nn.Module, handover: Handover) -> nn.Module:
     """``model`` with stand-ins in place of its blocks (changed in place; returned): its forward
     turns the hidden states ``handover`` holds into the model's outputs. Input embeddings still
     on the meta device (a streamed model's, never read for the head) give way to zeros."""
-    prefix, blocks = block_list(model)
-    parent_name, _, attr = prefix.rpartition(".")
-    stand_ins = nn.ModuleList(_StandIn(block, handover, first=i == 0) for i, block in enumerate(blocks))
-    setattr(model.get_submodule(parent_name), attr, stand_ins)
+    stacks = block_stacks(model)
+    for stack, (prefix, blocks) in enumerate(stacks):
+        parent_name, _, attr = prefix.rpartition(".")
+        last = stack == len(stacks) - 1  # the recorded states are the last stack's
+        stand_ins = nn.ModuleList(_StandIn(block, handover, first=last and i == 0) for i, block in enumerate(blocks))
+        setattr(model.get_submodule(parent_name), attr, stand_ins)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(embeddings, nn.Embedding) and embeddings.weight.is_meta:
         dtype = next((p.dtype for p in model.parameters() if not p.is_meta and p.is_floating_point()), torch.float32)
@@ -91,6 +101,11 @@ class Generation:
 
     prompts: list[torch.Tensor]
     continuations: list[str]
+
+
+def _key(input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    """What tells a recorded batch apart: its token ids (an encoder-decoder's, both halves)."""
+    return input_ids if decoder_input_ids is None else torch.cat([input_ids, decoder_input_ids], dim=1)
 
 
 class RecordedReference(nn.Module):
@@ -126,13 +141,13 @@ class RecordedReference(nn.Module):
         return self.ids[0].device if self.ids else torch.device("cpu")
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> SimpleNamespace:
-        index = self._find(input_ids)
+        index = self._find(_key(input_ids, **kwargs))
         if not self._head:
             return SimpleNamespace(last_hidden_state=self.outputs[index])
         self.handover.current, self.handover.returns_tuple = self.outputs[index], self.returns_tuple
         try:
             out = self._head[0](input_ids=input_ids, **kwargs)
-            return SimpleNamespace(logits=out.logits) if self.kind == "causal" else SimpleNamespace(last_hidden_state=out.last_hidden_state)
+            return SimpleNamespace(last_hidden_state=out.last_hidden_state) if self.kind == "encoder" else SimpleNamespace(logits=out.logits)
         finally:
             self.handover.current = None
 
@@ -146,14 +161,13 @@ class RecordedReference(nn.Module):
 def _head_copy(model: nn.Module, recorded: RecordedReference) -> nn.Module:
     """``model`` without its blocks, copied (embeddings, norm, head, rotary tables, config), with
     stand-ins where the blocks were."""
-    prefix, blocks = block_list(model)
-    parent_name, _, attr = prefix.rpartition(".")
-    parent = model.get_submodule(parent_name)
+    stacks = [(model.get_submodule(prefix.rpartition(".")[0]), prefix.rpartition(".")[2], blocks) for prefix, blocks in block_stacks(model)]
     stand_in_blocks(model, recorded.handover)
     try:
         return copy.deepcopy(model, memo={id(recorded.handover): recorded.handover})
     finally:
-        setattr(parent, attr, blocks)
+        for parent, attr, blocks in stacks:
+            setattr(parent, attr, blocks)
 
 
 def recorded_states(
@@ -161,7 +175,7 @@ def recorded_states(
 ) -> RecordedReference:
     """A record of a model's last-block hidden ``states`` on the batches ``ids``, answered through
     ``head``: a model whose blocks are :func:`stand_in_blocks` (several records may share it)."""
-    _, blocks = block_list(head)
+    _, blocks = block_stacks(head)[-1]
     handover = blocks[0]._handover if isinstance(blocks[0], _StandIn) else None
     if handover is None:
         raise ValueError("the head's blocks must be stand-ins")
@@ -183,8 +197,8 @@ def record_reference(
     time (the batch size the comparison will use; see the module docstring)."""
     device = next(model.parameters()).device
     recorded = RecordedReference(kind)
-    if kind == "causal":
-        _, blocks = block_list(model)
+    if kind in ("causal", "seq2seq"):
+        _, blocks = block_stacks(model)[-1]
 
         def keep(_module: nn.Module, _args: tuple, output: Any) -> None:
             recorded.returns_tuple = isinstance(output, (tuple, list))
@@ -194,12 +208,12 @@ def record_reference(
         handle = blocks[len(blocks) - 1].register_forward_hook(keep)
         try:
             for batch in window_batches(windows, batch_size):
-                ids = batch.to(device)
+                inputs = forward_inputs(model, batch.to(device))
                 try:
-                    model(input_ids=ids)
+                    model(**inputs)
                 except _StopAfterBlocks:
                     pass
-                recorded.ids.append(ids)
+                recorded.ids.append(_key(**inputs))
                 if on_batch:
                     on_batch(batch.shape[0])
         finally:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import block_list, block_stacks
 from squeeze.calib.folds import OFFSET_NORM, find_folds, fold_scales
+from squeeze.calib.capture import next_arguments
 from squeeze.calib.pipeline import capture_block_inputs
 from squeeze.models.tiny import tiny_model
+from squeeze.seq2seq import forward_inputs
 
 # the producers each architecture's block folds, in the order it computes them
 EXPECTED = {
@@ -26,6 +28,17 @@ EXPECTED = {
     "gpt_neox": ["input_layernorm", "post_attention_layernorm"],
     "falcon": ["input_layernorm"],
     "bert": ["attention.self.value"],
+}
+# encoder-decoders: the encoder's blocks, then the decoder's (cross-attention's keys and values read
+# the encoder's output, so its norm folds into its query alone)
+EXPECTED_STACKS = {
+    "t5": (
+        ["layer.0.layer_norm", "layer.0.SelfAttention.v", "layer.1.layer_norm", "layer.1.DenseReluDense.wi_1"],
+        ["layer.0.layer_norm", "layer.0.SelfAttention.v", "layer.1.layer_norm", "layer.1.EncDecAttention.v",
+         "layer.2.layer_norm", "layer.2.DenseReluDense.wi_1"],
+    ),
+    # post-norm, like BERT: only the attention's value paths
+    "bart": (["self_attn.v_proj"], ["self_attn.v_proj", "encoder_attn.v_proj"]),
 }
 
 
@@ -57,6 +70,34 @@ def test_folds_are_found_and_keep_the_function(architecture: str) -> None:
             fold_scales(block.get_submodule(fold.prev), linears, scales, fold.kind)
     with torch.no_grad():
         after = model(input_ids=ids)[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", list(EXPECTED_STACKS))
+def test_encoder_decoder_folds_are_found_in_both_stacks_and_keep_the_function(architecture: str) -> None:
+    model = tiny_model(architecture, vocab_size=1000)
+    inputs = forward_inputs(model, torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        before = model(**inputs).logits
+    generator = torch.Generator().manual_seed(1)
+    for stack, (prefix, blocks) in enumerate(block_stacks(model)):
+        # the decoder's inputs come from the encoder as folded so far, as in calibration
+        calls = capture_block_inputs(model, [inputs], stack=stack)
+        hidden, kwargs = calls.first[0]
+        for index, block in enumerate(blocks):
+            found = find_folds(block, hidden, kwargs)
+            assert [f.prev for f in found.folds] == EXPECTED_STACKS[architecture][stack], f"{prefix}.{index}"
+            with torch.no_grad():
+                output = block(hidden, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output
+            if index + 1 < len(blocks):
+                kwargs = next_arguments(block, output, calls.for_block(index + 1)[0])
+            for fold in found.folds:
+                linears = [block.get_submodule(n) for n in fold.linears]
+                scales = torch.exp(torch.randn(linears[0].in_features, generator=generator))
+                fold_scales(block.get_submodule(fold.prev), linears, scales, fold.kind)
+    with torch.no_grad():
+        after = model(**inputs).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import all_blocks
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, calibrate_sequentially
 from squeeze.options import MethodOptions, MethodRegistry
 from squeeze.prune.layers import LayerSparsity, Plan, PruneResult, prune_by_magnitude
@@ -63,7 +63,7 @@ class BlockwisePruneMethod(PruneMethod):
     needs_calibration: ClassVar[bool] = True
 
     def steps(self, model: nn.Module, plan: Plan) -> tuple[str, int]:
-        return f"{self.name}, block by block", len(block_list(model)[1])
+        return f"{self.name}, block by block", len(all_blocks(model))
 
     def prune_block(
         self, block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Linear], plan: Plan, config: PruneConfig,

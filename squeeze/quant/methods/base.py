@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import all_blocks
 from squeeze.options import MethodOptions, MethodRegistry
 from squeeze.quant.layers import QuantizeResult, plan_layers
 
@@ -71,7 +71,7 @@ class QuantMethod:
 
     def steps(self, model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, int]:
         """What the progress bar shows: a label and the number of ``on_step`` calls ``run`` makes."""
-        return f"{self.name}, block by block", len(block_list(model)[1])
+        return f"{self.name}, block by block", len(all_blocks(model))
 
     def run(
         self,

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from squeeze.calib.blocks import block_list
+from squeeze.calib.blocks import all_blocks
 from squeeze.calib.folds import FoldTally, fold_scales
 from squeeze.calib.observers import Ranges, merge_range
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block_observed
@@ -45,9 +45,9 @@ class SmoothQuant(QuantMethod):
     def check_model(self, model: nn.Module, config: QuantizeConfig) -> None:
         if config.options.smooth_fallback:  # type: ignore[attr-defined]
             return
-        prefix, blocks = block_list(model)
-        if not any(isinstance(m, nn.Linear) for m in blocks[0].modules()):
-            raise _no_fold(prefix, blocks[0], "it has no Linear layer")
+        name, block = all_blocks(model)[0]
+        if not any(isinstance(m, nn.Linear) for m in block.modules()):
+            raise _no_fold(name, block, "it has no Linear layer")
 
     @torch.no_grad()
     def run(
@@ -70,7 +70,7 @@ class SmoothQuant(QuantMethod):
         assert batches is not None
         alpha = config.options.alpha  # type: ignore[attr-defined]
         layers = self.plan(model, config)
-        prefix, blocks = block_list(model)
+        first = all_blocks(model)[0][0]
         fallback = config.options.smooth_fallback  # type: ignore[attr-defined]
         notes: list[str] = []
         errors: list[LayerError] = []
@@ -84,9 +84,9 @@ class SmoothQuant(QuantMethod):
             # every proven fold divides only its own readers' inputs, so one pass measures all
             with clock.timing():
                 groups = tally.usable(block, *inputs[0], quantized=lambda name: f"{block_name}.{name}" in layers)
-            if not groups and block_name == f"{prefix}.0":
+            if not groups and block_name == first:
                 if not fallback:
-                    raise _no_fold(prefix, block, "no norm or Linear layer there feeds only quantized Linear layers exactly")
+                    raise _no_fold(first, block, "no norm or Linear layer there feeds only quantized Linear layers exactly")
                 notes.append(f"no fold into the quantized layers of {block_name}: W8A8 without smoothing there")
             channel_max: dict[str, torch.Tensor] = {}
 
@@ -125,9 +125,9 @@ class SmoothQuant(QuantMethod):
         )
 
 
-def _no_fold(prefix: str, block: nn.Module, why: str) -> OptionError:
+def _no_fold(name: str, block: nn.Module, why: str) -> OptionError:
     return OptionError(
-        f"SmoothQuant cannot fold into {literal(prefix)}.0 ({type(block).__name__}): {why} "
+        f"SmoothQuant cannot fold into {literal(name)} ({type(block).__name__}): {why} "
         "(in post-norm encoders the norm's output is also the residual); pass {0} to quantize W8A8 without smoothing",
         "smooth_fallback",
     )
