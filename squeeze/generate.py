@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,14 +51,30 @@ def generate(
     past = None
     ids = input_ids
     for _ in range(max_new_tokens):
-        out = model(input_ids=ids, past_key_values=past, use_cache=True, **last_only)
-        past = out.past_key_values
+        out = model(input_ids=ids, **cache_arguments(model, past), **last_only)
+        past = returned_cache(out)
         token = sample(out.logits[:, -1], sampling, generator)
         new.append(int(token[0]))
         if eos_token_id is not None and new[-1] == eos_token_id:
             break
         ids = token.reshape(1, 1)
     return new
+
+
+def cache_arguments(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The forward arguments that pass ``cache`` (None: start one) to ``model``: transformers 5.24
+    renamed ``past_key_values`` to ``cache`` and warns on the old name; older releases know only it."""
+    try:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        name = "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward returned, under either name (see :func:`cache_arguments`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
@@ -149,15 +166,20 @@ def greedy_continuations(
     prompts: list[torch.Tensor],
     max_new_tokens: int,
     eos_token_id: int | None = None,
+    on_prompt: Callable[[int], None] | None = None,
 ) -> list[str]:
     """``model``'s greedy continuation of each prompt [1, n] (at most ``max_new_tokens`` tokens,
-    stopping after ``eos_token_id``), decoded without special tokens.
+    stopping after ``eos_token_id``), decoded without special tokens; ``on_prompt(1)`` after each.
 
     Generate a reference's continuations once with this and score any number of models against
     them with :func:`agreement`.
     """
     device = next(model.parameters()).device
-    continuations = [generate(model, p.to(device), max_new_tokens, eos_token_id=eos_token_id) for p in prompts]
+    continuations = []
+    for prompt in prompts:
+        continuations.append(generate(model, prompt.to(device), max_new_tokens, eos_token_id=eos_token_id))
+        if on_prompt:
+            on_prompt(1)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
 
 
@@ -168,18 +190,20 @@ def greedy_agreement(
     prompts: list[torch.Tensor],
     max_new_tokens: int,
     eos_token_id: int | None = None,
+    on_prompt: Callable[[int], None] | None = None,
 ) -> tuple[GenerationAgreement, list[dict[str, str]]]:
     """Greedy continuations of ``model`` and ``reference`` on each prompt [1, n], scored with
     :func:`agreement` (references first); also the texts, per prompt: prompt, reference, candidate.
 
     Each model continues each prompt once, at most ``max_new_tokens`` tokens, stopping after
     ``eos_token_id`` (default: the tokenizer's EOS id, if it has one). When ``model`` is
-    ``reference`` its continuations are generated once and used on both sides.
+    ``reference`` its continuations are generated once and used on both sides. ``on_prompt(1)``
+    after each continuation.
     """
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    references = greedy_continuations(reference, tokenizer, prompts, max_new_tokens, eos)
+    references = greedy_continuations(reference, tokenizer, prompts, max_new_tokens, eos, on_prompt)
     candidates = (
-        references if model is reference else greedy_continuations(model, tokenizer, prompts, max_new_tokens, eos)
+        references if model is reference else greedy_continuations(model, tokenizer, prompts, max_new_tokens, eos, on_prompt)
     )
     rows = [
         {"prompt": tokenizer.decode(prompt[0], skip_special_tokens=True), "reference": ref, "candidate": cand}

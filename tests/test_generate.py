@@ -6,6 +6,7 @@ The command-line side (squeeze eval, squeeze generate) is tested in test_cli_gen
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,10 @@ class _NoLogitsToKeep(nn.Module):
 
 
 def test_greedy_with_cache_equals_full_recompute(model) -> None:
-    assert generate(model, PROMPT, 8, Sampling()) == _greedy_without_cache(model, PROMPT, 8)
+    # and the cache goes by the name the installed transformers takes: no deprecation warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert generate(model, PROMPT, 8, Sampling()) == _greedy_without_cache(model, PROMPT, 8)
 
 
 def test_models_without_logits_to_keep(model) -> None:
@@ -186,6 +190,10 @@ def test_greedy_agreement(model, other_model, minilm_tokenizer) -> None:
     assert [r["reference"] for r in rows] == references and [r["candidate"] for r in rows] == candidates
     assert references[0] == minilm_tokenizer.decode(generate(model, PROMPT, 5, Sampling()), skip_special_tokens=True)
     assert scores == dataclasses.replace(agreement(references, candidates), tokens=5)
+    # progress after every continuation: three prompts, two models
+    advanced: list[int] = []
+    greedy_agreement(other_model, model, minilm_tokenizer, prompts, 2, on_prompt=advanced.append)
+    assert advanced == [1] * 6
 
     # an explicit end-of-text id: the first greedy token of prompt 0 stops that continuation at once
     first = generate(model, PROMPT, 1, Sampling())[0]

@@ -284,9 +284,10 @@ def record_input(
     with watch.stage("evaluate"), progress.task(f"recording the input's outputs on {data}", windows.shape[0]) as advance:
         recorded = record_reference(model, kind, windows, size, on_batch=advance)
     if kind == "causal" and generation_prompts and tokenizer is not None:
-        with watch.stage("generate"), progress.status(f"greedy continuations of {generation_prompts} prompts, the input"):
+        label = f"greedy continuations of {generation_prompts} prompts, the input"
+        with watch.stage("generate"), progress.task(label, generation_prompts) as advance:
             prompts = prompts_from_text(tokenizer, data, generation_prompts, GENERATION_PROMPT_TOKENS)
-            texts = greedy_continuations(model, tokenizer, prompts, GENERATION_TOKENS, tokenizer.eos_token_id)
+            texts = greedy_continuations(model, tokenizer, prompts, GENERATION_TOKENS, tokenizer.eos_token_id, advance)
         recorded.generation = Generation(prompts, texts)
     return recorded
 
@@ -295,13 +296,14 @@ def generation_agreement(model, reference, tokenizer, data: str, prompts: int, w
     """ROUGE/BLEU of ``model``'s greedy continuations against ``reference``'s, as AccuracyReport
     fields; a :class:`RecordedReference` brings its continuations, recorded on the same prompts."""
     recorded = reference.generation if isinstance(reference, RecordedReference) else None
-    with watch.stage("generate"), progress.status(f"greedy continuations of {prompts} prompts, both models"):
+    continuations = prompts if recorded is not None or model is reference else 2 * prompts
+    with watch.stage("generate"), progress.task(f"greedy continuations of {prompts} prompts", continuations) as advance:
         if recorded is not None:
-            candidates = greedy_continuations(model, tokenizer, recorded.prompts, GENERATION_TOKENS, tokenizer.eos_token_id)
+            candidates = greedy_continuations(model, tokenizer, recorded.prompts, GENERATION_TOKENS, tokenizer.eos_token_id, advance)
             scores = dataclasses.replace(agreement(recorded.continuations, candidates), tokens=GENERATION_TOKENS)
         else:
             windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
-            scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS)
+            scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS, on_prompt=advance)
     return {
         "generation_prompts": scores.prompts, "generation_tokens": GENERATION_TOKENS, "rouge1": scores.rouge1,
         "rouge2": scores.rouge2, "rougeL": scores.rougeL, "bleu": scores.bleu, "exact_match": scores.exact_match,

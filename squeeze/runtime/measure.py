@@ -9,6 +9,8 @@ import psutil
 import torch
 from torch import nn
 
+from squeeze.generate import cache_arguments, returned_cache
+
 
 class RssSampler:
     """Highest resident set size seen by a background thread (every 5 ms), in bytes."""
@@ -50,14 +52,14 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, decode_tokens: int = 1
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompt, **cache_arguments(model, None), logits_to_keep=1)
         _sync(device)
         prefill = time.perf_counter() - start
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, **cache_arguments(model, past), logits_to_keep=1)
+            past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         decode = time.perf_counter() - start
         prefill_best = max(prefill_best, prompt.shape[1] / prefill)
