@@ -8,9 +8,8 @@ package into a plain safetensors folder in squeeze's cache.
 
 from __future__ import annotations
 
+import json
 import re
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,20 @@ from typing import Any, Literal
 import huggingface_hub
 import torch
 from huggingface_hub import errors as hub_errors
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto import tokenization_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
 
-from squeeze.errors import SqueezeError
-from squeeze.formats.files import read_config
+from squeeze.errors import OptionError, SqueezeError, literal
+from squeeze.formats.files import auto_class, read_config
 from squeeze.models.checks import check_gguf, check_safetensors_folder, first_line
 from squeeze.models.weights import is_gguf, quiet_progress_bars, read_model, save_model
-from squeeze.packages import MINILM, SMOLLM2, PackageData, cache_dir
+from squeeze.packages import MINILM, SMOLLM2, PackageData, cache_dir, ensure_cache_entry
 
 ModelKind = Literal["causal", "encoder", "seq2seq"]
 # how messages name each kind
@@ -69,6 +75,15 @@ _ENCODER_TYPES = frozenset(
         "new",
     }
 )
+
+# The model types transformers has code of its own for, by the Auto class each kind is loaded with
+_MODEL_TYPES: dict[str, Any] = {
+    "causal": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "seq2seq": MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    "encoder": MODEL_MAPPING_NAMES,
+}
+# model types whose tokenizer auto_map transformers ignores unless told to trust it (5.x)
+_TOKENIZER_AUTO_MAP_IGNORED = frozenset(getattr(tokenization_auto, "MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS", ()))
 
 # Files worth fetching from the hub: weights as safetensors only, never pickles.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
@@ -123,13 +138,22 @@ def _resolve_local(spec: str, path: Path, trust_remote_code: bool, name: str | N
         raise SqueezeError(f"model folder {spec} has no config.json; is it a Hugging Face model folder?")
     check_safetensors_folder(path, spec)
     config = read_config(path)
-    kind = _kind_from_config(config, spec, trust_remote_code)
+    kind = _kind_from_config(config, spec)
+    if not trust_remote_code:
+        _refuse_custom_code(path, config, kind, spec)
     return ModelSource(spec, path, kind, name or path.resolve().name, trust_remote_code)
 
 
-def _kind_from_config(config: dict[str, Any], spec: str, trust_remote_code: bool) -> ModelKind:
-    model_type = config.get("model_type", "")
+def _kind_from_config(config: dict[str, Any], spec: str) -> ModelKind:
+    model_type = config.get("model_type") or ""
     architectures = config.get("architectures") or []
+    auto_map = _auto_map(config)
+    unsupported = SqueezeError(
+        f"model {spec} has model_type {model_type!r} ({', '.join(map(str, architectures)) or 'no architectures'}), "
+        "which squeeze does not support; it handles causal LMs, text encoder-decoders (T5, BART) and BERT-like encoders"
+    )
+    if model_type and model_type not in CONFIG_MAPPING_NAMES and "AutoConfig" not in auto_map:
+        raise unsupported  # transformers has no config class for it, and the model ships none
     if config.get("is_encoder_decoder"):
         # checked first: BART's type maps to a causal LM class too, and loading that would quietly
         # drop the encoder
@@ -139,23 +163,72 @@ def _kind_from_config(config: dict[str, Any], spec: str, trust_remote_code: bool
             f"model {spec} is an encoder-decoder (model_type {model_type!r}, {', '.join(architectures) or 'no architectures'}) "
             "that is not a text-to-text model; squeeze handles causal LMs, text encoder-decoders (T5, BART) and BERT-like encoders"
         )
-    if any(a.endswith("ForCausalLM") for a in architectures):
+    if any(str(a).endswith("ForCausalLM") for a in architectures):
         return "causal"
     if model_type in _ENCODER_TYPES:
         return "encoder"
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal"
-    if config.get("auto_map") and not trust_remote_code:
-        raise SqueezeError(
-            f"model {spec} needs its own Python code (model_type {model_type!r}); "
-            "pass --trust-remote-code only if you trust its authors"
-        )
-    if config.get("auto_map"):
-        return "causal" if "AutoModelForCausalLM" in config["auto_map"] else "encoder"
-    raise SqueezeError(
-        f"model {spec} has model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}), "
-        "which squeeze does not support; it handles causal LMs, text encoder-decoders (T5, BART) and BERT-like encoders"
+    if auto_map:
+        return "causal" if "AutoModelForCausalLM" in auto_map else "encoder"
+    raise unsupported
+
+
+def _auto_map(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ``auto_map`` of a config.json or tokenizer_config.json: Auto class name → the class in
+    the model's own code; the old tokenizer form, a bare [slow, fast] pair, is AutoTokenizer's."""
+    auto_map = settings.get("auto_map")
+    if isinstance(auto_map, (list, tuple)):
+        return {"AutoTokenizer": auto_map}
+    return auto_map if isinstance(auto_map, dict) else {}
+
+
+def _refuse_custom_code(path: Path, config: dict[str, Any], kind: ModelKind, spec: str) -> None:
+    """Raise an OptionError when transformers could only build the model or its tokenizer by
+    running Python code that ships with it (an ``auto_map`` entry for a class transformers has no
+    code of its own for), so the user hears it in one line before any weight is read."""
+    model_type = config.get("model_type") or ""
+    auto_map = _auto_map(config)
+    model_auto = auto_class(kind).__name__
+    needed = None
+    if "AutoConfig" in auto_map and model_type not in CONFIG_MAPPING_NAMES:
+        needed = ("config.json", "AutoConfig", auto_map["AutoConfig"])
+    elif model_auto in auto_map and model_type not in _MODEL_TYPES[kind]:
+        needed = ("config.json", model_auto, auto_map[model_auto])
+    else:
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        tokenizer_map = _auto_map(tokenizer_config).get("AutoTokenizer")
+        if tokenizer_map and not _has_tokenizer_code(model_type, tokenizer_config.get("tokenizer_class")):
+            needed = ("tokenizer_config.json", "AutoTokenizer", tokenizer_map)
+    if needed is None:
+        return
+    file, auto, ref = needed
+    names = [str(r) for r in ref if r] if isinstance(ref, (list, tuple)) else [str(ref)]
+    code = " ".join(" or ".join(names).split())  # one line, whatever the file holds
+    raise OptionError(
+        f"model {literal(spec)} needs its own Python code ({file}'s auto_map names {literal(code)} for {auto}); "
+        "pass {0} only if you trust its authors",
+        "trust_remote_code",
     )
+
+
+def _has_tokenizer_code(model_type: str, tokenizer_class: Any) -> bool:
+    """Whether transformers has a tokenizer of its own for the model, as AutoTokenizer decides it."""
+    if model_type in TOKENIZER_MAPPING_NAMES or model_type in _TOKENIZER_AUTO_MAP_IGNORED:
+        return True
+    if not isinstance(tokenizer_class, str) or not tokenizer_class:
+        return False
+    name = tokenizer_class.removesuffix("Fast")
+    return tokenizer_class_from_name(name) is not None or tokenizer_class_from_name(name + "Fast") is not None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from ``file``; empty when it is missing or not one (loading reports that)."""
+    try:
+        settings = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def _download_from_hub(repo_id: str, trust_remote_code: bool) -> Path:
@@ -186,42 +259,19 @@ def _download_from_hub(repo_id: str, trust_remote_code: bool) -> Path:
 
 def _resolve_builtin(name: str, progress: Progress) -> ModelSource:
     builtin = _BUILTINS[name]
-    target = cache_dir() / "models" / name
     kind: ModelKind = "causal" if builtin.gguf_file else "encoder"
-    if not _cache_is_complete(target):
-        _convert_builtin(name, builtin, kind, target, progress)
+    target = ensure_cache_entry(
+        cache_dir() / "models" / name, lambda staging: _convert_builtin(name, builtin, kind, staging, progress), progress
+    )
     return ModelSource(name, target, kind, builtin.display_name)
 
 
-def _cache_is_complete(folder: Path) -> bool:
-    if not (folder / "config.json").is_file():
-        return False
-    try:
-        check_safetensors_folder(folder, str(folder))
-    except SqueezeError:
-        return False
-    return True
-
-
-def _convert_builtin(name: str, builtin: _Builtin, kind: ModelKind, target: Path, progress: Progress) -> None:
-    """Load a built-in model from its package once and save it as a plain HF folder in the cache."""
+def _convert_builtin(name: str, builtin: _Builtin, kind: ModelKind, staging: Path, progress: Progress) -> None:
+    """Load a built-in model from its package and save it as a plain HF folder into ``staging``,
+    which the cache renames into place once it is whole."""
     if progress:
-        progress(f"converting built-in model {name} into {target} (once)")
+        progress(f"converting built-in model {name} into {cache_dir() / 'models'} (once)")
     root = builtin.package.root()
     path = root / builtin.gguf_file if builtin.gguf_file else root
     model, tokenizer = read_model(path, kind, torch.float32, spec=name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # an incomplete cache from an older, broken run
-        shutil.rmtree(target)
-    staging = target.parent / f".{target.name}.partial-{secrets.token_hex(4)}"
-    try:
-        save_model(model, tokenizer, staging)
-        staging.rename(target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not _cache_is_complete(target):
-            raise
-        # else another process finished the same conversion first: use its copy
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_model(model, tokenizer, staging)
