@@ -30,6 +30,7 @@ from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
 from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, read_in_blocks_bytes, resident_bytes, streamed_bytes
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
+from squeeze.models.output import local_inputs
 from squeeze.passes.common import GENERATION_PROMPTS, reference_name
 from squeeze.passes.distill import distill
 from squeeze.passes.prune import PruneStep, prune
@@ -362,7 +363,7 @@ def run_recipe(
     out = Path(out)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SqueezeError("squeeze run is one process; to distill under torchrun, run that stage with squeeze distill")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, local_inputs(model))
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
     check_memory(plan, memory_budget, stream=stream, device=device)

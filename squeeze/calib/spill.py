@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from squeeze.formats.files import save_tensors_file
 
 _SPILL_ROOT: ContextVar[Path | None] = ContextVar("spill_root", default=None)
 
@@ -38,7 +40,7 @@ class SpilledInputs:
 
     def append(self, item: tuple[torch.Tensor, dict[str, Any]]) -> None:
         hidden, kwargs = item
-        save_file({"hidden": hidden.detach().contiguous().cpu()}, str(self._file(len(self.kwargs))))
+        save_tensors_file({"hidden": hidden.detach().contiguous().cpu()}, self._file(len(self.kwargs)))
         self.kwargs.append(kwargs)
         self.devices.append(hidden.device)
 

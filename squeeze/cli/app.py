@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,13 +37,46 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def call(fn, *args, interrupted: str = "interrupted; no output was written", **kwargs):
-    """Call the API; user errors become one red line naming options as flags (``--damp-percent``)
-    and exit 2, Ctrl-C exits 130 with nothing written."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised wherever the program is, so that the cleanup Ctrl-C gets runs
+    (the staging folder of the output is removed); ``args[0]`` is the signal's number."""
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated(signum)
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated`; a signal someone else
+    handles or ignores (nohup) is left to them, and only the main thread can take signals."""
+    taken = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+                taken[signum] = signal.signal(signum, _terminate)
     try:
-        return fn(*args, **kwargs)
+        yield
+    finally:
+        for signum, handler in taken.items():
+            signal.signal(signum, handler)
+
+
+def call(fn, *args, interrupted: str = "interrupted; no output was written", **kwargs):
+    """Call the API; user errors and a full disk become one red line naming options as flags
+    (``--damp-percent``) and exit 2, Ctrl-C exits 130 and SIGTERM 143 with nothing written."""
+    try:
+        with signals_as_interrupts():
+            return fn(*args, **kwargs)
     except SqueezeError as exc:
         fail(in_words(exc, cli_spelling))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        fail(f"no space left on the device writing {exc.filename or 'the output'}; free up space or write elsewhere")
+    except Terminated as exc:
+        fail(f"{interrupted} ({signal.Signals(exc.args[0]).name})", code=128 + exc.args[0])
     except KeyboardInterrupt:
         fail(interrupted, code=130)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from squeeze.distill.losses import top_k_logprobs
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import model_device
+from squeeze.formats.files import save_tensors_file
 
 META_FILE = "cache.json"
 SHARD_WINDOWS = 256
@@ -99,9 +99,9 @@ def build_cache(
             indices.append(i.cpu())
             if on_batch:
                 on_batch(batch.shape[0])
-        save_file(
+        save_tensors_file(
             {"values": torch.cat(values), "indices": torch.cat(indices), "windows": torch.tensor(ids, dtype=torch.int64)},
-            str(folder / f"logits-{shard:05d}.safetensors"),
+            folder / f"logits-{shard:05d}.safetensors",
         )
     meta = {**identity, "windows": len(needed), "shard_windows": SHARD_WINDOWS}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -7,6 +7,7 @@ what ``squeeze.models`` and each format's writer and reader build on.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -74,8 +76,14 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
 
 
 def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file, readable by everyone like any other file of the checkpoint."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    """One safetensors file, readable by everyone like any other file of the checkpoint. A full
+    disk raises OSError(ENOSPC), as any other write does (safetensors says it in its own error)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        if not any(words in str(exc) for words in ("No space left on device", f"(os error {errno.ENOSPC})")):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
     # safetensors creates the file private (0600); a checkpoint is meant to be shared like any file
     umask = os.umask(0)
     os.umask(umask)

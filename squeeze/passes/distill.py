@@ -23,6 +23,7 @@ from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.models import atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
+from squeeze.models.output import local_inputs
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy
 from squeeze.passes.stream import comparison_batches, streamable_source
 from squeeze.passes.stream_teacher import StreamedTeacher
@@ -77,7 +78,7 @@ def distill(
     watch = Stopwatch()
     out = Path(out)
     max_shard_bytes = parse_size(max_shard_size, "max_shard_size")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, local_inputs(teacher, student))
     compute_dtype = resolve_dtype(dtype)
     device = resolve_device(device)
     spec = parse_student(student)

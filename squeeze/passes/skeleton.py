@@ -10,7 +10,7 @@ evaluation and :func:`publish` tail.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,12 +22,13 @@ from torch import nn
 from squeeze import __version__
 from squeeze.device import resolve_dtype
 from squeeze.errors import OptionError
-from squeeze.evaluate import peak_rss_bytes, tensor_bytes
+from squeeze.evaluate import checkpoint_bytes, peak_rss_bytes, tensor_bytes
 from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.linears import has_experts, uncompressed_matrices
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
-from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model
+from squeeze.models import BUILTIN_MODELS, ModelSource, atomic_output_dir, meta_model, resolve_model, stored_dtype
+from squeeze.models.output import check_disk_space, check_output_dir, local_inputs
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Checked, Prepared, Stopwatch, batches, check_inputs, check_speed_kind, evaluate_accuracy, model_info, prepare,
     record_input, reference_name, speed_comparison,
@@ -169,11 +170,25 @@ class CompressionStep:
 
 def check_run(step: CompressionStep, model: str, out: Path, run: RunSettings, resolve: Callable[[str], ModelSource]) -> Checked:
     """:func:`~squeeze.passes.common.check_inputs` with this run's settings: the checks and text
-    windows a pass starts with, held whole or streamed."""
-    return check_inputs(
+    windows a pass starts with, held whole or streamed. First of all, the output may not hold or
+    sit inside the input models' folders; last, its disk must have room for the smallest
+    checkpoint the step could write."""
+    check_output_dir(out, run.overwrite, local_inputs(*(spec for spec in (model, run.reference) if spec not in BUILTIN_MODELS)))
+    checked = check_inputs(
         model, out, run.overwrite, run.device, run.dtype, run.data, run.calibration_data, run.evaluate, step.needs_calibration,
         step.plan, run.eval_tokens, run.seq_len, run.calibration_samples, run.reference, resolve,
     )
+    check_disk_space(out, least_output_bytes(checked.meta, checked.plan, stored_dtype(checked.source)))
+    return checked
+
+
+def least_output_bytes(meta: nn.Module, planned: Iterable[str], dtype: torch.dtype) -> int:
+    """The fewest bytes a checkpoint of ``meta`` (the meta model is enough) can take when a step
+    changes the ``planned`` layers: every tensor stored in ``dtype`` (tied ones once), but the
+    planned layers' weights at one bit each, fewer than any format keeps (a sparse bitmask
+    spends that on its mask alone)."""
+    weights = sum(meta.get_submodule(name).weight.numel() for name in planned)
+    return max(checkpoint_bytes(meta, dtype) - weights * dtype.itemsize, 0) + weights // 8
 
 
 def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
