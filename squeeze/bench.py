@@ -30,6 +30,7 @@ from squeeze.chain import plan_run, run_recipe
 from squeeze.device import machine
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.recipes import load_recipe, recipe_from_stages
+from squeeze.safe_yaml import describe, read_yaml
 
 SUITES = ("ci", "full")
 # metric → (worse when it goes "up" or "down", default tolerance, absolute slack below which changes are noise)
@@ -80,10 +81,12 @@ def load_cases(path: Path) -> CasesFile:
     path = Path(path)
     if not path.is_file():
         raise SqueezeError(f"cases file {path} does not exist")
+    text = path.read_text()
     try:
-        cases = CasesFile(**(yaml.safe_load(path.read_text()) or {}))
+        data, _ = read_yaml(text)
+        cases = CasesFile(**(data or {}))
     except yaml.YAMLError as exc:
-        raise SqueezeError(f"{path}: not valid YAML: {exc}") from None
+        raise SqueezeError(f"not valid YAML: {describe(exc, text, path)}") from None
     except ValidationError as exc:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise SqueezeError(f"{path}: {details}") from None

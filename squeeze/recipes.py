@@ -45,6 +45,7 @@ from squeeze.quant.apply import QuantizeConfig
 from squeeze.quant.methods import METHODS
 from squeeze.quant.methods.base import SchemeDefaults
 from squeeze.quant.scheme import scheme_from_options
+from squeeze.safe_yaml import describe, read_yaml, shown
 from squeeze.sizes import parse_size
 
 
@@ -341,49 +342,25 @@ class RecipeError(SqueezeError):
         super().__init__(head + "\n".join(problems))
 
 
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads ``2e6`` as a number (YAML 1.1 wants ``2.0e+6``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"),
-)
-
-
-def _record_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = path + (key.value,)
-            _record_lines(value, child, lines)
-            lines[child] = key.start_mark.line + 1  # point at the key, not its value
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _record_lines(item, path + (index,), lines)
-
-
 def load_recipe(path: Path | str) -> Recipe:
-    """Read and check a recipe file; RecipeError naming file and line for anything wrong in it."""
+    """Read and check a recipe file; RecipeError naming file and line for anything wrong in it,
+    before anything too deep or too large (aliases of aliases) is built."""
     path = Path(path)
     if not path.is_file():
         raise SqueezeError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise SqueezeError(f"cannot read recipe {path}: {exc}") from None
-    loader = _Loader(text)
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError([f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})"]) from None
+    try:
+        data, lines = read_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError([f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
-    finally:
-        loader.dispose()
-    lines: dict[tuple, int] = {}
-    if node is not None:
-        _record_lines(node, (), lines)
+        raise RecipeError([describe(exc, text, path)]) from None
     return parse_recipe(data, source=path, lines=lines, default_name=path.stem)
 
 
@@ -395,7 +372,7 @@ def parse_recipe(data: Any, source: Path | None = None, lines: dict[tuple, int] 
         raise RecipeError([f"{probe.where()}a recipe is a mapping with a 'stages' list, e.g. stages: [{{quantize: {{method: gptq}}}}]"])
     for key in data:
         if key not in RECIPE_KEYS:
-            problems.append(f"{probe.where(key)}unknown key {key!r}{_did_you_mean(str(key), RECIPE_KEYS)}; a recipe has {', '.join(RECIPE_KEYS)}")
+            problems.append(f"{probe.where(key)}unknown key {shown(key)}{_did_you_mean(str(key), RECIPE_KEYS)}; a recipe has {', '.join(RECIPE_KEYS)}")
     settings: dict[str, Any] = {}
     for key, kind, check in (
         ("name", str, None), ("description", str, None), ("data", str, None),
@@ -405,7 +382,7 @@ def parse_recipe(data: Any, source: Path | None = None, lines: dict[tuple, int] 
             continue
         value = data[key]
         if not isinstance(value, kind) or isinstance(value, bool) or (check and not check(value)):
-            problems.append(f"{probe.where(key)}{key} must be {'a positive integer' if kind is int else 'text'}, got {value!r}")
+            problems.append(f"{probe.where(key)}{key} must be {'a positive integer' if kind is int else 'text'}, got {shown(value)}")
         else:
             settings[key] = value
     if "max_shard_size" in data:
@@ -427,7 +404,7 @@ def parse_recipe(data: Any, source: Path | None = None, lines: dict[tuple, int] 
         (pass_name, options), = raw.items()
         if pass_name not in STAGE_TYPES:
             problems.append(
-                f"{probe.where('stages', index, pass_name)}stage {index + 1}: unknown pass {pass_name!r}"
+                f"{probe.where('stages', index, pass_name)}stage {index + 1}: unknown pass {shown(pass_name)}"
                 f"{_did_you_mean(str(pass_name), STAGE_TYPES)}; passes are {', '.join(STAGE_TYPES)}"
             )
             continue
@@ -446,19 +423,22 @@ def build_stage(pass_name: str, options: Any, recipe: Recipe, path: tuple) -> tu
     index = path[1] if len(path) > 1 else 0
     head = f"stage {index + 1} ({pass_name})"
     if not isinstance(options, dict):
-        return None, [f"{recipe.where(*path)}{head}: options must be a mapping of option: value, got {options!r}"]
+        return None, [f"{recipe.where(*path)}{head}: options must be a mapping of option: value, got {shown(options)}"]
     try:
-        return cls(**options), []
+        return cls.model_validate(options), []  # not cls(**options): a key may be a number
     except ValidationError as exc:
-        problems = []
+        problems, seen = [], set()
         for error in exc.errors():
             key = error["loc"][0] if error["loc"] else ""
+            if key in seen:  # one problem per option, not one per item of a long list
+                continue
+            seen.add(key)
             where = recipe.where(*path, key)
-            if error["type"] == "extra_forbidden":
+            if error["type"] in ("extra_forbidden", "invalid_key"):
                 fields = [name for name in cls.model_fields]
-                problems.append(f"{where}{head}: unknown option {key!r}{_did_you_mean(str(key), fields)}")
+                problems.append(f"{where}{head}: unknown option {shown(key)}{_did_you_mean(str(key), fields)}")
             else:
-                problems.append(f"{where}{head}: {key}: {error['msg'].lower()}, got {error['input']!r}")
+                problems.append(f"{where}{head}: {key}: {error['msg'].lower()}, got {shown(error['input'])}")
         return None, problems
 
 
@@ -482,7 +462,7 @@ def recipe_from_stages(stages: list, name: str = "recipe", **settings: Any) -> R
             stage, found = build_stage(pass_name, options if options is not None else {}, probe, ("stages", index, pass_name))
             problems += found
         elif not isinstance(stage, _Options):
-            problems.append(f"stage {index + 1}: {stage!r} is not a pass (QuantizeStage, PruneStage, DistillStage or {{'quantize': {{...}}}})")
+            problems.append(f"stage {index + 1}: {shown(stage)} is not a pass (QuantizeStage, PruneStage, DistillStage or {{'quantize': {{...}}}})")
             continue
         if stage is not None:
             built.append(stage)

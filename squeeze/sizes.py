@@ -3,6 +3,8 @@ there is to spend."""
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 
@@ -24,7 +26,10 @@ def parse_size(value: int | str, option: str) -> int:
         match = _SIZE.fullmatch(str(value).upper())
         if match is None:
             raise OptionError(f"{{0}} must be a size such as 5GB or 500MiB, not {literal(repr(value))}", option)
-        size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+        number = float(match.group(1)) * _UNITS[match.group(2) or ""]
+        if not math.isfinite(number):
+            raise OptionError(f"{{0}} must be a size such as 5GB or 500MiB, not {literal(repr(value)[:40])}", option)
+        size = int(number)
     if size < 1:
         raise OptionError(f"{{0}} must be at least one byte, not {literal(repr(value))}", option)
     return size
