@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from squeeze.formats.files import save_tensors_file
+from squeeze.tensorfiles import save_tensors_file
 
 _SPILL_ROOT: ContextVar[Path | None] = ContextVar("spill_root", default=None)
 

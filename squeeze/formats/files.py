@@ -7,20 +7,18 @@ what ``squeeze.models`` and each format's writer and reader build on.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from squeeze.errors import SqueezeError
 from squeeze.linears import stored_tensor
+from squeeze.tensorfiles import save_tensors_file
 
 MAX_SHARD_BYTES = 5 * 10**9  # the default largest safetensors file, as transformers' "5GB"
 WEIGHTS_NAME = "model.safetensors"
@@ -30,7 +28,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     """The ``config.json`` of a model folder as a dict; SqueezeError when it cannot be read."""
     try:
         return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise SqueezeError(f"cannot read {Path(folder) / 'config.json'}: {exc}") from exc
 
 
@@ -73,21 +71,6 @@ def dense_tensors(model: nn.Module, dtype: torch.dtype | None = None, skip: type
         tensor = stored_tensor(model.get_submodule(module_name), attr, tensor)  # as the checkpoint lays it out
         state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file, readable by everyone like any other file of the checkpoint. A full
-    disk raises OSError(ENOSPC), as any other write does (safetensors says it in its own error)."""
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        if not any(words in str(exc) for words in ("No space left on device", f"(os error {errno.ENOSPC})")):
-            raise
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-    # safetensors creates the file private (0600); a checkpoint is meant to be shared like any file
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
 
 
 def save_safetensors(state: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:

@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
-import squeeze.formats.files as files
 import squeeze.passes.common as common
+import squeeze.tensorfiles as files
 from squeeze.cli import app
 from squeeze.errors import SqueezeError
-from squeeze.formats.files import save_tensors_file
 from squeeze.models import meta_model, resolve_model
 from squeeze.models.output import ASIDE, STAGING, Owner, atomic_output_dir, beside, check_output_dir, sweep_stale
 from squeeze.passes.quantize import QuantizeStep
 from squeeze.passes.skeleton import least_output_bytes
 from squeeze.quant.config import QuantizeConfig
+from squeeze.tensorfiles import save_tensors_file
 
 runner = CliRunner()
 FAST = ["--eval-tokens", "256", "--seq-len", "32", "--calib-samples", "2", "--no-eval", "--generation-prompts", "0", "-q"]
