@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from squeeze import __version__
 from squeeze.errors import SqueezeError, cli_spelling, in_words
@@ -33,7 +34,7 @@ out = Console()
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``message`` as one red line on stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -12,7 +12,8 @@ from squeeze.models.sources import ModelSource, resolve_model
 
 
 def inspect_model(source: ModelSource | str) -> dict[str, Any]:
-    """Describe a model from its config alone (built on the meta device; no weights are read).
+    """Describe a model from its config alone (built on the meta device; no weights are read, but
+    the config is first held against the weights' headers, see :func:`meta_model`).
 
     Parameter counts are of unique tensors (tied embeddings count once). ``params_quantizable``
     is the weights of the nn.Linear layers inside the repeated blocks, the ones quantization

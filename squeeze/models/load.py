@@ -13,6 +13,8 @@ from squeeze.errors import SqueezeError
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.formats.files import auto_class, read_config
 from squeeze.linears import as_linear_layers
+from squeeze.models.checks import check_safetensors_folder, one_line
+from squeeze.models.shapes import check_fits_weights
 from squeeze.models.sources import ModelSource, Progress, resolve_model
 from squeeze.models.weights import quiet_progress_bars, read_model, read_tokenizer
 
@@ -38,11 +40,15 @@ def load_model(
 
     ``device`` is "cpu", "cuda", "cuda:N" or "auto" (cuda when available). A GGUF file is
     dequantized to fp32 and rebuilt as an ordinary model, so it saves like any HF model; a
-    checkpoint squeeze wrote is read by its format's reader (see :func:`read_model`).
+    checkpoint squeeze wrote is read by its format's reader (see :func:`read_model`). A folder's
+    config.json is held against its weights first (see :func:`meta_model`), so a config the weights
+    do not fit is one SqueezeError, not an allocation of the sizes it claims.
     """
     target_device = _pick_device(device)  # before resolving: a built-in may first take a minute to convert
     if isinstance(source, str):
         source = resolve_model(source, progress=progress)
+    if not source.is_gguf:
+        meta_model(source)  # config.json held against the weights before a byte is allocated
     model, tokenizer = read_model(source.path, source.kind, dtype, source.trust_remote_code, source.spec)
     model = model.to(device=target_device)
     return LoadedModel(model, tokenizer, source, model.config, stored_dtype(source))
@@ -66,20 +72,44 @@ def stored_dtype(source: ModelSource) -> torch.dtype:
 def meta_model(source: ModelSource) -> torch.nn.Module:
     """The model's modules built from its config on the meta device: shapes and names, no weights.
 
-    Cheap (no weight is read), so passes validate their plan against it before loading. ``Conv1D``
-    layers are Linear layers here, as in a loaded model (squeeze.linears).
+    Cheap (no weight is read), so passes validate their plan against it before loading. A folder's
+    config.json is first held against its weights' safetensors headers (sizes in range, shapes
+    and block count as stored: squeeze.models.shapes), so a wrong config fails here in one line
+    instead of allocating. ``Conv1D`` layers are Linear layers here, as in a loaded model
+    (squeeze.linears).
     """
-    with quiet_progress_bars():
-        if source.is_gguf:
+    if source.is_gguf:
+        with quiet_progress_bars():
             config = transformers.AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
-        else:
-            config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = auto_class(source.kind).from_config(config, trust_remote_code=source.trust_remote_code)
+        model = _build(config, source)
+    else:
+        tensors = check_safetensors_folder(source.path, source.spec)  # config.json's sizes too
+        config = _read_config(source)
+        model = _build(config, source)
+        check_fits_weights(model, read_config(source.path), tensors, source.spec, lambda changed: _build(changed, source))
     as_linear_layers(model)
     return model
+
+
+def _read_config(source: ModelSource) -> transformers.PretrainedConfig:
+    try:
+        with quiet_progress_bars():
+            config = transformers.AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+    except Exception as exc:  # transformers' checks of a config (and a model's own config code) raise anything
+        raise SqueezeError(f"cannot read the config.json of model {source.spec}: {one_line(exc)}") from exc
+    return config
+
+
+def _build(config: transformers.PretrainedConfig, source: ModelSource) -> torch.nn.Module:
+    """The model of ``config`` on the meta device, without its quantization (squeeze's readers
+    and the checks want the plain modules)."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with torch.device("meta"):
+            return auto_class(source.kind).from_config(config, trust_remote_code=source.trust_remote_code)
+    except Exception as exc:  # a config transformers (or a model's own code) cannot build raises anything
+        raise SqueezeError(f"cannot build model {source.spec} from its config.json: {one_line(exc)}") from exc
 
 
 def is_sparse_folder(folder: Path) -> bool:
