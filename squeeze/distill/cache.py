@@ -25,7 +25,7 @@ from safetensors import safe_open
 from squeeze.distill.losses import top_k_logprobs
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import model_device
-from squeeze.formats.files import save_tensors_file
+from squeeze.tensorfiles import save_tensors_file
 
 META_FILE = "cache.json"
 SHARD_WINDOWS = 256
@@ -33,7 +33,7 @@ SHARD_WINDOWS = 256
 
 def windows_fingerprint(windows: torch.Tensor) -> str:
     """SHA-256 of the token windows: a cache is only valid for exactly these tokens."""
-    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy()).hexdigest()
 
 
 def cache_identity(teacher: str, windows: torch.Tensor, k: int, samples: int, temperature: float, precision: str, seed: int) -> dict[str, Any]:

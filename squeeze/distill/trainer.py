@@ -400,20 +400,24 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _resume(inputs: TrainInputs, optimizer: torch.optim.Optimizer, state: TrainingState) -> TrainingState:
     if inputs.checkpoints is None or not inputs.resume:
         return state
-    latest = inputs.checkpoints.latest()
-    if latest is None:
+    found = inputs.checkpoints.load_latest(inputs.processes.rank)  # the newest whole one; damaged ones noted
+    if found is None:
         return state
-    weights, opt_tensors, opt_meta, rng, loaded = CheckpointDir.load(latest, inputs.processes.rank)
+    latest, (weights, opt_tensors, opt_meta, rng, loaded) = found
     if inputs.config.fsdp:
         _load_sharded(inputs.model, optimizer, weights, opt_tensors, opt_meta)
         restore_rng(rng)
         return loaded
     if opt_meta.get("keyed_by") == "name":
         raise OptionError("this checkpoint was written with {0}; resume it with {0}", "fsdp")
-    missing, unexpected = inputs.model.load_state_dict(weights, strict=False)
+    misfit = SqueezeError(f"checkpoint {latest} does not fit this student")
+    try:
+        missing, unexpected = inputs.model.load_state_dict(weights, strict=False)
+    except RuntimeError:  # a tensor of another shape
+        raise misfit from None
     distinct = set(_state_dict(inputs.model))
     if [k for k in missing if k in distinct] or unexpected:
-        raise SqueezeError(f"checkpoint {latest} does not fit this student")
+        raise misfit
     load_optimizer(optimizer, opt_tensors, opt_meta)
     restore_rng(rng)
     return loaded

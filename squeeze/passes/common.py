@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from squeeze.data import calibration_windows, evaluation_windows, load_documents
+from squeeze.data import calibration_windows, check_source, evaluation_windows
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError
@@ -129,9 +129,9 @@ def check_inputs(
         ref_source = resolve(reference)
         check_vocab_sizes(meta_model(ref_source).config, meta.config)
     if evaluate:
-        load_documents(data)
+        check_source(data)
     if needs_calibration:
-        load_documents(calibration_data or data)
+        check_source(calibration_data or data)
     seq_len = eval_seq_len(meta.config, seq_len)
     tokenizer = eval_windows = calib_windows = None
     if evaluate or needs_calibration:

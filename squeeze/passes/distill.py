@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from squeeze.data import evaluation_windows, load_documents, training_windows
+from squeeze.data import check_source, evaluation_windows, training_windows
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill import cache as logit_cache
 from squeeze.distill.checkpoint import CheckpointDir, TrainingState, default_checkpoint_dir
@@ -110,9 +110,9 @@ def distill(
         if measure_speed:
             raise OptionError("{0} loads the teacher whole to time it: drop it with {1}", "measure_speed", "stream_teacher")
         streamable_source(teacher, trust_remote_code)
-    load_documents(data)
+    check_source(data)
     if evaluate:
-        load_documents(eval_data or data)
+        check_source(eval_data or data)
     if measure_speed:
         check_speed_kind("causal" if causal else "encoder")
     checkpoints = CheckpointDir(Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out))
@@ -153,7 +153,7 @@ def distill(
         net.requires_grad_(True)
         tokenizer = t_loaded.tokenizer
         seq_len = eval_seq_len(t_loaded.config, seq_len)
-        windows = training_windows(tokenizer, data, seq_len)
+        windows = training_windows(tokenizer, data, seq_len, progress=progress)
         global_batch = config.batch_size * procs.world
         if windows.shape[0] < global_batch:
             raise OptionError(
@@ -248,6 +248,7 @@ def distill(
 
         accuracy = None
         notes: list[str] = ["the teacher was streamed: read one block at a time, never whole"] if streamed else []
+        notes += checkpoints.notes
         if eval_windows is not None:
             reference = t_loaded.model
             if streamed:

@@ -7,7 +7,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from squeeze.data import evaluation_windows, load_documents
+from squeeze.data import check_source, evaluation_windows
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, SqueezeError, literal
@@ -73,7 +73,7 @@ def evaluate_model(
     elif source.kind == "encoder":
         raise OptionError(f"{literal(model)} is an encoder: it has no perplexity; give {{0}} MODEL to compare its embeddings with", "reference")
     for name in data:
-        load_documents(name)
+        check_source(name)
     start = time.perf_counter()
     with progress.status(f"loading {source.name}"):
         loaded = load_model(source, device=device, dtype=compute_dtype)
