@@ -51,13 +51,13 @@ class Written:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.files = 0
-        save = spill_module.save_file
+        save = spill_module.save_tensors_file
 
         def counted(tensors, path):
             self.files += 1
             save(tensors, path)
 
-        monkeypatch.setattr(spill_module, "save_file", counted)
+        monkeypatch.setattr(spill_module, "save_tensors_file", counted)
 
 
 @pytest.mark.parametrize("method", ["gptq", "wanda"])
