@@ -64,9 +64,10 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def call(fn, *args, interrupted: str = "interrupted; no output was written", **kwargs):
+def call(fn, *args, interrupted: str = "interrupted; the output is written whole or not at all", **kwargs):
     """Call the API; user errors and a full disk become one red line naming options as flags
-    (``--damp-percent``) and exit 2, Ctrl-C exits 130 and SIGTERM 143 with nothing written."""
+    (``--damp-percent``) and exit 2, Ctrl-C exits 130 and SIGTERM 143 with nothing half-written
+    (a signal that comes after the output was published leaves it whole: hence the wording)."""
     try:
         with signals_as_interrupts():
             return fn(*args, **kwargs)

@@ -206,7 +206,7 @@ def distill(
     checkpoints = checkpoint_dir or default_checkpoint_dir(out_dir)
     hint = f"; continue from the last checkpoint in {checkpoints} with --resume" if stage.checkpoint_every else ""
     report = call(
-        distill_pass, teacher, student, out_dir, config, interrupted=f"interrupted; no output was written{hint}", data=data,
+        distill_pass, teacher, student, out_dir, config, interrupted=f"interrupted; the output is written whole or not at all{hint}", data=data,
         eval_data=eval_data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype, evaluate=not no_eval,
         overwrite=overwrite, resume=resume, checkpoint_dir=checkpoint_dir, teacher_cache=teacher_cache,
         trust_remote_code=trust_remote_code, progress=progress, measure_speed=measure_speed, max_shard_size=max_shard_size,

@@ -61,7 +61,7 @@ def run(
         run_recipe, recipe, model, out_dir, data=data, eval_tokens=eval_tokens, seq_len=seq_len, device=device, dtype=dtype,
         evaluate=not no_eval, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code, progress=progress,
         on_stage=announce, max_shard_size=max_shard_size, memory_budget=memory_budget, stream=stream,
-        interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); nothing was written to {out_dir}",
+        interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); {out_dir} is written whole or not at all",
     )
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

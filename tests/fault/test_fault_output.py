@@ -101,7 +101,7 @@ def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        "error: interrupted; no output was written (SIGTERM)"
+        "error: interrupted; the output is written whole or not at all (SIGTERM)"
     ]
     assert not staging.exists() and list(tmp_path.iterdir()) == []
 
