@@ -21,7 +21,8 @@ from squeeze.errors import OptionError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
 from squeeze.generate import agreement, greedy_agreement, greedy_continuations, prompts_from_text
-from squeeze.models import LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
+from squeeze.models import BUILTIN_MODELS, LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
+from squeeze.models.output import local_inputs
 from squeeze.progress import Progress
 from squeeze.prune.masks import is_n_m
 from squeeze.report import AccuracyReport, SparsityReport
@@ -115,10 +116,11 @@ def check_inputs(
     reference: str | None,
     resolve: Callable[[str], ModelSource],
 ) -> Checked:
-    """Validate everything cheap (output directory, device, dtype, the model and reference as
-    ``resolve`` finds them, ``plan`` on the meta model, text sources) and cut the evaluation and
-    calibration windows, so that bad input or too little text fails in seconds, before any load."""
-    check_output_dir(out, overwrite)
+    """Validate everything cheap (output directory, which may not hold or sit inside the input
+    models' folders; device, dtype, the model and reference as ``resolve`` finds them, ``plan`` on
+    the meta model, text sources) and cut the evaluation and calibration windows, so that bad
+    input or too little text fails in seconds, before any load."""
+    check_output_dir(out, overwrite, local_inputs(*(spec for spec in (model, reference) if spec not in BUILTIN_MODELS)))
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
     source = resolve(model)

@@ -27,8 +27,8 @@ from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.linears import has_experts, uncompressed_matrices
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
-from squeeze.models import BUILTIN_MODELS, ModelSource, atomic_output_dir, meta_model, resolve_model, stored_dtype
-from squeeze.models.output import check_disk_space, check_output_dir, local_inputs
+from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model, stored_dtype
+from squeeze.models.output import check_disk_space
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Checked, Prepared, Stopwatch, batches, check_inputs, check_speed_kind, evaluate_accuracy, model_info, prepare,
     record_input, reference_name, speed_comparison,
@@ -170,10 +170,8 @@ class CompressionStep:
 
 def check_run(step: CompressionStep, model: str, out: Path, run: RunSettings, resolve: Callable[[str], ModelSource]) -> Checked:
     """:func:`~squeeze.passes.common.check_inputs` with this run's settings: the checks and text
-    windows a pass starts with, held whole or streamed. First of all, the output may not hold or
-    sit inside the input models' folders; last, its disk must have room for the smallest
-    checkpoint the step could write."""
-    check_output_dir(out, run.overwrite, local_inputs(*(spec for spec in (model, run.reference) if spec not in BUILTIN_MODELS)))
+    windows a pass starts with, held whole or streamed; last, the output's disk must have room for
+    the smallest checkpoint the step could write."""
     checked = check_inputs(
         model, out, run.overwrite, run.device, run.dtype, run.data, run.calibration_data, run.evaluate, step.needs_calibration,
         step.plan, run.eval_tokens, run.seq_len, run.calibration_samples, run.reference, resolve,
