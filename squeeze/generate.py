@@ -21,6 +21,7 @@ from torch import nn
 from squeeze.data import evaluation_windows
 from squeeze.errors import SqueezeError
 from squeeze.sampling import Sampling, sample
+from squeeze.weightcache import reuse_dequantized
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -47,9 +48,16 @@ def generate(
         raise ValueError(f"generate takes one prompt, input_ids [1, n]; got shape {tuple(input_ids.shape)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    with reuse_dequantized():  # each token runs every layer on one row: dequantizing would cost more
+        return _generate(model, input_ids, max_new_tokens, sampling, generator, eos_token_id, last_only)
+
+
+def _generate(
+    model: nn.Module, ids: torch.Tensor, max_new_tokens: int, sampling: Sampling, generator: torch.Generator,
+    eos_token_id: int | None, last_only: dict[str, int],
+) -> list[int]:
     new: list[int] = []
     past = None
-    ids = input_ids
     for _ in range(max_new_tokens):
         out = model(input_ids=ids, **cache_arguments(model, past), **last_only)
         past = returned_cache(out)
@@ -176,10 +184,11 @@ def greedy_continuations(
     """
     device = next(model.parameters()).device
     continuations = []
-    for prompt in prompts:
-        continuations.append(generate(model, prompt.to(device), max_new_tokens, eos_token_id=eos_token_id))
-        if on_prompt:
-            on_prompt(1)
+    with reuse_dequantized():
+        for prompt in prompts:
+            continuations.append(generate(model, prompt.to(device), max_new_tokens, eos_token_id=eos_token_id))
+            if on_prompt:
+                on_prompt(1)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
 
 

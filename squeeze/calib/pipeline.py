@@ -32,6 +32,7 @@ from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls, 
 from squeeze.calib.spill import inputs_like, release_inputs
 from squeeze.errors import SqueezeError
 from squeeze.linears import all_experts_calibrating
+from squeeze.weightcache import reuse_dequantized
 
 
 class CalibrationClock:
@@ -99,7 +100,7 @@ def run_block(
     keyword arguments, one per batch; default: the same as this block's) and with what the block's
     output carries to the next one (squeeze.calib.capture.next_arguments)."""
     outputs = inputs_like(inputs)
-    with _timing(clock):
+    with _timing(clock), reuse_dequantized():
         for index, (hidden, kwargs) in enumerate(inputs):
             output = block(hidden, **kwargs)
             following = kwargs if next_kwargs is None else next_kwargs[index]
@@ -124,7 +125,7 @@ def run_block_observed(
         for n, m in modules.items()
     ]
     try:
-        with _timing(clock):
+        with _timing(clock), reuse_dequantized():
             for hidden, kwargs in inputs:
                 if before_call:
                     before_call()

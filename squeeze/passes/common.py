@@ -24,6 +24,7 @@ from squeeze.generate import agreement, greedy_agreement, greedy_continuations, 
 from squeeze.models import BUILTIN_MODELS, LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.models.output import local_inputs
 from squeeze.progress import Progress
+from squeeze.weightcache import reuse_dequantized
 from squeeze.prune.masks import is_n_m
 from squeeze.report import AccuracyReport, SparsityReport
 from squeeze.runtime import Form, bench_infer
@@ -337,6 +338,16 @@ def evaluate_accuracy(
         # the decoder, teacher-forced on the second half of each window (squeeze.seq2seq)
         start = decoder_start(model)
         model, reference = DecoderScoring(model, start), DecoderScoring(reference, start)
+    with reuse_dequantized():  # the model is held whole: its quantized layers dequantize once, not per batch
+        return _evaluate_accuracy(
+            model, kind, reference, windows, data, seq_len, batch_size, watch, progress, compared_with, tokenizer, generation_prompts,
+        )
+
+
+def _evaluate_accuracy(
+    model: torch.nn.Module, kind: str, reference: torch.nn.Module, windows: torch.Tensor, data: str, seq_len: int,
+    batch_size: int, watch: Stopwatch, progress: Progress, compared_with: str | None, tokenizer, generation_prompts: int,
+) -> AccuracyReport:
     if kind in ("causal", "seq2seq"):
         with watch.stage("evaluate"), progress.task(f"evaluating on {data}", windows.shape[0]) as advance:
             cmp = compare_causal(model, windows, reference, batch_size=batch_size, on_batch=advance)

@@ -17,6 +17,7 @@ from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, eval_seq_len, e
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import AccuracyReport
 from squeeze.seq2seq import scoring_view
+from squeeze.weightcache import reuse_dequantized
 
 
 @dataclass
@@ -86,7 +87,7 @@ def evaluate_model(
     for name in data:
         windows = evaluation_windows(loaded.tokenizer, name, length, eval_tokens)
         if ref_model is None:
-            with progress.task(f"evaluating on {name}", windows.shape[0]) as advance:
+            with progress.task(f"evaluating on {name}", windows.shape[0]) as advance, reuse_dequantized():
                 cmp = compare_causal(scoring_view(loaded.model), windows, batch_size=batch_size, on_batch=advance)
             rows.append(AccuracyReport(data=name, windows=windows.shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
         else:

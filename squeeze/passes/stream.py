@@ -55,6 +55,7 @@ from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib
 from squeeze.stream.gguf import GGUFTensors
 from squeeze.stream.lazy import CheckpointTensors, LazyModel, return_freed_memory
 from squeeze.stream.reference import Generation, Handover, RecordedReference, recorded_states, stand_in_blocks
+from squeeze.weightcache import reuse_dequantized
 
 
 @dataclass
@@ -82,10 +83,11 @@ class StreamedStates:
         """Move the states on through ``block`` (the next block of the model)."""
         following = self.done + 1 < len(self.calls.kwargs)
         moved = []
-        for index, (hidden, kwargs) in enumerate(self.states):
-            out = block(hidden, **kwargs)
-            self.returns_tuple = isinstance(out, (tuple, list))
-            moved.append((out[0] if self.returns_tuple else out, self.calls.kwargs[self.done + 1][index] if following else kwargs))
+        with reuse_dequantized():
+            for index, (hidden, kwargs) in enumerate(self.states):
+                out = block(hidden, **kwargs)
+                self.returns_tuple = isinstance(out, (tuple, list))
+                moved.append((out[0] if self.returns_tuple else out, self.calls.kwargs[self.done + 1][index] if following else kwargs))
         self.states = moved
         self.done += 1
 

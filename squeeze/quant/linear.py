@@ -2,7 +2,8 @@
 
 It stores what the checkpoint stores (int8 codes, one per byte in memory; scales; zero points;
 a static input scale when calibrated) and dequantizes in ``forward``, so what squeeze evaluates
-is exactly what a consumer of the checkpoint computes.
+is exactly what a consumer of the checkpoint computes; within squeeze.weightcache's
+``reuse_dequantized`` scope, once for many calls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from squeeze.quant.rtn import compute_qparams, dequantize, fake_quantize, qparams_from_minmax, quantize
 from squeeze.quant.scheme import QuantScheme
+from squeeze.weightcache import dequantized
 
 
 class QuantizedLinear(nn.Module):
@@ -110,7 +112,9 @@ class QuantizedLinear(nn.Module):
         act = self.scheme.input_activations
         if act is not None:
             x = fake_quantize(x, act, self.input_scale, self.input_zero_point)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        sources = (self.weight_codes, self.weight_scale, self.weight_zero_point)
+        weight = dequantized(self, sources, x.dtype, lambda: self.dequantized_weight(x.dtype))
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from squeeze.weightcache import dequantized
+
 # The 16 NormalFloat-4 levels (published constants; bitsandbytes stores the same as quant_map).
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -95,7 +97,8 @@ class NF4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        weight = dequantized(self, (self.weight_codes, self.weight_absmax), x.dtype, lambda: self.dequantized_weight(x.dtype))
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {self.blocksize}"
