@@ -60,6 +60,16 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch
     raise ArithmeticError(f"the Hessian is not positive definite even with damping {damp / 10:g}")
 
 
+def _group_aware_order(diagonal: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Column order keeping each group's columns together: groups by their largest diagonal entry,
+    columns within a group by theirs, both descending (ties in index order)."""
+    grouped = diagonal.reshape(-1, group_size)
+    within = torch.argsort(grouped, dim=1, descending=True, stable=True)
+    groups = torch.argsort(grouped.amax(dim=1), descending=True, stable=True)
+    columns = within + torch.arange(grouped.shape[0], device=diagonal.device)[:, None] * group_size
+    return columns[groups].reshape(-1)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -69,6 +79,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     act_order: bool = False,
     zeros: torch.Tensor | None = None,
+    group_aware: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` [out, in] with GPTQ against ``hessian`` [in, in].
 
@@ -76,6 +87,11 @@ def gptq_quantize(
     most energy first); group scales are then computed up front from the original weight so the
     groups keep their contiguous layout (compressed-tensors' ``actorder: weight``). Without it,
     a group's scale is computed when its first column is reached, from the error-updated weights.
+    ``group_aware`` (with ``act_order`` and per-group scales) orders whole groups instead, by their
+    largest Hessian diagonal, and the columns within each group by theirs: a group's columns are
+    quantized together, so its scale can wait for the error-updated weights as without
+    ``act_order``, while the inputs with the most energy still go first (group-aware reordering,
+    Gafni et al., 2025).
 
     ``zeros`` (bool ``[out, in]``) marks weights that must stay exactly zero, e.g. pruned ones: each
     is stored as the code of zero, and whatever the updates of earlier columns pushed onto it is
@@ -106,8 +122,15 @@ def gptq_quantize(
         scale[:, g] = s[:, 0]
         zero_point[:, g] = z[:, 0]
 
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features, device=w.device)
-    if act_order and group_size:
+    group_aware = bool(group_aware and act_order and group_size)
+    if group_aware:
+        perm = _group_aware_order(torch.diag(h), group_size)
+    elif act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(in_features, device=w.device)
+    static_groups = act_order and not group_aware  # scales fixed up front from the original weight
+    if static_groups and group_size:
         for g in range(n_groups):
             set_group(g, w[:, g * group_size : (g + 1) * group_size])
     w = w[:, perm]
@@ -146,7 +169,7 @@ def gptq_quantize(
                 column = order[start + i]
                 if group_size:
                     g = column // group_size
-                    if not act_order and column % group_size == 0:
+                    if not static_groups and (start + i) % group_size == 0:  # a group's first column
                         columns = block[i : i + group_size]
                         if zeros_t is not None:  # the range of the weights that will be stored
                             columns = columns.masked_fill(zeros_t[start + i : start + i + group_size], 0)

@@ -36,25 +36,29 @@ def test_hessian_accumulates_2_over_n_x_xt_in_any_batching() -> None:
     assert torch.allclose(acc.hessian, 2 * x.T @ x / 1024, rtol=1e-4, atol=1e-3)
 
 
+ORDERS = {"in order": {}, "act-order": {"act_order": True}, "group-aware": {"act_order": True, "group_aware": True}}
+
+
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("args", SCHEMES, ids=lambda a: a.describe())
-def test_uncorrelated_inputs_reduce_to_round_to_nearest(args: QuantArgs) -> None:
-    """With a diagonal Hessian no error is pushed to other columns: GPTQ is exactly RTN."""
+def test_uncorrelated_inputs_reduce_to_round_to_nearest(args: QuantArgs, order: str) -> None:
+    """With a diagonal Hessian no error is pushed to other columns: GPTQ is exactly RTN, in any order."""
     w = weight()
     hessian = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(2)) + 0.5)
-    solved = gptq_quantize(w, hessian, args, damp_percent=1e-6)
+    solved = gptq_quantize(w, hessian, args, damp_percent=1e-6, **ORDERS[order])
     scale, zero_point = compute_qparams(w, args)
     assert torch.equal(solved.codes, quantize(w, scale, zero_point, args))
     assert torch.equal(solved.scale, scale)
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("args", SCHEMES[:3], ids=lambda a: a.describe())
-def test_output_error_below_round_to_nearest(args: QuantArgs, act_order: bool) -> None:
+def test_output_error_below_round_to_nearest(args: QuantArgs, order: str) -> None:
     x = correlated_inputs()
     w = weight()
     acc = HessianAccumulator(128)
     acc.add(x)
-    solved = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64)
+    solved = gptq_quantize(w, acc.hessian, args, block_size=64, **ORDERS[order])
     scale, zero_point = compute_qparams(w, args)
     w_rtn = dequantize(quantize(w, scale, zero_point, args), scale, zero_point, args, torch.float32)
     w_gptq = dequantize(solved.codes, solved.scale, solved.zero_point, args, torch.float32)
@@ -137,10 +141,10 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
         assert torch.allclose(accumulators[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("args", SCHEMES[:3], ids=lambda a: a.describe())
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_pruned_weights_stay_zero_and_the_rest_still_compensates(args: QuantArgs, act_order: bool, pattern: str) -> None:
+def test_pruned_weights_stay_zero_and_the_rest_still_compensates(args: QuantArgs, order: str, pattern: str) -> None:
     from squeeze.prune.masks import is_n_m, n_m_mask, unstructured_mask
 
     x = correlated_inputs()
@@ -149,7 +153,7 @@ def test_pruned_weights_stay_zero_and_the_rest_still_compensates(args: QuantArgs
     w = w * keep
     acc = HessianAccumulator(128)
     acc.add(x)
-    solved = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64, zeros=w == 0)
+    solved = gptq_quantize(w, acc.hessian, args, block_size=64, zeros=w == 0, **ORDERS[order])
     w_gptq = dequantize(solved.codes, solved.scale, solved.zero_point, args, torch.float32)
     assert (w_gptq[~keep] == 0).all()
     if pattern == "2:4":
@@ -158,5 +162,33 @@ def test_pruned_weights_stay_zero_and_the_rest_still_compensates(args: QuantArgs
     w_rtn = dequantize(quantize(w, scale, zero_point, args), scale, zero_point, args, torch.float32)
     assert ((x @ (w - w_gptq).T) ** 2).mean() < ((x @ (w - w_rtn).T) ** 2).mean()
     # without the mask the error updates fill the pruned positions in
-    unmasked = gptq_quantize(w, acc.hessian, args, act_order=act_order, block_size=64)
+    unmasked = gptq_quantize(w, acc.hessian, args, block_size=64, **ORDERS[order])
     assert (dequantize(unmasked.codes, unmasked.scale, unmasked.zero_point, args, torch.float32)[~keep] != 0).any()
+
+
+def test_group_aware_order_keeps_groups_together_most_energy_first() -> None:
+    from squeeze.quant.gptq import _group_aware_order
+
+    diagonal = torch.rand(96, generator=torch.Generator().manual_seed(3))
+    order = _group_aware_order(diagonal, 32)
+    assert sorted(order.tolist()) == list(range(96))
+    groups = order.reshape(3, 32) // 32
+    assert (groups == groups[:, :1]).all()  # each run of 32 is one whole group
+    maxima = diagonal.reshape(3, 32).amax(dim=1)
+    assert maxima[groups[:, 0]].tolist() == sorted(maxima.tolist(), reverse=True)
+    for run in order.reshape(3, 32):
+        assert diagonal[run].tolist() == sorted(diagonal[run].tolist(), reverse=True)
+
+
+def test_group_aware_scales_come_from_the_updated_weights() -> None:
+    """Static act-order groups take their scales from the original weight; group-aware ones from the
+    weight as the earlier columns' errors left it, so they differ where errors moved the weight."""
+    x, w = correlated_inputs(), weight()
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    args = SCHEMES[1]
+    static = gptq_quantize(w, acc.hessian, args, act_order=True, block_size=64)
+    aware = gptq_quantize(w, acc.hessian, args, act_order=True, group_aware=True, block_size=64)
+    original, _ = compute_qparams(w, QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32))
+    assert torch.equal(static.scale, original)
+    assert not torch.equal(aware.scale, original)

@@ -17,8 +17,8 @@ W8A8 = scheme_from_options(bits=8, act="per-token")
 # what the report and the checkpoint's metadata record for each method, in this order
 SETTINGS = {
     "rtn": {},
-    "gptq": {"damp_percent": 0.01, "block_size": 128, "act_order": True, "true_sequential": False},
-    "smoothquant": {"alpha": 0.5},
+    "gptq": {"damp_percent": 0.01, "block_size": 128, "act_order": True, "group_aware": False, "true_sequential": False},
+    "smoothquant": {"alpha": 0.5, "alpha_search": False},
     "awq": {"awq_grid": 20, "awq_clip": True},
 }
 
@@ -52,7 +52,7 @@ def test_options_come_as_a_mapping_a_model_or_none() -> None:
     assert as_dict.options.damp_percent == 0.05 and as_dict.options.block_size == 128  # the rest: defaults
     assert QuantizeConfig(method="gptq", options=None).options == METHODS.get("gptq").Options()
     # SmoothQuant records alpha only; the fallback switch is not a setting of the result
-    assert config("smoothquant", smooth_fallback=True).options.settings() == {"alpha": 0.5}
+    assert config("smoothquant", smooth_fallback=True).options.settings() == {"alpha": 0.5, "alpha_search": False}
 
 
 @pytest.mark.parametrize(
@@ -139,6 +139,6 @@ def test_a_shared_option_must_be_declared_identically() -> None:
         registry.add("damping", _Damping())
     registry.add("awq", METHODS.get("awq"))  # no shared options
     assert list(registry.options())[:2] == ["damp_percent", "block_size"]
-    assert list(registry.fields()) == ["damp_percent", "block_size", "act_order", "true_sequential", "awq_grid", "awq_clip"]
+    assert list(registry.fields()) == ["damp_percent", "block_size", "act_order", "group_aware", "true_sequential", "awq_grid", "awq_clip"]
     with pytest.raises(ValueError, match="'block_size' has the name of a common option"):
         registry.fields(reserved=["method", "block_size"])

@@ -14,7 +14,8 @@ from squeeze.quant.apply import QuantizeConfig, plan_quantize, quantize_model
 from squeeze.quant.scheme import scheme_from_options
 from squeeze.calib.folds import find_folds, fold_scales
 from squeeze.calib.pipeline import capture_block_inputs
-from squeeze.quant.smoothquant import smoothing_factors
+from squeeze.quant.rtn import fake_quantize
+from squeeze.quant.smoothquant import alpha_search, smoothing_factors
 
 
 def llama_with_outliers(folder: Path) -> torch.nn.Module:
@@ -61,6 +62,41 @@ def test_smoothing_alone_keeps_the_output(tiny_llama_dir: Path, alpha: float) ->
     with torch.no_grad():
         after = model(input_ids=x).logits
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_alpha_search_never_loses_to_no_smoothing_or_a_fixed_alpha() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, [3, 20]] *= 50  # outlier channels
+    weights = [torch.randn(32, 64, generator=g) * 0.05, torch.randn(16, 64, generator=g) * 0.05]
+    scheme = scheme_from_options(bits=8, act="per-token")
+    act_max = x.abs().amax(dim=0)
+
+    def error(factors: torch.Tensor) -> float:
+        xq = fake_quantize(x / factors, scheme.input_activations)
+        return sum(float((x @ w.T - xq @ fake_quantize(w * factors, scheme.weights).T).square().sum()) for w in weights)
+
+    factors, alpha, best = alpha_search(x, act_max, weights, scheme.weights, scheme.input_activations, (0.2, 0.5, 0.8))
+    assert alpha in (0.2, 0.5, 0.8)  # with outliers some smoothing helps
+    assert best == pytest.approx(error(factors), rel=1e-5)
+    assert best <= error(torch.ones(64)) and all(best <= error(smoothing_factors(act_max, weights, a)) for a in (0.2, 0.5, 0.8))
+    # no smoothing is always a candidate: with no alphas to try, the factors are ones
+    plain = torch.randn(512, 64, generator=g)
+    factors, alpha, _ = alpha_search(plain, plain.abs().amax(dim=0), weights, scheme.weights, scheme.input_activations, ())
+    assert alpha is None and torch.equal(factors, torch.ones(64))
+
+
+def test_alpha_search_beats_plain_w8a8_and_says_what_it_chose(tiny_llama_dir: Path) -> None:
+    original = llama_with_outliers(tiny_llama_dir)
+    scheme = scheme_from_options(bits=8, act="per-token")
+    plain = copy.deepcopy(original)
+    quantize_model(plain, QuantizeConfig(scheme=scheme))
+    searched = copy.deepcopy(original)
+    config = QuantizeConfig(scheme=scheme, method="smoothquant", options={"alpha_search": True})
+    result = quantize_model(searched, config, [{"input_ids": ids(seed=1)}])
+    evaluation = ids(seed=2)
+    assert compare_causal(searched, evaluation, original).kl_divergence < 0.7 * compare_causal(plain, evaluation, original).kl_divergence
+    assert any(re.search(r"alpha searched per fold: [0-9.]+ to [0-9.]+, median [0-9.]+", n) for n in result.notes), result.notes
 
 
 def test_smoothquant_beats_plain_w8a8_with_outliers(tiny_llama_dir: Path) -> None:

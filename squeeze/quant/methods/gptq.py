@@ -29,6 +29,11 @@ class GPTQOptions(MethodOptions):
         True, "GPTQ: quantize the inputs with the most energy first, group scales fixed up front (default on).",
         flag="--act-order/--no-act-order",
     )
+    group_aware: bool = option(
+        False, "GPTQ with --act-order and per-group scales: quantize each group's columns together, groups in order "
+        "of their largest input energy, so a group's scale comes from the error-updated weights.",
+        flag="--group-aware/--no-group-aware",
+    )
     true_sequential: bool = option(
         False, "GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.",
         flag="--true-sequential/--no-true-sequential",
@@ -98,6 +103,7 @@ class GPTQ(QuantMethod):
                     block_size=options.block_size,
                     damp_percent=options.damp_percent,
                     act_order=options.act_order,
+                    group_aware=options.group_aware,
                     zeros=stacked == 0,  # pruned weights stay pruned
                 )
             except ArithmeticError as exc:

@@ -18,13 +18,21 @@ from squeeze.options import MethodOptions, option
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
-from squeeze.quant.smoothquant import smoothing_factors
+from squeeze.quant.awq import capture_inputs
+from squeeze.quant.smoothquant import alpha_search, smoothing_factors
+
+ALPHAS = tuple(round(0.05 * step, 2) for step in range(1, 20))  # the alpha search's candidates
 
 
 class SmoothQuantOptions(MethodOptions):
     alpha: float = option(
         0.5, "SmoothQuant: share of the activation range moved into the weights, 0..1.",
         ge=0, le=1, error="SmoothQuant alpha must be in [0, 1]",
+    )
+    alpha_search: bool = option(
+        False, "SmoothQuant: choose alpha per fold, from 0.05 to 0.95 in steps of 0.05 or no smoothing, by the fold's "
+        "W8A8 output error on the calibration rows (--alpha is then not used).",
+        flag="--alpha-search/--no-alpha-search",
     )
     smooth_fallback: bool = option(
         False, "SmoothQuant: quantize without smoothing where no norm can be folded.",
@@ -69,6 +77,8 @@ class SmoothQuant(QuantMethod):
         """
         assert batches is not None
         alpha = config.options.alpha  # type: ignore[attr-defined]
+        search = config.options.alpha_search  # type: ignore[attr-defined]
+        chosen: list[float | None] = []
         layers = self.plan(model, config)
         first = all_blocks(model)[0][0]
         fallback = config.options.smooth_fallback  # type: ignore[attr-defined]
@@ -96,9 +106,20 @@ class SmoothQuant(QuantMethod):
 
             firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
             run_block_observed(block, inputs, firsts, observe_max, clock=clock)
+            captured = capture_inputs(block, inputs, firsts, clock=clock) if search and groups else {}
             for group in groups:
                 linears = [block.get_submodule(n) for n in group.linears]
-                factors = smoothing_factors(channel_max[group.linears[0]], [m.weight for m in linears], alpha)
+                first_max = channel_max[group.linears[0]]
+                if search:
+                    factors, picked, _ = alpha_search(
+                        captured[group.linears[0]], first_max, [m.weight for m in linears], config.scheme.weights,
+                        config.scheme.input_activations, ALPHAS,  # type: ignore[arg-type]
+                    )
+                    chosen.append(picked)
+                    if picked is None:
+                        continue  # no smoothing was best here
+                else:
+                    factors = smoothing_factors(first_max, [m.weight for m in linears], alpha)
                 fold_scales(block.get_submodule(group.prev), linears, factors, group.kind)
                 tally.fold(group)
                 smoothed.extend(f"{block_name}.{n}" for n in group.linears)
@@ -117,12 +138,22 @@ class SmoothQuant(QuantMethod):
         calibration_s = calibrate_sequentially(model, batches, compress_block, on_step, clock)
         finish_outside_blocks(model, config, layers, done, errors, notes)
         if smoothed:
-            notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers (alpha {alpha})")
+            notes.append(f"smoothed {len(smoothed)} of {len(layers)} layers ({_alphas(chosen) if search else f'alpha {alpha}'})")
+        elif chosen:
+            notes.append(f"{_alphas(chosen)}: no smoothing was best everywhere")
         notes.extend(tally.notes("SmoothQuant"))
         return QuantizeResult(
             layers=errors, quantized=list(layers), ignored=ignored_layers(model, layers), notes=notes,
             calibration_s=calibration_s,
         )
+
+
+def _alphas(chosen: list[float | None]) -> str:
+    """The alpha search's choices in a few words: their range and median, and the folds left alone."""
+    picked = sorted(a for a in chosen if a is not None)
+    words = f"alpha searched per fold: {picked[0]:g} to {picked[-1]:g}, median {picked[len(picked) // 2]:g}" if picked else "alpha searched per fold"
+    unsmoothed = len(chosen) - len(picked)
+    return words + (f"; {unsmoothed} of {len(chosen)} folds best left unsmoothed" if unsmoothed else "")
 
 
 def _no_fold(name: str, block: nn.Module, why: str) -> OptionError:
