@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,7 +35,10 @@ RESULTS = BENCH / "results" / f"{NAME}.json"
 PEERS = {
     "llm-compressor": (BENCH / "peers" / ".venv" / "bin" / "python", BENCH / "peers" / "llmcompressor_calibrated.py"),
     "gptqmodel": (BENCH / "peers" / ".venv-gptqmodel" / "bin" / "python", BENCH / "peers" / "gptqmodel_gptq.py"),
+    "auto-round": (BENCH / "peers" / ".venv-autoround" / "bin" / "python", BENCH / "peers" / "autoround_peer.py"),
+    "hqq": (BENCH / "peers" / ".venv-hqq" / "bin" / "python", BENCH / "peers" / "hqq_peer.py"),
 }
+SETUP = {"auto-round": "setup_autoround.sh", "hqq": "setup_hqq.sh"}  # peers outside benchmarks/peers/setup.sh
 MODEL = "smollm2"
 TEXTS = ("wikipedia", "bbc")
 SEQ_LEN = 512
@@ -42,7 +46,9 @@ BATCH_SIZE = 2
 
 W4_CHANNEL = dict(mode="per-channel", bits=4)
 W4_G64 = dict(mode="per-group", bits=4, group_size=64)
+W3_G64 = dict(mode="per-group", bits=3, group_size=64)
 W8A8 = dict(mode="per-channel", bits=8, act="per-token")
+ROTATE = dict(rotate="hadamard")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,13 @@ class Config:
     method: dict  # QuantizeConfig keywords: method and its options
     peers: tuple[str, ...] = ("llm-compressor",)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights(self) -> str:
+        """The weight grid the row is compared on across methods and tools: ``w4-g64``, ``w8-channel``..."""
+        s = self.scheme
+        grid = f"g{s['group_size']}" if s.get("mode") == "per-group" else "channel"
+        return f"w{s['bits']}-{grid}" + ("-a8" if s.get("act", "none") != "none" else "")
 
 
 # the issue's headline comparisons first, so that a run cut short still answers them
@@ -66,6 +79,20 @@ CONFIGS = [
     Config("gptq-w4-per-channel", "GPTQ W4 per-channel sym", W4_CHANNEL, dict(method="gptq"), ("llm-compressor", "gptqmodel")),
     Config("rtn-w4-per-channel", "RTN W4 per-channel sym", W4_CHANNEL, dict(method="rtn")),
     Config("awq-w4-per-channel", "AWQ W4 per-channel sym", W4_CHANNEL, dict(method="awq")),
+    # the quality frontier: learned rounding, HQQ, rotations, W3
+    Config("autoround-w4-g64", "AutoRound W4 group-64 sym", W4_G64, dict(method="autoround"), ("auto-round",)),
+    Config("hqq-w4-g64", "HQQ W4 group-64 asym", {**W4_G64, "asym": True}, dict(method="hqq"), ("hqq",)),
+    Config("rtn-w4-g64-rot", "RTN W4 group-64 sym, Hadamard-rotated", W4_G64, dict(method="rtn", **ROTATE), ()),
+    Config("gptq-w4-g64-rot", "GPTQ W4 group-64 sym, Hadamard-rotated", W4_G64, dict(method="gptq", **ROTATE), ()),
+    Config("autoround-w4-g64-rot", "AutoRound W4 group-64 sym, Hadamard-rotated", W4_G64, dict(method="autoround", **ROTATE), ()),
+    Config("w8a8-rot", "W8A8 RTN, Hadamard-rotated", W8A8, dict(method="rtn", **ROTATE), ()),
+    Config("smoothquant-search", "SmoothQuant W8A8, alpha searched per fold", W8A8,
+           dict(method="smoothquant", options=dict(alpha_search=True)), ()),
+    Config("rtn-w3-g64", "RTN W3 group-64 sym", W3_G64, dict(method="rtn"), ()),
+    Config("gptq-w3-g64", "GPTQ W3 group-64 sym", W3_G64, dict(method="gptq"), ("gptqmodel",)),
+    Config("autoround-w3-g64", "AutoRound W3 group-64 sym", W3_G64, dict(method="autoround"), ("auto-round",)),
+    Config("hqq-w3-g64", "HQQ W3 group-64 asym", {**W3_G64, "asym": True}, dict(method="hqq"), ("hqq",)),
+    Config("gptq-w3-g64-rot", "GPTQ W3 group-64 sym, Hadamard-rotated", W3_G64, dict(method="gptq", **ROTATE), ()),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -210,6 +237,7 @@ def targets(rows: list[dict]) -> list[dict]:
             lambda r: abs(r["eval"]["wikipedia"]["perplexity_change"]) <= 0.01,
             lambda r: "; ".join(f"{t}: {100 * r['eval'][t]['perplexity_change']:+.2f}%" for t in TEXTS),
         )
+    frontier_targets(ours, peer, add, both, show)
     for (tool, name), p in sorted(peer.items()):
         if tool != "llm-compressor" or name not in ours:
             continue
@@ -221,6 +249,58 @@ def targets(rows: list[dict]) -> list[dict]:
             lambda a, b: f"time {_ratio(a['quantize_s'], b['quantize_s'])}, RSS {_ratio(a['peak_rss_bytes'], b['peak_rss_bytes'])}",
         )
     return checks
+
+
+def _log_gap(row: dict, text: str) -> float:
+    return math.log(_ppl(row, text)) - math.log(_fp32(row, text))
+
+
+def frontier_targets(ours: dict, peer: dict, add, both, show) -> None:
+    """The quality-frontier targets: the best of each side per weight grid, learned rounding's share
+    of RTN's gap, rotations."""
+    for grid in ("w4-g64", "w3-g64"):
+        mine = [r for name, r in ours.items() if BY_NAME[name].weights == grid]
+        theirs = [r for (_, name), r in peer.items() if name in BY_NAME and BY_NAME[name].weights == grid]
+        best = lambda rows, t: min(rows, key=lambda r: _ppl(r, t))  # noqa: E731
+        add(
+            f"{grid.upper()}: squeeze's best method ≤ every peer's best, both texts",
+            [mine or None, theirs or None],
+            lambda a, b: all(_ppl(best(a, t), t) <= _ppl(best(b, t), t) for t in TEXTS),
+            lambda a, b: "; ".join(
+                f"{t}: {best(a, t)['label']} {_ppl(best(a, t), t):.3f} vs {best(b, t)['tool']} {best(b, t)['label']} {_ppl(best(b, t), t):.3f}"
+                for t in TEXTS
+            ),
+        )
+    add(
+        "AutoRound W4 g64 closes ≥ 50% of RTN's log-perplexity gap to fp32, both texts",
+        [ours.get("autoround-w4-g64"), ours.get("rtn-w4-g64")],
+        both(lambda a, r, t: _log_gap(a, t) <= 0.5 * _log_gap(r, t)),
+        lambda a, r: "; ".join(f"{t}: closes {1 - _log_gap(a, t) / _log_gap(r, t):.0%}" for t in TEXTS),
+    )
+    add(
+        "W8A8 with rotation within 0.5% of fp32 perplexity, both texts",
+        [ours.get("w8a8-rot")],
+        lambda r: all(abs(r["eval"][t]["perplexity_change"]) <= 0.005 for t in TEXTS),
+        lambda r: "; ".join(f"{t}: {100 * r['eval'][t]['perplexity_change']:+.2f}%" for t in TEXTS),
+    )
+    add(
+        "rotation + GPTQ W4 g64 better than GPTQ alone, both texts",
+        [ours.get("gptq-w4-g64-rot"), ours.get("gptq-w4-g64")],
+        both(lambda a, b, t: _ppl(a, t) < _ppl(b, t)),
+        show,
+    )
+    add(
+        "GPTQ W4 g64 ≤ GPTQModel's, both texts",
+        [ours.get("gptq-w4-g64"), peer.get(("gptqmodel", "gptq-w4-g64"))],
+        both(lambda a, b, t: _ppl(a, t) <= _ppl(b, t)),
+        show,
+    )
+    add(
+        "SmoothQuant W8A8 (alpha searched) within 1% of fp32 perplexity, both texts",
+        [ours.get("smoothquant-search")],
+        lambda r: all(abs(r["eval"][t]["perplexity_change"]) <= 0.01 for t in TEXTS),
+        lambda r: "; ".join(f"{t}: {100 * r['eval'][t]['perplexity_change']:+.2f}%" for t in TEXTS),
+    )
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -240,7 +320,7 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 **{f"perplexity_{t}": _ratio(_ppl(r, t), _ppl(p, t)) for t in TEXTS},
                 "quantize_s": _ratio(r["quantize_s"], p["quantize_s"]),
                 "peak_rss_bytes": _ratio(r["peak_rss_bytes"], p["peak_rss_bytes"]),
-                "checkpoint_bytes": _ratio(r["checkpoint_bytes"], p["checkpoint_bytes"]),
+                "checkpoint_bytes": _ratio(r["checkpoint_bytes"], p["checkpoint_bytes"]) if "checkpoint_bytes" in p else "-",
             }
         )
     return out
@@ -276,7 +356,8 @@ def table(result: dict) -> str:
         for t in TEXTS:
             e = r["eval"][t]
             cells += [f"{e['perplexity_after']:.3f}", f"{100 * e['perplexity_change']:+.2f}%", f"{e['kl_divergence']:.4f}"]
-        cells += [_mib(r["checkpoint_bytes"]), f"{r['bits_per_weight']:.2f}", f"{r['quantize_s']:.1f}", _mib(r["peak_rss_bytes"])]
+        size = _mib(r["checkpoint_bytes"]) if "checkpoint_bytes" in r else "-"  # peers scored in memory write none
+        cells += [size, f"{r['bits_per_weight']:.2f}", f"{r['quantize_s']:.1f}", _mib(r["peak_rss_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     if result["comparisons"]:
         lines += [
@@ -319,7 +400,7 @@ def main() -> None:
     tools = [] if args.no_peers else [t for t, (python, _) in PEERS.items() if python.exists()]
     for tool, (python, _) in PEERS.items():
         if not args.no_peers and not python.exists():
-            notes.append(f"{tool} skipped: {python.relative_to(REPO)} is missing; run benchmarks/peers/setup.sh.")
+            notes.append(f"{tool} skipped: {python.relative_to(REPO)} is missing; run benchmarks/peers/{SETUP.get(tool, 'setup.sh')}.")
     rows: list[dict] = []
     # a partial invocation (some configurations, or one side only) keeps the other rows already measured
     partial = args.peers_only or args.only or args.no_peers

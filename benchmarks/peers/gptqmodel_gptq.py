@@ -33,7 +33,7 @@ import torch
 from peer_common import MODEL, calibration_rows, evaluate, evaluation_sets, parse_args, quantized_linears, size_fields, write_result
 from squeeze.models import load_model
 
-CONFIGS = ["gptq-w4-per-channel", "gptq-w4-g64"]
+CONFIGS = ["gptq-w4-per-channel", "gptq-w4-g64", "gptq-w3-g64"]
 CPU_WORKERS = "2"  # GPTQModel's own thread pool; its default takes half the cores per worker
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     rows = calibration_rows(tokenizer, args)
     calibration = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in rows]
 
-    config = QuantizeConfig(bits=4, sym=True, **layout(args.config))
+    config = QuantizeConfig(bits=3 if "-w3-" in args.config else 4, sym=True, **layout(args.config))
     start = time.perf_counter()
     model = GPTQModel.load(str(loaded.source.path), config, device="cpu", dtype=torch.float32)
     load_s = time.perf_counter() - start
@@ -143,7 +143,7 @@ def main() -> None:
             "gptqmodel_version": gptqmodel.__version__,
             "how": (
                 f"GPTQModel {gptqmodel.__version__}: GPTQModel.load(fp32 folder, dtype float32), then "
-                f"quantize(calibration, batch_size 1) with QuantizeConfig(bits 4, group_size {config.group_size}, sym True, "
+                f"quantize(calibration, batch_size 1) with QuantizeConfig(bits {config.bits}, group_size {config.group_size}, sym True, "
                 f"desc_act {config.desc_act}, act_group_aware {config.act_group_aware}{ordering}, defaults otherwise: "
                 f"damp_percent {config.damp_percent}, damp_auto_increment {config.damp_auto_increment}, "
                 f"offload_to_disk {config.offload_to_disk}) on {rows.numel()} calibration tokens (squeeze's rows), lm_head "
