@@ -404,7 +404,10 @@ def main() -> None:
     rows: list[dict] = []
     # a partial invocation (some configurations, or one side only) keeps the other rows already measured
     partial = args.peers_only or args.only or args.no_peers
-    previous = json.loads(RESULTS.read_text())["rows"] if partial and RESULTS.exists() else []
+    # the rows already measured are read again before every write, so that two partial invocations
+    # running at once (say, a slow peer's rows beside squeeze's) keep each other's rows
+    previous = lambda: json.loads(RESULTS.read_text())["rows"] if partial and RESULTS.exists() else []  # noqa: E731
+    merged_earlier = bool(previous())
     for config in [BY_NAME[n] for n in args.only] if args.only else CONFIGS:
         runs = ([] if args.peers_only else ["squeeze"]) + [t for t in config.peers if t in tools]
         for tool in runs:
@@ -412,10 +415,10 @@ def main() -> None:
             rows.append(run(tool, config, args.calib_samples, args.eval_tokens))
             print(json.dumps({k: v for k, v in rows[-1].items() if k in ("tool", "config", "eval", "quantize_s", "peak_rss_bytes", "error")}), flush=True)
             # written after every row: a run cut short keeps what it measured
-            write(_result(args, source, _merge(previous, rows), notes))
-    if previous:
+            write(_result(args, source, _merge(previous(), rows), notes))
+    if merged_earlier:
         notes.append("rows from more than one invocation: see each row's load average and the run dates in the JSON")
-    write(_result(args, source, _merge(previous, rows), notes))
+    write(_result(args, source, _merge(previous(), rows), notes))
 
 
 def _merge(previous: list[dict], rows: list[dict]) -> list[dict]:
