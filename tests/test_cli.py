@@ -206,7 +206,7 @@ def test_gptq_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["settings"]["method"] == "gptq" and report["settings"]["damp_percent"] == 0.01
+    assert report["settings"]["method"] == "gptq" and report["settings"]["damp_percent"] == 0.05
     assert report["settings"]["calibration_tokens"] == 2 * 64
     assert len(report["layers"]) == 14 and "quantize" in report["timings_s"]
 

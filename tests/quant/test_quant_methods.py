@@ -17,7 +17,7 @@ W8A8 = scheme_from_options(bits=8, act="per-token")
 # what the report and the checkpoint's metadata record for each method, in this order
 SETTINGS = {
     "rtn": {},
-    "gptq": {"damp_percent": 0.01, "block_size": 128, "act_order": True, "group_aware": False, "true_sequential": False},
+    "gptq": {"damp_percent": 0.05, "block_size": 128, "act_order": True, "group_aware": True, "true_sequential": True},
     "smoothquant": {"alpha": 0.5, "alpha_search": False},
     "awq": {"awq_grid": 20, "awq_clip": True},
 }

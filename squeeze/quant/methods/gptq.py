@@ -21,7 +21,7 @@ from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
 
 class GPTQOptions(MethodOptions):
     damp_percent: float = option(
-        0.01, "GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.",
+        0.05, "GPTQ: damping added to the Hessian diagonal, as a fraction of its mean.",
         gt=0, le=1, error="damp percent must be in (0, 1]",
     )
     block_size: int = option(128, "GPTQ: columns updated together.", ge=1, error="GPTQ block size must be positive")
@@ -30,12 +30,13 @@ class GPTQOptions(MethodOptions):
         flag="--act-order/--no-act-order",
     )
     group_aware: bool = option(
-        False, "GPTQ with --act-order and per-group scales: quantize each group's columns together, groups in order "
-        "of their largest input energy, so a group's scale comes from the error-updated weights.",
+        True, "GPTQ with --act-order and per-group scales: quantize each group's columns together, groups in order "
+        "of their largest input energy, so a group's scale comes from the error-updated weights (default on).",
         flag="--group-aware/--no-group-aware",
     )
     true_sequential: bool = option(
-        False, "GPTQ: calibrate each layer on the outputs of the layers already quantized in its block.",
+        True, "GPTQ: calibrate each layer on the outputs of the layers already quantized in its block (default on; "
+        "off: one pass per block, faster).",
         flag="--true-sequential/--no-true-sequential",
     )
 
