@@ -121,6 +121,11 @@ class _QuantizeOptions(_Options):
     calib_data: str | None = option(None, "Calibration text for static activation scales (default: the --data text).")
     calib_samples: int = option(128, "Calibration windows of --seq-len tokens (GPTQ and static activation scales).", ge=1)
     batch_size: int = option(2, "Windows per forward pass.", ge=1)
+    rotate: str = option(
+        "none", "Rotate before quantizing: none, or hadamard (seeded randomised Hadamard rotations of the residual stream and "
+        "each head's values, fused into the weights; RMSNorm decoders such as Llama, Qwen, Mistral).",
+    )
+    rotate_seed: int = option(0, "Seed of the random signs of --rotate hadamard.")
 
     def _scheme_options(self) -> tuple[str, int, int | None, bool]:
         """Mode, bits, group size and asymmetry with what the format fixes and the method's
@@ -164,6 +169,7 @@ class _QuantizeOptions(_Options):
         options = {name: getattr(o, name) for name in method.Options.model_fields}
         return QuantizeConfig(
             scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method, options=options, format=o.format,
+            rotate=o.rotate, rotate_seed=o.rotate_seed,
         )
 
     def label(self) -> str:
@@ -172,7 +178,8 @@ class _QuantizeOptions(_Options):
             return fixed.label
         bits = self.bits if self.bits is not None else self._scheme_options()[1]
         act = "a8" if self.act != "none" else "a16"
-        return f"{self.method}-w{bits}{act}" + (f"-g{self.group_size}" if self.group_size else "")
+        rotated = "-rot" if self.rotate != "none" else ""
+        return f"{self.method}{rotated}-w{bits}{act}" + (f"-g{self.group_size}" if self.group_size else "")
 
 
 QuantizeStage = create_model(

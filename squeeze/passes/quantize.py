@@ -22,6 +22,7 @@ from squeeze.quant.apply import plan_quantize, quantize_model
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.layers import QuantizeResult, ignored_layers
 from squeeze.quant.methods import METHODS
+from squeeze.quant.rotate import RotateResult, rotate_model
 from squeeze.report import LayerReport, Report
 from squeeze.sizes import parse_size
 
@@ -39,6 +40,7 @@ class QuantizeStep(CompressionStep):
         self.method = METHODS.get(config.method)
         self.format = QUANTIZED_FORMATS.get(config.format)
         self.result: QuantizeResult | None = None
+        self.rotated: RotateResult | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -61,6 +63,7 @@ class QuantizeStep(CompressionStep):
         self.linear_flops = prep.linear_flops
         self.linear_after = 0
         self.parts: list[QuantizeResult] = []
+        self.stored_dtype = prep.loaded.stored_dtype
         return self.method.steps(prep.loaded.model, layers)
 
     def observe_part(self, layers: dict[str, nn.Module]) -> None:
@@ -68,6 +71,14 @@ class QuantizeStep(CompressionStep):
             self.input.add(name, module.weight)
 
     def compress(self, model: nn.Module, calibration, on_step: Callable[[str], None]) -> float:
+        if self.config.rotate != "none":
+            if self.input.structure is not None:
+                raise OptionError(
+                    f"{{0}} {self.config.rotate} would fill in the zeros of this pruned model ({self.input.structure}), "
+                    "since a rotation makes every weight nonzero: drop {0}", "rotate",
+                )
+            # the evaluation's reference was recorded before this: the rotated model is scored against the original
+            self.rotated = rotate_model(model, self.config.rotate_seed)
         self.result = quantize_model(model, self.config, calibration, on_step=on_step)
         return self._finish()
 
@@ -85,6 +96,8 @@ class QuantizeStep(CompressionStep):
 
     def check_stream(self, run: RunSettings) -> None:
         method, fmt = self.config.method, self.config.format
+        if self.config.rotate != "none":
+            raise OptionError(f"{{0}} holds one block at a time; {{1}} {self.config.rotate} changes the embeddings, every block and the head together", "stream", "rotate")
         if self.config.needs_calibration and not self.method.blockwise:
             raise OptionError(f"{{0}} cannot measure static activation ranges with {literal(method)}: the whole model would run at once", "stream")
         if fmt not in STREAMED_FORMATS:
@@ -140,6 +153,8 @@ class QuantizeStep(CompressionStep):
         config, result, sparsity = self.config, self.result, self.sparsity
         assert result is not None
         notes = list(result.notes)
+        if self.rotated is not None:
+            notes = self.rotated.notes(self.stored_dtype) + notes
         if sparsity is not None:
             zeros = sum(self.input.zeros.values())
             lost = sum(e.zeros_lost for e in result.layers)
@@ -155,6 +170,8 @@ class QuantizeStep(CompressionStep):
             "targets": list(config.targets) or ["all Linear layers"],
             "ignore": list(config.ignore),
             "full_precision_linear_layers": result.ignored,
+            "rotate": config.rotate,
+            **({"rotate_seed": config.rotate_seed} if config.rotate != "none" else {}),
             **run.calibration_line(self.calib_windows, self.method.no_data),
         }
         layers = [

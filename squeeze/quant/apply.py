@@ -16,6 +16,7 @@ from squeeze.formats import QUANTIZED_FORMATS
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.layers import QuantizeResult
 from squeeze.quant.methods import METHODS
+from squeeze.quant.rotate import check_rotatable
 
 __all__ = ["QuantizeConfig", "QuantizeResult", "plan_quantize", "quantize_model"]
 
@@ -25,6 +26,8 @@ def plan_quantize(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Line
     group sizes, what the method needs of the architecture and what the checkpoint format can hold.
     Cheap: run it on the meta model before loading weights (and ``squeeze.formats.check_format``,
     which needs no model, before that)."""
+    if config.rotate != "none":
+        check_rotatable(model)  # the architecture, before anything else: a rotation changes every layer
     layers = METHODS.get(config.method).plan(model, config)
     QUANTIZED_FORMATS.get(config.format).check_model(model, list(layers), config.scheme)
     return layers

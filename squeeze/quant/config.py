@@ -9,6 +9,7 @@ from typing import Any
 from squeeze.calib.targets import DEFAULT_IGNORE
 from squeeze.options import MethodOptions, as_options
 from squeeze.quant.methods import METHODS
+from squeeze.quant.rotate import check_rotation
 from squeeze.quant.scheme import QuantScheme
 
 
@@ -19,7 +20,9 @@ class QuantizeConfig:
     ``method`` names a registered method (squeeze.quant.methods.METHODS) and ``options`` holds its
     own options: its Options model, or a mapping of them (validated here, defaults filled in),
     or None for the defaults. ``format`` is the checkpoint format the pass writes; the pass checks
-    it (squeeze.formats), the config only carries it.
+    it (squeeze.formats), the config only carries it. ``rotate`` is "none" or "hadamard": rotations
+    fused into the weights before the method runs (squeeze.quant.rotate), their signs drawn from
+    ``rotate_seed``.
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -28,8 +31,11 @@ class QuantizeConfig:
     method: str = "rtn"
     options: MethodOptions | Mapping[str, Any] | None = None
     format: str = "compressed-tensors"
+    rotate: str = "none"
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_rotation(self.rotate)
         method = METHODS.get(self.method)
         object.__setattr__(self, "options", as_options(method.Options, self.options))
         method.check(self)
