@@ -6,7 +6,7 @@ the ``--method`` choices.
 
 from __future__ import annotations
 
-from squeeze.quant.methods import rtn, gptq, smoothquant, awq, hqq  # noqa: F401  (one module per method)
+from squeeze.quant.methods import rtn, gptq, smoothquant, awq, hqq, autoround  # noqa: F401  (one module per method)
 from squeeze.quant.methods.base import METHODS, QuantMethod
 
 __all__ = ["METHODS", "QuantMethod"]
