@@ -22,7 +22,8 @@ from squeeze.quant.apply import QuantizeConfig
 from squeeze.quant.scheme import scheme_from_options
 
 SMALL = dict(data="shakespeare", eval_tokens=128, seq_len=32, calibration_samples=4, generation_prompts=0)
-QUANTIZE = ("rtn", "gptq", "awq", "smoothquant", "hqq")
+QUANTIZE = ("rtn", "gptq", "awq", "smoothquant", "hqq", "autoround")
+OPTIONS = {"autoround": {"autoround_iters": 2}}  # learned rounding: two steps show it runs
 PRUNE = ("magnitude", "wanda", "sparsegpt")
 W4 = dict(mode="per-group", bits=4, group_size=32)  # symmetric: transformers loads MoE experts only so
 
@@ -32,7 +33,7 @@ INIT_READS = "its weight initialisation reads"
 INT8_EXPERTS = "mixture-of-experts layers of a compressed-tensors checkpoint only packed and symmetric"
 REFUSED = {
     **{("gpt2", m): CONV1D for m in QUANTIZE},
-    **{(a, m): INIT_READS for a in ("falcon", "modernbert", "t5") for m in ("rtn", "gptq", "awq", "hqq")},
+    **{(a, m): INIT_READS for a in ("falcon", "modernbert", "t5") for m in ("rtn", "gptq", "awq", "hqq", "autoround")},
     **{(a, "smoothquant"): INT8_EXPERTS for a in ("mixtral", "qwen3_moe")},
 }
 # what a refused cell can do instead, and works: (architecture, method, extra options)
@@ -79,7 +80,8 @@ def _run(architecture: str, method: str, folder: Path, out: Path, extra: dict | 
         scheme = scheme_from_options(bits=8)
     else:
         scheme = scheme_from_options(**W4)
-    return quantize(str(folder), out, QuantizeConfig(scheme=scheme, method=method, format=fmt, **extra), **SMALL)
+    config = QuantizeConfig(scheme=scheme, method=method, format=fmt, options=OPTIONS.get(method), **extra)
+    return quantize(str(folder), out, config, **SMALL)
 
 
 def _levels_ok(weight: torch.Tensor, levels: int) -> bool:
