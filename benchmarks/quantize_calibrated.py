@@ -446,8 +446,9 @@ STANDING_NOTES = [
     "GPTQModel: its quantize call); model load, evaluation and saving excluded. Peak RSS is the whole process (ru_maxrss), "
     "evaluation and the fp32 reference copy every tool keeps for scoring included.",
     "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
-    "squeeze's GPTQ runs with its defaults: act-order with group scales fixed up front, damping 0.01, block 128, statistics of "
-    "each block from one pass over the unquantized block, the quantized block producing the next block's inputs.",
+    "squeeze's GPTQ runs with its defaults: group-aware act-order (whole groups in order of input energy, each group's scale "
+    "from the updated weights), damping 0.05, block 128, true-sequential (o_proj calibrated on the quantized q/k/v's outputs, "
+    "down_proj on the quantized gate/up's), the quantized block producing the next block's inputs.",
 ]
 
 if __name__ == "__main__":
