@@ -6,8 +6,9 @@ Runs in benchmarks/peers/.venv-autoround (``setup_autoround.sh``). The same fp32
 quantizes goes through ``auto_round.AutoRound`` with squeeze's calibration token rows (one window
 per dataset entry, ``nsamples`` = the number of rows, ``seqlen`` = their length), the number of
 steps squeeze's ``--method autoround`` takes by default (auto-round's own default, 200, took
-minutes per block on 2 CPU cores), and auto-round's defaults otherwise (learned clip ranges,
-batch of 8 rows, its learning rates), at
+minutes per block on 2 CPU cores), the same rows per step as squeeze's (the benchmark's batch of 2
+windows; auto-round's default batch of 8 costs four times the compute per step and would take hours
+on 2 cores), and auto-round's defaults otherwise (learned clip ranges, its learning rates), at
 the row's bits and group size, symmetric, every Linear but lm_head. auto-round writes its ``fake``
 format (weights quantized then dequantized, as the model it returns holds them); that model is
 scored with squeeze's ``compare_causal`` against an fp32 copy on the same evaluation windows as
@@ -29,6 +30,7 @@ from squeeze.models import load_model
 from squeeze.quant.methods.autoround import AutoRoundOptions
 
 ITERS = AutoRoundOptions.model_fields["autoround_iters"].default  # the same budget of steps as squeeze's
+BATCH = 2  # windows per step: squeeze's one batch of the benchmark's --batch-size 2
 
 CONFIGS = {"autoround-w4-g64": (4, 64), "autoround-w3-g64": (3, 64)}  # name: (bits, group size)
 
@@ -47,7 +49,7 @@ def main() -> None:
     start = time.perf_counter()
     rounder = AutoRound(
         model, loaded.tokenizer, scheme="W4A16", bits=bits, group_size=group_size, sym=True, dataset=dataset,
-        nsamples=rows.shape[0], seqlen=rows.shape[1], iters=ITERS, device_map="cpu", enable_torch_compile=False,
+        nsamples=rows.shape[0], seqlen=rows.shape[1], iters=ITERS, batch_size=BATCH, device_map="cpu", enable_torch_compile=False,
         layer_config={"lm_head": {"bits": 16}},
     )
     quantized, _ = rounder.quantize_and_save(str(args.out), format="fake")
@@ -71,7 +73,7 @@ def main() -> None:
             **{name: str(getattr(rounder, name, "its default")) for name in ("iters", "batch_size", "lr", "minmax_lr")},
         },
         "how": f"auto-round {importlib.metadata.version('auto-round')} AutoRound(bits={bits}, group_size={group_size}, sym=True, "
-        f"iters={ITERS}, squeeze's {rows.shape[0]} x {rows.shape[1]} calibration rows, defaults otherwise) on every Linear but lm_head, "
+        f"iters={ITERS}, batch_size={BATCH}, squeeze's {rows.shape[0]} x {rows.shape[1]} calibration rows, defaults otherwise) on every Linear but lm_head, "
         "fake format, scored in memory",
     })
 

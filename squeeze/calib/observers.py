@@ -4,12 +4,13 @@ scales) and Hessians ``H = 2/n Σ x xᵀ`` (GPTQ, SparseGPT)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_stacks
-from squeeze.calib.pipeline import BlockInputs, CalibrationClock, run_block_observed
+from squeeze.calib.pipeline import BlockInputs, CalibrationClock, StopBlock, run_block_observed
 
 Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,6 +72,13 @@ def observe_input_ranges(
     return ranges
 
 
+class Hessians(NamedTuple):
+    accumulators: dict[str, "HessianAccumulator"]  # per layer; layers that read one tensor share one
+    ranges: Ranges  # input min/max per layer, when static activation scales are wanted
+    order: list[str]  # the observed layers, in call order
+    complete: bool  # every listed layer that the block calls was observed (no call was cut short)
+
+
 @torch.no_grad()
 def observe_hessians(
     block: nn.Module,
@@ -78,11 +86,15 @@ def observe_hessians(
     modules: dict[str, nn.Linear],
     static: bool = False,
     clock: CalibrationClock | None = None,
-) -> tuple[dict[str, HessianAccumulator], Ranges, list[str]]:
-    """Run ``block`` on its calibration ``inputs``; return (Hessian accumulator per layer, input
-    ranges per layer when ``static``, layer names in call order).
+    first_input_only: bool = False,
+) -> Hessians:
+    """Run ``block`` on its calibration ``inputs`` and accumulate the Hessian of every listed
+    layer's inputs (and their ranges when ``static``).
 
     Layers reading the very same tensor in one call (q/k/v, gate/up) share one accumulator.
+    ``first_input_only`` observes only the layers that read the first listed layer's input (or
+    that were observed already) and ends each call as soon as another listed layer is reached: a
+    true-sequential solve needs just that group, and the rest of the forward would be wasted.
     """
     accumulators: dict[str, HessianAccumulator] = {}
     ranges: Ranges = {}
@@ -96,6 +108,8 @@ def observe_hessians(
         if key in same_call:
             acc = same_call[key][0]
         else:
+            if first_input_only and accumulators and name not in accumulators:
+                raise StopBlock
             acc = accumulators.get(name) or HessianAccumulator(module.in_features, x.device)
             acc.add(x)
             same_call[key] = (acc, x)
@@ -106,7 +120,7 @@ def observe_hessians(
             merge_range(ranges, name, x)
 
     try:
-        run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear, clock=clock)
+        complete = run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear, clock=clock)
     finally:
         same_call.clear()
-    return accumulators, ranges, order
+    return Hessians(accumulators, ranges, order, complete)

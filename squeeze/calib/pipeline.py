@@ -88,6 +88,11 @@ def capture_block_inputs(
         return capture_block_calls(model, batches, stack)
 
 
+class StopBlock(Exception):
+    """Raised by an observer of :func:`run_block_observed` once it has seen all it needs of the
+    current call: the rest of the block's forward on that input is skipped."""
+
+
 def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -116,23 +121,30 @@ def run_block_observed(
     observe: Callable[[str, nn.Module, torch.Tensor], None],
     before_call: Callable[[], None] | None = None,
     clock: CalibrationClock | None = None,
-) -> None:
+) -> bool:
     """Run ``block`` on every captured input, calling ``observe(name, module, x)`` with the input
     ``x`` of each listed module. ``before_call`` runs before each input, for per-call state (layers
-    that read the very same tensor, like q/k/v, are recognised within one call)."""
+    that read the very same tensor, like q/k/v, are recognised within one call). An observer may
+    raise :class:`StopBlock` to end the current call there. Returns whether every call ran to its
+    end."""
     handles = [
         m.register_forward_pre_hook(lambda module, args, name=n: observe(name, module, args[0]))
         for n, m in modules.items()
     ]
+    complete = True
     try:
         with _timing(clock), reuse_dequantized():
             for hidden, kwargs in inputs:
                 if before_call:
                     before_call()
-                block(hidden, **kwargs)
+                try:
+                    block(hidden, **kwargs)
+                except StopBlock:
+                    complete = False
     finally:
         for h in handles:
             h.remove()
+    return complete
 
 
 @torch.no_grad()

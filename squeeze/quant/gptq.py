@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.quant.rtn import compute_qparams
+from squeeze.quant.rtn import compute_qparams, qparams_from_minmax
 from squeeze.quant.scheme import QuantArgs
 
 MAX_DAMP_RETRIES = 6
 SUB_BLOCK = 16  # columns whose errors are applied one by one; block_size ones are deferred by a matmul
+CLIP_LOWEST = 0.75  # the smallest fraction of a row's range the clip search tries
 
 
 def relative_output_error(diff: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -60,6 +61,36 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch
     raise ArithmeticError(f"the Hessian is not positive definite even with damping {damp / 10:g}")
 
 
+def search_clip(
+    x: torch.Tensor, importance: torch.Tensor, args: QuantArgs, steps: int, lowest: float = CLIP_LOWEST
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point for ``x`` [out, n] (``args`` per-channel): the row's min/max
+    shrunk by the factor in ``steps`` + 1 even steps from 1 down to ``lowest`` that minimises
+    ``Σ_j importance_j (x_j − x̂_j)²``, the rounding error weighted by each column's input energy
+    (the Hessian's diagonal). Ties keep the larger range; ``steps`` 0 is plain min/max."""
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    best_scale, best_zero = qparams_from_minmax(lo, hi, args)
+    if steps <= 0:
+        return best_scale, best_zero
+    weights = importance.reshape(1, -1).float()
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s, z = scale.float(), zero.float()
+        q = torch.clamp(torch.round(x / s + z), args.qmin, args.qmax)
+        return ((x - (q - z) * s).pow(2) * weights).sum(dim=1, keepdim=True)
+
+    best = error(best_scale, best_zero)
+    for k in range(1, steps + 1):
+        factor = 1.0 - (1.0 - lowest) * k / steps
+        scale, zero = qparams_from_minmax(lo * factor, hi * factor, args)
+        err = error(scale, zero)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def _group_aware_order(diagonal: torch.Tensor, group_size: int) -> torch.Tensor:
     """Column order keeping each group's columns together: groups by their largest diagonal entry,
     columns within a group by theirs, both descending (ties in index order)."""
@@ -80,6 +111,7 @@ def gptq_quantize(
     act_order: bool = False,
     zeros: torch.Tensor | None = None,
     group_aware: bool = False,
+    clip_steps: int = 0,
 ) -> GPTQResult:
     """Quantize ``weight`` [out, in] with GPTQ against ``hessian`` [in, in].
 
@@ -96,6 +128,10 @@ def gptq_quantize(
     ``zeros`` (bool ``[out, in]``) marks weights that must stay exactly zero, e.g. pruned ones: each
     is stored as the code of zero, and whatever the updates of earlier columns pushed onto it is
     passed on to the later columns as its error (pruning it again, as SparseGPT does).
+
+    ``clip_steps`` > 0 (per-channel and per-group scales) picks each scale from that many shrunk
+    ranges by :func:`search_clip`, weighting each column's rounding error by its Hessian diagonal,
+    instead of the plain min/max.
     """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -111,14 +147,18 @@ def gptq_quantize(
         scale_dtype = getattr(torch, args.scale_dtype or "float32")
         scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=w.device)
         zero_point = torch.empty(out_features, n_groups, dtype=torch.int8, device=w.device)
-    else:
-        scale, zero_point = compute_qparams(w, args)
-
     channel_args = QuantArgs(num_bits=args.num_bits, symmetric=args.symmetric, strategy="channel",
                              scale_dtype=args.scale_dtype)
 
-    def set_group(g: int, columns: torch.Tensor) -> None:
-        s, z = compute_qparams(columns, channel_args)
+    energy = torch.diag(h)  # the columns' input energy, in the original order
+    if not group_size:
+        if args.strategy == "channel":
+            scale, zero_point = search_clip(w, energy, channel_args, clip_steps)
+        else:
+            scale, zero_point = compute_qparams(w, args)
+
+    def set_group(g: int, columns: torch.Tensor, importance: torch.Tensor) -> None:
+        s, z = search_clip(columns, importance, channel_args, clip_steps)
         scale[:, g] = s[:, 0]
         zero_point[:, g] = z[:, 0]
 
@@ -132,7 +172,7 @@ def gptq_quantize(
     static_groups = act_order and not group_aware  # scales fixed up front from the original weight
     if static_groups and group_size:
         for g in range(n_groups):
-            set_group(g, w[:, g * group_size : (g + 1) * group_size])
+            set_group(g, w[:, g * group_size : (g + 1) * group_size], energy[g * group_size : (g + 1) * group_size])
     w = w[:, perm]
     h = h[perm][:, perm]
     zeros_t = zeros[:, perm].t().contiguous().to(w.device) if zeros is not None and bool(zeros.any()) else None
@@ -173,7 +213,7 @@ def gptq_quantize(
                         columns = block[i : i + group_size]
                         if zeros_t is not None:  # the range of the weights that will be stored
                             columns = columns.masked_fill(zeros_t[start + i : start + i + group_size], 0)
-                        set_group(g, columns.t())
+                        set_group(g, columns.t(), energy[perm[start + i : start + i + group_size]])
                         cached_group = -1
                     if g != cached_group:
                         s, z = column_params(g)

@@ -128,7 +128,7 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n, m in modules.items()]
     try:
-        accumulators, _, order = observe_hessians(block, inputs, modules)
+        accumulators, _, order, _ = observe_hessians(block, inputs, modules)
     finally:
         for h in hooks:
             h.remove()
@@ -139,6 +139,28 @@ def test_each_layer_gets_the_hessian_of_its_own_inputs(tiny_llama_dir) -> None:
     for name, xs in seen.items():
         x = torch.cat(xs).float()
         assert torch.allclose(accumulators[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6), name
+
+
+def test_observing_the_first_input_only_cuts_each_call_short_with_the_same_hessian(tiny_llama_dir) -> None:
+    """True-sequential GPTQ observes one group per pass: q/k/v's Hessian is the full pass's, the
+    later layers are not reached (the pass says it was cut short), and a pass whose first group is
+    the block's last layer runs to the end."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, [{"input_ids": ids}, {"input_ids": ids.flip(0)}]).first
+    block = model.model.layers[0]
+    modules = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    full = observe_hessians(block, inputs, modules)
+    first = observe_hessians(block, inputs, modules, first_input_only=True)
+    assert full.complete and not first.complete
+    assert first.order == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert torch.equal(first.accumulators["self_attn.q_proj"].hessian, full.accumulators["self_attn.q_proj"].hessian)
+    assert first.accumulators["self_attn.q_proj"].rows == full.accumulators["self_attn.q_proj"].rows
+    last = observe_hessians(block, inputs, {"mlp.down_proj": modules["mlp.down_proj"]}, first_input_only=True)
+    assert last.complete and last.order == ["mlp.down_proj"]
+    assert torch.equal(last.accumulators["mlp.down_proj"].hessian, full.accumulators["mlp.down_proj"].hessian)
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -50,7 +50,7 @@ class SparseGPT(BlockwisePruneMethod):
         done: list[LayerSparsity] = []
         notes: list[str] = []
         # one pass over the block as it is: layers reading the same input share one Hessian
-        accumulators, _, _ = observe_hessians(block, inputs, targets, clock=clock)
+        accumulators = observe_hessians(block, inputs, targets, clock=clock).accumulators
         for name, linear in targets.items():
             if name not in accumulators:
                 continue

@@ -34,6 +34,11 @@ class GPTQOptions(MethodOptions):
         "of their largest input energy, so a group's scale comes from the error-updated weights (default on).",
         flag="--group-aware/--no-group-aware",
     )
+    clip_search: int = option(
+        0, "GPTQ: shrunk ranges tried for each scale, from the full min/max down to 3/4 of it, keeping the one with the "
+        "least rounding error weighted by the inputs' energy (0: plain min/max).",
+        ge=0, le=1000, error="GPTQ clip search steps must be in [0, 1000]",
+    )
     true_sequential: bool = option(
         True, "GPTQ: calibrate each layer on the outputs of the layers already quantized in its block (default on; "
         "off: one pass per block, faster).",
@@ -76,7 +81,10 @@ class GPTQ(QuantMethod):
         def compress_block(block_name: str, block: nn.Module, inputs) -> None:
             pending = {n: m for n, m in layers.items() if n.startswith(block_name + ".")}
             while pending:
-                accumulators, ranges, order = observe_hessians(block, inputs, pending, static, clock)
+                # true-sequential: observe only the next group, cutting each call short after it
+                accumulators, ranges, order, complete = observe_hessians(
+                    block, inputs, pending, static, clock, first_input_only=options.true_sequential
+                )
                 # layers sharing a Hessian form one stacked solve (per-tensor scales: one layer each), in call order
                 groups: dict[int, list[str]] = {}
                 for name in order:
@@ -89,7 +97,7 @@ class GPTQ(QuantMethod):
                 unseen = [n for n in pending if n not in accumulators]
                 if unseen and not order:
                     raise SqueezeError(f"layers {', '.join(unseen)} never ran during calibration")
-                for name in unseen:
+                for name in unseen if complete else ():
                     # a targeted layer the block's forward never calls: nothing to calibrate on
                     pending.pop(name)
 
@@ -105,6 +113,7 @@ class GPTQ(QuantMethod):
                     damp_percent=options.damp_percent,
                     act_order=options.act_order,
                     group_aware=options.group_aware,
+                    clip_steps=options.clip_search,
                     zeros=stacked == 0,  # pruned weights stay pruned
                 )
             except ArithmeticError as exc:
