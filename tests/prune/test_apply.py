@@ -127,6 +127,21 @@ def test_a_head_tied_to_the_embeddings_is_refused(tiny_llama_dir: Path) -> None:
         plan_prune(load(tiny_llama_dir), PruneConfig(ignore=()))
 
 
+def test_sparsegpt_true_sequential_recalibrates_later_layers(tiny_llama_dir: Path) -> None:
+    """q/k/v see the same inputs either way; o_proj's change once q/k/v are pruned; every layer is
+    still pruned to its target."""
+    weights = {}
+    for true_sequential in (True, False):
+        model = load(tiny_llama_dir)
+        config = PruneConfig(method="sparsegpt", sparsity=0.5, options={"block_size": 32, "true_sequential": true_sequential})
+        result = prune_model(model, config, batches())
+        assert len(result.layers) == 14 and all(layer.sparsity == pytest.approx(0.5, abs=1e-9) for layer in result.layers)
+        attention = model.model.layers[0].self_attn
+        weights[true_sequential] = (attention.q_proj.weight.clone(), attention.o_proj.weight.clone())
+    assert torch.equal(weights[True][0], weights[False][0])
+    assert not torch.equal(weights[True][1], weights[False][1])
+
+
 @pytest.mark.parametrize("pattern", [None, "2:4"])
 def test_sparsegpt_pass(tiny_llama_dir: Path, pattern) -> None:
     model, original = load(tiny_llama_dir), load(tiny_llama_dir)

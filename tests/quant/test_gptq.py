@@ -5,7 +5,7 @@ import torch
 
 from squeeze.calib.observers import HessianAccumulator, observe_hessians
 from squeeze.calib.pipeline import capture_block_inputs
-from squeeze.quant.gptq import gptq_quantize
+from squeeze.quant.gptq import gptq_quantize, search_clip
 from squeeze.quant.rtn import compute_qparams, dequantize, quantize
 from squeeze.quant.scheme import QuantArgs
 
@@ -214,3 +214,45 @@ def test_group_aware_scales_come_from_the_updated_weights() -> None:
     original, _ = compute_qparams(w, QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=32))
     assert torch.equal(static.scale, original)
     assert not torch.equal(aware.scale, original)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_clip_search_never_loses_to_min_max_and_stays_on_the_grid(symmetric: bool, bits: int) -> None:
+    """Each row's chosen range has a weighted rounding error no larger than min/max's (which it
+    is with 0 steps), and its codes and zero points stay in range."""
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(64, 64, generator=gen) * torch.rand(64, 1, generator=gen)
+    x[:, 3] *= 8  # an outlier column per row: the case clipping exists for
+    importance = torch.rand(64, generator=gen)
+    args = QuantArgs(num_bits=bits, symmetric=symmetric, strategy="channel")
+
+    def weighted_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        q = quantize(x, scale, zero, args)
+        assert int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
+        return ((x - dequantize(q, scale, zero, args, torch.float32)) ** 2 * importance).sum(dim=1)
+
+    plain = compute_qparams(x, args)
+    off = search_clip(x, importance, args, 0)
+    assert torch.equal(off[0], plain[0]) and torch.equal(off[1], plain[1])
+    searched = search_clip(x, importance, args, 20)
+    base, found = weighted_error(*plain), weighted_error(*searched)
+    assert bool((found <= base + 1e-6).all())
+    if bits < 8:
+        assert float(found.sum()) < float(base.sum())  # the search found improvements
+    assert int(searched[1].min()) >= args.qmin and int(searched[1].max()) <= args.qmax
+
+
+def test_gptq_with_clip_search_keeps_the_layout_and_lowers_the_output_error() -> None:
+    x = correlated_inputs()
+    weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    weight[:, :4] *= 6
+    hessian = 2 * x.t() @ x / x.shape[0]
+    args = QuantArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
+    errors = {}
+    for steps in (0, 20):
+        result = gptq_quantize(weight, hessian, args, act_order=True, group_aware=True, clip_steps=steps)
+        assert result.scale.shape == (32, 4) and result.codes.shape == weight.shape
+        diff = dequantize(result.codes, result.scale, result.zero_point, args, torch.float32) - weight
+        errors[steps] = float(((diff @ hessian) * diff).sum())
+    assert errors[20] < errors[0]

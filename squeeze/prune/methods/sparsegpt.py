@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from squeeze.calib.observers import hessian_bytes, observe_hessians
@@ -24,6 +25,11 @@ class SparseGPTOptions(MethodOptions):
     damp_percent: float = option(
         0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean.",
         gt=0, le=1, error="damp percent must be in (0, 1]",
+    )
+    true_sequential: bool = option(
+        False, "SparseGPT: calibrate each layer on the outputs of the layers already pruned in its block (o_proj on "
+        "the pruned q/k/v's, down_proj on the pruned gate/up's) instead of all from the unpruned block in one pass.",
+        flag="--true-sequential/--no-true-sequential",
     )
 
 
@@ -49,36 +55,47 @@ class SparseGPT(BlockwisePruneMethod):
         options: SparseGPTOptions = config.options  # type: ignore[assignment]
         done: list[LayerSparsity] = []
         notes: list[str] = []
-        # one pass over the block as it is: layers reading the same input share one Hessian
-        accumulators = observe_hessians(block, inputs, targets, clock=clock).accumulators
-        for name, linear in targets.items():
-            if name not in accumulators:
-                continue
-            hessian = accumulators[name].hessian
-            try:
-                solved = sparsegpt_prune(
-                    linear.weight, hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent
-                )
-            except ArithmeticError as exc:
-                raise OptionError(
-                    f"SparseGPT failed on {literal(name)}: {literal(str(exc))}; use more calibration text or a larger {{0}}",
-                    "damp_percent",
-                ) from None
-            if solved.retries:
-                notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
-            original = linear.weight.detach().float()
-            diff = solved.weight.to(original.device) - original
-            output_error = relative_output_error(diff, original, hessian)
-            linear.weight.data.copy_(solved.weight)
-            done.append(
-                LayerSparsity(
-                    name=name,
-                    shape=(linear.out_features, linear.in_features),
-                    target=plan[name][1],
-                    zeros=int((linear.weight == 0).sum()),
-                    relative_error=float(diff.norm() / original.norm().clamp_min(1e-30)),
-                    max_abs_error=float(diff.abs().max()),
-                    output_error=output_error,
-                )
-            )
+        pending = dict(targets)
+        while pending:
+            # layers reading the same input share one Hessian; true-sequential observes (and prunes)
+            # one such group per pass, the layers before it already pruned
+            observed = observe_hessians(block, inputs, pending, clock=clock, first_input_only=options.true_sequential)
+            if options.true_sequential:
+                first = observed.accumulators[observed.order[0]] if observed.order else None
+                group = [n for n in observed.order if observed.accumulators[n] is first]
+            else:
+                group = [n for n in pending if n in observed.accumulators]
+            for name in group:
+                done.append(self._prune_layer(name, pending.pop(name), observed.accumulators[name].hessian, plan, config, notes))
+            if observed.complete or not group:
+                break  # what is still pending never ran in the block's forward: nothing to calibrate on
         return done, notes
+
+    def _prune_layer(
+        self, name: str, linear: nn.Linear, hessian: torch.Tensor, plan: Plan, config: PruneConfig, notes: list[str]
+    ) -> LayerSparsity:
+        options: SparseGPTOptions = config.options  # type: ignore[assignment]
+        try:
+            solved = sparsegpt_prune(
+                linear.weight, hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent
+            )
+        except ArithmeticError as exc:
+            raise OptionError(
+                f"SparseGPT failed on {literal(name)}: {literal(str(exc))}; use more calibration text or a larger {{0}}",
+                "damp_percent",
+            ) from None
+        if solved.retries:
+            notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
+        original = linear.weight.detach().float()
+        diff = solved.weight.to(original.device) - original
+        output_error = relative_output_error(diff, original, hessian)
+        linear.weight.data.copy_(solved.weight)
+        return LayerSparsity(
+            name=name,
+            shape=(linear.out_features, linear.in_features),
+            target=plan[name][1],
+            zeros=int((linear.weight == 0).sum()),
+            relative_error=float(diff.norm() / original.norm().clamp_min(1e-30)),
+            max_abs_error=float(diff.abs().max()),
+            output_error=output_error,
+        )
