@@ -18,7 +18,7 @@ from squeeze.quant.scheme import QuantArgs
 
 MAX_DAMP_RETRIES = 6
 SUB_BLOCK = 16  # columns whose errors are applied one by one; block_size ones are deferred by a matmul
-CLIP_LOWEST = 0.75  # the smallest fraction of a row's range the clip search tries
+CLIP_LOWEST = 0.4  # the smallest fraction of a row's range the clip search tries
 
 
 def relative_output_error(diff: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:

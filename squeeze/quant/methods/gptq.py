@@ -35,8 +35,8 @@ class GPTQOptions(MethodOptions):
         flag="--group-aware/--no-group-aware",
     )
     clip_search: int = option(
-        0, "GPTQ: shrunk ranges tried for each scale, from the full min/max down to 3/4 of it, keeping the one with the "
-        "least rounding error weighted by the inputs' energy (0: plain min/max).",
+        48, "GPTQ: shrunk ranges tried for each scale when it is set, evenly from the full min/max down to 0.4 of it, "
+        "keeping the one with the least rounding error weighted by the inputs' energy (0: plain min/max).",
         ge=0, le=1000, error="GPTQ clip search steps must be in [0, 1000]",
     )
     true_sequential: bool = option(
