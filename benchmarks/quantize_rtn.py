@@ -110,7 +110,11 @@ def _run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with log.open("w") as sink:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SNAPSHOT), os.environ.get("PYTHONPATH")]))}
+        # the snapshot this run took (snapshot_for_children puts it on PYTHONPATH), else the default one
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if not any(Path(p).parent == WORK and Path(p).name.startswith(SNAPSHOT.name) for p in paths):
+            paths.insert(0, str(SNAPSHOT))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         code = subprocess.run(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
     return code, time.perf_counter() - start, load
 
