@@ -99,14 +99,19 @@ def _hidden(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def run_block(
-    block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None, next_kwargs: list[dict[str, Any]] | None = None
+    block: nn.Module, inputs: BlockInputs, clock: CalibrationClock | None = None, next_kwargs: list[dict[str, Any]] | None = None,
+    hidden_states: BlockInputs | None = None,
 ) -> BlockInputs:
     """The block's outputs for every captured input, paired with ``next_kwargs`` (the next block's
     keyword arguments, one per batch; default: the same as this block's) and with what the block's
-    output carries to the next one (squeeze.calib.capture.next_arguments)."""
+    output carries to the next one (squeeze.calib.capture.next_arguments). ``hidden_states``
+    (another stream of this block's inputs, e.g. the unquantized model's) replaces the inputs'
+    hidden states, batch for batch, keeping their keyword arguments."""
     outputs = inputs_like(inputs)
     with _timing(clock), reuse_dequantized():
         for index, (hidden, kwargs) in enumerate(inputs):
+            if hidden_states is not None:
+                hidden = hidden_states[index][0]
             output = block(hidden, **kwargs)
             following = kwargs if next_kwargs is None else next_kwargs[index]
             outputs.append((_hidden(output), next_arguments(block, output, following)))

@@ -275,6 +275,19 @@ def test_learning_beats_round_to_nearest_on_the_calibration_text(tiny_llama_dir:
     assert gaps[1] < gaps[0]
 
 
+def test_model_target_starts_like_the_block_target_and_then_corrects_earlier_blocks(tiny_llama_dir: Path) -> None:
+    """Block 0 sees the same inputs and targets either way (same codes); from block 1 on the model
+    target is the unquantized model's output, not the unquantized block's on quantized inputs."""
+    codes = {}
+    for model_target in (True, False):
+        model = load_model(str(tiny_llama_dir)).model
+        options = {"autoround_iters": 6, "autoround_model_target": model_target}
+        quantize_model(model, QuantizeConfig(scheme=scheme_from_options("per-group", 2, 32), method="autoround", options=options), calibration())
+        codes[model_target] = [model.model.layers[i].mlp.down_proj.weight_codes.clone() for i in (0, 1)]
+    assert torch.equal(codes[True][0], codes[False][0])
+    assert not torch.equal(codes[True][1], codes[False][1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Through the registry: the CLI, recipes and Python
 
@@ -315,12 +328,13 @@ def test_recipe_stage_validates(tmp_path: Path, tiny_llama_dir: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "stages:\n  - quantize: {method: autoround, bits: 3, group_size: 32, autoround_iters: 50, autoround_lr: 0.02,"
-        " autoround_batch: 2, autoround_clip: false, autoround_seed: 1}\n"
+        " autoround_batch: 2, autoround_clip: false, autoround_seed: 1, autoround_model_target: false}\n"
     )
     plan_recipe(load_recipe(recipe), str(tiny_llama_dir))
     stage = QuantizeStage(method="autoround", autoround_iters=50, autoround_clip=False)
     assert stage.config(None).options.settings() == {
         "autoround_iters": 50, "autoround_lr": None, "autoround_batch": 1, "autoround_clip": False, "autoround_seed": 0,
+        "autoround_model_target": True,
     }
 
 

@@ -60,11 +60,13 @@ class Written:
         monkeypatch.setattr(spill_module, "save_tensors_file", counted)
 
 
-@pytest.mark.parametrize("method", ["gptq", "wanda"])
+@pytest.mark.parametrize("method", ["gptq", "autoround", "wanda"])
 def test_a_spilled_pass_writes_the_same_tensors(method: str, twelve_blocks: Path, tmp_path: Path, monkeypatch) -> None:
-    if method == "gptq":
-        config = QuantizeConfig(scheme=scheme_from_options(mode="per-group", bits=4, group_size=32, asym=True), method="gptq")
-        run = quantize
+    if method != "wanda":
+        # AutoRound also carries the unquantized model's hidden states from block to block
+        options = {"autoround_iters": 2} if method == "autoround" else {}
+        scheme = scheme_from_options(mode="per-group", bits=4, group_size=32, asym=True)
+        config, run = QuantizeConfig(scheme=scheme, method=method, options=options), quantize
     else:
         config, run = PruneConfig(method="wanda", sparsity=0.5), prune
     held = run(str(twelve_blocks), tmp_path / "held", config, stream=True, **SMALL)

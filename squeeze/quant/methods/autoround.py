@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from squeeze.calib.blocks import all_blocks
+from squeeze.calib.capture import BlockInputs
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block
 from squeeze.calib.spill import release_inputs
 from squeeze.errors import OptionError
@@ -44,6 +45,12 @@ class AutoRoundOptions(MethodOptions):
         flag="--autoround-clip/--no-autoround-clip",
     )
     autoround_seed: int = option(0, "AutoRound: seed of the batches each step draws.", ge=0)
+    autoround_model_target: bool = option(
+        True, "AutoRound: each block learns to reproduce the unquantized model's output at its depth (the block run "
+        "on the unquantized model's own inputs), so it also makes up for the blocks before it (default); "
+        "--autoround-block-target: the unquantized block's output on the quantized blocks' outputs.",
+        flag="--autoround-model-target/--autoround-block-target",
+    )
 
 
 @METHODS.register
@@ -61,7 +68,8 @@ class AutoRound(QuantMethod):
             raise OptionError("AutoRound learns a clip range per channel or group, not per tensor: use {0} per-group", "mode")
 
     def calibration_bytes(self, model: nn.Module, tokens: int, dtype_bytes: int) -> int:
-        """The block's original outputs on every calibration token; per weight of the block, the
+        """The block's original outputs on every calibration token (twice: the unquantized model's
+        stream at that depth is kept for the next block); per weight of the block, the
         offset, its gradient, two saved copies and the fake-quantized weight with its autograd
         intermediates (about 8 float32 values); the autograd activations of a step of
         ``_STEP_TOKENS`` tokens (about 12 hidden-wide and 4 intermediate-wide float32 values a token)."""
@@ -70,7 +78,8 @@ class AutoRound(QuantMethod):
         blocks = all_blocks(model)
         weights = sum(m.weight.numel() for m in blocks[0][1].modules() if isinstance(m, nn.Linear)) if blocks else 0
         step = min(tokens, _STEP_TOKENS) * (12 * hidden + 4 * intermediate) * 4
-        return tokens * hidden * dtype_bytes + weights * 8 * 4 + step
+        streams = 2  # the targets, and the unquantized model's hidden states at the current depth
+        return streams * tokens * hidden * dtype_bytes + weights * 8 * 4 + step
 
     @torch.no_grad()
     def run(
@@ -82,8 +91,11 @@ class AutoRound(QuantMethod):
     ) -> QuantizeResult:
         """AutoRound, one transformer block at a time, on calibration ``batches``; rewrites ``model`` in place.
 
-        Each block's original outputs on its inputs (the outputs of the blocks already quantized)
-        are the target; the block's targeted layers learn their rounding together against it, then
+        The target is the unquantized model's output at each block's depth (the unquantized
+        block run on the unquantized model's hidden states, carried from block to block), or with
+        ``autoround_model_target`` off the unquantized block's output on its inputs (the outputs
+        of the blocks already quantized); the block always runs on the latter while it learns, so
+        the first way also makes up for the error of the blocks before it; the block's targeted layers learn their rounding together against it, then
         are rounded once and swapped for QuantizedLinear. The calibration time counts the passes
         that make the targets and the next block's inputs; the optimisation is the method's own work.
         Targeted layers outside the blocks (rare) get round-to-nearest, noted in the result.
@@ -98,12 +110,23 @@ class AutoRound(QuantMethod):
         ratios: list[float] = []
         clock = CalibrationClock()
 
+        model_stream: dict[str, BlockInputs] = {}  # "hidden": the unquantized model's outputs of the previous block
+
         def compress_block(block_name: str, block: nn.Module, inputs) -> None:
             prefix = block_name + "."
             targets = {n[len(prefix):]: m for n, m in layers.items() if n.startswith(prefix)}
+            if options.autoround_model_target:
+                if block_name.rsplit(".", 1)[-1] == "0":  # a stack's first block: both streams start together
+                    release_inputs(model_stream.pop("hidden", []))
+                previous = model_stream.pop("hidden", None)
+                outputs = run_block(block, inputs, clock, hidden_states=previous)  # still unquantized
+                model_stream["hidden"] = outputs  # kept: the next block's unquantized inputs
+                if previous is not None:
+                    release_inputs(previous)
+            elif targets:
+                outputs = run_block(block, inputs, clock)
             if not targets:
                 return
-            outputs = run_block(block, inputs, clock)
 
             def loss(fake: dict[str, torch.Tensor], index: int) -> torch.Tensor:
                 hidden, kwargs = inputs[index]
@@ -125,7 +148,8 @@ class AutoRound(QuantMethod):
             finally:
                 for p, flag in frozen:
                     p.requires_grad_(flag)
-                release_inputs(outputs)
+                if not options.autoround_model_target:
+                    release_inputs(outputs)
             if learned.rtn_loss > 0:
                 ratios.append(learned.loss / learned.rtn_loss)
             for name, linear in targets.items():
@@ -134,7 +158,10 @@ class AutoRound(QuantMethod):
                 errors.append(replace_layer(model, prefix + name, linear, qlinear))
                 done.add(prefix + name)
 
-        calibration_s = calibrate_sequentially(model, batches, compress_block, on_step, clock)
+        try:
+            calibration_s = calibrate_sequentially(model, batches, compress_block, on_step, clock)
+        finally:
+            release_inputs(model_stream.pop("hidden", []))
         finish_outside_blocks(model, config, layers, done, errors, notes)
         if ratios:
             kept = sum(r >= 1 for r in ratios)
