@@ -6,7 +6,7 @@ The kernel is plain tensors in, plain tensors out: ``W [out, in]`` and the Hessi
 ``H = 2/n Σ x xᵀ [in, in]`` of the layer's calibration inputs give the pruned and updated
 weight. The mask is chosen as the columns are reached: for unstructured sparsity, within each
 block of ``block_size`` columns, the weights with the lowest ``w² / [H⁻¹]_jj²`` (the loss of
-removing them) across the block's rows; for N:M, the same score within each group of M inputs of
+removing them) across the block's rows, or within each of its rows; for N:M, the same score within each group of M inputs of
 a row. Unlike Wanda, the surviving weights change to make up for the removed ones.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.prune.masks import _prune_lowest, unstructured_mask
+from squeeze.prune.masks import _prune_lowest, row_mask, unstructured_mask
 from squeeze.quant.gptq import _inverse_cholesky
 
 
@@ -36,8 +36,13 @@ def sparsegpt_prune(
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     damp_percent: float = 0.01,
+    per_row: bool = False,
 ) -> SparseGPTResult:
-    """Prune ``weight`` [out, in] to ``sparsity`` (or keep ``n`` of every ``m`` inputs) against ``hessian``."""
+    """Prune ``weight`` [out, in] to ``sparsity`` (or keep ``n`` of every ``m`` inputs) against ``hessian``.
+
+    Unstructured masks are chosen per block of columns across all rows together (the paper's), or
+    with ``per_row`` within each row of the block: every row then loses the same share of every
+    block, as Wanda's comparison per output does."""
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     in_features = w.shape[1]
@@ -55,7 +60,8 @@ def sparsegpt_prune(
         h_inv_block = h_inv[start:end, start:end]
         diagonal = torch.diagonal(h_inv_block)
         if n_m is None:
-            prune = ~unstructured_mask(block.pow(2) / diagonal.pow(2).unsqueeze(0), sparsity)
+            select = row_mask if per_row else unstructured_mask
+            prune = ~select(block.pow(2) / diagonal.pow(2).unsqueeze(0), sparsity)
         else:
             prune = torch.zeros_like(block, dtype=torch.bool)
         for i in range(end - start):

@@ -32,6 +32,20 @@ def test_unstructured_prunes_the_exact_share_of_every_block(sparsity: float) -> 
         assert int((block == 0).sum()) == round(sparsity * block.numel())
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_per_row_masks_prune_the_exact_share_of_every_row_of_every_block(sparsity: float) -> None:
+    w, h, x = setup(dim=192)
+    per_row = sparsegpt_prune(w, h, sparsity, block_size=64, per_row=True).weight
+    joint = sparsegpt_prune(w, h, sparsity, block_size=64).weight
+    for start in range(0, 192, 64):
+        zeros = (per_row[:, start : start + 64] == 0).sum(dim=1)
+        assert bool((zeros == round(sparsity * 64)).all())
+    # the joint choice lets rows differ; the per-row one is a different, still compensated, mask
+    assert not torch.equal(per_row == 0, joint == 0)
+    reference = x @ w.t()
+    assert float((x @ per_row.t() - reference).norm()) < float((x @ (w * row_mask(w.abs(), sparsity)).t() - reference).norm())
+
+
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
 def test_n_m_pattern(n: int, m: int) -> None:
     w, h, _ = setup()

@@ -26,6 +26,11 @@ class SparseGPTOptions(MethodOptions):
         0.01, "SparseGPT: damping added to the Hessian diagonal, as a fraction of its mean.",
         gt=0, le=1, error="damp percent must be in (0, 1]",
     )
+    mask_per_row: bool = option(
+        False, "SparseGPT, unstructured: choose each block's mask within every output row (each row loses the same "
+        "share of each block of columns) instead of across the block's rows together.",
+        flag="--mask-per-row/--mask-per-block",
+    )
     true_sequential: bool = option(
         False, "SparseGPT: calibrate each layer on the outputs of the layers already pruned in its block (o_proj on "
         "the pruned q/k/v's, down_proj on the pruned gate/up's) instead of all from the unpruned block in one pass.",
@@ -77,7 +82,8 @@ class SparseGPT(BlockwisePruneMethod):
         options: SparseGPTOptions = config.options  # type: ignore[assignment]
         try:
             solved = sparsegpt_prune(
-                linear.weight, hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent
+                linear.weight, hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent,
+                per_row=options.mask_per_row,
             )
         except ArithmeticError as exc:
             raise OptionError(
