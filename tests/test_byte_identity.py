@@ -55,7 +55,7 @@ COMMANDS: dict[str, list[str]] = {
     "magnitude-2of4": ["prune", "--pattern", "2:4"],
     "magnitude-30-dense": ["prune", "--sparsity", "0.3", "--format", "dense"],
     "wanda-50": ["prune", "--method", "wanda", "--sparsity", "0.5", *QUANTIZE_SMALL],
-    "sparsegpt-50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", *QUANTIZE_SMALL],
+    "sparsegpt-50": ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--mask-per-block", "--no-true-sequential", *QUANTIZE_SMALL],
     "distill-4-steps": ["distill", "layers:2", "--steps", "4", "--batch-size", "2"],
     "recipe": ["run", "RECIPE"],
 }

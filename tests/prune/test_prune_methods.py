@@ -11,7 +11,7 @@ from squeeze.prune.apply import PruneConfig
 from squeeze.prune.methods import PRUNE_METHODS
 from squeeze.recipes import PruneStage
 
-SETTINGS = {"magnitude": {}, "wanda": {}, "sparsegpt": {"block_size": 128, "damp_percent": 0.01, "mask_per_row": False, "true_sequential": False}}
+SETTINGS = {"magnitude": {}, "wanda": {}, "sparsegpt": {"block_size": 128, "damp_percent": 0.01, "mask_per_row": True, "true_sequential": True}}
 
 
 def test_the_registry_names_every_method_in_order() -> None:

@@ -27,13 +27,13 @@ class SparseGPTOptions(MethodOptions):
         gt=0, le=1, error="damp percent must be in (0, 1]",
     )
     mask_per_row: bool = option(
-        False, "SparseGPT, unstructured: choose each block's mask within every output row (each row loses the same "
-        "share of each block of columns) instead of across the block's rows together.",
+        True, "SparseGPT, unstructured: choose each block's mask within every output row, so each row loses the same "
+        "share of each block of columns (default); --mask-per-block: across the block's rows together, as the paper.",
         flag="--mask-per-row/--mask-per-block",
     )
     true_sequential: bool = option(
-        False, "SparseGPT: calibrate each layer on the outputs of the layers already pruned in its block (o_proj on "
-        "the pruned q/k/v's, down_proj on the pruned gate/up's) instead of all from the unpruned block in one pass.",
+        True, "SparseGPT: calibrate each layer on the outputs of the layers already pruned in its block (o_proj on "
+        "the pruned q/k/v's, down_proj on the pruned gate/up's; default); off: all from the unpruned block in one pass.",
         flag="--true-sequential/--no-true-sequential",
     )
 
