@@ -375,6 +375,12 @@ def table_footer(result: dict) -> list[str]:
             f"- 1-minute load average when each row started: {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "
             "(above the core count, other work shared the CPU and that row's time is inflated)."
         )
+    single = [f"{r['tool']} {r['config']}" for r in rows if r.get("torch_threads") == "1"]
+    if single:
+        lines.append(
+            f"- One torch thread (OMP_NUM_THREADS=1, two benchmarks sharing the 2 cores): {', '.join(single)}; "
+            "the other rows ran with torch's default threads, so time ratios between the two kinds overstate the one-thread row."
+        )
     lines += ["", "Targets from the issue, checked on this run:", "", "| target | measured | result |", "|---|---|---|"]
     for c in result["targets"]:
         verdict = "not run" if c["pass"] is None else ("pass" if c["pass"] else "**FAIL**")
