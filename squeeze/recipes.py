@@ -119,7 +119,7 @@ class _QuantizeOptions(_Options):
         None, "Leave matching layers in full precision (repeatable) (default: lm_head and classifier heads).",
     )
     calib_data: str | None = option(None, "Calibration text for static activation scales (default: the --data text).")
-    calib_samples: int = option(128, "Calibration windows of --seq-len tokens (GPTQ and static activation scales).", ge=1)
+    calib_samples: int = option(128, "Calibration windows of --seq-len tokens (the calibrated methods and static activation scales).", ge=1)
     batch_size: int = option(2, "Windows per forward pass.", ge=1)
     rotate: str = option(
         "none", "Rotate before quantizing: none, or hadamard (seeded randomised Hadamard rotations of the residual stream and "
