@@ -462,7 +462,10 @@ STANDING_NOTES = [
     "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
     "squeeze's GPTQ runs with its defaults: group-aware act-order (whole groups in order of input energy, each group's scale "
     "from the updated weights), damping 0.05, block 128, true-sequential (o_proj calibrated on the quantized q/k/v's outputs, "
-    "down_proj on the quantized gate/up's), the quantized block producing the next block's inputs.",
+    "down_proj on the quantized gate/up's), clip search (each group's range from 49 shrinkings of its min/max, least "
+    "Hessian-diagonal-weighted rounding error), the quantized block producing the next block's inputs. AutoRound learns "
+    "each block against the unquantized model's output at its depth. Rows measured before those defaults carry their "
+    "settings in the JSON.",
 ]
 
 if __name__ == "__main__":
