@@ -100,7 +100,12 @@ def main() -> None:
     saved = json.loads((args.out / "config.json").read_text()).get("quantization_config", {})
 
     start = time.perf_counter()
-    quantized = GPTQModel.load(str(args.out), device="cpu", dtype=torch.float32)
+    reload_dtype = torch.float32
+    try:
+        quantized = GPTQModel.load(str(args.out), device="cpu", dtype=reload_dtype)
+    except NotImplementedError:  # its CPU kernel for 3-bit codes takes float16/bfloat16 only
+        reload_dtype = torch.float16
+        quantized = GPTQModel.load(str(args.out), device="cpu", dtype=reload_dtype)
     reload_s = time.perf_counter() - start
     fake_quant = dequantized_copy(reference, quantized.model, names)
     del quantized
@@ -120,6 +125,7 @@ def main() -> None:
         "mse": config.mse,
         "offload_to_disk": config.offload_to_disk,
         "dtype": "float32",
+        "reload_dtype": str(reload_dtype).removeprefix("torch."),
         "cpu_workers": os.environ["GPTQMODEL_CPU_WORKERS"],
     }
     write_result(
@@ -148,9 +154,10 @@ def main() -> None:
                 f"damp_percent {config.damp_percent}, damp_auto_increment {config.damp_auto_increment}, "
                 f"offload_to_disk {config.offload_to_disk}) on {rows.numel()} calibration tokens (squeeze's rows), lm_head "
                 "kept; disk offload leaves the in-memory model on the meta device, so it was saved in GPTQ format and "
-                "reloaded with GPTQModel.load on CPU (reload timed apart); scored by squeeze's compare_causal as the fp32 "
-                "model carrying GPTQModel's own dequantization of each quantized weight, computed in fp32, against the "
-                "fp32 model; quantize_s is the quantize call."
+                f"reloaded with GPTQModel.load on CPU in {arguments['reload_dtype']} (reload timed apart; float16 where its "
+                "CPU kernel has no float32, as for 3-bit codes); scored by squeeze's compare_causal as the fp32 model carrying "
+                "GPTQModel's own dequantization of each quantized weight (computed in the reload dtype, upcast to fp32), "
+                "against the fp32 model; quantize_s is the quantize call."
             ),
         },
     )
