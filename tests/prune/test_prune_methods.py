@@ -60,5 +60,5 @@ def test_the_stage_holds_every_methods_options_with_their_defaults() -> None:
     assert all(field.description for field in fields.values())
     assert field_meta(fields["targets"])["flag"] == "--target"
     made = PruneStage(method="sparsegpt", block_size=32).config()  # flat recipe keys, as before
-    assert made.options.settings() == {"block_size": 32, "damp_percent": 0.01}
+    assert made.options.settings() == {"block_size": 32, "damp_percent": 0.01, "mask_per_row": True, "true_sequential": True}
     assert PruneStage(method="wanda", block_size=32).config().options.settings() == {}  # not Wanda's: not passed on
