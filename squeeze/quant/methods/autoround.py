@@ -91,12 +91,12 @@ class AutoRound(QuantMethod):
     ) -> QuantizeResult:
         """AutoRound, one transformer block at a time, on calibration ``batches``; rewrites ``model`` in place.
 
-        The target is the unquantized model's output at each block's depth (the unquantized
-        block run on the unquantized model's hidden states, carried from block to block), or with
-        ``autoround_model_target`` off the unquantized block's output on its inputs (the outputs
-        of the blocks already quantized); the block always runs on the latter while it learns, so
-        the first way also makes up for the error of the blocks before it; the block's targeted layers learn their rounding together against it, then
-        are rounded once and swapped for QuantizedLinear. The calibration time counts the passes
+        The block learns on its inputs (the outputs of the blocks already quantized). Its target
+        is the unquantized model's output at its depth (the unquantized block run on the
+        unquantized model's hidden states, carried from block to block), so it also makes up for
+        the error of the blocks before it; with ``autoround_model_target`` off, the unquantized
+        block's output on its own inputs. The block's targeted layers learn their rounding
+        together against the target, then are rounded once and swapped for QuantizedLinear. The calibration time counts the passes
         that make the targets and the next block's inputs; the optimisation is the method's own work.
         Targeted layers outside the blocks (rare) get round-to-nearest, noted in the result.
         """
