@@ -130,7 +130,7 @@ def plan_recipe(recipe: Recipe, model: str, trust_remote_code: bool = False, eva
                 after_quantize = index
                 entry.config = stage.config(current)
                 entry.streamable = input_streams and _streams(QuantizeStep(entry.config))
-                check_format(entry.config.format, entry.config.scheme, entry.config.method)
+                check_format(entry.config.format, entry.config.scheme, entry.config.method, entry.config.format_options)
                 if current is not None:
                     plan_quantize(current, entry.config)
                 if entry.config.needs_calibration:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from squeeze.calib.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
 from squeeze.distill.config import DistillConfig, parse_layer_map
-from squeeze.errors import OptionError, SqueezeError, in_words, recipe_spelling
+from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
 from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
 from squeeze.formats.base import FixedScheme
 from squeeze.formats.files import MAX_SHARD_BYTES
@@ -85,6 +85,16 @@ def _fixed_scheme(fmt: str) -> FixedScheme | None:
     return QUANTIZED_FORMATS.get(fmt).fixed_scheme if fmt in QUANTIZED_FORMATS else None
 
 
+def _format_options(stage: BaseModel, fmt: str) -> dict[str, Any]:
+    """The options of format ``fmt`` that ``stage`` holds; OptionError for another format's
+    option set away from its default (``gguf_type`` with ``format: gptq``)."""
+    own = QUANTIZED_FORMATS.get(fmt).Options.model_fields
+    for name, field in QUANTIZED_FORMATS.options().items():
+        if name not in own and getattr(stage, name) != field.default:
+            raise OptionError(f"{{0}} is an option of another format than {literal(fmt)}: drop it or choose its {{1}}", name, "format")
+    return {name: getattr(stage, name) for name in own}
+
+
 class _QuantizeOptions(_Options):
     """``squeeze quantize`` options every method shares (``--format`` is ``format``, ``--target``
     is ``targets``); :class:`QuantizeStage` adds the options of every registered method."""
@@ -131,12 +141,15 @@ class _QuantizeOptions(_Options):
         """Mode, bits, group size and asymmetry with what the format fixes and the method's
         defaults filled in; the group size stays open (None) where the model's shapes decide it."""
         defaults = METHODS.get(self.method).defaults if self.method in METHODS else SchemeDefaults()
-        mode, bits, group_size = self.mode, self.bits, self.group_size
-        fixed = _fixed_scheme(self.format)
-        if fixed is not None:
-            mode, bits, group_size = fixed.fill(mode, bits, group_size)
+        mode, bits, group_size, asym = self.mode, self.bits, self.group_size, self.asym
+        if self.format in QUANTIZED_FORMATS:
+            try:
+                fmt = QUANTIZED_FORMATS.get(self.format).with_options(_format_options(self, self.format))
+            except OptionError:  # config() words it; here the format's defaults shape the scheme
+                fmt = QUANTIZED_FORMATS.get(self.format)
+            mode, bits, group_size, asym = fmt.fill_scheme(mode, bits, group_size, asym)
         bits = bits if bits is not None else defaults.bits
-        return mode or defaults.mode, bits, group_size, self.asym if self.asym is not None else defaults.asym
+        return mode or defaults.mode, bits, group_size, asym if asym is not None else defaults.asym
 
     @property
     def needs_shapes(self) -> bool:
@@ -167,9 +180,11 @@ class _QuantizeOptions(_Options):
             act_asym=o.act_asym, checkpoint=o.format,
         )
         options = {name: getattr(o, name) for name in method.Options.model_fields}
+        format_options = _format_options(o, o.format)
+        QUANTIZED_FORMATS.get(o.format).with_options(format_options)  # its options checked before the method's
         return QuantizeConfig(
             scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method, options=options, format=o.format,
-            rotate=o.rotate, rotate_seed=o.rotate_seed,
+            format_options=format_options, rotate=o.rotate, rotate_seed=o.rotate_seed,
         )
 
     def label(self) -> str:
@@ -186,6 +201,7 @@ QuantizeStage = create_model(
     "QuantizeStage", __base__=_QuantizeOptions, __module__=__name__,
     __doc__="``squeeze quantize`` options: the common ones and every quantization method's own (``damp_percent``, ...).",
     **METHODS.fields(reserved=_QuantizeOptions.model_fields),
+    **QUANTIZED_FORMATS.fields(reserved=_QuantizeOptions.model_fields),
 )
 
 

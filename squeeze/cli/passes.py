@@ -30,13 +30,16 @@ from squeeze.recipes import DistillStage, PruneStage, QuantizeStage
 # listed as --help always listed them: the method's options, then format and layers; calibration
 # text beside the command's --data, batch size beside its --seq-len.
 CALIBRATION = ("calib_data", "calib_samples", "batch_size")
-FORMAT_AND_LAYERS = ("format", "targets", "ignore")
 
 
 def _pass_options(stage: type[BaseModel]) -> dict[str, list]:
-    """A pass stage's options, placed after the command's own ``model``, ``data`` and ``seq_len``."""
+    """A pass stage's options, placed after the command's own ``model``, ``data`` and ``seq_len``
+    (the formats' own options right after ``--format``)."""
+    format_and_layers = tuple(
+        name for name in ("format", *QUANTIZED_FORMATS.options(), "targets", "ignore") if name in stage.model_fields
+    )
     return {
-        "model": model_options(stage, exclude=CALIBRATION + FORMAT_AND_LAYERS) + model_options(stage, only=FORMAT_AND_LAYERS),
+        "model": model_options(stage, exclude=CALIBRATION + format_and_layers) + model_options(stage, only=format_and_layers),
         "data": model_options(stage, only=CALIBRATION[:2]),
         "seq_len": model_options(stage, only=CALIBRATION[2:]),
     }
@@ -64,7 +67,7 @@ def quantize(
     generation_prompts: GenerationPromptsOption = GENERATION_PROMPTS,
     **options: Any,
 ) -> None:
-    """Quantize with one of the methods of --method to a compressed-tensors, GPTQ or bitsandbytes checkpoint, with a memory and accuracy report."""
+    """Quantize with one of the methods of --method to a compressed-tensors, GPTQ, bitsandbytes or GGUF checkpoint, with a memory and accuracy report."""
     at_least_one(
         ("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", options["batch_size"]),
         ("--calib-samples", options["calib_samples"]),
@@ -97,7 +100,8 @@ def _run_pass(fn, model: str, out_dir: Path, config, fmt: str, as_json: bool, qu
     """Run one pass of the API with progress on stderr; print its report as JSON or as tables."""
     progress = NullProgress() if quiet else ConsoleProgress(err)
     report = call(fn, model, out_dir, config, progress=progress, **options)
-    print_report(report, out_dir, f"{fmt} safetensors, config.json, report.json, report.md", as_json, quiet)
+    formats = QUANTIZED_FORMATS if fn is quantize_pass else PRUNED_FORMATS
+    print_report(report, out_dir, f"{formats.get(fmt).files_written.format(name=fmt)}, report.json, report.md", as_json, quiet)
 
 
 def _layer_sparsity(entries: list[str]) -> dict[str, float]:

@@ -5,7 +5,8 @@ Quantized models (``squeeze quantize --format``):
 
 - ``compressed-tensors`` (default): pack-quantized / int-quantized, read by transformers and vLLM;
 - ``gptq``: qweight / qzeros / scales / g_idx, read by GPTQModel and transformers + optimum;
-- ``bnb-int8`` and ``bnb-nf4``: bitsandbytes' serialisation, read by transformers with bitsandbytes.
+- ``bnb-int8`` and ``bnb-nf4``: bitsandbytes' serialisation, read by transformers with bitsandbytes;
+- ``gguf``: one GGUF file (Q4_0 / Q4_1 / Q8_0 blocks from squeeze's codes), run by llama.cpp.
 
 Pruned models (``squeeze prune --format``): ``sparse-bitmask`` (default; compressed-tensors'
 layout, smaller on disk) and ``dense`` (the zeros stored, loads with ``from_pretrained``).
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from squeeze.formats import compressed_tensors, gptq, bnb, sparse  # noqa: F401  (one module per format family)
+from squeeze.formats import compressed_tensors, gptq, bnb, gguf, sparse  # noqa: F401  (one module per format family)
 from squeeze.formats.base import PRUNED_FORMATS, QUANTIZED_FORMATS, Format, PrunedFormat, QuantizedFormat, Sparsity, Written
 from squeeze.quant.scheme import QuantScheme
 
@@ -42,9 +43,15 @@ def recognise(folder: Path) -> Format | None:
 # --- by name, for callers that hold a format's name (thin lookups in the registries) ---------
 
 
-def check_format(fmt: str, scheme: QuantScheme, method: str) -> None:
-    """Raise SqueezeError when ``scheme`` or ``method`` cannot be stored as ``fmt`` (cheap; run first)."""
-    QUANTIZED_FORMATS.get(fmt).check(scheme, method)
+def quantized_format(fmt: str, options=None) -> QuantizedFormat:
+    """The quantized format ``fmt`` with its own ``options`` (a mapping or its Options model; None: defaults)."""
+    return QUANTIZED_FORMATS.get(fmt).with_options(options)
+
+
+def check_format(fmt: str, scheme: QuantScheme, method: str, options=None) -> None:
+    """Raise SqueezeError when ``scheme`` or ``method`` cannot be stored as ``fmt`` with its
+    ``options`` (cheap; run first)."""
+    quantized_format(fmt, options).check(scheme, method)
 
 
 def describe_format(fmt: str, scheme: QuantScheme) -> str:
@@ -102,6 +109,7 @@ __all__ = [
     "check_format",
     "describe_format",
     "layer_tensors",
+    "quantized_format",
     "recognise",
     "weight_bytes",
     "write",

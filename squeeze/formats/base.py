@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ except ImportError:  # transformers 4
 from squeeze.errors import OptionError, literal
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.linears import is_transposed
-from squeeze.options import Registry
+from squeeze.options import MethodOptions, MethodRegistry, Registry, as_options
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import QuantScheme
 
@@ -70,6 +70,7 @@ class Format:
     summary: ClassVar[str] = ""  # the name and who reads it, for --format's help, e.g. "gptq (GPTQModel, transformers + optimum)"
     suffix: ClassVar[str] = ""  # appended to a default output folder name, e.g. "-gptq"
     notes: ClassVar[tuple[str, ...]] = ()  # what a consumer of any checkpoint in this format should know
+    files_written: ClassVar[str] = "{name} safetensors, config.json"  # what the output folder holds besides the report
 
     def recognises(self, folder: Path) -> bool:
         """Whether ``folder`` holds a checkpoint of this format that :meth:`read` takes; reads
@@ -130,10 +131,40 @@ def initialisation_reads_weight(model: nn.Module, layers: list[str]) -> str | No
 
 
 class QuantizedFormat(Format):
-    """A format for quantized models: which schemes and methods it stores, and how."""
+    """A format for quantized models: which schemes and methods it stores, and how.
+
+    A format may have options of its own (``Options``, declared as a method's are; ``--gguf-type``):
+    the registry holds each format with its defaults, :meth:`with_options` gives one with others."""
 
     layer_type: ClassVar[type[nn.Module]] = QuantizedLinear  # the layer it stores, made by quantized_layer
     fixed_scheme: ClassVar[FixedScheme | None] = None
+    Options: ClassVar[type[MethodOptions]] = MethodOptions  # the format's own options (none by default)
+    reads_tokenizer: ClassVar[bool] = False  # check_tokenizer has something to check
+
+    def __init__(self, options: MethodOptions | dict[str, Any] | None = None) -> None:
+        self.options = as_options(self.Options, options)
+
+    def with_options(self, options: MethodOptions | dict[str, Any] | None) -> QuantizedFormat:
+        """This format with ``options`` (its Options model or a mapping; validated, OptionError naming the bad one)."""
+        return type(self)(options)
+
+    def fill_scheme(
+        self, mode: str | None, bits: int | None, group_size: int | None, asym: bool | None,
+    ) -> tuple[str | None, int | None, int | None, bool | None]:
+        """The scheme options a user left open (None) set to what this format stores, where it
+        decides them (bnb-nf4: 4-bit blocks of 64); the method's defaults fill the rest."""
+        if self.fixed_scheme is None:
+            return mode, bits, group_size, asym
+        mode, bits, group_size = self.fixed_scheme.fill(mode, bits, group_size)
+        return mode, bits, group_size, asym
+
+    def check_tokenizer(self, tokenizer: Any, config: Any) -> None:
+        """Raise SqueezeError when the model's ``tokenizer`` cannot be written (only formats that
+        ``reads_tokenizer`` store it in their own words)."""
+
+    def round_kept(self, model: nn.Module) -> None:
+        """After quantization, before the evaluation: give the tensors the format stores in reduced
+        precision of its own choosing the values it will store (nothing, for most formats)."""
     records_sparsity: ClassVar[bool] = False  # has a field saying which zeros a pruned model keeps
     # why transformers cannot load this format's quantized ``Conv1D`` layers (GPT-2's, held as
     # squeeze.linears.TransposedLinear); None: it loads them
@@ -277,5 +308,5 @@ class PrunedFormat(Format):
 # The formats by name. Each format's module registers its class with ``@QUANTIZED_FORMATS.register``
 # or ``@PRUNED_FORMATS.register``; squeeze/formats/__init__.py imports the modules (the order of the
 # ``--format`` choices, default first).
-QUANTIZED_FORMATS: Registry[QuantizedFormat] = Registry("format", "format")
+QUANTIZED_FORMATS: MethodRegistry[QuantizedFormat] = MethodRegistry("format", "format")
 PRUNED_FORMATS: Registry[PrunedFormat] = Registry("sparse checkpoint format", "format")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+import gguf
 import torch
 
 from squeeze.calib.blocks import block_stacks
@@ -20,7 +22,8 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
     passes touch; ``params_embedding`` is the nn.Embedding weights. Memory, in bytes, for the
     weights only: fp32 = 4 B and bf16 = 2 B per parameter; int8 / int4 = the quantizable weights
     at 1 B / 0.5 B each plus everything else (embeddings, norms, biases, heads) at bf16.
-    Quantization scales and zero points are ignored (about 1 % at group size 128).
+    Quantization scales and zero points are ignored (about 1 % at group size 128). A GGUF file
+    also lists its tensor types (``gguf_types``: type -> tensors of it) and ``file_bytes``.
     """
     if isinstance(source, str):
         source = resolve_model(source)
@@ -50,4 +53,12 @@ def inspect_model(source: ModelSource | str) -> dict[str, Any]:
         "bytes_bf16": 2 * params_total,
         "bytes_int8": params_quantizable + 2 * params_other,
         "bytes_int4": (params_quantizable + 1) // 2 + 2 * params_other,
+        **(_gguf_types(source) if source.is_gguf else {}),
     }
+
+
+def _gguf_types(source: ModelSource) -> dict[str, Any]:
+    """The GGUF file's tensor types (type name -> how many tensors) and its size in bytes."""
+    reader = gguf.GGUFReader(source.path)
+    types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    return {"gguf_types": dict(sorted(types.items())), "file_bytes": source.path.stat().st_size}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import OptionError, literal
-from squeeze.formats import QUANTIZED_FORMATS, Written
+from squeeze.formats import Written, quantized_format
 from squeeze.formats.compressed_tensors import quantization_config
 from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, write_config_files
 from squeeze.formats.sparse import sparsity_config
@@ -38,7 +38,7 @@ class QuantizeStep(CompressionStep):
     def __init__(self, config: QuantizeConfig) -> None:
         self.config = config
         self.method = METHODS.get(config.method)
-        self.format = QUANTIZED_FORMATS.get(config.format)
+        self.format = quantized_format(config.format, config.format_options)
         self.result: QuantizeResult | None = None
         self.rotated: RotateResult | None = None
 
@@ -51,6 +51,10 @@ class QuantizeStep(CompressionStep):
 
     def plan(self, model: nn.Module) -> dict:
         return plan_quantize(model, self.config)
+
+    def check_tokenizer(self, tokenizer_of: Callable[[], object], config) -> None:
+        if self.format.reads_tokenizer:
+            self.format.check_tokenizer(tokenizer_of(), config)
 
     def start(self, prep: Prepared) -> tuple[str, int]:
         layers = prep.plan
@@ -80,6 +84,7 @@ class QuantizeStep(CompressionStep):
             # the evaluation's reference was recorded before this: the rotated model is scored against the original
             self.rotated = rotate_model(model, self.config.rotate_seed)
         self.result = quantize_model(model, self.config, calibration, on_step=on_step)
+        self.format.round_kept(model)
         return self._finish()
 
     def _finish(self) -> float:
@@ -189,6 +194,7 @@ class QuantizeStep(CompressionStep):
             layers=layers,
             notes=notes + written.notes,
             sparsity=sparsity,
+            loading=self.format.loading(out, prep.source.kind),
         )
 
 

@@ -27,7 +27,7 @@ from squeeze.formats import Written
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.linears import has_experts, uncompressed_matrices
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
-from squeeze.models import ModelSource, atomic_output_dir, meta_model, resolve_model, stored_dtype
+from squeeze.models import ModelSource, atomic_output_dir, load_tokenizer, meta_model, resolve_model, stored_dtype
 from squeeze.models.output import check_disk_space
 from squeeze.passes.common import (
     GENERATION_PROMPTS, Checked, Prepared, Stopwatch, batches, check_inputs, check_speed_kind, evaluate_accuracy, model_info, prepare,
@@ -106,6 +106,10 @@ class CompressionStep:
         """The layers the step will change (validates patterns and shapes; the meta model is enough)."""
         raise NotImplementedError
 
+    def check_tokenizer(self, tokenizer_of: Callable[[], Any], config: Any) -> None:
+        """Raise SqueezeError when the output cannot hold the model's tokenizer (``tokenizer_of()``
+        loads it; ``config`` is the model's); cheap, before the model is loaded."""
+
     def start(self, prep: Prepared) -> tuple[str, int]:
         """Note what of the input the report needs before it changes; the progress label and steps."""
         raise NotImplementedError
@@ -176,6 +180,7 @@ def check_run(step: CompressionStep, model: str, out: Path, run: RunSettings, re
         model, out, run.overwrite, run.device, run.dtype, run.data, run.calibration_data, run.evaluate, step.needs_calibration,
         step.plan, run.eval_tokens, run.seq_len, run.calibration_samples, run.reference, resolve,
     )
+    step.check_tokenizer(lambda: checked.tokenizer or load_tokenizer(checked.source), checked.meta.config)
     check_disk_space(out, least_output_bytes(checked.meta, checked.plan, stored_dtype(checked.source)))
     return checked
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from squeeze.errors import SqueezeError
-from squeeze.formats import QUANTIZED_FORMATS
+from squeeze.formats import quantized_format
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.layers import QuantizeResult
 from squeeze.quant.methods import METHODS
@@ -29,7 +29,7 @@ def plan_quantize(model: nn.Module, config: QuantizeConfig) -> dict[str, nn.Line
     if config.rotate != "none":
         check_rotatable(model)  # the architecture, before anything else: a rotation changes every layer
     layers = METHODS.get(config.method).plan(model, config)
-    QUANTIZED_FORMATS.get(config.format).check_model(model, list(layers), config.scheme)
+    quantized_format(config.format, config.format_options).check_model(model, list(layers), config.scheme)
     return layers
 
 

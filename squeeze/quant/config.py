@@ -19,8 +19,9 @@ class QuantizeConfig:
 
     ``method`` names a registered method (squeeze.quant.methods.METHODS) and ``options`` holds its
     own options: its Options model, or a mapping of them (validated here, defaults filled in),
-    or None for the defaults. ``format`` is the checkpoint format the pass writes; the pass checks
-    it (squeeze.formats), the config only carries it. ``rotate`` is "none" or "hadamard": rotations
+    or None for the defaults. ``format`` is the checkpoint format the pass writes and
+    ``format_options`` that format's own options (``gguf_type``...; a mapping, None for its
+    defaults); the pass checks both (squeeze.formats), the config only carries them. ``rotate`` is "none" or "hadamard": rotations
     fused into the weights before the method runs (squeeze.quant.rotate), their signs drawn from
     ``rotate_seed``.
     """
@@ -31,6 +32,7 @@ class QuantizeConfig:
     method: str = "rtn"
     options: MethodOptions | Mapping[str, Any] | None = None
     format: str = "compressed-tensors"
+    format_options: Mapping[str, Any] | None = None
     rotate: str = "none"
     rotate_seed: int = 0
 

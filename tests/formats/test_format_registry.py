@@ -32,19 +32,19 @@ W4_G32 = dict(mode="per-group", bits=4, group_size=32)
 
 
 def test_unknown_formats_list_the_choices() -> None:
-    quantized = r"unknown format 'safetensors'; choose one of: compressed-tensors, gptq, bnb-int8, bnb-nf4$"
+    quantized = r"unknown format 'safetensors'; choose one of: compressed-tensors, gptq, bnb-int8, bnb-nf4, gguf$"
     with pytest.raises(SqueezeError, match=quantized):
         QUANTIZED_FORMATS.get("safetensors")
     with pytest.raises(SqueezeError, match=quantized):
         check_format("safetensors", scheme_from_options(), "rtn")
     with pytest.raises(SqueezeError, match=r"unknown sparse checkpoint format 'bitmask'; choose one of: sparse-bitmask, dense$"):
         PRUNED_FORMATS.get("bitmask")
-    assert FORMATS == ("compressed-tensors", "gptq", "bnb-int8", "bnb-nf4")  # the default first
+    assert FORMATS == ("compressed-tensors", "gptq", "bnb-int8", "bnb-nf4", "gguf")  # the default first
 
 
 def test_suffixes_and_default_output_names() -> None:
     assert {f.name: f.suffix for f in QUANTIZED_FORMATS} == {
-        "compressed-tensors": "", "gptq": "-gptq", "bnb-int8": "-bnb-int8", "bnb-nf4": "-bnb-nf4",
+        "compressed-tensors": "", "gptq": "-gptq", "bnb-int8": "-bnb-int8", "bnb-nf4": "-bnb-nf4", "gguf": "-gguf",
     }
     assert {f.name: f.suffix for f in PRUNED_FORMATS} == {"sparse-bitmask": "", "dense": "-dense"}
     names = {f.name: f.output_name("W4A16-per-group64") for f in QUANTIZED_FORMATS}
@@ -54,6 +54,7 @@ def test_suffixes_and_default_output_names() -> None:
         "gptq": "W4A16-per-group64-gptq",
         "bnb-int8": "W4A16-per-group64-bnb-int8",
         "bnb-nf4": "nf4-bnb-nf4",
+        "gguf": "W4A16-per-group64-gguf",
     }
 
 
