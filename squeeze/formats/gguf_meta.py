@@ -8,7 +8,7 @@ any work (:func:`check_architecture`, :func:`tokenizer_metadata`).
   stored with llama.cpp's row order for rotary embeddings (:func:`permute_rows`), as llama.cpp's
   own converter does; transformers' GGUF loader undoes it.
 - Tokenizers: byte-level BPE (GPT-2's scheme, SmolLM2's), with the pre-tokenizer split
-  llama.cpp names ``gpt2`` or ``smollm`` (digits one by one, then GPT-2's split).
+  llama.cpp names ``gpt-2`` or ``smollm`` (digits one by one, then GPT-2's split).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
     if byte_level is None or not byte_level.get("use_regex", True) or byte_level.get("add_prefix_space", False):
         return None
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     return None

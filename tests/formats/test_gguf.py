@@ -155,7 +155,7 @@ def test_metadata_says_what_llamacpp_reads(bpe_llama: Path, tmp_path: Path) -> N
     assert field["llama.block_count"] == 2 and field["llama.attention.head_count"] == 4
     assert field["llama.attention.head_count_kv"] == 2 and field["llama.rope.dimension_count"] == 16
     assert field["llama.embedding_length"] == 64 and field["llama.feed_forward_length"] == 128
-    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt2"
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
     assert len(field["tokenizer.ggml.tokens"]) == model.config.vocab_size
     assert field["tokenizer.ggml.tokens"][tokenizer.eos_token_id] == "<|im_end|>"
     assert field["tokenizer.ggml.token_type"][tokenizer.eos_token_id] == gguf.TokenType.CONTROL
