@@ -23,7 +23,8 @@ from squeeze.models import inspect_model, load_model
 from squeeze.quant.apply import QuantizeConfig, quantize_model
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.scheme import scheme_from_options
-from squeeze.recipes import QuantizeStage
+from squeeze import chain
+from squeeze.recipes import QuantizeStage, RecipeError, recipe_from_stages
 
 runner = CliRunner()
 FAST = ["--eval-tokens", "1024", "--seq-len", "64", "--calib-samples", "2"]
@@ -221,13 +222,31 @@ def test_unwritable_tokenizer_and_architecture_are_refused_before_loading(tiny_l
 
 def test_cli_writes_a_gguf_with_its_report(bpe_llama: Path, tmp_path: Path) -> None:
     out = tmp_path / "q4"
-    result = run("quantize", bpe_llama, "--method", "gptq", "--bits", "4", "--format", "gguf", *FAST, "--out", out, "--json", "--quiet")
+    result = run("quantize", bpe_llama, "--method", "gptq", "--bits", "4", "--format", "gguf", *FAST, "--generation-prompts", "0", "--out", out, "--json", "--quiet")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "report.json", "report.md"]
     assert report["settings"]["format"].startswith("GGUF Q4_0")
     assert report["size"]["disk_bytes_after"] == (out / "model.gguf").stat().st_size
     assert "llama-cli -m" in (out / "report.md").read_text()
+
+
+
+def test_recipe_prunes_then_writes_gguf(bpe_llama: Path, tmp_path: Path, small_text: Path) -> None:
+    """A recipe stage takes the format's options as keys; the next stage (or squeeze eval) reads the GGUF folder."""
+    recipe = recipe_from_stages([
+        {"prune": {"method": "magnitude", "sparsity": 0.5}},
+        {"quantize": {"bits": 4, "format": "gguf", "gguf_type": "q4_0", "gguf_embeddings": "q8_0"}},
+    ])
+    summary = chain.run_recipe(recipe, str(bpe_llama), tmp_path / "run", data=str(small_text), seq_len=32, eval_tokens=256, generation_prompts=0)
+    folder = tmp_path / "run" / summary["stages"][1]["folder"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(folder / "model.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+    report = json.loads((folder / "report.json").read_text())
+    assert any("zero codes" in note for note in report["notes"])  # the pruned zeros, stored as codes
+    with pytest.raises(RecipeError) as caught:
+        chain.plan_recipe(recipe_from_stages([{"quantize": {"format": "gptq", "gguf_type": "q4_0"}}]), str(bpe_llama))
+    assert "gguf_type: is an option of another format than gptq" in caught.value.problems[0], caught.value.problems
 
 
 # llama.cpp itself, through llama-cpp-python (the ``llamacpp`` extra). It multiplies Q4_0 / Q4_1 /
