@@ -146,7 +146,7 @@ def build(row: Row, tokenizer, samples: int, rebuild: bool) -> tuple[Path, float
     flags = [h for h in row.how[1:] if h != "imatrix"]
     seconds = 0.0
     if "imatrix" in row.how:
-        matrix = WORK / f"imatrix-{samples}.dat"
+        matrix = WORK / f"imatrix-{samples}.gguf"
         if not matrix.exists() or rebuild:
             seconds += sh([tool("llama-imatrix"), "-m", str(f32_gguf()), "-f", str(calibration_text(tokenizer, samples)), "-c", str(SEQ_LEN),
                            "--chunks", str(samples), "-t", str(THREADS), "-o", str(matrix)], WORK / "imatrix.log")

@@ -12,4 +12,10 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 # constraints.txt pins torch to the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+# The llamacpp extra compiles llama.cpp (about 8 minutes on 2 cores): without its multimodal library,
+# which squeeze never calls, and on every core.
+if [[ ",$extras," == *",llamacpp,"* ]]; then
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+fi
 .venv/bin/python -m pip install --quiet -c constraints.txt -e "$spec"
