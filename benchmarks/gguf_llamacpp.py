@@ -25,7 +25,7 @@ tokens, 2 threads) on the Q8_0 and Q4_0 files beside ``squeeze bench-infer`` of 
 (SmoothQuant, per-token activations) and W4A16 (GPTQ group 32) compressed-tensors checkpoints of
 the same model, in the same run.
 
-Results: benchmarks/results/gguf_llamacpp.json and the table between the ``gguf`` markers of
+Results: benchmarks/results/gguf_llamacpp.json and the table between the ``gguf_llamacpp`` markers of
 benchmarks/README.md.
 """
 
@@ -397,7 +397,7 @@ def main() -> None:
         result["speed"] = json.loads(RESULTS.read_text())["speed"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    replace_section(BENCH / "README.md", "gguf", table(result))
+    replace_section(BENCH / "README.md", "gguf_llamacpp", table(result))
     print(table(result))
 
 
