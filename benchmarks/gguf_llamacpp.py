@@ -338,7 +338,6 @@ def main() -> None:
     from squeeze.bench import commit, replace_section
     from squeeze.data import evaluation_windows
     from squeeze.device import cpu_name
-    from squeeze.evaluate import peak_rss_bytes  # noqa: F401  (imports squeeze's evaluation stack once)
     from squeeze.models import load_model
 
     WORK.mkdir(parents=True, exist_ok=True)

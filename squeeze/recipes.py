@@ -89,8 +89,8 @@ def _format_options(stage: BaseModel, fmt: str) -> dict[str, Any]:
     """The options of format ``fmt`` that ``stage`` holds; OptionError for another format's
     option set away from its default (``gguf_type`` with ``format: gptq``)."""
     own = QUANTIZED_FORMATS.get(fmt).Options.model_fields
-    for name, field in QUANTIZED_FORMATS.options().items():
-        if name not in own and getattr(stage, name) != field.default:
+    for name, declared in QUANTIZED_FORMATS.options().items():
+        if name not in own and getattr(stage, name) != declared.default:
             raise OptionError(f"{{0}} is an option of another format than {literal(fmt)}: drop it or choose its {{1}}", name, "format")
     return {name: getattr(stage, name) for name in own}
 
