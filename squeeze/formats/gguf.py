@@ -176,7 +176,7 @@ class Gguf(QuantizedFormat):
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / FILE_NAME
         writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        writer.add_name(str(getattr(config, "_name_or_path", "") or type(model).__name__))
+        writer.add_name(Path(str(getattr(config, "_name_or_path", "") or type(model).__name__)).name)  # no local path in the file
         writer.add_quantized_by(f"squeeze {__version__}")
         writer.add_file_type(int(kind.file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -155,6 +155,7 @@ def test_metadata_says_what_llamacpp_reads(bpe_llama: Path, tmp_path: Path) -> N
     reader = gguf.GGUFReader(written.files[0])
     field = {name: f.contents() for name, f in reader.fields.items()}
     assert field["general.architecture"] == "llama" and field["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert field["general.name"] == bpe_llama.name  # the folder, not its local path
     assert field["llama.block_count"] == 2 and field["llama.attention.head_count"] == 4
     assert field["llama.attention.head_count_kv"] == 2 and field["llama.rope.dimension_count"] == 16
     assert field["llama.embedding_length"] == 64 and field["llama.feed_forward_length"] == 128
