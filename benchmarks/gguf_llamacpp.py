@@ -132,26 +132,37 @@ def calibration_text(tokenizer, samples: int) -> Path:
 
 
 def build(row: Row, tokenizer, samples: int, rebuild: bool) -> tuple[Path, float]:
-    """The row's GGUF file (made unless there and not ``rebuild``) and the seconds making it took (0 if reused)."""
+    """The row's GGUF file (made unless there and not ``rebuild``) and the wall seconds making it
+    took (kept beside it in make_s.json, so a reused file keeps its time; the importance matrix's
+    counted in the rows that use it)."""
     folder = WORK / row.name
     path = folder / "model.gguf"
+    timing = folder / "make_s.json"
     if path.exists() and not rebuild:
-        return path, 0.0
+        if timing.exists():
+            return path, json.loads(timing.read_text())["seconds"]
+        report = folder / "report.json"  # squeeze's own wall time, for a file made before make_s.json was kept
+        return path, json.loads(report.read_text())["timings_s"]["total"] if report.exists() else 0.0
     shutil.rmtree(folder, ignore_errors=True)
     if row.tool == "squeeze":
         command = SQUEEZE + ["quantize", "smollm2", "--format", "gguf", "--mode", "per-group", "--group-size", "32", *SQUEEZE_KEPT,
                              *row.how, "--calib-samples", str(samples), "--no-eval", "-q", "--out", str(folder)]
-        return path, sh(command, WORK / f"{row.name}.log")
-    folder.mkdir(parents=True)
-    flags = [h for h in row.how[1:] if h != "imatrix"]
-    seconds = 0.0
-    if "imatrix" in row.how:
-        matrix = WORK / f"imatrix-{samples}.gguf"
-        if not matrix.exists() or rebuild:
-            seconds += sh([tool("llama-imatrix"), "-m", str(f32_gguf()), "-f", str(calibration_text(tokenizer, samples)), "-c", str(SEQ_LEN),
-                           "--chunks", str(samples), "-t", str(THREADS), "-o", str(matrix)], WORK / "imatrix.log")
-        flags += ["--imatrix", str(matrix)]
-    seconds += sh([tool("llama-quantize"), *flags, str(f32_gguf()), str(path), row.how[0], str(THREADS)], WORK / f"{row.name}.log")
+        seconds = sh(command, WORK / f"{row.name}.log")
+    else:
+        folder.mkdir(parents=True)
+        flags = [h for h in row.how[1:] if h != "imatrix"]
+        seconds = 0.0
+        if "imatrix" in row.how:
+            matrix = WORK / f"imatrix-{samples}.gguf"
+            matrix_timing = WORK / f"imatrix-{samples}.json"
+            if not matrix.exists() or rebuild:
+                matrix_s = sh([tool("llama-imatrix"), "-m", str(f32_gguf()), "-f", str(calibration_text(tokenizer, samples)), "-c", str(SEQ_LEN),
+                               "--chunks", str(samples), "-t", str(THREADS), "-o", str(matrix)], WORK / "imatrix.log")
+                matrix_timing.write_text(json.dumps({"seconds": matrix_s}))
+            seconds += json.loads(matrix_timing.read_text())["seconds"] if matrix_timing.exists() else 0.0
+            flags += ["--imatrix", str(matrix)]
+        seconds += sh([tool("llama-quantize"), *flags, str(f32_gguf()), str(path), row.how[0], str(THREADS)], WORK / f"{row.name}.log")
+    timing.write_text(json.dumps({"seconds": seconds, "load_average": os.getloadavg()[0]}))
     return path, seconds
 
 
@@ -371,9 +382,8 @@ def main() -> None:
         del handle
         for text in TEXTS:
             scores[text].pop("top1")
-        made = seconds or previous.get(row.name, {}).get("make_s", 0.0)
         rows.append({"name": row.name, "tool": row.tool, "label": row.label, "gguf_type": row.gguf_type, "how": row.how,
-                     "file_bytes": path.stat().st_size, "make_s": made, "scores": scores})
+                     "file_bytes": path.stat().st_size, "make_s": seconds, "scores": scores})
         print(row.name, {t: round(scores[t]["perplexity"], 3) for t in TEXTS}, flush=True)
 
     agreement = {}
