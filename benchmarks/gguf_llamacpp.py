@@ -167,11 +167,10 @@ def build(row: Row, tokenizer, samples: int, rebuild: bool) -> tuple[Path, float
 
 
 def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, np.ndarray]:
-    """Summed negative log-likelihood of ``ids[1:]`` under ``logits[:-1]`` (float64), and the argmax of each position."""
-    z = logits[:-1].astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), logits[:-1].argmax(axis=-1)
+    """Summed negative log-likelihood of ``ids[1:]`` under ``logits[:-1]`` (log-softmax in float32, summed in float64), and the argmax of each position."""
+    logp = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits[:-1])).float(), dim=-1)
+    picked = logp[torch.arange(len(ids) - 1), torch.from_numpy(np.asarray(ids[1:]))]
+    return float(-picked.double().sum()), logits[:-1].argmax(axis=-1)
 
 
 def llamacpp_logits(path: Path):
@@ -367,7 +366,7 @@ def main() -> None:
 
     runtime, handle = llamacpp_logits(f32_gguf())
     f32 = score(runtime, windows, None)
-    del handle
+    handle.close()
     reference_top1 = {text: f32[text].pop("top1") for text in TEXTS}
     previous = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
     rows = []
@@ -379,7 +378,7 @@ def main() -> None:
         path, seconds = build(row, tokenizer, args.calib_samples, remake)
         runtime, handle = llamacpp_logits(path)
         scores = score(runtime, windows, reference_top1)
-        del handle
+        handle.close()
         for text in TEXTS:
             scores[text].pop("top1")
         rows.append({"name": row.name, "tool": row.tool, "label": row.label, "gguf_type": row.gguf_type, "how": row.how,
@@ -392,7 +391,7 @@ def main() -> None:
         if path.exists():
             runtime, handle = llamacpp_logits(path)
             agreement[name] = logit_agreement(path, windows["wikipedia"][:2], runtime)
-            del handle
+            handle.close()
     result = {
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(REPO),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
