@@ -83,7 +83,7 @@ ROWS = [
 BY_NAME = {row.name: row for row in ROWS}
 SPEED_FORMS = {  # squeeze's own runtime forms beside llama.cpp's files of the same width
     "w8a8": ["--method", "smoothquant", "--act", "per-token", "--calib-samples", "64"],
-    "w4a16-g32": ["--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32"],
+    "w4a16-g32": ["--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32", "--calib-samples", "32"],
 }
 
 
