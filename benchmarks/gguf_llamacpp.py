@@ -10,8 +10,10 @@ that files of one type differ only in how their quantized layers were chosen:
 - llama.cpp: ``llama-quantize`` from an F32 GGUF of the same weights squeeze starts from (the
   package's Q4_1 file requantized to F32, which is exact) to Q8_0, Q4_0, Q4_1 with
   ``--token-embedding-type q8_0 --output-tensor-type q8_0``; Q4_0 once more with an importance
-  matrix (``llama-imatrix`` over the text of squeeze's calibration windows); and Q4_0 with
-  llama-quantize's own defaults (its head in Q6_K), for reference.
+  matrix (``llama-imatrix`` over the text of squeeze's calibration windows). On this tied-head
+  model llama-quantize's own defaults give the same layout (embeddings Q8_0), byte for byte the
+  size of the ``--token-embedding-type q8_0`` file; with the importance matrix it chooses Q4_1 for
+  a few tensors, and the row keeps its choice.
 - squeeze: ``squeeze quantize smollm2 --format gguf --gguf-embeddings q8_0`` with RTN, GPTQ and
   AWQ at group 32, written as Q4_0 (symmetric) and Q4_1 (asymmetric), and RTN W8 as Q8_0.
 
@@ -78,7 +80,6 @@ ROWS = [
     Row("squeeze-rtn-q4_1", "squeeze", "RTN W4 g32 asym", "q4_1", ["--bits", "4", "--asym"]),
     Row("squeeze-gptq-q4_1", "squeeze", "GPTQ W4 g32 asym", "q4_1", ["--method", "gptq", "--bits", "4", "--asym"]),
     Row("squeeze-awq-q4_1", "squeeze", "AWQ W4 g32 asym", "q4_1", ["--method", "awq"]),
-    Row("llamacpp-q4_0-default", "llama.cpp", "llama-quantize Q4_0, its defaults (head Q6_K)", "q4_0", ["Q4_0"]),
 ]
 BY_NAME = {row.name: row for row in ROWS}
 SPEED_FORMS = {  # squeeze's own runtime forms beside llama.cpp's files of the same width
@@ -263,8 +264,8 @@ def table(result: dict) -> str:
     ref = result["f32"]
     lines = [
         f"SmolLM2-135M; perplexity computed by llama.cpp ({result['llamacpp']}) on squeeze's evaluation windows "
-        f"({result['eval_tokens']} tokens of each text, {SEQ_LEN}-token windows); embeddings (= tied head) Q8_0 in every row "
-        f"but the last llama.cpp one. {result['machine']}; measured {result['measured']} at {result['commit']}.",
+        f"({result['eval_tokens']} tokens of each text, {SEQ_LEN}-token windows); embeddings (= tied head) Q8_0 in every row. "
+        f"{result['machine']}; measured {result['measured']} at {result['commit']}.",
         "",
         f"F32 GGUF in llama.cpp: wikipedia {ref['wikipedia']['perplexity']:.3f}, bbc {ref['bbc']['perplexity']:.3f} "
         f"(squeeze's fp32 model on the same windows: {result['squeeze_fp32']['wikipedia']:.3f}, {result['squeeze_fp32']['bbc']:.3f}).",
