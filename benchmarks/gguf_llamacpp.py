@@ -274,7 +274,7 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        peer = next((p for p in rows if p["tool"] == "llama.cpp" and p["gguf_type"] == r["gguf_type"] and "default" not in p["name"]), None)
+        peer = next((p for p in rows if p["name"] == f"llamacpp-{r['gguf_type']}"), None)  # the size reference: llama.cpp's file of that type
         cells = []
         for text in TEXTS:
             s = r["scores"][text]
