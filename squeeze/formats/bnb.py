@@ -40,7 +40,7 @@ def check_bnb_int8_scheme(scheme: QuantScheme) -> None:
     args = scheme.weights
     if scheme.input_activations is not None:
         raise SqueezeError("--format bnb-int8 stores int8 weights; bitsandbytes quantizes activations itself: drop --act")
-    if args.num_bits != 8 or not args.symmetric or args.strategy != "channel":
+    if args.num_bits != 8 or not args.symmetric or args.signed_scale or args.strategy != "channel":
         raise SqueezeError(f"--format bnb-int8 is int8 symmetric per-channel; got {args.describe()}")
 
 

@@ -83,7 +83,10 @@ def _qparams(w: torch.Tensor, rounding: Rounding, args: QuantArgs, dtype: torch.
     with torch.no_grad():
         stored_scale, stored_zero = qparams_from_minmax(lo.to(dtype), hi.to(dtype), args)
     qrange = float(args.qmax - args.qmin)
-    if args.symmetric:
+    if args.symmetric and args.signed_scale:
+        scale = torch.where(-lo >= hi, lo, hi) / args.qmin
+        zero = torch.zeros_like(scale)
+    elif args.symmetric:
         scale = torch.maximum(-lo, hi) / (qrange / 2)
         zero = torch.zeros_like(scale)
     else:

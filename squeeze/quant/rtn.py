@@ -4,7 +4,9 @@ The arithmetic matches compressed-tensors exactly, so a checkpoint written by sq
 dequantized by transformers/vLLM gives the same numbers squeeze evaluated:
 
 - the range always contains 0 (min ≤ 0 ≤ max), so zero is exactly representable;
-- symmetric: ``scale = max|x| / ((qmax - qmin) / 2)``, zero point 0;
+- symmetric: ``scale = max|x| / ((qmax - qmin) / 2)``, zero point 0; with ``signed_scale``
+  (llama.cpp's Q4_0 / Q8_0 grid) ``scale = m / qmin`` for the largest-magnitude value ``m`` with
+  its sign, so ``m`` is exactly the code qmin and the scale is negative when ``m`` is positive;
 - asymmetric: ``scale = (max - min) / (qmax - qmin)``, ``zero_point = round(qmin - min / scale)``;
 - ``q = clamp(round(x / scale + zero_point), qmin, qmax)``; ``x̂ = (q - zero_point) · scale``.
 
@@ -54,7 +56,11 @@ def qparams_from_minmax(
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     qrange = float(args.qmax - args.qmin)
-    if args.symmetric:
+    if args.symmetric and args.signed_scale:
+        # the largest-magnitude value, with its sign, lands on qmin exactly
+        scale = torch.where(lo.abs() >= hi, lo, hi) / args.qmin
+        zero_point = torch.zeros_like(scale)
+    elif args.symmetric:
         scale = torch.maximum(lo.abs(), hi) / (qrange / 2)
         zero_point = torch.zeros_like(scale)
     else:
@@ -64,7 +70,8 @@ def qparams_from_minmax(
     eps = torch.finfo(scale.dtype).eps
     scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
     if args.scale_dtype is not None:
-        scale = _round_down_to(scale, getattr(torch, args.scale_dtype))
+        narrow = _round_down_to(scale.abs(), getattr(torch, args.scale_dtype))  # toward zero: a signed scale keeps its sign
+        scale = torch.where(scale < 0, -narrow, narrow)
         if not args.symmetric:
             zero_point = torch.clamp(args.qmin - lo / scale.to(lo.dtype), args.qmin, args.qmax)
     zero_point = torch.nan_to_num(zero_point, nan=0.0)

@@ -38,6 +38,10 @@ class QuantArgs:
     group_size: int | None = None
     dynamic: bool = False
     scale_dtype: ScaleDtype | None = None  # None: the dtype of the tensor being quantized
+    # symmetric only: the scale takes the sign of each slice's largest-magnitude value, which lands
+    # exactly on the code qmin (llama.cpp's Q4_0 / Q8_0 grid, the one GGUF stores): a step of
+    # max|x| / 2^(bits-1) instead of max|x| / (2^(bits-1) - 1/2), every code used on the side that needs it
+    signed_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
@@ -53,6 +57,8 @@ class QuantArgs:
             raise SqueezeError(f"a group size only applies to per-group quantization, not per-{self.strategy}")
         if self.strategy == "token" and not self.dynamic:
             raise SqueezeError("per-token scales are computed at run time: per-token quantization must be dynamic")
+        if self.signed_scale and not self.symmetric:
+            raise SqueezeError("a signed scale is a symmetric grid's: asymmetric quantization has a zero point instead")
 
     @property
     def qmin(self) -> int:
@@ -81,7 +87,7 @@ class QuantArgs:
 
     def describe(self) -> str:
         """Short human form, e.g. ``int4 sym per-group(64)``."""
-        kind = "sym" if self.symmetric else "asym"
+        kind = ("sym signed-scale" if self.signed_scale else "sym") if self.symmetric else "asym"
         where = f"per-group({self.group_size})" if self.strategy == "group" else f"per-{self.strategy}"
         when = " dynamic" if self.dynamic else ""
         return f"int{self.num_bits} {kind} {where}{when}"
@@ -148,7 +154,9 @@ def scheme_from_options(
     size 64), except for asymmetric weight-only schemes: transformers dequantizes those at load
     time in the scales' own dtype, so float16 scales would make the reloaded model differ from
     the one squeeze evaluated; they keep float32 scales. GPTQ checkpoints (``checkpoint="gptq"``)
-    always store float16 scales. Raises SqueezeError for impossible combinations.
+    always store float16 scales. GGUF files (``checkpoint="gguf"``) store symmetric weights on
+    llama.cpp's grid, with signed scales (see QuantArgs.signed_scale). Raises SqueezeError for
+    impossible combinations.
     """
     if mode not in MODES:
         raise SqueezeError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -162,7 +170,8 @@ def scheme_from_options(
     if scale_dtype == "auto":
         scale_dtype = "float32" if asym and act == "none" and checkpoint == "compressed-tensors" else "float16"
     weights = QuantArgs(
-        num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype
+        num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype,
+        signed_scale=checkpoint == "gguf" and not asym,
     )
     if act_asym and act == "none":
         raise SqueezeError("--act-asym needs quantized activations: add --act per-token or --act per-tensor")

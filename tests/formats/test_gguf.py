@@ -305,3 +305,27 @@ def test_llamacpp_tokenizes_and_generates(bpe_llama: Path, tmp_path: Path) -> No
     with torch.no_grad():
         first = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
     assert generated[0] == first
+
+
+def test_gguf_symmetric_grid_is_llamacpps() -> None:
+    """Symmetric GGUF schemes use llama.cpp's grid: the largest-magnitude weight of each block, with
+    its sign, lands exactly on code -8 (so the scale is negative when it is positive), and RTN gives
+    llama.cpp's own Q4_0 codes but where a value sits on a rounding boundary of the two float16 scales."""
+    scheme = scheme_from_options(mode="per-group", group_size=32, bits=4, checkpoint="gguf")
+    assert scheme.weights.signed_scale and "signed-scale" in scheme.describe()
+    assert not scheme_from_options(mode="per-group", group_size=32, bits=4, checkpoint="gguf", asym=True).weights.signed_scale
+    assert not scheme_from_options(mode="per-group", group_size=32, bits=4).weights.signed_scale  # compressed-tensors' grid
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    layer = QuantizedLinear.from_linear(linear, scheme)
+    blocks = linear.weight.detach().reshape(16, 2, 32)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    scale = layer.weight_scale.float()
+    assert torch.equal(torch.sign(scale), -torch.sign(extreme))
+    codes = layer.weight_codes.reshape(16, 2, 32).gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert (codes == -8).all()
+    reference = gguf.quants.dequantize(gguf.quants.quantize(linear.weight.detach().numpy(), gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0)
+    ours = layer.dequantized_weight(torch.float32)
+    step = scale.abs().repeat_interleave(32, dim=1)
+    apart = (torch.from_numpy(reference.copy()) - ours).abs() / step  # in steps; float16 rounds their scale to nearest, ours down
+    assert (apart < 0.01).float().mean() > 0.97 and apart.max() <= 1.01
