@@ -228,7 +228,7 @@ def logit_agreement(path: Path, windows: torch.Tensor, runtime) -> dict:
     }
 
 
-def speed(paths: dict[str, Path], samples: int, rebuild: bool) -> dict:
+def speed(paths: dict[str, Path], rebuild: bool) -> dict:
     """llama-bench on GGUF files and squeeze bench-infer on squeeze's own W8A8 / W4A16 forms, one after the other."""
     result: dict = {"llama.cpp": {}, "squeeze": {}}
     for name, path in paths.items():
@@ -401,7 +401,7 @@ def main() -> None:
     }
     if not args.no_speed:
         result["speed"] = speed({"Q8_0 (squeeze RTN W8)": WORK / "squeeze-rtn-q8_0" / "model.gguf",
-                                 "Q4_0 (squeeze GPTQ W4)": WORK / "squeeze-gptq-q4_0" / "model.gguf"}, args.calib_samples, args.rebuild)
+                                 "Q4_0 (squeeze GPTQ W4)": WORK / "squeeze-gptq-q4_0" / "model.gguf"}, args.rebuild)
     elif RESULTS.exists() and "speed" in json.loads(RESULTS.read_text()):
         result["speed"] = json.loads(RESULTS.read_text())["speed"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
