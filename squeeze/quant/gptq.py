@@ -9,6 +9,8 @@ GPTQ layer is stored and dequantized exactly like a round-to-nearest one.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -147,8 +149,7 @@ def gptq_quantize(
         scale_dtype = getattr(torch, args.scale_dtype or "float32")
         scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=w.device)
         zero_point = torch.empty(out_features, n_groups, dtype=torch.int8, device=w.device)
-    channel_args = QuantArgs(num_bits=args.num_bits, symmetric=args.symmetric, strategy="channel",
-                             scale_dtype=args.scale_dtype)
+    channel_args = dataclasses.replace(args, strategy="channel", group_size=None)  # one group's scales, as a channel's
 
     energy = torch.diag(h)  # the columns' input energy, in the original order
     if not group_size:

@@ -329,3 +329,20 @@ def test_gguf_symmetric_grid_is_llamacpps() -> None:
     step = scale.abs().repeat_interleave(32, dim=1)
     apart = (torch.from_numpy(reference.copy()) - ours).abs() / step  # in steps; float16 rounds their scale to nearest, ours down
     assert (apart < 0.01).float().mean() > 0.97 and apart.max() <= 1.01
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "autoround"])
+def test_calibrated_methods_keep_the_signed_grid(bpe_llama: Path, tmp_path: Path, method: str) -> None:
+    """GPTQ's clip search, AWQ's search and AutoRound's learned ranges stay on llama.cpp's grid:
+    signed scales, each block's codes reaching -8 on the side of its largest weight."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(bpe_llama).eval()
+    scheme = scheme_from_options(mode="per-group", group_size=32, bits=4, checkpoint="gguf")
+    options = {"autoround_iters": 4} if method == "autoround" else None
+    config = QuantizeConfig(scheme=scheme, method=method, format="gguf", options=options)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    quantize_model(model, config, [{"input_ids": ids}])
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, QuantizedLinear)
+    assert (layer.weight_scale < 0).any() and (layer.weight_scale > 0).any()
+    packed = pack_layer(layer, BLOCK_TYPES["q4_0"])
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(packed, BLOCK_TYPES["q4_0"].ggml).copy()), layer.dequantized_weight(torch.float32))
