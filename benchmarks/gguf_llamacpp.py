@@ -82,6 +82,7 @@ ROWS = [
     Row("squeeze-awq-q4_1", "squeeze", "AWQ W4 g32 asym", "q4_1", ["--method", "awq"]),
 ]
 BY_NAME = {row.name: row for row in ROWS}
+SPEED_FILES = {"Q8_0 (squeeze RTN W8)": WORK / "squeeze-rtn-q8_0" / "model.gguf", "Q4_0 (squeeze GPTQ W4)": WORK / "squeeze-gptq-q4_0" / "model.gguf"}
 SPEED_FORMS = {  # squeeze's own runtime forms beside llama.cpp's files of the same width
     "w8a8": ["--method", "smoothquant", "--act", "per-token", "--calib-samples", "64"],
     "w4a16-g32": ["--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32", "--calib-samples", "32"],
@@ -295,7 +296,8 @@ def table(result: dict) -> str:
         lines.append("")
     sp = result.get("speed")
     if sp:
-        lines += ["**Inference speed on this CPU** (512-token prompt, 128 decoded tokens, 2 threads, best/mean of 3):", "",
+        lines += [f"**Inference speed on this CPU**, measured {result.get('speed_measured', result['measured'])} with nothing else running "
+                  "(512-token prompt, 128 decoded tokens, 2 threads; llama-bench's mean of 3, bench-infer's best of 3):", "",
                   "| runtime | form | prefill tok/s | decode tok/s |", "|---|---|---|---|"]
         for name, s in sp["llama.cpp"].items():
             lines.append(f"| llama.cpp | {name} | {s['prefill_tokens_per_s']:,.0f} | {s['decode_tokens_per_s']:,.1f} |")
@@ -340,7 +342,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--only", nargs="*", choices=list(BY_NAME), help="rows to (re)make; the others are reused if made before")
     parser.add_argument("--rebuild", action="store_true", help="make the files again")
-    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="leave the speed measurement out (keeps the last one)")
+    parser.add_argument("--speed-only", action="store_true", help="measure speed again on a quiet machine; keep the quality rows")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     import llama_cpp
@@ -352,6 +355,14 @@ def main() -> None:
     from squeeze.models import load_model
 
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.speed_only:
+        result = json.loads(RESULTS.read_text())
+        result["speed"] = speed(SPEED_FILES, args.rebuild)
+        result["speed_measured"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        replace_section(BENCH / "README.md", "gguf_llamacpp", table(result))
+        print(table(result))
+        return
     loaded = load_model("smollm2")
     tokenizer = loaded.tokenizer
     windows = {text: evaluation_windows(tokenizer, text, SEQ_LEN, args.eval_tokens) for text in TEXTS}
@@ -400,8 +411,8 @@ def main() -> None:
         "f32": f32, "squeeze_fp32": squeeze_fp32, "rows": rows, "logit_agreement": agreement,
     }
     if not args.no_speed:
-        result["speed"] = speed({"Q8_0 (squeeze RTN W8)": WORK / "squeeze-rtn-q8_0" / "model.gguf",
-                                 "Q4_0 (squeeze GPTQ W4)": WORK / "squeeze-gptq-q4_0" / "model.gguf"}, args.rebuild)
+        result["speed"] = speed(SPEED_FILES, args.rebuild)
+        result["speed_measured"] = result["measured"]
     elif RESULTS.exists() and "speed" in json.loads(RESULTS.read_text()):
         result["speed"] = json.loads(RESULTS.read_text())["speed"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
