@@ -283,7 +283,11 @@ def table(result: dict) -> str:
         size = f"{r['file_bytes'] / r_bytes:.3f}x" if peer and (r_bytes := peer["file_bytes"]) else "-"
         lines.append(f"| {r['gguf_type'].upper()} | {r['tool']} | {r['label']} | " + " | ".join(cells)
                      + f" | {r['file_bytes'] / 2**20:.1f} | {size} | {r['make_s']:.0f} |")
-    lines += ["", *targets(result), ""]
+    lines += ["", "make s: wall seconds to make the file (the importance matrix's included in its row), measured while other jobs "
+              "shared the 2 cores: not a speed comparison. Q4_1 on this model: the package's weights are Q4_1 blocks already, so "
+              "llama-quantize's Q4_1 (a float16 minimum per block) gives them back almost exactly, while squeeze's asymmetric grid "
+              "(an integer zero point, so that 0 is exact) cannot.", ""]
+    lines += [*targets(result), ""]
     agreement = result.get("logit_agreement")
     if agreement:
         lines.append("**llama.cpp against squeeze's dequantized model**, same file, same windows:")
@@ -295,6 +299,9 @@ def table(result: dict) -> str:
                          f"{a['kl_squeeze_to_llamacpp']:.2e} | {a['top1_agreement']:.2%} |")
         lines.append("")
     sp = result.get("speed")
+    if not sp:
+        lines += ["Inference speed (llama-bench beside `squeeze bench-infer`): not measured in this run; "
+                  "`python benchmarks/gguf_llamacpp.py --speed-only` measures it on a quiet machine.", ""]
     if sp:
         lines += [f"**Inference speed on this CPU**, measured {result.get('speed_measured', result['measured'])} with nothing else running "
                   "(512-token prompt, 128 decoded tokens, 2 threads; llama-bench's mean of 3, bench-infer's best of 3):", "",
