@@ -17,6 +17,7 @@ from squeeze.quant.scheme import scheme_from_options
 from squeeze.quant.apply import QuantizeConfig
 from squeeze.formats.compressed_tensors import load_quantized
 from squeeze.runtime import Int4PackedLinear, Int8DynamicLinear, Int8WeightLinear, accelerate, measure_speed
+from squeeze.runtime.kernels import int_mm_is_fast
 
 
 def _layer(scheme, in_features: int = 256, out_features: int = 96, seed: int = 0) -> QuantizedLinear:
@@ -29,14 +30,25 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("integer_mm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 40])
-def test_int8_dynamic_is_the_reference_arithmetic(rows: int) -> None:
+def test_int8_dynamic_is_the_reference_arithmetic(rows: int, integer_mm: bool) -> None:
+    """Both products, _int_mm's int32 and the float32 one used where _int_mm is slow."""
     layer = _layer(scheme_from_options(bits=8, act="per-token"))
     assert Int8DynamicLinear.supports(layer)
     fast = Int8DynamicLinear(layer)
+    fast.integer_mm = integer_mm
     x = torch.randn(2, rows, 256) * torch.linspace(0.1, 5, 256)  # uneven channels, as real activations
     # int32 accumulation is exact: only float rounding order differs from dequantize-then-matmul
     assert _relative_error(fast(x), layer(x)) < 1e-5
+
+
+def test_int8_dynamic_says_which_product_this_cpu_runs() -> None:
+    fast = Int8DynamicLinear(_layer(scheme_from_options(bits=8, act="per-token")))
+    on_avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert fast.integer_mm == on_avx512 == int_mm_is_fast(torch.device("cpu"))
+    assert fast.kernel == (Int8DynamicLinear.kernel if on_avx512 else Int8DynamicLinear.float_kernel)
+    assert int_mm_is_fast(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -107,7 +119,8 @@ def test_accelerated_model_agrees_with_the_reference(
     reference = load_quantized(out, "causal")
     fast = load_quantized(out, "causal")
     done = accelerate(fast)
-    assert done.kernels == {kernel.kernel: 14} and done.reference_layers == 0
+    label = kernel.kernel if kernel is not Int8DynamicLinear or int_mm_is_fast(torch.device("cpu")) else kernel.float_kernel
+    assert done.kernels == {label: 14} and done.reference_layers == 0
     assert done.compute_dtype == dtype and next(fast.parameters()).dtype == dtype
     windows = evaluation_windows(load_model(str(tiny_llama_dir)).tokenizer, str(small_text), 32, 128)
     cmp = compare_causal(fast, windows, reference)

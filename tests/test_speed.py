@@ -33,7 +33,7 @@ def test_forms_and_ratios(tiny_llama_dir: Path, w8a8_dir: Path, small_text: Path
         agreement_prompts=2, agreement_tokens=4, isolate=False,
     )
     fp32, bf16, w8a8 = result.forms
-    assert "_int_mm" in w8a8.runs_on and "bfloat16" in bf16.runs_on
+    assert "int8 x int8" in w8a8.runs_on and "bfloat16" in bf16.runs_on
     assert result.ratios(fp32) == {"prefill": 1.0, "decode": 1.0, "weights": 1.0, "peak_rss": 1.0}
     # int8 Linear weights (+ fp32 scales) against fp32: the blocks shrink, the tied embedding does not
     assert w8a8.weight_bytes < fp32.weight_bytes and bf16.weight_bytes == pytest.approx(fp32.weight_bytes / 2, rel=0.01)

@@ -7,7 +7,10 @@ scales run on kernels PyTorch ships for CPU (and CUDA):
 - **W8A8** (int8 weights per channel, int8 activations per token, symmetric): each call
   quantizes its input rows with the scheme's own rounding, multiplies int8 × int8 into int32
   (``torch._int_mm``) and rescales by the row and channel scales. This is the checkpoint's
-  arithmetic, not an approximation of it: only the order of float roundings differs.
+  arithmetic, not an approximation of it: only the order of float roundings differs. PyTorch's
+  CPU ``_int_mm`` is fast only with AVX-512 (measured on an AVX2 EPYC: 40× slower than a float32
+  matmul), so on other CPUs the same integer codes are multiplied in float32, which holds every
+  product exactly and each sum exactly while it stays below 2²⁴.
 - **W4A16** (int4 weights per group of 32/64/128/256): the weight is packed once for
   ``_weight_int4pack_mm`` and activations run in bfloat16 ("A16").
 - **W8A16** (int8 weights per channel): ``_weight_int8pack_mm`` for short inputs, the same
@@ -34,6 +37,12 @@ SHORT_INPUT_ROWS = 16  # at most this many rows per call (decoding) use the weig
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm takes
 
 
+def int_mm_is_fast(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` beats a float32 matmul here: on CUDA, and on CPUs PyTorch runs
+    with AVX-512 (its int8 GEMM has no fast AVX2 path)."""
+    return device.type == "cuda" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
@@ -42,11 +51,14 @@ class Int8DynamicLinear(nn.Module):
     """W8A8: int8 × int8 → int32 (``torch._int_mm``), inputs quantized per token at run time."""
 
     kernel = "int8 x int8 (_int_mm), per-token int8 activations"
+    float_kernel = "int8 x int8 in float32 (no fast _int_mm on this CPU), per-token int8 activations"
 
     def __init__(self, layer: QuantizedLinear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.act = layer.scheme.input_activations
+        self.integer_mm = int_mm_is_fast(layer.weight_codes.device)
+        self.kernel = self.kernel if self.integer_mm else self.float_kernel
         self.register_buffer("weight_t", layer.weight_codes.t().contiguous())  # [in, out] int8
         self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1))
         self.bias = layer.bias
@@ -70,9 +82,12 @@ class Int8DynamicLinear(nn.Module):
             scale, _ = compute_qparams(rows, act)
         codes = (rows / scale).round_().clamp_(act.qmin, act.qmax).to(torch.int8)
         n = codes.shape[0]
-        if codes.is_cuda and n <= 16:  # CUDA's _int_mm takes more than 16 rows: pad with zero rows
-            codes = F.pad(codes, (0, 0, 0, 17 - n))
-        out = torch._int_mm(codes, self.weight_t)[:n].float().mul_(scale).mul_(self.weight_scale)
+        if not self.integer_mm:
+            out = (codes.float() @ self.weight_t.float()).mul_(scale).mul_(self.weight_scale)
+        else:
+            if codes.is_cuda and n <= 16:  # CUDA's _int_mm takes more than 16 rows: pad with zero rows
+                codes = F.pad(codes, (0, 0, 0, 17 - n))
+            out = torch._int_mm(codes, self.weight_t)[:n].float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out = out.add_(self.bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -182,8 +197,9 @@ def accelerate(model: nn.Module) -> Accelerated:
             reference += 1
             continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, kernel(module))
-        used[kernel.kernel] += 1
+        fast = kernel(module)
+        setattr(model.get_submodule(parent) if parent else model, child, fast)
+        used[fast.kernel] += 1
         weight_only |= kernel is not Int8DynamicLinear
     compute_dtype = next(model.parameters()).dtype
     if weight_only and not reference:
