@@ -64,12 +64,18 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch
 
 
 def search_clip(
-    x: torch.Tensor, importance: torch.Tensor, args: QuantArgs, steps: int, lowest: float = CLIP_LOWEST
+    x: torch.Tensor, importance: torch.Tensor, args: QuantArgs, steps: int, lowest: float = CLIP_LOWEST,
+    refit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero point for ``x`` [out, n] (``args`` per-channel): the row's min/max
     shrunk by the factor in ``steps`` + 1 even steps from 1 down to ``lowest`` that minimises
     ``Σ_j importance_j (x_j − x̂_j)²``, the rounding error weighted by each column's input energy
-    (the Hessian's diagonal). Ties keep the larger range; ``steps`` 0 is plain min/max."""
+    (the Hessian's diagonal). Ties keep the larger range; ``steps`` 0 is plain min/max.
+
+    ``refit``: each shrunk range's scale is first refitted to its own codes by weighted least
+    squares (``Σ w x q / Σ w q²``, the zero point kept), as llama.cpp's importance-matrix quantizer
+    does; the candidate is then scored by rounding with the refitted scale, so a refit that moves
+    codes is judged on the codes it gives."""
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     best_scale, best_zero = qparams_from_minmax(lo, hi, args)
     if steps <= 0:
@@ -81,10 +87,21 @@ def search_clip(
         q = torch.clamp(torch.round(x / s + z), args.qmin, args.qmax)
         return ((x - (q - z) * s).pow(2) * weights).sum(dim=1, keepdim=True)
 
+    def refitted(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s, z = scale.float(), zero.float()
+        q = torch.clamp(torch.round(x / s + z), args.qmin, args.qmax) - z
+        den = (q * q * weights).sum(dim=1, keepdim=True)
+        fit = (q * x * weights).sum(dim=1, keepdim=True) / den.clamp_min(1e-30)
+        if args.scale_dtype is not None:  # the value that will be stored
+            fit = fit.to(getattr(torch, args.scale_dtype)).float()
+        return torch.where((den > 0) & (fit != 0), fit, s).to(scale.dtype)
+
     best = error(best_scale, best_zero)
     for k in range(1, steps + 1):
         factor = 1.0 - (1.0 - lowest) * k / steps
         scale, zero = qparams_from_minmax(lo * factor, hi * factor, args)
+        if refit:
+            scale = refitted(scale, zero)
         err = error(scale, zero)
         better = err < best
         best = torch.where(better, err, best)
@@ -114,6 +131,7 @@ def gptq_quantize(
     zeros: torch.Tensor | None = None,
     group_aware: bool = False,
     clip_steps: int = 0,
+    clip_refit: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` [out, in] with GPTQ against ``hessian`` [in, in].
 
@@ -133,7 +151,7 @@ def gptq_quantize(
 
     ``clip_steps`` > 0 (per-channel and per-group scales) picks each scale from that many shrunk
     ranges by :func:`search_clip`, weighting each column's rounding error by its Hessian diagonal,
-    instead of the plain min/max.
+    instead of the plain min/max; ``clip_refit`` refits each tried scale by least squares first.
     """
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -154,12 +172,12 @@ def gptq_quantize(
     energy = torch.diag(h)  # the columns' input energy, in the original order
     if not group_size:
         if args.strategy == "channel":
-            scale, zero_point = search_clip(w, energy, channel_args, clip_steps)
+            scale, zero_point = search_clip(w, energy, channel_args, clip_steps, refit=clip_refit)
         else:
             scale, zero_point = compute_qparams(w, args)
 
     def set_group(g: int, columns: torch.Tensor, importance: torch.Tensor) -> None:
-        s, z = search_clip(columns, importance, channel_args, clip_steps)
+        s, z = search_clip(columns, importance, channel_args, clip_steps, refit=clip_refit)
         scale[:, g] = s[:, 0]
         zero_point[:, g] = z[:, 0]
 
@@ -241,3 +259,4 @@ def gptq_quantize(
         row_loss += errors.double().pow(2).sum(dim=0) / 2
         wt[end:] -= h_inv[start:end, end:].t() @ errors
     return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, row_loss=row_loss.cpu())
+

@@ -256,3 +256,26 @@ def test_gptq_with_clip_search_keeps_the_layout_and_lowers_the_output_error() ->
         diff = dequantize(result.codes, result.scale, result.zero_point, args, torch.float32) - weight
         errors[steps] = float(((diff @ hessian) * diff).sum())
     assert errors[20] < errors[0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_refitting_each_tried_range_never_loses_to_the_plain_search(symmetric: bool, bits: int) -> None:
+    """A refitted candidate is the least-squares scale of its codes, then rounded again with it:
+    each step can only lower the weighted error, so the search can only do better."""
+    gen = torch.Generator().manual_seed(10 + bits)
+    x = torch.randn(64, 64, generator=gen) * torch.rand(64, 1, generator=gen)
+    x[:, 5] *= 6
+    importance = torch.rand(64, generator=gen)
+    args = QuantArgs(num_bits=bits, symmetric=symmetric, strategy="channel")
+
+    def weighted_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        q = quantize(x, scale, zero, args)
+        return ((x - dequantize(q, scale, zero, args, torch.float32)) ** 2 * importance).sum(dim=1)
+
+    plain = weighted_error(*search_clip(x, importance, args, 16))
+    refitted_scale, refitted_zero = search_clip(x, importance, args, 16, refit=True)
+    refitted = weighted_error(refitted_scale, refitted_zero)
+    assert bool((refitted <= plain * (1 + 1e-5)).all())
+    assert float(refitted.sum()) < float(plain.sum())  # and does, somewhere
+    assert int(refitted_zero.min()) >= args.qmin and int(refitted_zero.max()) <= args.qmax

@@ -17,7 +17,7 @@ W8A8 = scheme_from_options(bits=8, act="per-token")
 # what the report and the checkpoint's metadata record for each method, in this order
 SETTINGS = {
     "rtn": {},
-    "gptq": {"damp_percent": 0.05, "block_size": 128, "act_order": True, "group_aware": True, "clip_search": 48, "true_sequential": True},
+    "gptq": {"damp_percent": 0.05, "block_size": 128, "act_order": True, "group_aware": True, "clip_search": 48, "clip_refit": False, "true_sequential": True},
     "smoothquant": {"alpha": 0.5, "alpha_search": False},
     "awq": {"awq_grid": 20, "awq_clip": True},
 }
@@ -139,6 +139,6 @@ def test_a_shared_option_must_be_declared_identically() -> None:
         registry.add("damping", _Damping())
     registry.add("awq", METHODS.get("awq"))  # no shared options
     assert list(registry.options())[:2] == ["damp_percent", "block_size"]
-    assert list(registry.fields()) == ["damp_percent", "block_size", "act_order", "group_aware", "clip_search", "true_sequential", "awq_grid", "awq_clip"]
+    assert list(registry.fields()) == ["damp_percent", "block_size", "act_order", "group_aware", "clip_search", "clip_refit", "true_sequential", "awq_grid", "awq_clip"]
     with pytest.raises(ValueError, match="'block_size' has the name of a common option"):
         registry.fields(reserved=["method", "block_size"])

@@ -39,6 +39,11 @@ class GPTQOptions(MethodOptions):
         "keeping the one with the least rounding error weighted by the inputs' energy (0: plain min/max).",
         ge=0, le=1000, error="GPTQ clip search steps must be in [0, 1000]",
     )
+    clip_refit: bool = option(
+        False, "GPTQ clip search: refit each tried range's scale to its own codes by least squares, weighted by the "
+        "inputs' energy, before scoring it.",
+        flag="--clip-refit/--no-clip-refit",
+    )
     true_sequential: bool = option(
         True, "GPTQ: calibrate each layer on the outputs of the layers already quantized in its block (default on; "
         "off: one pass per block, faster).",
@@ -114,6 +119,7 @@ class GPTQ(QuantMethod):
                     act_order=options.act_order,
                     group_aware=options.group_aware,
                     clip_steps=options.clip_search,
+                    clip_refit=options.clip_refit,
                     zeros=stacked == 0,  # pruned weights stay pruned
                 )
             except ArithmeticError as exc:
