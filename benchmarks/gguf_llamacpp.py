@@ -73,6 +73,10 @@ ROWS = [
     Row("squeeze-rtn-q8_0", "squeeze", "RTN W8 g32 sym", "q8_0", ["--bits", "8"]),
     Row("llamacpp-q4_0", "llama.cpp", "llama-quantize Q4_0", "q4_0", ["Q4_0", *Q8_KEPT]),
     Row("llamacpp-q4_0-imatrix", "llama.cpp", "llama-quantize Q4_0, importance matrix", "q4_0", ["Q4_0", *Q8_KEPT, "imatrix"]),
+    # llama-quantize's Q4_0 with an importance matrix stores the first n_layer/8 ffn_down in Q4_1 (on this model, whose
+    # weights are Q4_1 blocks already, those come back exactly); --pure keeps every tensor Q4_0, like squeeze's file
+    Row("llamacpp-q4_0-imatrix-pure", "llama.cpp", "llama-quantize Q4_0, importance matrix, --pure (every layer Q4_0)", "q4_0",
+        ["Q4_0", "--pure", *Q8_KEPT, "imatrix"]),
     Row("squeeze-rtn-q4_0", "squeeze", "RTN W4 g32 sym", "q4_0", ["--bits", "4"]),
     Row("squeeze-gptq-q4_0", "squeeze", "GPTQ W4 g32 sym", "q4_0", ["--method", "gptq", "--bits", "4"]),
     Row("squeeze-awq-q4_0", "squeeze", "AWQ W4 g32 sym", "q4_0", ["--method", "awq", "--sym"]),
@@ -283,6 +287,10 @@ def table(result: dict) -> str:
         size = f"{r['file_bytes'] / r_bytes:.3f}x" if peer and (r_bytes := peer["file_bytes"]) else "-"
         lines.append(f"| {r['gguf_type'].upper()} | {r['tool']} | {r['label']} | " + " | ".join(cells)
                      + f" | {r['file_bytes'] / 2**20:.1f} | {size} | {r['make_s']:.0f} |")
+    older = sorted({(r["measured"], r["commit"]) for r in rows if r.get("measured") not in (None, result["measured"])})
+    for when, at in older:
+        lines += ["", f"Rows kept from the run of {when} at {at}: "
+                  + ", ".join(r["name"] for r in rows if r.get("measured") == when) + "."]
     lines += ["", "make s: wall seconds to make the file (the importance matrix's included in its row), measured while other jobs "
               "shared the 2 cores: not a speed comparison. Q4_1 on this model: the package's weights are Q4_1 blocks already, so "
               "llama-quantize's Q4_1 (a float16 minimum per block) gives them back almost exactly, while squeeze's asymmetric grid "
@@ -325,15 +333,18 @@ def targets(result: dict) -> list[str]:
     rows = {r["name"]: r for r in result["rows"]}
     out = ["| target | numbers | verdict |", "|---|---|---|"]
     best = [rows[n] for n in ("squeeze-gptq-q4_0", "squeeze-awq-q4_0") if n in rows]
-    peer = rows.get("llamacpp-q4_0-imatrix") or rows.get("llamacpp-q4_0")
-    if best and peer:
+    peers = [("llama.cpp's Q4_0 (with imatrix)", rows.get("llamacpp-q4_0-imatrix") or rows.get("llamacpp-q4_0")),
+             ("llama.cpp's pure Q4_0 with imatrix (not the issue's target)", rows.get("llamacpp-q4_0-imatrix-pure"))]
+    for what, peer in peers:
+        if not (best and peer):
+            continue
         words, ok = [], True
         for text in TEXTS:
             mine = min(best, key=lambda r: r["scores"][text]["perplexity"])
             a, b = mine["scores"][text]["perplexity"], peer["scores"][text]["perplexity"]
             ok &= a <= b
             words.append(f"{text}: {mine['label']} {a:.3f} vs {peer['label']} {b:.3f}")
-        out.append(f"| squeeze GPTQ or AWQ Q4_0 ≤ llama.cpp's Q4_0 (with imatrix), both texts | {'; '.join(words)} | {'pass' if ok else '**FAIL**'} |")
+        out.append(f"| squeeze GPTQ or AWQ Q4_0 ≤ {what}, both texts | {'; '.join(words)} | {'pass' if ok else '**FAIL**'} |")
     for kind in ("q8_0", "q4_0", "q4_1"):
         theirs = rows.get(f"llamacpp-{kind}")
         mine = [r for r in result["rows"] if r["tool"] == "squeeze" and r["gguf_type"] == kind]
@@ -387,7 +398,9 @@ def main() -> None:
     f32 = score(runtime, windows, None)
     handle.close()
     reference_top1 = {text: f32[text].pop("top1") for text in TEXTS}
-    previous = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]} if RESULTS.exists() else {}
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    previous = {r["name"]: {"measured": earlier.get("measured"), "commit": earlier.get("commit"), **r} for r in earlier["rows"]}
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
     for row in ROWS:
         remake = args.rebuild or (args.only is not None and row.name in args.only)
@@ -401,7 +414,7 @@ def main() -> None:
         for text in TEXTS:
             scores[text].pop("top1")
         rows.append({"name": row.name, "tool": row.tool, "label": row.label, "gguf_type": row.gguf_type, "how": row.how,
-                     "file_bytes": path.stat().st_size, "make_s": seconds, "scores": scores})
+                     "file_bytes": path.stat().st_size, "make_s": seconds, "scores": scores, "measured": now, "commit": commit(REPO)})
         print(row.name, {t: round(scores[t]["perplexity"], 3) for t in TEXTS}, flush=True)
 
     agreement = {}
@@ -412,7 +425,7 @@ def main() -> None:
             agreement[name] = logit_agreement(path, windows["wikipedia"][:2], runtime)
             handle.close()
     result = {
-        "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(REPO),
+        "measured": now, "commit": commit(REPO),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "llamacpp": f"llama-cpp-python {llama_cpp.__version__}", "eval_tokens": args.eval_tokens, "calib_samples": args.calib_samples,
         "f32": f32, "squeeze_fp32": squeeze_fp32, "rows": rows, "logit_agreement": agreement,
