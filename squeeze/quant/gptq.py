@@ -259,4 +259,3 @@ def gptq_quantize(
         row_loss += errors.double().pow(2).sum(dim=0) / 2
         wt[end:] -= h_inv[start:end, end:].t() @ errors
     return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, row_loss=row_loss.cpu())
-
