@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from squeeze.passes.prune import PruneStep, prune
 from squeeze.passes.quantize import QuantizeStep, quantize
 from squeeze.passes.skeleton import CompressionStep, RunSettings
 from squeeze.passes.stream import streamable_source
+from squeeze.processes import Processes, start_processes, stop_processes
 from squeeze.progress import NullProgress, Progress
 from squeeze.prune.apply import plan_prune
 from squeeze.prune.methods import PRUNE_METHODS
@@ -344,7 +344,7 @@ def run_recipe(
     max_shard_size: int | str | None = None,
     memory_budget: int | str | None = None,
     stream: bool = False,
-) -> dict:
+) -> dict | None:
     """Run the stages of ``recipe`` on ``model`` in order; return the summary (also ``out/summary.json``).
 
     ``recipe`` is a YAML file, a Recipe, or a list of stage options (QuantizeStage, PruneStage,
@@ -358,11 +358,28 @@ def run_recipe(
     continues from the first stage whose folder is missing or was made from other settings (a
     distill stage also continues from its checkpoints). ``on_stage(planned)`` is called as each
     stage starts or is reused. A stage's errors name its options as the recipe does (``key:``).
+    Under torchrun every process calls this and runs every stage with the others (quantize and
+    prune share their calibration, distill trains data-parallel); process 0 alone writes and
+    returns the summary, the others return None.
     """
+    procs, device = start_processes(device)
+    try:
+        return _run_recipe(
+            recipe, model, Path(out), data, eval_tokens, seq_len, device, dtype, evaluate, overwrite, resume, trust_remote_code,
+            progress if procs.main else None, on_stage if procs.main else None, generation_prompts, max_shard_size,
+            memory_budget, stream, procs,
+        )
+    finally:
+        stop_processes(procs)
+
+
+def _run_recipe(
+    recipe: Recipe | str | Path | Sequence, model: str, out: Path, data: str | None, eval_tokens: int | None, seq_len: int | None,
+    device: str, dtype: str, evaluate: bool, overwrite: bool, resume: bool, trust_remote_code: bool, progress: Progress | None,
+    on_stage: Callable | None, generation_prompts: int, max_shard_size: int | str | None, memory_budget: int | str | None,
+    stream: bool, procs: Processes,
+) -> dict | None:
     progress = progress or NullProgress()
-    out = Path(out)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SqueezeError("squeeze run is one process; to distill under torchrun, run that stage with squeeze distill")
     check_output_dir(out, overwrite, local_inputs(model))
     resolve_device(device)
     recipe, plan = plan_run(recipe, model, data, eval_tokens, seq_len, dtype, evaluate, trust_remote_code, max_shard_size)
@@ -378,8 +395,12 @@ def run_recipe(
                 f"{literal(staging)} holds the stages of an unfinished run: pass {{0}} to continue it, or {{1}} to start over",
                 "resume", "overwrite",
             )
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True, exist_ok=True)
+    procs.barrier()  # every process has checked the staging folder as it was before process 0 changes it
+    if procs.main:
+        if staging.exists() and not resume:
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
 
     settings = {
         "model": model, "data": recipe.data, "eval_tokens": recipe.eval_tokens, "seq_len": recipe.seq_len,
@@ -399,7 +420,7 @@ def run_recipe(
                 reports.append(json.loads((folder / "report.json").read_text()))
                 continue
             reusing = False
-            for stale in staging.iterdir():  # this stage and every later one are made again (a distill stage may resume)
+            for stale in staging.iterdir() if procs.main else ():  # this stage and every later one are made again (a distill stage may resume)
                 number = int(stale.name[:2]) if stale.name[:2].isdigit() else 0
                 if number > entry.index + 1 or (number == entry.index + 1 and not stale.name.endswith(".checkpoints")):
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -440,14 +461,21 @@ def run_recipe(
                         f"{literal(failed)}; the finished stages are kept in {literal(staging)}: rerun with {{0}} to continue", "resume",
                     ) from None
                 raise SqueezeError(failed) from None
+            if not procs.main:
+                continue  # a helping process: process 0 has published the stage (its pass ended on a barrier)
             assert report is not None
             reports.append(report.to_dict())
             done.write_text(json.dumps({"identity": identity, "memory_estimate_bytes": entry.estimate}, indent=1) + "\n")
+        if not procs.main:
+            procs.barrier()  # until process 0 has published the whole run
+            return None
         summary = _write_summary(staging, recipe, plan, reports, settings)
     except BaseException:
-        _keep_finished(staging)
+        if procs.main:
+            _keep_finished(staging)
         raise
     publish_dir(staging, out, overwrite)
+    procs.barrier()
     return summary
 
 

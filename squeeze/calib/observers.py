@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.blocks import block_stacks
+from squeeze.calib.parallel import reduce_extreme, reduce_mean, share
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, StopBlock, run_block_observed
 
 Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -47,6 +48,14 @@ def merge_range(ranges: Ranges, name: str, x: torch.Tensor) -> None:
     ranges[name] = (lo, hi)
 
 
+def reduce_ranges(ranges: Ranges) -> None:
+    """Under data-parallel calibration, every process's ranges widened to cover all processes'
+    (every process must hold the same names)."""
+    for name in sorted(ranges):
+        lo, hi = ranges[name]
+        ranges[name] = (reduce_extreme(lo.clone(), "min"), reduce_extreme(hi.clone(), "max"))
+
+
 @torch.no_grad()
 def observe_input_ranges(
     model: nn.Module,
@@ -62,13 +71,14 @@ def observe_input_ranges(
         for n, m in layers.items()
     ]
     try:
-        for batch in batches:
+        for batch in share(list(batches)):
             model(**batch)
             if on_batch:
                 on_batch()
     finally:
         for h in handles:
             h.remove()
+    reduce_ranges(ranges)
     return ranges
 
 
@@ -123,4 +133,8 @@ def observe_hessians(
         complete = run_block_observed(block, inputs, modules, observe_input, before_call=same_call.clear, clock=clock)
     finally:
         same_call.clear()
+    # data-parallel calibration: each shared accumulator once, in call order (the same in every process)
+    for acc in {id(accumulators[name]): accumulators[name] for name in order}.values():
+        acc.rows = reduce_mean(acc.hessian, acc.rows)
+    reduce_ranges(ranges)
     return Hessians(accumulators, ranges, order, complete)

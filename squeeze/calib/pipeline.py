@@ -29,6 +29,7 @@ from torch import nn
 
 from squeeze.calib.blocks import block_stacks
 from squeeze.calib.capture import BlockCalls, BlockInputs, capture_block_calls, next_arguments
+from squeeze.calib.parallel import share
 from squeeze.calib.spill import inputs_like, release_inputs
 from squeeze.errors import SqueezeError
 from squeeze.linears import all_experts_calibrating
@@ -177,7 +178,7 @@ def _calibrate(
     model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], compress_block: Callable[[str, nn.Module, BlockInputs], None],
     on_block: Callable[[str], None] | None, clock: CalibrationClock, start: float,
 ) -> float:
-    batches = list(batches)
+    batches = share(list(batches))  # under data_parallel, this process's share (squeeze.calib.parallel)
     stacks = block_stacks(model)
     source = _SOURCE.get()
     if source is not None and len(stacks) > 1:

@@ -98,8 +98,11 @@ def quantize(
 
 def _run_pass(fn, model: str, out_dir: Path, config, fmt: str, as_json: bool, quiet: bool, **options) -> None:
     """Run one pass of the API with progress on stderr; print its report as JSON or as tables."""
-    progress = NullProgress() if quiet else ConsoleProgress(err)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 reports
+    progress = NullProgress() if quiet or not main_process else ConsoleProgress(err)
     report = call(fn, model, out_dir, config, progress=progress, **options)
+    if report is None:
+        return
     formats = QUANTIZED_FORMATS if fn is quantize_pass else PRUNED_FORMATS
     print_report(report, out_dir, f"{formats.get(fmt).files_written.format(name=fmt)}, report.json, report.md", as_json, quiet)
 

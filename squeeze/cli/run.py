@@ -63,6 +63,8 @@ def run(
         on_stage=announce, max_shard_size=max_shard_size, memory_budget=memory_budget, stream=stream,
         interrupted=f"interrupted; finished stages are kept in {out_dir}.partial (continue with --resume); {out_dir} is written whole or not at all",
     )
+    if summary is None:
+        return  # under torchrun, a process other than 0: process 0 reports
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     elif not quiet:

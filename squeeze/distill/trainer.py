@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,56 +30,7 @@ from squeeze.distill.losses import fused_lm_loss, hidden_loss
 from squeeze.distill.student import parameter_groups
 from squeeze.errors import OptionError, SqueezeError
 from squeeze.calib.blocks import block_list
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the processes torchrun started (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this process group was started by squeeze (and is ended by it)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def mean(self, values: list[float]) -> list[float]:
-        """Element-wise mean over processes."""
-        if self.world == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return (tensor / self.world).tolist()
-
-
-def start_processes(device: str) -> tuple[Processes, str]:
-    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA);
-    one process when there is none. Returns the group and this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    owns = not dist.is_initialized()
-    if owns:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        # the main process may evaluate or build the teacher cache while the others wait
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=4))
-    return Processes(rank, world, local_rank, owns), device
-
-
-def stop_processes(procs: Processes) -> None:
-    """End the process group if squeeze started it (a caller's own group is left alone)."""
-    if procs.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+from squeeze.processes import Processes
 
 
 class WindowOrder:

@@ -17,13 +17,14 @@ from squeeze.distill.student import (
     resolve_layers, teacher_depth,
 )
 from squeeze.distill.trainer import (
-    Distillable, TrainInputs, WindowOrder, autocast_for, final_student, start_processes, stop_processes, train,
+    Distillable, TrainInputs, WindowOrder, autocast_for, final_student, train,
 )
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.models import atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
 from squeeze.models.output import local_inputs
+from squeeze.processes import start_processes, stop_processes
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy
 from squeeze.passes.stream import comparison_batches, streamable_source
 from squeeze.passes.stream_teacher import StreamedTeacher

@@ -13,8 +13,8 @@ from squeeze.formats import PRUNED_FORMATS, Written
 from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors
 from squeeze.formats.sparse import bitmask_bytes
 from squeeze.passes.common import GENERATION_PROMPTS, Prepared, sparsity_report
-from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
-from squeeze.passes.stream import stream_pass
+from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings
+from squeeze.passes.launch import run_compression
 from squeeze.progress import Progress
 from squeeze.prune.apply import PruneConfig, plan_prune, prune_model
 from squeeze.prune.layers import PruneResult
@@ -181,18 +181,19 @@ def prune(
     stream: bool = False,
     spill_calibration: bool = False,
     memory_budget: int | str | None = None,
-) -> Report:
+) -> Report | None:
     """Prune ``model`` with ``config``; write the checkpoint (sparse-bitmask or dense with zeros) and
     the report to ``out``.
 
     Text, windows, devices, dtypes, ``reference``, ``max_shard_size`` and ``stream`` work as in
     :func:`squeeze.passes.quantize.quantize`.
     Wanda and SparseGPT calibrate on ``calibration_samples`` windows of ``calibration_data``
-    (default: ``data``); magnitude pruning reads no text but the evaluation's.
+    (default: ``data``); magnitude pruning reads no text but the evaluation's. Under torchrun
+    every process calls this (squeeze.passes.launch); process 0 returns the report, the others None.
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
         spill_calibration, parse_size(memory_budget, "memory_budget") if memory_budget is not None else None,
     )
-    return (stream_pass if stream else run_pass)(PruneStep(config), model, out, run, progress)
+    return run_compression(PruneStep(config), model, out, run, progress)

@@ -15,8 +15,8 @@ from squeeze.formats.compressed_tensors import quantization_config
 from squeeze.formats.files import MAX_SHARD_BYTES, dense_tensors, write_config_files
 from squeeze.formats.sparse import sparsity_config
 from squeeze.passes.common import GENERATION_PROMPTS, Prepared, SparseInput, sparsity_report
-from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings, run_pass
-from squeeze.passes.stream import stream_pass
+from squeeze.passes.skeleton import CompressionStep, ReportParts, RunSettings
+from squeeze.passes.launch import run_compression
 from squeeze.progress import Progress
 from squeeze.quant.apply import plan_quantize, quantize_model
 from squeeze.quant.config import QuantizeConfig
@@ -221,7 +221,7 @@ def quantize(
     stream: bool = False,
     spill_calibration: bool = False,
     memory_budget: int | str | None = None,
-) -> Report:
+) -> Report | None:
     """Quantize ``model`` with ``config``; write the checkpoint (``config.format``) and the report to ``out``.
 
     ``data`` is the text source for evaluation (and for calibration unless ``calibration_data``
@@ -238,10 +238,12 @@ def quantize(
     one batch in memory at a time (squeeze.calib.spill; the memory budget turns it on by itself
     when only that fits). A streamed pass scores generation agreement only when the whole model
     fits ``memory_budget`` (bytes or a size; default: the memory available now less a margin).
+    Under torchrun every process calls this and they share the calibration (squeeze.passes.launch);
+    process 0 writes and returns the report, the others return None.
     """
     run = RunSettings(
         data, calibration_data, eval_tokens, seq_len, calibration_samples, batch_size, device, dtype, evaluate, overwrite,
         trust_remote_code, reference, measure_speed, generation_prompts, parse_size(max_shard_size, "max_shard_size"), stream,
         spill_calibration, parse_size(memory_budget, "memory_budget") if memory_budget is not None else None,
     )
-    return (stream_pass if stream else run_pass)(QuantizeStep(config), model, out, run, progress)
+    return run_compression(QuantizeStep(config), model, out, run, progress)

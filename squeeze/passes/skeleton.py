@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from squeeze import __version__
+from squeeze.calib.parallel import calibration_processes, share
 from squeeze.device import resolve_dtype
 from squeeze.errors import OptionError
 from squeeze.evaluate import checkpoint_bytes, peak_rss_bytes, tensor_bytes
@@ -194,9 +195,12 @@ def least_output_bytes(meta: nn.Module, planned: Iterable[str], dtype: torch.dty
     return max(checkpoint_bytes(meta, dtype) - weights * dtype.itemsize, 0) + weights // 8
 
 
-def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
+def run_pass(
+    step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None, writes: bool = True,
+) -> Report | None:
     """Run ``step`` on ``model`` into ``out`` (see the module docstring); return the report, also
-    written to ``out/report.json`` and ``out/report.md``."""
+    written to ``out/report.json`` and ``out/report.md``. Without ``writes`` (a process that only
+    helps calibrate: squeeze.passes.launch) the pass stops after ``compress`` and returns None."""
     step.check(run)
     if run.spill_calibration:
         raise OptionError("{0} keeps a streamed pass's calibration activations on disk: add {1}", "spill_calibration", "stream")
@@ -223,7 +227,10 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
         # a calibrating method interleaves running calibration text and its own work: split the time
         watch.timings["calibrate"] = calibration_s
         watch.timings[step.name] -= calibration_s
+    shares = process_shares(calibration, watch)
     del calibration
+    if not writes:
+        return None
 
     accuracy = None
     if prep.eval_windows is not None and prep.reference is not None:
@@ -242,10 +249,31 @@ def run_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, pro
             disk_bytes_after=sum(f.stat().st_size for f in written.files), memory_bytes_before=prep.memory_before,
             memory_bytes_after=tensor_bytes(net), linear_bytes_before=parts.linear_bytes_before, linear_bytes_after=parts.linear_bytes_after,
         )
-        return step_report(step, model_info(model, prep.source, net), parts, size, watch, f"{prep.device}, {run.dtype} compute", estimate, accuracy, net)
+        return step_report(
+            step, model_info(model, prep.source, net), parts, size, watch, f"{prep.device}, {run.dtype} compute", estimate, accuracy, net,
+            settings=shares,
+        )
 
     speed = (model, run.data, prep.device) if run.measure_speed else None
     return publish(out, run.overwrite, assemble, watch, progress, speed)
+
+
+def process_shares(calibration: list[dict[str, torch.Tensor]] | None, watch: Stopwatch) -> dict[str, Any]:
+    """Under data-parallel calibration (squeeze.calib.parallel), the report's ``processes`` and
+    ``per_process`` settings: each process's calibration tokens and seconds per stage so far
+    (every process calls this; empty with one process)."""
+    procs = calibration_processes()
+    if procs.world == 1:
+        return {}
+    tokens = sum(batch["input_ids"].numel() for batch in share(calibration)) if calibration else 0
+    shares = procs.gather_objects((tokens, {stage: round(s, 1) for stage, s in watch.timings.items()}))
+    return {
+        "processes": procs.world,
+        "per_process": "; ".join(
+            f"process {rank}: {tokens:,} calibration tokens, " + ", ".join(f"{stage} {s:g} s" for stage, s in timings.items())
+            for rank, (tokens, timings) in enumerate(shares)
+        ),
+    }
 
 
 def step_report(

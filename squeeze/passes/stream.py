@@ -25,6 +25,7 @@ onloaded one block at a time.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from squeeze.passes.common import (
     GENERATION_PROMPT_TOKENS, GENERATION_TOKENS, Prepared, Stopwatch, batches, encoder_batch_size, evaluate_accuracy,
     generation_agreement, model_info, reference_name,
 )
-from squeeze.passes.skeleton import CompressionStep, RunSettings, check_run, publish, step_report
+from squeeze.passes.skeleton import CompressionStep, RunSettings, check_run, process_shares, publish, step_report
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report, SizeReport
 from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib
@@ -228,9 +229,26 @@ def _generation_one_model_at_a_time(
     return generation_agreement(output, recorded, tokenizer, run.data, run.generation_prompts, watch, progress)
 
 
-def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None) -> Report:
+class _Discarded:
+    """The shard writer of a process that only helps calibrate (squeeze.passes.launch): it keeps nothing."""
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def end_part(self) -> None:
+        pass
+
+    def close(self) -> list[Path]:
+        return []
+
+
+def stream_pass(
+    step: CompressionStep, model: str, out: Path, run: RunSettings, progress: Progress | None = None, writes: bool = True,
+) -> Report | None:
     """Run ``step`` on ``model`` into ``out`` one block at a time (see the module docstring);
-    the report as :func:`squeeze.passes.skeleton.run_pass` gives it."""
+    the report as :func:`squeeze.passes.skeleton.run_pass` gives it. Without ``writes`` (a
+    process that only helps calibrate: squeeze.passes.launch) every block is compressed but
+    nothing is kept, and it returns None."""
     step.check(run)
     step.check_stream(run)
     if run.measure_speed:
@@ -267,7 +285,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
                     comparison_batches(eval_windows, source.kind, run.batch_size, device), progress,
                     f"the {'reference' if ref_source else 'input'}'s outputs on {run.data}, block by block",
                 )
-        writer = ShardWriter(folder, run.max_shard_size)
+        writer = ShardWriter(folder, run.max_shard_size) if writes else _Discarded()
         lazy.materialise_outside("input")
         ours = None
         if eval_windows is not None:
@@ -297,6 +315,7 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         for stage, seconds in blocks.other.timings.items():
             watch.timings[step.name] -= seconds
             watch.timings[stage] = watch.timings.get(stage, 0.0) + seconds
+        shares = process_shares(calibration, watch)
         del calibration
         with watch.stage("save"), progress.status(f"writing {out}"):
             if direct:
@@ -347,7 +366,11 @@ def stream_pass(step: CompressionStep, model: str, out: Path, run: RunSettings, 
         )
         return step_report(
             step, model_info(model, source, net), parts, size, watch, f"{device}, {run.dtype} compute", estimate, accuracy, net,
-            settings={"streamed": True}, notes=notes,
+            settings={"streamed": True, **shares}, notes=notes,
         )
 
+    if not writes:
+        with tempfile.TemporaryDirectory(prefix="squeeze-helper-") as scratch:
+            assemble(Path(scratch))  # config.json and tokenizer land here and go
+        return None
     return publish(out, run.overwrite, assemble, watch, progress)

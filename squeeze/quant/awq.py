@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from squeeze.calib.parallel import calibration_processes, gather_rows
 from squeeze.calib.pipeline import CalibrationClock, run_block_observed
 from squeeze.quant.rtn import fake_quantize
 from squeeze.quant.scheme import QuantArgs
@@ -161,13 +162,39 @@ def capture_inputs(
 
     Modules that read the very same tensor (q/k/v, gate/up) get the same captured tensor object,
     so transforming it once transforms it for all of them. Rows are float32 [n, in].
+
+    Under data-parallel calibration (squeeze.calib.parallel) each process samples its own calls'
+    rows with the generator state one process would have reached at them, and the rows are
+    gathered in call order: every process captures what one process would.
     """
-    rows_per_call = -(-max_rows // max(len(inputs), 1))
+    # the token count of every call of every process, in the one-process order
+    procs = calibration_processes()
+    shares = procs.gather_objects([h.shape[:-1].numel() for h, _ in inputs])
+    counts = [count for share in shares for count in share]
+    own_first = sum(len(share) for share in shares[: procs.rank])
+    rows_per_call = -(-max_rows // max(len(counts), 1))
     generator = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {}
     alias: dict[str, str] = {}
     # holding the tensor keeps its memory from being reused for another input within the call
     first_reader: dict[tuple, tuple[str, torch.Tensor]] = {}
+    # a process whose share starts later holds its first call's rows until it knows how many draws
+    # (one per module reading a distinct tensor) each earlier call made from the generator
+    deferred: list[tuple[str, torch.Tensor]] | None = [] if own_first else None
+
+    def draw(name: str, rows: torch.Tensor) -> None:
+        keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_call]
+        chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
+
+    def catch_up() -> None:
+        nonlocal deferred
+        if deferred:
+            for count in counts[:own_first]:
+                for _ in deferred:
+                    torch.randperm(count, generator=generator)
+            for name, rows in deferred:
+                draw(name, rows)
+            deferred = None
 
     def observe(name: str, _module: nn.Module, x: torch.Tensor) -> None:
         x = x.detach()
@@ -177,13 +204,21 @@ def capture_inputs(
             return
         first_reader[key] = (name, x)
         rows = x.reshape(-1, x.shape[-1])
-        keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_call]
-        chunks.setdefault(name, []).append(rows[keep.to(rows.device)].float())
+        if deferred is not None:
+            deferred.append((name, rows))
+        else:
+            draw(name, rows)
+
+    def before_call() -> None:
+        first_reader.clear()
+        catch_up()
 
     try:
-        run_block_observed(block, inputs, modules, observe, before_call=first_reader.clear, clock=clock)
+        run_block_observed(block, inputs, modules, observe, before_call=before_call, clock=clock)
+        catch_up()
     finally:
         first_reader.clear()
-    captured = {n: subsample_rows(torch.cat(c), max_rows, seed) for n, c in chunks.items()}
+    merged = {n: gather_rows(torch.cat(chunks[n])) for n in sorted(chunks)}
+    captured = {n: subsample_rows(merged[n], max_rows, seed) for n in chunks}
     captured.update({n: captured[source] for n, source in alias.items() if n not in captured})
     return captured

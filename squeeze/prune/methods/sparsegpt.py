@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from squeeze.calib.observers import hessian_bytes, observe_hessians
+from squeeze.calib.parallel import gather_rows, solve_by_rows
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock
 from squeeze.errors import OptionError, literal
 from squeeze.options import MethodOptions, option
@@ -80,9 +81,13 @@ class SparseGPT(BlockwisePruneMethod):
         self, name: str, linear: nn.Linear, hessian: torch.Tensor, plan: Plan, config: PruneConfig, notes: list[str]
     ) -> LayerSparsity:
         options: SparseGPTOptions = config.options  # type: ignore[assignment]
+        # rows are pruned independently unless the paper's mask spans a block's rows: under
+        # data-parallel calibration each process then prunes its share of them
+        rowwise = options.mask_per_row or config.n_m is not None
+        mine = solve_by_rows(linear.out_features) if rowwise else slice(None)
         try:
             solved = sparsegpt_prune(
-                linear.weight, hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent,
+                linear.weight[mine], hessian, plan[name][1], config.n_m, options.block_size, options.damp_percent,
                 per_row=options.mask_per_row,
             )
         except ArithmeticError as exc:
@@ -92,10 +97,11 @@ class SparseGPT(BlockwisePruneMethod):
             ) from None
         if solved.retries:
             notes.append(f"SparseGPT raised the damping of {name} to {solved.damp:g} after {solved.retries} failed factorisation(s)")
+        pruned = solved.weight if mine == slice(None) else gather_rows(solved.weight)
         original = linear.weight.detach().float()
-        diff = solved.weight.to(original.device) - original
+        diff = pruned.to(original.device) - original
         output_error = relative_output_error(diff, original, hessian)
-        linear.weight.data.copy_(solved.weight)
+        linear.weight.data.copy_(pruned)
         return LayerSparsity(
             name=name,
             shape=(linear.out_features, linear.in_features),

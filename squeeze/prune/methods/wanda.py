@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from squeeze.calib.parallel import reduce_sum
 from squeeze.calib.pipeline import BlockInputs, CalibrationClock, run_block_observed
 from squeeze.errors import OptionError
 from squeeze.prune.layers import LayerSparsity, Plan, apply_mask, layer_mask
@@ -36,6 +37,8 @@ class Wanda(BlockwisePruneMethod):
             norms[name].add(x)
 
         run_block_observed(block, inputs, targets, observe, clock=clock)
+        for name in sorted(norms):  # data-parallel calibration: every process's Σ x²
+            reduce_sum(norms[name].squared)
         done = []
         for name, linear in targets.items():
             if name in norms:

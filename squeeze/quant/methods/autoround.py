@@ -59,6 +59,7 @@ class AutoRound(QuantMethod):
     summary: ClassVar[str] = "autoround (weight-only, learned rounding)"
     Options: ClassVar[type[MethodOptions]] = AutoRoundOptions
     defaults: ClassVar[SchemeDefaults] = SchemeDefaults(mode="per-group", bits=4, asym=False)  # AutoRound's W4 group-wise symmetric
+    data_parallel: ClassVar[bool] = False  # its signed-gradient steps would need every process's gradients
 
     def check(self, config: QuantizeConfig) -> None:
         """AutoRound learns how weights round, with a scale per channel or group."""

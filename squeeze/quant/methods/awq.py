@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from squeeze.calib.parallel import gather_rows, solve_by_rows
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially
 from squeeze.errors import OptionError
 from squeeze.options import MethodOptions, option
@@ -101,7 +102,11 @@ class AWQ(QuantMethod):
             for name, linear in targets.items():
                 weight = linear.weight.detach()
                 if clip and name.rpartition(".")[2] not in UNCLIPPED and name in captured:
-                    weight = apply_clip(weight, awq_clip_search(captured[name], weight, args, n_grid), args.group_size)
+                    # rows are clipped independently: under data-parallel calibration each process searches its share
+                    mine = solve_by_rows(weight.shape[0])
+                    clip_values = awq_clip_search(captured[name], weight[mine], args, n_grid)
+                    clip_values = clip_values if mine == slice(None) else gather_rows(clip_values)
+                    weight = apply_clip(weight, clip_values, args.group_size)
                     clipped.append(prefix + name)
                 # codes from the clipped weight, but replace_layer measures the error against the unclipped one
                 scale, zero_point = compute_qparams(weight, args)

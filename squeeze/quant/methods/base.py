@@ -43,6 +43,7 @@ class QuantMethod:
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     defaults: ClassVar[SchemeDefaults] = SchemeDefaults()
     blockwise: ClassVar[bool] = True  # calibrates one transformer block at a time
+    data_parallel: ClassVar[bool] = True  # shares its calibration among torchrun's processes (squeeze.calib.parallel)
     no_data: ClassVar[str] = "none (the method reads no text)"  # the report's calibration line when it reads none
 
     def needs_calibration(self, config: QuantizeConfig) -> bool:

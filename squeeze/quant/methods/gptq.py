@@ -3,6 +3,7 @@ solve of :func:`squeeze.quant.gptq.gptq_quantize`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 
 from squeeze.calib.observers import hessian_bytes, observe_hessians
+from squeeze.calib.parallel import gather_rows, solve_by_rows
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.options import MethodOptions, option
-from squeeze.quant.gptq import gptq_quantize
+from squeeze.quant.gptq import GPTQResult, gptq_quantize
 from squeeze.quant.layers import LayerError, QuantizeResult, finish_outside_blocks, ignored_layers, replace_layer
 from squeeze.quant.linear import QuantizedLinear
 from squeeze.quant.methods.base import METHODS, Batches, QuantMethod
@@ -109,9 +111,12 @@ class GPTQ(QuantMethod):
         def solve(names: list[str], pending: dict[str, nn.Linear], accumulators, ranges) -> None:
             """One GPTQ solve for layers sharing a Hessian (rows stacked); swap them for QuantizedLinear."""
             stacked = torch.cat([pending[n].weight.detach() for n in names], dim=0)
+            # rows are solved independently (but for one per-tensor scale): under data-parallel
+            # calibration each process solves its share of them
+            mine = solve_by_rows(stacked.shape[0]) if config.scheme.weights.strategy != "tensor" else slice(None)
             try:
                 solved = gptq_quantize(
-                    stacked,
+                    stacked[mine],
                     accumulators[names[0]].hessian,
                     config.scheme.weights,
                     block_size=options.block_size,
@@ -120,7 +125,7 @@ class GPTQ(QuantMethod):
                     group_aware=options.group_aware,
                     clip_steps=options.clip_search,
                     clip_refit=options.clip_refit,
-                    zeros=stacked == 0,  # pruned weights stay pruned
+                    zeros=stacked[mine] == 0,  # pruned weights stay pruned
                 )
             except ArithmeticError as exc:
                 raise OptionError(
@@ -128,6 +133,8 @@ class GPTQ(QuantMethod):
                     "use more calibration text or a larger {0}",
                     "damp_percent",
                 ) from None
+            if mine != slice(None):
+                solved = _gathered(solved)
             if solved.retries:
                 notes.append(
                     f"GPTQ raised the damping of {', '.join(names)} to {solved.damp:g} "
@@ -155,3 +162,11 @@ class GPTQ(QuantMethod):
             layers=errors, quantized=list(layers), ignored=ignored_layers(model, layers), notes=notes,
             calibration_s=calibration_s,
         )
+
+
+def _gathered(solved: GPTQResult) -> GPTQResult:
+    """Every process's rows of a solve split by rows (squeeze.calib.parallel), in row order."""
+    return dataclasses.replace(
+        solved, codes=gather_rows(solved.codes), scale=gather_rows(solved.scale), zero_point=gather_rows(solved.zero_point),
+        row_loss=gather_rows(solved.row_loss),
+    )

@@ -11,7 +11,8 @@ from torch import nn
 
 from squeeze.calib.blocks import all_blocks
 from squeeze.calib.folds import FoldTally, fold_scales
-from squeeze.calib.observers import Ranges, merge_range
+from squeeze.calib.observers import Ranges, merge_range, reduce_ranges
+from squeeze.calib.parallel import reduce_extreme
 from squeeze.calib.pipeline import CalibrationClock, calibrate_sequentially, run_block_observed
 from squeeze.errors import OptionError, literal
 from squeeze.options import MethodOptions, option
@@ -106,6 +107,8 @@ class SmoothQuant(QuantMethod):
 
             firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
             run_block_observed(block, inputs, firsts, observe_max, clock=clock)
+            for name in sorted(channel_max):  # data-parallel calibration: the maxima of every process
+                reduce_extreme(channel_max[name], "max")
             captured = capture_inputs(block, inputs, firsts, clock=clock) if search and groups else {}
             for group in groups:
                 linears = [block.get_submodule(n) for n in group.linears]
@@ -130,6 +133,7 @@ class SmoothQuant(QuantMethod):
                 run_block_observed(
                     block, inputs, targets, lambda name, _module, x: merge_range(ranges, name, x), clock=clock
                 )
+                reduce_ranges(ranges)
             for name, linear in targets.items():
                 qlinear = QuantizedLinear.from_linear(linear, config.scheme, ranges.get(name))
                 errors.append(replace_layer(model, name, linear, qlinear))
