@@ -50,10 +50,10 @@ class Processes:
     def _together(self, collective: Callable[[], T]) -> T:
         try:
             return collective()
-        except (RuntimeError, dist.DistError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (RuntimeError, dist.DistError):
+            # the backend's own message only says the connection closed
             raise SqueezeError(
-                f"process {self.rank} of {self.world} lost the others ({first}): another process failed, its message says why"
+                f"process {self.rank} of {self.world} stops: another process stopped first (its own message says why)"
             ) from None
 
     def barrier(self) -> None:
