@@ -95,6 +95,13 @@ class Processes:
         self._together(lambda: dist.all_gather(pieces, padded.contiguous()))
         return torch.cat([piece[:n] for piece, n in zip(pieces, rows)])
 
+    def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """``tensor`` as process ``source`` holds it, on every process (in place; the others'
+        must have its shape and dtype)."""
+        if self.world > 1:
+            self._together(lambda: dist.broadcast(tensor, source))
+        return tensor
+
     def gather_objects(self, value: T) -> list[T]:
         """Every process's ``value`` (small, plain Python data made by squeeze itself), in process order."""
         if self.world == 1:

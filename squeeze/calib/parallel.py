@@ -8,7 +8,8 @@ summed with their row counts, ranges and channel maxima take the extremes, and t
 SmoothQuant sample are gathered in the one-process order. The solves that follow are split by
 output rows (GPTQ, SparseGPT and AWQ's clip search treat rows independently) and their results
 gathered, so every process ends each block with the same compressed weights, which the next
-block's inputs are computed from.
+block's inputs are computed from. Solves that are not independent by rows (HQQ's stops on the
+whole layer's error) go to processes whole, by cost, and their results are sent to every process.
 
 Outside that context (the default) there is one process and every function here is the identity.
 """
@@ -91,3 +92,22 @@ def solve_by_rows(count: int) -> slice:
     process, or when there are fewer rows than processes)."""
     procs = calibration_processes()
     return procs.rows(count) if 1 < procs.world <= count else slice(None)
+
+
+def solve_owners(costs: list[float]) -> list[int]:
+    """Which process solves each of the solves costing ``costs`` (any unit): the costliest first,
+    each to the process with the least work so far (every one to process 0 in one process)."""
+    procs = calibration_processes()
+    owners, load = [0] * len(costs), [0.0] * procs.world
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owner = min(range(procs.world), key=lambda rank: (load[rank], rank))
+        owners[index] = owner
+        load[owner] += costs[index]
+    return owners
+
+
+def from_owner(owner: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The ``tensors`` of a solve as process ``owner`` computed them, on every process (the others
+    pass tensors of the same shapes and dtypes to receive them in)."""
+    procs = calibration_processes()
+    return tuple(procs.broadcast(t.contiguous(), owner) for t in tensors)

@@ -32,6 +32,7 @@ PASSES = {
     "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32"],
     "awq": ["quantize", "--method", "awq", "--group-size", "32"],
     "smoothquant": ["quantize", "--method", "smoothquant", "--act", "per-tensor"],
+    "hqq": ["quantize", "--method", "hqq", "--group-size", "32"],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5"],
     "sparsegpt": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
 }

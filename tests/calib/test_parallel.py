@@ -79,7 +79,8 @@ def test_two_processes_write_what_one_writes(both: tuple[Path, Path, dict], meth
     for metric in ("perplexity_after", "kl_divergence", "top1_agreement"):
         assert second["accuracy"][metric] == pytest.approx(first["accuracy"][metric], rel=1e-4, abs=1e-7)
     assert second["settings"]["processes"] == 2 and "processes" not in first["settings"]
-    assert "process 1: 128 calibration tokens" in second["settings"]["per_process"]
+    tokens = 0 if method == "hqq" else 128  # HQQ reads no text: its processes share the layers
+    assert f"process 1: {tokens} calibration tokens" in second["settings"]["per_process"]
 
 
 def test_the_callers_group_is_left_up_and_autoround_is_refused(both: tuple[Path, Path, dict]) -> None:

@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from squeeze.calib.parallel import calibration_processes, from_owner, solve_owners
 from squeeze.errors import OptionError
 from squeeze.options import MethodOptions, option
 from squeeze.quant.layers import QuantizeResult, ignored_layers, replace_layer
@@ -275,12 +276,23 @@ class Hqq(QuantMethod):
         options: HqqOptions = config.options  # type: ignore[assignment]
         layers = self.plan(model, config)
         errors = []
-        for name, linear in layers.items():
-            codes, scale, zero_point = hqq_quantize(
+        # under torchrun each process solves its share of the layers, by size; then every process
+        # receives every layer's codes from the one that solved it (squeeze.calib.parallel)
+        owners = dict(zip(layers, solve_owners([m.weight.numel() for m in layers.values()])))
+        rank = calibration_processes().rank
+        solved = {
+            name: hqq_quantize(
                 linear.weight, config.scheme.weights, iterations=options.hqq_iterations, lp_norm=options.hqq_lp_norm,
                 beta=options.hqq_beta, kappa=options.hqq_kappa, clip_grid=options.hqq_clip_grid,
                 min_clip=options.hqq_min_clip,
             )
+            for name, linear in layers.items() if owners[name] == rank
+        }
+        for name, linear in layers.items():
+            if name not in solved:  # to receive in: RTN's tensors have the shapes and dtypes of HQQ's
+                scale, zero_point = compute_qparams(linear.weight, config.scheme.weights)
+                solved[name] = (torch.empty(linear.weight.shape, dtype=torch.int8, device=linear.weight.device), scale, zero_point.to(torch.int8))
+            codes, scale, zero_point = from_owner(owners[name], solved.pop(name))
             qlinear = QuantizedLinear.from_codes(linear, config.scheme, codes, scale, zero_point)
             errors.append(replace_layer(model, name, linear, qlinear))
             if on_step:
