@@ -33,6 +33,7 @@ PASSES = {
     "awq": ["quantize", "--method", "awq", "--group-size", "32"],
     "smoothquant": ["quantize", "--method", "smoothquant", "--act", "per-tensor"],
     "hqq": ["quantize", "--method", "hqq", "--group-size", "32"],
+    "gptq-streamed": ["quantize", "--method", "gptq", "--bits", "4", "--mode", "per-group", "--group-size", "32", "--stream", "--max-shard-size", "100KB"],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5"],
     "sparsegpt": ["prune", "--method", "sparsegpt", "--sparsity", "0.5"],
 }

@@ -29,6 +29,11 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
 
 
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, in one file or sharded."""
+    return {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
 def test_rows_are_shared_without_gaps_or_overlaps() -> None:
     for world in (1, 2, 3, 4):
         for count in (0, 1, 5, 64, 67):
@@ -65,7 +70,7 @@ def both(tiny_llama4_dir: Path, small_text: Path, tmp_path_factory: pytest.TempP
 def test_two_processes_write_what_one_writes(both: tuple[Path, Path, dict], method: str) -> None:
     one, two, results = both
     assert results[method][0] == 0, results[method][1]
-    a, b = load_file(one / method / "model.safetensors"), load_file(two / method / "model.safetensors")
+    a, b = tensors(one / method), tensors(two / method)
     assert a.keys() == b.keys()
     same = total = 0
     for name in a:
@@ -112,7 +117,7 @@ def test_a_recipe_runs_in_two_processes(tiny_llama4_dir: Path, small_text: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     assert run(*args, "--out", tmp_path / "one").exit_code == 0
     stage = "02-quantize-gptq-w4a16-g32"
-    a, b = load_file(tmp_path / "one" / stage / "model.safetensors"), load_file(tmp_path / "two" / stage / "model.safetensors")
+    a, b = tensors(tmp_path / "one" / stage), tensors(tmp_path / "two" / stage)
     assert all(torch.equal(a[name], b[name]) for name in a if not a[name].is_floating_point())
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert len(summary["rows"]) == 3 and not leftovers(tmp_path)
