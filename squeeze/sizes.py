@@ -4,7 +4,6 @@ there is to spend."""
 from __future__ import annotations
 
 import math
-
 import os
 import re
 
@@ -60,11 +59,12 @@ def available_memory() -> int | None:
 
 def default_memory_budget() -> int | None:
     """The memory a run may plan for when the user names no budget: what is available now less a
-    margin for the rest of the machine (a tenth of it, at least 1 GiB); None when unknown."""
+    margin for the rest of the machine (a tenth of it, at least 1 GiB), shared evenly by the
+    processes torchrun started on this machine; None when unknown."""
     available = available_memory()
     if available is None:
         return None
-    return max(available - max(available // 10, 2**30), 0)
+    return max(available - max(available // 10, 2**30), 0) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 def accelerator_memory(device: str) -> int | None:

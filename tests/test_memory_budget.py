@@ -131,3 +131,14 @@ def test_a_streamed_teacher_is_estimated_one_block_at_a_time(make_tiny_llama, sm
     # the teacher is counted as what reading it one block at a time holds (fp32), not whole
     assert saved == sum(p.numel() for p in model.parameters()) * 4 - held
     assert held < sum(p.numel() for p in model.parameters()) * 4
+
+
+def test_processes_on_one_machine_share_the_default_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from squeeze import sizes
+
+    monkeypatch.setattr(sizes, "available_memory", lambda: 20 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = sizes.default_memory_budget()
+    assert alone == 18 * 2**30  # a tenth kept back for the rest of the machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert sizes.default_memory_budget() == alone // 4
