@@ -13,11 +13,10 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from squeeze import __version__, compare
+from squeeze import compare
 from squeeze.calib.blocks import all_blocks
 from squeeze.data import check_source
 from squeeze.distill import cache as logit_cache
@@ -29,7 +28,7 @@ from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
 from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, read_in_blocks_bytes, resident_bytes, streamed_bytes
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
-from squeeze.models.output import local_inputs
+from squeeze.models.output import keep_finished, local_inputs
 from squeeze.passes.common import GENERATION_PROMPTS, reference_name
 from squeeze.passes.distill import distill
 from squeeze.passes.prune import PruneStep, prune
@@ -469,53 +468,22 @@ def _run_recipe(
         if not procs.main:
             procs.barrier()  # until process 0 has published the whole run
             return None
-        summary = _write_summary(staging, recipe, plan, reports, settings)
+        summary = compare.write_summary(
+            staging, f"squeeze recipe {recipe.name}: {model}", reports, reference_name(model),
+            [(e.folder, e.estimate, _against_original(e)) for e in plan],
+            recipe=recipe.name, source=str(recipe.source) if recipe.source else None, description=recipe.description, settings=settings,
+            stages=[{"folder": e.folder, "pass": e.stage.pass_name, "options": e.stage.model_dump(exclude_defaults=True)} for e in plan],
+        )
     except BaseException:
         if procs.main:
-            _keep_finished(staging)
+            keep_finished(staging, STAGE_FILE, keep=lambda item: item.name.endswith(".checkpoints") and any(item.iterdir()))
         raise
     publish_dir(staging, out, overwrite)
     procs.barrier()
     return summary
 
 
-def _keep_finished(staging: Path) -> None:
-    """After a failed or interrupted run: drop what is not a finished stage (or a distill stage's
-    checkpoints); drop the folder entirely when nothing finished."""
-    for item in staging.iterdir():
-        finished = (item / STAGE_FILE).is_file() or (item.name.endswith(".checkpoints") and any(item.iterdir()))
-        if not finished:
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-    if not any(staging.iterdir()):
-        staging.rmdir()
-
-
-def _write_summary(folder: Path, recipe: Recipe, plan: list[PlannedStage], reports: list[dict], settings: dict) -> dict:
-    """summary.json, summary.md and summary.png: the original and every stage, side by side."""
-    rows = [dataclasses.replace(compare.original_row(reports[0]), name=reference_name(settings["model"]))]
-    original = rows[0].name
-
-    def against_original(entry: PlannedStage) -> bool:
-        """The report compared with its input or teacher, and that model was the original."""
-        teacher = getattr(entry.stage, "teacher", None)  # distill only
-        return teacher == "original" or (entry.index == 0 and teacher in (None, "previous"))
-
-    rows += [
-        compare.stage_row(report, entry.folder, memory_estimate=entry.estimate, compared_with=original if against_original(entry) else None)
-        for entry, report in zip(plan, reports)
-    ]
-    title = f"squeeze recipe {recipe.name}: {settings['model']}"
-    summary = {
-        "recipe": recipe.name,
-        "source": str(recipe.source) if recipe.source else None,
-        "description": recipe.description,
-        "settings": settings,
-        "stages": [{"folder": e.folder, "pass": e.stage.pass_name, "options": e.stage.model_dump(exclude_defaults=True)} for e in plan],
-        "rows": [row.to_dict() for row in rows],
-        "squeeze_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "summary.md").write_text(compare.to_markdown(rows, title))
-    compare.plot(rows, folder / "summary.png", title)
-    return summary
+def _against_original(entry: PlannedStage) -> bool:
+    """A stage's report compared with its input or teacher, and that model was the original."""
+    teacher = getattr(entry.stage, "teacher", None)  # distill only
+    return teacher == "original" or (entry.index == 0 and teacher in (None, "previous"))

@@ -5,14 +5,17 @@ against perplexity. The recipe summary and ``squeeze report`` both use it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from squeeze import __version__
 from squeeze.errors import SqueezeError
 
 MIB = 2**20
@@ -233,3 +236,25 @@ def plot(rows: list[Row], file: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(file, dpi=100)
     plt.close(fig)
+
+
+def write_summary(
+    folder: Path, title: str, reports: list[dict[str, Any]], original: str, columns: list[tuple[str, int | None, bool]], **fields: Any,
+) -> dict[str, Any]:
+    """summary.json, summary.md and summary.png of a recipe run: the original (named ``original``,
+    its scores from the first report) and every stage, side by side. ``columns`` holds each stage's
+    folder, memory estimate and whether its report compared it with the original; ``fields`` go
+    into summary.json as they are. Returns the summary."""
+    rows = [dataclasses.replace(original_row(reports[0]), name=original)]
+    rows += [
+        stage_row(report, folder_name, memory_estimate=estimate, compared_with=original if against else None)
+        for (folder_name, estimate, against), report in zip(columns, reports)
+    ]
+    summary = {
+        **fields, "rows": [row.to_dict() for row in rows], "squeeze_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (folder / "summary.md").write_text(to_markdown(rows, title))
+    plot(rows, folder / "summary.png", title)
+    return summary

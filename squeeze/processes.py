@@ -34,6 +34,11 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_processes() -> int:
+    """How many of torchrun's processes run on this machine (1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 @dataclass(frozen=True)
 class Processes:
     """This process's place among the processes torchrun started (one process: rank 0 of 1)."""

@@ -10,6 +10,7 @@ import re
 import torch
 
 from squeeze.errors import OptionError, literal
+from squeeze.processes import local_processes
 
 # decimal and binary units, as transformers' max_shard_size reads them ("5GB" is 5 * 10**9 bytes)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -64,7 +65,7 @@ def default_memory_budget() -> int | None:
     available = available_memory()
     if available is None:
         return None
-    return max(available - max(available // 10, 2**30), 0) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(available - max(available // 10, 2**30), 0) // max(local_processes(), 1)
 
 
 def accelerator_memory(device: str) -> int | None:

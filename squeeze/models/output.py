@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +218,16 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             f"the disk of {literal(parent)} filled up while writing {{0}} {literal(out)}: the output needs more than the "
             f"{in_gib(shutil.disk_usage(parent).free)} free there; free up space or write elsewhere", "out",
         ) from exc
+
+
+def keep_finished(staging: Path, marker: str, keep: Callable[[Path], bool] = lambda item: False) -> None:
+    """After a failed or interrupted run: drop every item of ``staging`` that neither holds the
+    file ``marker`` (a finished part) nor passes ``keep``; drop ``staging`` when nothing is left."""
+    for item in staging.iterdir():
+        if not ((item / marker).is_file() or keep(item)):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    if not any(staging.iterdir()):
+        staging.rmdir()
 
 
 def publish_dir(staging: Path, out: Path, overwrite: bool) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from squeeze.calib.parallel import data_parallel
 from squeeze.errors import OptionError, literal
 from squeeze.passes.skeleton import CompressionStep, RunSettings, run_pass
@@ -43,6 +45,7 @@ def run_compression(
     the other processes when torchrun started several. Returns the report in process 0, None in
     the others."""
     procs, device = start_processes(run.device)
+    threads = torch.get_num_threads()  # process 0 takes the idle processes' cores once they are done
     try:
         check_processes(step, run, procs)
         if procs.world > 1:
@@ -56,4 +59,5 @@ def run_compression(
         procs.barrier()  # the helpers end once process 0 has published
         return report
     finally:
+        torch.set_num_threads(threads)
         stop_processes(procs)

@@ -21,6 +21,7 @@ from torch import nn
 
 from squeeze import __version__
 from squeeze.calib.parallel import calibration_processes, share
+from squeeze.processes import local_processes
 from squeeze.device import resolve_dtype
 from squeeze.errors import OptionError
 from squeeze.evaluate import checkpoint_bytes, peak_rss_bytes, tensor_bytes
@@ -231,6 +232,9 @@ def run_pass(
     del calibration
     if not writes:
         return None
+    if shares and prep.device == "cpu":
+        # the other processes on this machine are done: their cores are free for the evaluation and writing
+        torch.set_num_threads(torch.get_num_threads() * local_processes())
 
     accuracy = None
     if prep.eval_windows is not None and prep.reference is not None:
