@@ -69,7 +69,7 @@ class Processes:
         """Element-wise mean over processes."""
         if self.world == 1:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device_of())
         self._together(lambda: dist.all_reduce(tensor))
         return (tensor / self.world).tolist()
 
