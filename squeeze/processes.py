@@ -55,7 +55,9 @@ class Processes:
     def _together(self, collective: Callable[[], T]) -> T:
         try:
             return collective()
-        except (RuntimeError, dist.DistError):
+        except RuntimeError as exc:  # dist.DistError is one too
+            if not _lost_peer(exc):
+                raise  # a bug, not another process's failure
             # the backend's own message only says the connection closed
             raise SqueezeError(
                 f"process {self.rank} of {self.world} stops: another process stopped first (its own message says why)"
@@ -126,6 +128,15 @@ class Processes:
         if self.world > 1 and dist.get_backend() == "nccl":
             return f"cuda:{torch.cuda.current_device()}"
         return "cpu"
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process went away (its connection closed, or
+    it never came)."""
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("connection closed", "connection reset", "broken pipe", "timed out", "timeout"))
 
 
 def start_processes(device: str) -> tuple[Processes, str]:
