@@ -34,6 +34,11 @@ def check_processes(step: CompressionStep, run: RunSettings, procs: Processes) -
             f"{literal(method.name)} cannot share its calibration among processes yet: run it as one process (without torchrun), "
             "or choose another {0}", "method",
         )
+    if step.needs_calibration and -(-run.calibration_samples // run.batch_size) < procs.world:
+        raise OptionError(
+            f"{{0}} {run.calibration_samples} in batches of {{1}} {run.batch_size} give fewer batches than the {procs.world} "
+            "processes: each process calibrates on one batch at least", "calib_samples", "batch_size",
+        )
     if run.spill_calibration:
         raise OptionError("{0} is for one process: drop it under torchrun", "spill_calibration")
 
