@@ -50,6 +50,7 @@ W4_G64 = dict(mode="per-group", bits=4, group_size=64)
 W3_G64 = dict(mode="per-group", bits=3, group_size=64)
 W8A8 = dict(mode="per-channel", bits=8, act="per-token")
 ROTATE = dict(rotate="hadamard")
+SIGNED = dict(signed_scale=True)  # the full 2^bits-level symmetric grid (--signed-scale)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ CONFIGS = [
     Config("autoround-w3-g64", "AutoRound W3 group-64 sym", W3_G64, dict(method="autoround"), ("auto-round",)),
     Config("hqq-w3-g64", "HQQ W3 group-64 asym", {**W3_G64, "asym": True}, dict(method="hqq"), ("hqq",)),
     Config("gptq-w3-g64-rot", "GPTQ W3 group-64 sym, Hadamard-rotated", W3_G64, dict(method="gptq", **ROTATE), ()),
+    # the full symmetric grid: signed scales, every one of the 2^bits codes used (auto-round's and llama.cpp's grid)
+    Config("gptq-w4-g64-signed", "GPTQ W4 group-64 sym, signed scales", {**W4_G64, **SIGNED}, dict(method="gptq"), ()),
+    Config("gptq-w3-g64-signed", "GPTQ W3 group-64 sym, signed scales", {**W3_G64, **SIGNED}, dict(method="gptq"), ()),
+    Config("autoround-w4-g64-signed", "AutoRound W4 group-64 sym, signed scales", {**W4_G64, **SIGNED}, dict(method="autoround"), ()),
+    Config("autoround-w3-g64-signed", "AutoRound W3 group-64 sym, signed scales", {**W3_G64, **SIGNED}, dict(method="autoround"), ()),
 ]
 BY_NAME = {c.name: c for c in CONFIGS}
 

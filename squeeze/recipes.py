@@ -116,6 +116,12 @@ class _QuantizeOptions(_Options):
         None, "Asymmetric weights (scale and zero point); default "
         f"{_scheme_default('asym', {False: 'symmetric', True: 'asymmetric'})}.", flag="--asym/--sym",
     )
+    signed_scale: bool | None = option(
+        None, "Symmetric weights on the full grid: each group's (or row's) scale takes the sign of its largest-magnitude "
+        "weight, which becomes the code -2^(bits-1), so every one of the 2^bits codes is used (llama.cpp's Q4_0 grid, "
+        "auto-round's); the checkpoint stores negative scales, which loaders apply as they are. Default: on for --format gguf, "
+        "off otherwise (compressed-tensors' balanced grid).", flag="--signed-scale/--no-signed-scale",
+    )
     act: str = option("none", "Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")
     act_asym: bool = option(False, "Asymmetric activations (scale and zero point).", flag="--act-asym")
     scale_dtype: str = option(
@@ -175,9 +181,11 @@ class _QuantizeOptions(_Options):
         if they contradict each other (the format is checked by the pass, squeeze.formats.check_format)."""
         method = METHODS.get(self.method)  # an unknown name first: the scheme's defaults depend on it
         o = self.resolved(model)
+        if o.signed_scale and o.asym:
+            raise OptionError("{0} puts symmetric weights on the full grid; asymmetric weights have a zero point: drop {0} or {1}", "signed_scale", "asym")
         scheme = scheme_from_options(
             mode=o.mode, bits=o.bits, group_size=o.group_size, asym=o.asym, act=o.act, scale_dtype=o.scale_dtype,
-            act_asym=o.act_asym, checkpoint=o.format,
+            act_asym=o.act_asym, checkpoint=o.format, signed_scale=o.signed_scale,
         )
         options = {name: getattr(o, name) for name in method.Options.model_fields}
         format_options = _format_options(o, o.format)

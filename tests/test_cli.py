@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from squeeze.calib.targets import fitting_group_size
 from squeeze.cli import app
 from squeeze.errors import SqueezeError
+from squeeze.recipes import QuantizeStage
 
 runner = CliRunner()
 FAST = ["--eval-tokens", "1024", "--seq-len", "64", "--calib-samples", "2"]
@@ -293,3 +294,18 @@ def test_fitting_group_size() -> None:
     assert fitting_group_size({"a": nn.Linear(4096, 8), "b": nn.Linear(11008, 8)}) == 128
     with pytest.raises(SqueezeError, match="group size"):
         fitting_group_size({"a": nn.Linear(24, 8)})
+
+
+def test_signed_scale_is_an_option_of_every_symmetric_scheme(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``--signed-scale`` puts symmetric weights of any format on the full grid (GGUF's default);
+    with ``--asym`` it is refused in one line naming both flags, before anything is written."""
+    def grid(**options) -> bool:
+        return QuantizeStage(method="rtn", mode="per-group", bits=4, group_size=32, **options).config(None).scheme.weights.signed_scale
+
+    assert grid(signed_scale=True) and not grid() and not grid(format="gptq")
+    assert grid(format="gguf") and not grid(format="gguf", signed_scale=False)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["quantize", str(tiny_llama_dir), "--out", str(out), "--bits", "4", "--mode", "per-group",
+                                 "--group-size", "32", "--asym", "--signed-scale"])
+    assert result.exit_code == 2 and not out.exists()
+    assert "error: --signed-scale puts symmetric weights on the full grid" in result.stderr and "drop --signed-scale or --asym" in result.stderr

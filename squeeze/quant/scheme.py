@@ -145,6 +145,7 @@ def scheme_from_options(
     scale_dtype: str | None = "auto",
     act_asym: bool = False,
     checkpoint: str = "compressed-tensors",
+    signed_scale: bool | None = None,
 ) -> QuantScheme:
     """Build a scheme from the CLI's words (``--mode``, ``--bits``, ``--group-size``, ``--asym``, ``--act``).
 
@@ -155,8 +156,9 @@ def scheme_from_options(
     time in the scales' own dtype, so float16 scales would make the reloaded model differ from
     the one squeeze evaluated; they keep float32 scales. GPTQ checkpoints (``checkpoint="gptq"``)
     always store float16 scales. GGUF files (``checkpoint="gguf"``) store symmetric weights on
-    llama.cpp's grid, with signed scales (see QuantArgs.signed_scale). Raises SqueezeError for
-    impossible combinations.
+    llama.cpp's grid, with signed scales (see QuantArgs.signed_scale); ``signed_scale=True`` puts
+    symmetric weights of any format on that grid, ``False`` keeps the balanced one even in GGUF.
+    Raises SqueezeError for impossible combinations.
     """
     if mode not in MODES:
         raise SqueezeError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -171,7 +173,7 @@ def scheme_from_options(
         scale_dtype = "float32" if asym and act == "none" and checkpoint == "compressed-tensors" else "float16"
     weights = QuantArgs(
         num_bits=bits, symmetric=not asym, strategy=strategy, group_size=group_size, scale_dtype=scale_dtype,
-        signed_scale=checkpoint == "gguf" and not asym,
+        signed_scale=(checkpoint == "gguf" and not asym) if signed_scale is None else signed_scale,
     )
     if act_asym and act == "none":
         raise SqueezeError("--act-asym needs quantized activations: add --act per-token or --act per-tensor")

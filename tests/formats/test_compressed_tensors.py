@@ -28,6 +28,9 @@ SCHEMES = {
     "w8a8-token-asym": dict(mode="per-channel", bits=8, act="per-token", act_asym=True),
     "w8a8-static-asym": dict(mode="per-channel", bits=8, act="per-tensor", act_asym=True),
     "gptq-w4-group32": dict(mode="per-group", bits=4, group_size=32, method="gptq"),
+    # the full symmetric grid: negative scales in the checkpoint, applied as they are
+    "gptq-w4-group32-signed": dict(mode="per-group", bits=4, group_size=32, signed_scale=True, method="gptq"),
+    "w3-group16-signed": dict(mode="per-group", bits=3, group_size=16, signed_scale=True),
     "gptq-w4-channel-asym-actorder": dict(mode="per-channel", bits=4, asym=True, method="gptq", act_order=True),
     "gptq-w8a8-static": dict(mode="per-channel", bits=8, act="per-tensor", method="gptq"),
     "awq-w4-group32-asym": dict(mode="per-group", bits=4, group_size=32, asym=True, method="awq"),

@@ -29,6 +29,7 @@ from squeeze.quant.scheme import scheme_from_options
 CASES = {
     # name: (format, scheme options, method, make one group all-positive so its zero point is 0)
     "gptq-w4-g32-sym": ("gptq", dict(mode="per-group", bits=4, group_size=32), "rtn", False),
+    "gptq-w4-g32-signed-gptq": ("gptq", dict(mode="per-group", bits=4, group_size=32, signed_scale=True), "gptq", False),
     "gptq-w4-g32-asym-gptq": ("gptq", dict(mode="per-group", bits=4, group_size=32, asym=True), "gptq", False),
     "gptq-w4-channel-gptq": ("gptq", dict(mode="per-channel", bits=4), "gptq", False),
     "gptq-w8-channel": ("gptq", dict(mode="per-channel", bits=8), "rtn", False),

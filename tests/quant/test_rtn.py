@@ -154,3 +154,22 @@ def test_scheme_names_and_formats() -> None:
     assert scheme_from_options(mode="per-group").weights.group_size == 128
     with pytest.raises(SqueezeError):
         QuantScheme(weights=QuantArgs(strategy="token", dynamic=True))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_signed_grid_rounds_closer_than_the_balanced_one(bits: int) -> None:
+    """``signed_scale``: a step of max|w| / 2^(bits-1) instead of max|w| / (2^(bits-1) - 1/2),
+    every code used on the side of the largest weight; on Gaussian weights that is a smaller
+    mean squared rounding error (the reason auto-round and llama.cpp use it)."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(bits))
+    errors = {}
+    for signed in (False, True):
+        args = QuantArgs(num_bits=bits, strategy="group", group_size=64, signed_scale=signed)
+        scale, zero = compute_qparams(w, args)
+        codes = quantize(w, scale, zero, args)
+        assert codes.min() >= args.qmin and codes.max() <= args.qmax
+        errors[signed] = float((dequantize(codes, scale, zero, args) - w).pow(2).mean())
+        if signed:
+            assert (scale < 0).any() and (scale > 0).any()
+            assert (codes == args.qmin).sum() >= scale.numel()  # each group's largest weight is the code qmin
+    assert errors[True] < 0.95 * errors[False], errors
