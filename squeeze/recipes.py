@@ -33,9 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from squeeze.calib.targets import DEFAULT_IGNORE, fitting_group_size, select_linears
 from squeeze.distill.config import DistillConfig, parse_layer_map
-from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
-from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS
-from squeeze.formats.base import FixedScheme
+from squeeze.errors import OptionError, SqueezeError, in_words, recipe_spelling
+from squeeze.formats import PRUNED_FORMATS, QUANTIZED_FORMATS, fixed_scheme, format_options_of
 from squeeze.formats.files import MAX_SHARD_BYTES
 from squeeze.options import option
 from squeeze.prune.apply import PruneConfig
@@ -79,22 +78,6 @@ def _scheme_default(what: str, words: dict | None = None) -> str:
     return f"{words.get(base, base)}" + "".join(f"; {words.get(v, v)} for {_one_of(n, 'and')}" for v, n in others.items())
 
 
-def _fixed_scheme(fmt: str) -> FixedScheme | None:
-    """The one scheme format ``fmt`` stores (bnb-nf4), if it fixes one; None for unknown formats
-    too (the config reports those)."""
-    return QUANTIZED_FORMATS.get(fmt).fixed_scheme if fmt in QUANTIZED_FORMATS else None
-
-
-def _format_options(stage: BaseModel, fmt: str) -> dict[str, Any]:
-    """The options of format ``fmt`` that ``stage`` holds; OptionError for another format's
-    option set away from its default (``gguf_type`` with ``format: gptq``)."""
-    own = QUANTIZED_FORMATS.get(fmt).Options.model_fields
-    for name, declared in QUANTIZED_FORMATS.options().items():
-        if name not in own and getattr(stage, name) != declared.default:
-            raise OptionError(f"{{0}} is an option of another format than {literal(fmt)}: drop it or choose its {{1}}", name, "format")
-    return {name: getattr(stage, name) for name in own}
-
-
 class _QuantizeOptions(_Options):
     """``squeeze quantize`` options every method shares (``--format`` is ``format``, ``--target``
     is ``targets``); :class:`QuantizeStage` adds the options of every registered method."""
@@ -117,10 +100,8 @@ class _QuantizeOptions(_Options):
         f"{_scheme_default('asym', {False: 'symmetric', True: 'asymmetric'})}.", flag="--asym/--sym",
     )
     signed_scale: bool | None = option(
-        None, "Symmetric weights on the full grid: each group's (or row's) scale takes the sign of its largest-magnitude "
-        "weight, which becomes the code -2^(bits-1), so every one of the 2^bits codes is used (llama.cpp's Q4_0 grid, "
-        "auto-round's); the checkpoint stores negative scales, which loaders apply as they are. Default: on for --format gguf, "
-        "off otherwise (compressed-tensors' balanced grid).", flag="--signed-scale/--no-signed-scale",
+        None, "Symmetric weights on the full grid: a signed scale puts each group's largest weight on the code -2^(bits-1), so all "
+        "2^bits codes are used (llama.cpp's and auto-round's grid). Default: on for --format gguf only.", flag="--signed-scale/--no-signed-scale",
     )
     act: str = option("none", "Activations: none (W*A16), per-token (dynamic) or per-tensor (static, calibrated).")
     act_asym: bool = option(False, "Asymmetric activations (scale and zero point).", flag="--act-asym")
@@ -150,7 +131,7 @@ class _QuantizeOptions(_Options):
         mode, bits, group_size, asym = self.mode, self.bits, self.group_size, self.asym
         if self.format in QUANTIZED_FORMATS:
             try:
-                fmt = QUANTIZED_FORMATS.get(self.format).with_options(_format_options(self, self.format))
+                fmt = QUANTIZED_FORMATS.get(self.format).with_options(format_options_of(self, self.format))
             except OptionError:  # config() words it; here the format's defaults shape the scheme
                 fmt = QUANTIZED_FORMATS.get(self.format)
             mode, bits, group_size, asym = fmt.fill_scheme(mode, bits, group_size, asym)
@@ -181,14 +162,12 @@ class _QuantizeOptions(_Options):
         if they contradict each other (the format is checked by the pass, squeeze.formats.check_format)."""
         method = METHODS.get(self.method)  # an unknown name first: the scheme's defaults depend on it
         o = self.resolved(model)
-        if o.signed_scale and o.asym:
-            raise OptionError("{0} puts symmetric weights on the full grid; asymmetric weights have a zero point: drop {0} or {1}", "signed_scale", "asym")
         scheme = scheme_from_options(
             mode=o.mode, bits=o.bits, group_size=o.group_size, asym=o.asym, act=o.act, scale_dtype=o.scale_dtype,
             act_asym=o.act_asym, checkpoint=o.format, signed_scale=o.signed_scale,
         )
         options = {name: getattr(o, name) for name in method.Options.model_fields}
-        format_options = _format_options(o, o.format)
+        format_options = format_options_of(o, o.format)
         QUANTIZED_FORMATS.get(o.format).with_options(format_options)  # its options checked before the method's
         return QuantizeConfig(
             scheme=scheme, targets=o.targets, ignore=o.ignored(), method=o.method, options=options, format=o.format,
@@ -196,7 +175,7 @@ class _QuantizeOptions(_Options):
         )
 
     def label(self) -> str:
-        fixed = _fixed_scheme(self.format)
+        fixed = fixed_scheme(self.format)
         if fixed is not None:
             return fixed.label
         bits = self.bits if self.bits is not None else self._scheme_options()[1]

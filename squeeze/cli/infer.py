@@ -12,8 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from squeeze.cli.app import (
-    BatchSizeOption, DataOption, DeviceOption, EvalTokensOption, GenerationPromptsOption, JsonOption, ModelArg, OverwriteOption,
-    QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, not_negative, out,
+    BatchSizeOption, DataOption, DeviceOption, EvalTokensOption, GenerationPromptsOption, JsonOption, MemoryBudgetOption, ModelArg,
+    OverwriteOption, QuietOption, SeqLenOption, TrustOption, app, at_least_one, call, err, fail, not_negative, out,
 )
 from squeeze.passes.common import GENERATION_PROMPTS
 from squeeze.passes.evaluate import evaluate_model
@@ -101,6 +101,8 @@ def eval_command(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Hold one transformer block of one model in memory at a time, read from its files (safetensors, GGUF, sparse-bitmask or compressed-tensors quantize outputs): the same scores, without generation agreement. Chosen by itself when the models held whole would not fit --memory-budget.")] = False,
+    memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Perplexity per text source and, against --reference, KL, top-1 and generation agreement or embedding cosine: the numbers the pass reports use."""
     at_least_one(("--eval-tokens", eval_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size))
@@ -109,6 +111,7 @@ def eval_command(
     result = call(
         evaluate_model, model, reference, data or ["wikipedia"], eval_tokens=eval_tokens, seq_len=seq_len, batch_size=batch_size,
         device=device, dtype=dtype, generation_prompts=generation_prompts, trust_remote_code=trust_remote_code, progress=progress,
+        stream=stream, memory_budget=memory_budget,
     )
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -118,7 +121,7 @@ def eval_command(
 
 def _eval_table(result) -> Table:
     title = f"squeeze eval: {result.model}" + (f" against {result.reference}" if result.reference else "") + f" ({result.device})"
-    table = Table(title=title)
+    table = Table(title=title, caption="; ".join(result.notes) or None)
     encoder = result.kind == "encoder"
     columns = ["data", "tokens"]
     columns += ["cosine mean", "cosine min"] if encoder else ["perplexity"]

@@ -19,12 +19,17 @@ Adding a format is one file (a :class:`~squeeze.formats.base.QuantizedFormat` or
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from squeeze.formats import compressed_tensors, gptq, bnb, gguf, sparse  # noqa: F401  (one module per format family)
-from squeeze.formats.base import PRUNED_FORMATS, QUANTIZED_FORMATS, Format, PrunedFormat, QuantizedFormat, Sparsity, Written
+from squeeze.errors import OptionError, literal
+from squeeze.formats.base import (
+    PRUNED_FORMATS, QUANTIZED_FORMATS, FixedScheme, Format, PrunedFormat, QuantizedFormat, Sparsity, Written,
+)
 from squeeze.quant.scheme import QuantScheme
 
 FORMATS = QUANTIZED_FORMATS.names()  # the quantized formats' names, default first
@@ -41,6 +46,22 @@ def recognise(folder: Path) -> Format | None:
 
 
 # --- by name, for callers that hold a format's name (thin lookups in the registries) ---------
+
+
+def fixed_scheme(fmt: str) -> FixedScheme | None:
+    """The one scheme format ``fmt`` stores (bnb-nf4), if it fixes one; None for unknown formats
+    too (the config reports those)."""
+    return QUANTIZED_FORMATS.get(fmt).fixed_scheme if fmt in QUANTIZED_FORMATS else None
+
+
+def format_options_of(stage: BaseModel, fmt: str) -> dict[str, Any]:
+    """The options of format ``fmt`` that ``stage`` (a recipe stage, or the CLI's options) holds;
+    OptionError for another format's option set away from its default (``gguf_type`` with ``format: gptq``)."""
+    own = QUANTIZED_FORMATS.get(fmt).Options.model_fields
+    for name, declared in QUANTIZED_FORMATS.options().items():
+        if name not in own and getattr(stage, name) != declared.default:
+            raise OptionError(f"{{0}} is an option of another format than {literal(fmt)}: drop it or choose its {{1}}", name, "format")
+    return {name: getattr(stage, name) for name in own}
 
 
 def quantized_format(fmt: str, options=None) -> QuantizedFormat:

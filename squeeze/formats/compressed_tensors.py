@@ -17,6 +17,7 @@ reloaded model computes exactly what the quantize pass evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -164,28 +165,51 @@ def quantization_scheme(folder: Path) -> QuantScheme | None:
     return QuantScheme(weights=args(group["weights"]), input_activations=args(group.get("input_activations")))
 
 
+Decoder = tuple[list[str], Callable[[list[torch.Tensor]], torch.Tensor]]
+
+
+def layer_decoders(name: str, stored: Collection[str], scheme: QuantScheme, out_features: int, in_features: int) -> dict[str, Decoder]:
+    """How the checkpoint gives each QuantizedLinear tensor of layer ``name`` (codes, scale, zero
+    point, input scale and zero point): the stored tensors it is read from (names among
+    ``stored``) and the function that decodes it from them, in that order. Packed codes and zero
+    points are unpacked; a zero point the checkpoint omits (symmetric) is zeros."""
+    args = scheme.weights
+    first = lambda parts: parts[0]  # noqa: E731
+    scale = f"{name}.weight_scale"
+    decoders: dict[str, Decoder] = {"weight_scale": ([scale], first)}
+    packed = f"{name}.weight_packed" in stored
+    if packed:
+        decoders["weight_codes"] = ([f"{name}.weight_packed"], lambda parts: unpack_int32(parts[0], args.num_bits, in_features))
+    else:
+        decoders["weight_codes"] = ([f"{name}.weight"], first)
+    zero = f"{name}.weight_zero_point"
+    if zero not in stored:
+        decoders["weight_zero_point"] = ([scale], lambda parts: torch.zeros(parts[0].shape, dtype=torch.int8))
+    elif packed and args.strategy in ("channel", "group"):
+        decoders["weight_zero_point"] = ([zero], lambda parts: unpack_int32(parts[0], args.num_bits, out_features, dim=0))
+    else:
+        decoders["weight_zero_point"] = ([zero], first)
+    input_scale = f"{name}.input_scale"
+    if input_scale in stored:
+        decoders["input_scale"] = ([input_scale], first)
+        input_zero = f"{name}.input_zero_point"
+        if input_zero in stored:
+            decoders["input_zero_point"] = ([input_zero], first)
+        else:
+            decoders["input_zero_point"] = ([input_scale], lambda parts: torch.zeros_like(parts[0], dtype=torch.int8))
+    return decoders
+
+
 def _quantized_layer(name: str, linear: nn.Linear, state: dict[str, torch.Tensor], scheme: QuantScheme) -> QuantizedLinear:
     """Rebuild one layer's QuantizedLinear from its checkpoint tensors (taken out of ``state``)."""
-    args = scheme.weights
-    scale = state.pop(f"{name}.weight_scale")
-    if f"{name}.weight_packed" in state:
-        codes = unpack_int32(state.pop(f"{name}.weight_packed"), args.num_bits, linear.in_features)
-        state.pop(f"{name}.weight_shape", None)
-        zero = state.pop(f"{name}.weight_zero_point", None)
-        if zero is not None and args.strategy in ("channel", "group"):
-            zero = unpack_int32(zero, args.num_bits, linear.out_features, dim=0)
-    else:
-        codes = state.pop(f"{name}.weight")
-        zero = state.pop(f"{name}.weight_zero_point", None)
-    if zero is None:
-        zero = torch.zeros(scale.shape, dtype=torch.int8)
+    decoders = layer_decoders(name, state, scheme, linear.out_features, linear.in_features)
+    held = {attr: decode([state[part] for part in parts]) for attr, (parts, decode) in decoders.items()}
+    for part in {part for parts, _ in decoders.values() for part in parts} | {f"{name}.weight_shape"}:
+        state.pop(part, None)
     bias = state.get(f"{name}.bias")  # stays in the state: loaded into the layer's own parameter
-    input_scale = state.pop(f"{name}.input_scale", None)
-    input_zero = state.pop(f"{name}.input_zero_point", None)
-    if input_scale is not None and input_zero is None:
-        input_zero = torch.zeros_like(input_scale, dtype=torch.int8)
     return QuantizedLinear(
-        scheme, codes, scale, zero, bias, input_scale, input_zero, compute_dtype=linear.weight.dtype,
+        scheme, held["weight_codes"], held["weight_scale"], held["weight_zero_point"], bias, held.get("input_scale"),
+        held.get("input_zero_point"), compute_dtype=linear.weight.dtype,
     )
 
 

@@ -7,16 +7,22 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+import torch
+
 from squeeze.data import check_source, evaluation_windows
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, SqueezeError, literal
-from squeeze.evaluate import compare_causal, peak_rss_bytes
-from squeeze.models import KIND_NAMES, load_model, meta_model, resolve_model
+from squeeze.evaluate import compare_causal, parameter_count, peak_rss_bytes
+from squeeze.memory import generation_bytes
+from squeeze.models import KIND_NAMES, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, eval_seq_len, evaluate_accuracy
+from squeeze.passes.stream import comparison_batches, lazy_model, stream_states, streamable_source
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import AccuracyReport
 from squeeze.seq2seq import scoring_view
+from squeeze.sizes import default_memory_budget, in_gib, parse_size
+from squeeze.stream.reference import Handover, RecordedReference, stand_in_blocks
 from squeeze.weightcache import reuse_dequantized
 
 
@@ -31,6 +37,7 @@ class EvalResult:
     rows: list[AccuracyReport]
     seconds: float
     peak_rss_bytes: int
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         rows = []
@@ -53,21 +60,34 @@ def evaluate_model(
     generation_prompts: int = GENERATION_PROMPTS,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    stream: bool = False,
+    memory_budget: int | str | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on each text source and, against ``reference``, KL, top-1 agreement
     and generation agreement (causal LMs), the same of the decoder on each window's second half
     (encoder-decoders, squeeze.seq2seq) or embedding cosine (encoders): the implementation the
-    pass reports use, on the same evaluation windows for the same source, tokens and window length."""
+    pass reports use, on the same evaluation windows for the same source, tokens and window length.
+
+    ``stream``: neither model is ever held whole. Each is read one block at a time over each
+    source's windows (GGUF files, safetensors folders, sparse-bitmask prune outputs and
+    compressed-tensors quantize outputs, squeeze.passes.stream), and scored from its last block's
+    states through its own head: the same numbers, without generation agreement (greedy decoding
+    needs the whole model for every token). Chosen by itself when the models held whole would not
+    fit ``memory_budget`` (default: the memory available, squeeze.sizes) and both can stream."""
     progress = progress or NullProgress()
     watch = Stopwatch()
     if not data:
         raise OptionError("give at least one text source ({0})", "data")
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
+    find = (lambda spec: streamable_source(spec, trust_remote_code, quantized=True)) if stream else (
+        lambda spec: resolve_model(spec, trust_remote_code=trust_remote_code)
+    )
+    source = find(model)
     ref_source = None
     if reference is not None:
-        ref_source = resolve_model(reference, trust_remote_code=trust_remote_code)
+        ref_source = find(reference)
         if ref_source.kind != source.kind:
             raise SqueezeError(f"{model} is {KIND_NAMES[source.kind]} but the reference {reference} is not")
         check_vocab_sizes(meta_model(ref_source).config, meta_model(source).config)
@@ -75,7 +95,21 @@ def evaluate_model(
         raise OptionError(f"{literal(model)} is an encoder: it has no perplexity; give {{0}} MODEL to compare its embeddings with", "reference")
     for name in data:
         check_source(name)
+    notes = []
+    if not stream:
+        whole = generation_bytes(sum(parameter_count(meta_model(s)) for s in (source, ref_source) if s is not None), compute_dtype.itemsize)
+        if budget is not None and whole > budget and _streamable(source, ref_source, trust_remote_code):
+            stream = True
+            notes.append(f"streamed by itself: the models held whole need about {in_gib(whole)}, more than the memory budget ({in_gib(budget)})")
     start = time.perf_counter()
+    if stream:
+        rows = _streamed_rows(source, ref_source, data, eval_tokens, seq_len, batch_size, device, compute_dtype, watch, progress, reference)
+        return EvalResult(
+            model=model, reference=reference, kind=source.kind, device=f"{device}, {dtype}", rows=rows,
+            seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
+            notes=[*notes, "streamed: one block of one model in memory at a time"]
+            + (["no generation agreement: greedy decoding needs the whole model for every token"] if ref_source and source.kind == "causal" else []),
+        )
     with progress.status(f"loading {source.name}"):
         loaded = load_model(source, device=device, dtype=compute_dtype)
     ref_model = None
@@ -99,3 +133,49 @@ def evaluate_model(
         model=model, reference=reference, kind=source.kind, device=f"{device}, {dtype}", rows=rows,
         seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
     )
+
+
+def _streamed_rows(
+    source: ModelSource, ref_source: ModelSource | None, data: list[str] | tuple[str, ...], eval_tokens: int, seq_len: int,
+    batch_size: int, device: str, compute_dtype: torch.dtype, watch: Stopwatch, progress: Progress, reference: str | None,
+) -> list[AccuracyReport]:
+    """``evaluate_model``'s rows with each model read one block at a time, once per text source."""
+    tokenizer = load_tokenizer(source)
+    length = eval_seq_len(meta_model(source).config, seq_len)
+    rows = []
+    for name in data:
+        windows = evaluation_windows(tokenizer, name, length, eval_tokens)
+        batches = comparison_batches(windows, source.kind, batch_size, device)
+        with watch.stage("evaluate"):
+            ours = _streamed_record(source, batches, compute_dtype, device, progress, f"{source.name} on {name}, block by block")
+            theirs = None
+            if ref_source is not None:
+                theirs = _streamed_record(ref_source, batches, compute_dtype, device, progress, f"the reference on {name}, block by block")
+        if theirs is None:
+            with progress.task(f"evaluating on {name}", windows.shape[0]) as advance:
+                cmp = compare_causal(ours, windows, batch_size=batch_size, on_batch=advance)
+            rows.append(AccuracyReport(data=name, windows=windows.shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
+        else:
+            rows.append(evaluate_accuracy(ours, source.kind, theirs, windows, name, length, batch_size, watch, progress, reference))
+    return rows
+
+
+def _streamed_record(
+    source: ModelSource, batches: list[torch.Tensor], compute_dtype: torch.dtype, device: str, progress: Progress, label: str,
+) -> RecordedReference:
+    """``source``'s outputs on ``batches``: its last block's states, run one block at a time, and its head."""
+    lazy = lazy_model(source, compute_dtype, device)
+    states = stream_states(lazy, source.kind, batches, progress, label)
+    lazy.materialise_outside("output")
+    return states.record(stand_in_blocks(lazy.model, Handover()))
+
+
+def _streamable(source: ModelSource, ref_source: ModelSource | None, trust_remote_code: bool) -> bool:
+    """Whether both models can be read one block at a time (see streamable_source)."""
+    try:
+        for found in (source, ref_source):
+            if found is not None:
+                streamable_source(found.spec, trust_remote_code, quantized=True)
+    except SqueezeError:
+        return False
+    return True

@@ -40,7 +40,7 @@ from squeeze.calib.spill import spilled_calibration
 from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
-from squeeze.formats.files import ShardWriter
+from squeeze.formats.files import ShardWriter, read_config
 from squeeze.generate import greedy_continuations, prompts_from_text
 from squeeze.memory import generation_bytes
 from squeeze.models import LoadedModel, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
@@ -55,6 +55,7 @@ from squeeze.report import Report, SizeReport
 from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib
 from squeeze.stream.gguf import GGUFTensors
 from squeeze.stream.lazy import CheckpointTensors, LazyModel, return_freed_memory
+from squeeze.stream.quantized import quantized_layers
 from squeeze.stream.reference import Generation, Handover, RecordedReference, recorded_states, stand_in_blocks
 from squeeze.weightcache import reuse_dequantized
 
@@ -103,26 +104,40 @@ def comparison_batches(windows: torch.Tensor, kind: str, batch_size: int, device
     return [batch.to(device) for batch in window_batches(windows, size)]
 
 
-def streamable_source(spec: str, trust_remote_code: bool) -> ModelSource:
+def streamable_source(spec: str, trust_remote_code: bool, quantized: bool = False) -> ModelSource:
     """The model ``spec`` names, if it is a GGUF file (dequantized one tensor at a time) or a folder
     of unquantized safetensors weights (pruned ones in sparse-bitmask layout too: they are decoded
-    one weight at a time) of a model with one stack of blocks; an OptionError naming ``stream`` otherwise."""
+    one weight at a time) of a model with one stack of blocks, or, with ``quantized`` (a model
+    only evaluated), a compressed-tensors quantized output (squeeze.stream.quantized); an
+    OptionError naming ``stream`` otherwise."""
     source = resolve_model(spec, trust_remote_code=trust_remote_code)
     if source.kind == "seq2seq":
         raise OptionError(f"{{0}} reads one stack of blocks, and {literal(spec)} is an encoder-decoder (two): run without {{0}}", "stream")
     fmt = None if source.is_gguf else recognise(source.path)
-    if fmt is not None and fmt.name != "sparse-bitmask":
+    readable = ("sparse-bitmask", "compressed-tensors") if quantized else ("sparse-bitmask",)
+    name = fmt.name if fmt is not None else None if source.is_gguf else _quant_method(source.path)
+    if name is not None and name not in readable:
+        also = ", or a compressed-tensors quantize output" if quantized else ""
         raise OptionError(
-            f"{{0}} reads GGUF files and folders of safetensors weights (dense, or a sparse-bitmask prune output), and "
-            f"{literal(spec)} is a {literal(fmt.name)} checkpoint", "stream",
+            f"{{0}} reads GGUF files and folders of safetensors weights (dense, or a sparse-bitmask prune output{also}), and "
+            f"{literal(spec)} is a {literal(name)} checkpoint", "stream",
         )
     return source
+
+
+def _quant_method(folder: Path) -> str | None:
+    """The ``quant_method`` of a folder's quantization config, for checkpoints squeeze does not read itself (GPTQ, bitsandbytes)."""
+    config = read_config(folder).get("quantization_config")
+    return str(config.get("quant_method", "quantized")) if isinstance(config, dict) else None
 
 
 def lazy_model(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module | None = None) -> LazyModel:
     """``source`` (its meta ``model``, when already built) with weights read when their part's turn comes."""
     model = model if model is not None else meta_model(source)
-    tensors = GGUFTensors(source.path, model) if source.is_gguf else CheckpointTensors(source.path)
+    if source.is_gguf:
+        return LazyModel(model, GGUFTensors(source.path, model), dtype, device)
+    tensors = CheckpointTensors(source.path)
+    quantized_layers(model, tensors, dtype)  # a quantize output's layers, decoded when read
     return LazyModel(model, tensors, dtype, device)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from squeeze.errors import SqueezeError
+from squeeze.errors import OptionError, SqueezeError
 
 Strategy = Literal["tensor", "channel", "group", "token"]
 ScaleDtype = Literal["float16", "bfloat16", "float32"]
@@ -169,6 +169,8 @@ def scheme_from_options(
         group_size = 128
     if strategy != "group" and group_size is not None:
         raise SqueezeError(f"--group-size only applies to --mode per-group, not {mode}")
+    if signed_scale and asym:
+        raise OptionError("{0} puts symmetric weights on the full grid; asymmetric weights have a zero point: drop {0} or {1}", "signed_scale", "asym")
     if scale_dtype == "auto":
         scale_dtype = "float32" if asym and act == "none" and checkpoint == "compressed-tensors" else "float16"
     weights = QuantArgs(

@@ -23,6 +23,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from squeeze.calib.blocks import block_list
 from squeeze.errors import SqueezeError
+from squeeze.formats.compressed_tensors import Decoder
 from squeeze.formats.sparse import BITMASK_PARTS, decode_bitmask_state
 from squeeze.linears import stored_tensor
 
@@ -43,10 +44,12 @@ class CheckpointTensors:
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as handle:
                     self.files.update({name: file for name in handle.keys()})
-        self.encoded: dict[str, list[str]] = {}
+        # a tensor of the model the checkpoint stores encoded: the stored tensors it is decoded from, and how
+        self.encoded: dict[str, Decoder] = {}
         for name in [n for n in self.files if n.endswith(".bitmask")]:
             layer = name.removesuffix(".bitmask")
-            self.encoded[f"{layer}.weight"] = [f"{layer}.{part}" for part in BITMASK_PARTS]
+            parts = [f"{layer}.{part}" for part in BITMASK_PARTS]
+            self.encoded[f"{layer}.weight"] = (parts, _bitmask_decoder(layer, parts))
 
         self.aliases: dict[str, str] = {}  # a model's name → the checkpoint's, where they differ
 
@@ -75,15 +78,39 @@ class CheckpointTensors:
         return {name: found[self.aliases.get(name, name)] for name in names} if self.aliases else found
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        stored = [part for name in names for part in self.encoded.get(name, [name])]
+        stored = {part for name in names for part in (self.encoded[name][0] if name in self.encoded else [name])}
         by_file: dict[Path, list[str]] = {}
-        for name in stored:
+        for name in sorted(stored):
             by_file.setdefault(self.files[name], []).append(name)
-        out = {}
+        raw = {}
         for file, wanted in by_file.items():
             with safe_open(str(file), "pt") as handle:
-                out.update({name: handle.get_tensor(name) for name in wanted})
-        return decode_bitmask_state(out) if self.encoded else out
+                raw.update({name: handle.get_tensor(name) for name in wanted})
+        out = {}
+        for name in names:
+            if name in self.encoded:
+                parts, decode = self.encoded[name]
+                out[name] = decode([raw[part] for part in parts])
+            else:
+                out[name] = raw[name]
+        return out
+
+    def empty(self, name: str) -> torch.Tensor:
+        """A tensor on the meta device with the shape and dtype the checkpoint stores ``name`` in (nothing is read)."""
+        with safe_open(str(self.files[name]), "pt") as handle:
+            stored = handle.get_slice(name)
+            return torch.empty(stored.get_shape(), dtype=SAFETENSORS_DTYPES[stored.get_dtype()], device="meta")
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _bitmask_decoder(layer: str, parts: list[str]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The dense weight of ``layer`` from its sparse-bitmask tensors (``parts``, in that order)."""
+    return lambda tensors: decode_bitmask_state(dict(zip(parts, tensors)))[f"{layer}.weight"]
 
 
 class LazyModel:
