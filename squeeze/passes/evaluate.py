@@ -17,11 +17,11 @@ from squeeze.evaluate import compare_causal, parameter_count, peak_rss_bytes
 from squeeze.memory import generation_bytes
 from squeeze.models import KIND_NAMES, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, eval_seq_len, evaluate_accuracy
-from squeeze.passes.stream import comparison_batches, lazy_model, stream_states, streamable_source
+from squeeze.passes.stream import comparison_batches, fits_whole, lazy_model, stream_states, streamable_source
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import AccuracyReport
 from squeeze.seq2seq import scoring_view
-from squeeze.sizes import default_memory_budget, in_gib, parse_size
+from squeeze.sizes import in_gib, parse_size
 from squeeze.stream.reference import Handover, RecordedReference, stand_in_blocks
 from squeeze.weightcache import reuse_dequantized
 
@@ -80,7 +80,7 @@ def evaluate_model(
         raise OptionError("give at least one text source ({0})", "data")
     device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype)
-    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else default_memory_budget()
+    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
     find = (lambda spec: streamable_source(spec, trust_remote_code, quantized=True)) if stream else (
         lambda spec: resolve_model(spec, trust_remote_code=trust_remote_code)
     )
@@ -98,9 +98,9 @@ def evaluate_model(
     notes = []
     if not stream:
         whole = generation_bytes(sum(parameter_count(meta_model(s)) for s in (source, ref_source) if s is not None), compute_dtype.itemsize)
-        if budget is not None and whole > budget and _streamable(source, ref_source, trust_remote_code):
+        if not fits_whole(whole, budget, device) and _streamable(source, ref_source, trust_remote_code):
             stream = True
-            notes.append(f"streamed by itself: the models held whole need about {in_gib(whole)}, more than the memory budget ({in_gib(budget)})")
+            notes.append(f"streamed by itself: the models held whole need about {in_gib(whole)}, more than the memory budget or the GPU's memory")
     start = time.perf_counter()
     if stream:
         rows = _streamed_rows(source, ref_source, data, eval_tokens, seq_len, batch_size, device, compute_dtype, watch, progress, reference)

@@ -219,7 +219,7 @@ def _exact(compute: torch.dtype, stored: torch.dtype) -> bool:
     return compute == stored or compute == torch.float32 and stored in (torch.float16, torch.bfloat16)
 
 
-def _fits_whole(need: int, memory_budget: int | None, device: str) -> bool:
+def fits_whole(need: int, memory_budget: int | None, device: str) -> bool:
     """Whether a whole model needing about ``need`` bytes fits the budget (and the GPU's free memory)."""
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     gpu = accelerator_memory(device)
@@ -362,7 +362,7 @@ def stream_pass(
             )
             if source.kind == "causal" and run.generation_prompts:
                 whole = generation_bytes(max(parameters, parameter_count(meta_model(ref_source)) if ref_source else 0), compute.itemsize)
-                if _fits_whole(whole, run.memory_budget, device):
+                if fits_whole(whole, run.memory_budget, device):
                     generation = _generation_one_model_at_a_time(
                         ref_source or source, folder, tokenizer, run, device, compute, watch, progress,
                     )
