@@ -126,9 +126,13 @@ def streamable_source(spec: str, trust_remote_code: bool, quantized: bool = Fals
 
 
 def _quant_method(folder: Path) -> str | None:
-    """The ``quant_method`` of a folder's quantization config, for checkpoints squeeze does not read itself (GPTQ, bitsandbytes)."""
+    """The ``quant_method`` of a folder's quantized weights, for checkpoints squeeze does not read
+    itself (GPTQ, bitsandbytes); None for dense weights, a pruned model's sparsity-only
+    compressed-tensors config (``--format dense``) included."""
     config = read_config(folder).get("quantization_config")
-    return str(config.get("quant_method", "quantized")) if isinstance(config, dict) else None
+    if not isinstance(config, dict) or config.get("quant_method") == "compressed-tensors" and not config.get("config_groups"):
+        return None
+    return str(config.get("quant_method", "quantized"))
 
 
 def lazy_model(source: ModelSource, dtype: torch.dtype, device: str, model: nn.Module | None = None) -> LazyModel:

@@ -96,3 +96,14 @@ def test_cli_eval_stream_refuses_what_it_cannot_read_in_one_line(twelve_blocks: 
     assert "error: --stream reads GGUF files and folders of safetensors weights" in line and line.endswith("gptq is a gptq checkpoint")
     result = run("eval", twelve_blocks, "--memory-budget", "lots", "--data", "shakespeare")
     assert result.exit_code == 2 and "--memory-budget" in result.output
+
+
+def test_a_dense_prune_output_still_streams_into_a_pass(twelve_blocks: Path, tmp_path: Path) -> None:
+    """A ``--format dense`` prune output carries a sparsity-only compressed-tensors config: dense
+    weights, which a streamed pass reads as it reads any model."""
+    assert run("prune", twelve_blocks, "--format", "dense", "--no-eval", "--quiet", "--out", tmp_path / "dense").exit_code == 0
+    assert "quantization_config" in json.loads((tmp_path / "dense" / "config.json").read_text())
+    result = run("quantize", tmp_path / "dense", "--stream", "--no-eval", "--quiet", "--out", tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    streamed = evaluate_model(str(tmp_path / "dense"), stream=True, **EVAL)
+    assert streamed.rows[0].perplexity_after == pytest.approx(evaluate_model(str(tmp_path / "dense"), **EVAL).rows[0].perplexity_after, rel=1e-5)
