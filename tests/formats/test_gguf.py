@@ -106,10 +106,12 @@ def test_rows_are_permuted_as_llamacpp_reads_rotary_pairs() -> None:
     assert permute_rows("blk.0.attn_v.weight", rows, config) is rows
 
 
-def _quantize_and_write(folder: Path, out: Path, kind: str, method: str, embeddings: str = "f16", ignore: tuple[str, ...] = ("lm_head",)):
+def _quantize_and_write(
+    folder: Path, out: Path, kind: str, method: str, embeddings: str = "f16", ignore: tuple[str, ...] = ("lm_head",), signed_scale: bool | None = None,
+):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    scheme = scheme_from_options(mode="per-group", group_size=32, checkpoint="gguf", **SCHEMES[kind])
+    scheme = scheme_from_options(mode="per-group", group_size=32, checkpoint="gguf", signed_scale=signed_scale, **SCHEMES[kind])
     options = {"gguf_type": kind, "gguf_embeddings": embeddings}
     config = QuantizeConfig(scheme=scheme, method=method, format="gguf", format_options=options, ignore=ignore)
     fmt = quantized_format("gguf", options)
@@ -144,6 +146,18 @@ def test_file_reloads_with_the_logits_squeeze_evaluated(bpe_llama: Path, tmp_pat
         again = loaded.model(input_ids=ids).logits
     assert (again - theirs).abs().max() < 1e-5
     assert loaded.tokenizer("words, words").input_ids == tokenizer("words, words").input_ids
+
+
+def test_the_balanced_grid_writes_q4_0_too(bpe_llama: Path, tmp_path: Path) -> None:
+    """``--no-signed-scale``: compressed-tensors' balanced grid (positive scales, codes -8..7) fits
+    Q4_0 blocks as well, and the file reloads with the logits squeeze evaluated."""
+    model, _, _, ids = _quantize_and_write(bpe_llama, tmp_path / "out", "q4_0", "rtn", signed_scale=False)
+    assert (model.model.layers[0].mlp.up_proj.weight_scale > 0).all()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ours - theirs(input_ids=ids).logits).abs().max() < 1e-4
 
 
 def test_unquantized_tensors_are_given_the_stored_values(bpe_llama: Path, tmp_path: Path) -> None:
