@@ -466,6 +466,7 @@ STANDING_NOTES = [
     "GPTQModel: its quantize call); model load, evaluation and saving excluded. Peak RSS is the whole process (ru_maxrss), "
     "evaluation and the fp32 reference copy every tool keeps for scoring included.",
     "Every W4 row is symmetric so that all tools quantize to the same grid; RTN and plain W8A8 use no calibration data.",
+    "Rows marked \"signed scales\" use --signed-scale: each group's scale takes the sign of its largest weight, which becomes the code -2^(bits-1), so all 2^bits codes are used (auto-round's int_sym grid and llama.cpp's Q4_0); squeeze's other symmetric rows, llm-compressor and GPTQModel use compressed-tensors' balanced grid (step max/(2^(bits-1) - 1/2)).",
     "squeeze's GPTQ runs with its defaults: group-aware act-order (whole groups in order of input energy, each group's scale "
     "from the updated weights), damping 0.05, block 128, true-sequential (o_proj calibrated on the quantized q/k/v's outputs, "
     "down_proj on the quantized gate/up's), clip search (each group's range from 49 shrinkings of its min/max, least "
