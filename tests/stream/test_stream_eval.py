@@ -107,3 +107,13 @@ def test_a_dense_prune_output_still_streams_into_a_pass(twelve_blocks: Path, tmp
     assert result.exit_code == 0, result.output
     streamed = evaluate_model(str(tmp_path / "dense"), stream=True, **EVAL)
     assert streamed.rows[0].perplexity_after == pytest.approx(evaluate_model(str(tmp_path / "dense"), **EVAL).rows[0].perplexity_after, rel=1e-5)
+
+
+def test_an_encoder_streams_against_its_reference(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """An encoder's embeddings, read one block at a time, compare with its reference's as held."""
+    prune(str(tiny_bert_dir), tmp_path / "p", PruneConfig(method="magnitude", sparsity=0.5), **SMALL)
+    held = evaluate_model(str(tmp_path / "p"), str(tiny_bert_dir), **EVAL)
+    streamed = evaluate_model(str(tmp_path / "p"), str(tiny_bert_dir), stream=True, **EVAL)
+    assert streamed.kind == "encoder" and 0 < held.rows[0].embedding_cosine_mean < 1
+    for score in ("embedding_cosine_mean", "embedding_cosine_min"):
+        assert getattr(streamed.rows[0], score) == pytest.approx(getattr(held.rows[0], score), rel=1e-5), score
