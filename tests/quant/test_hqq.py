@@ -1,5 +1,5 @@
 """HQQ: the kernel's bounds from its construction (codes on the grid, integer zero points, never a
-larger squared error than round-to-nearest per group), the method on a tiny model, and
+larger magnitude-weighted squared error than round-to-nearest per group), the method on a tiny model, and
 ``--method hqq`` from the CLI, a recipe and Python, its checkpoint read back."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from squeeze.models import load_model
 from squeeze.options import validate_options
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.linear import QuantizedLinear
-from squeeze.quant.methods.hqq import Hqq, HqqOptions, hqq_quantize, shrink_lp
+from squeeze.quant.methods.hqq import Hqq, HqqOptions, default_magnitude_power, hqq_quantize, shrink_lp
 from squeeze.quant.rtn import compute_qparams, dequantize, quantize
 from squeeze.quant.scheme import QuantArgs, scheme_from_options
 from squeeze.recipes import RecipeError, load_recipe
@@ -79,20 +79,71 @@ def test_output_has_rtn_shapes_dtypes_and_the_integer_grid(bits: int, symmetric:
     assert torch.equal(quantize(w, scale, zero_point, args), codes)
 
 
+def importance(w: torch.Tensor, args: QuantArgs, power: float) -> torch.Tensor:
+    """Each weight's share of its group's error, (|w| / mean |w| over the group)^power, grouped."""
+    magnitude = w.abs().unflatten(-1, (-1, args.group_size))
+    return (magnitude / magnitude.mean(-1, keepdim=True)).pow(power)
+
+
+def weighted_error(w: torch.Tensor, codes, scale, zero_point, args: QuantArgs, power: float) -> torch.Tensor:
+    """Σ c (W − Ŵ)² per group, c = importance(w, args, power)."""
+    diff = (dequantize(codes, scale, zero_point, args, torch.float32) - w).unflatten(-1, (-1, args.group_size))
+    return (importance(w, args, power) * diff * diff).sum(-1)
+
+
 @pytest.mark.parametrize("bits, symmetric", SCHEMES)
 @pytest.mark.parametrize("kind", ["gaussian", "outliers"])
-def test_never_a_larger_squared_error_than_rtn(bits: int, symmetric: bool, kind: str) -> None:
-    """RTN's parameters are a candidate of every group's search, so per group Σ (W − Ŵ)² ≤ RTN's;
-    the fitted scales make the totals strictly lower, in mean |W − Ŵ| and in Σ |W − Ŵ|^0.7 too."""
+@pytest.mark.parametrize("power", [None, 0.0, 1.0])
+def test_never_a_larger_weighted_error_than_rtn(bits: int, symmetric: bool, kind: str, power: float | None) -> None:
+    """RTN's parameters are a candidate of every group's search, so per group the weighted
+    Σ c (W − Ŵ)² is at most RTN's, and the fitted scales make the total strictly lower."""
     w = weights(kind)
     args = group_args(bits, symmetric)
-    ours, theirs = hqq_quantize(w, args), rtn(w, args)
+    used = default_magnitude_power(bits) if power is None else power
+    ours, theirs = hqq_quantize(w, args, magnitude_power=power), rtn(w, args)
+    assert (weighted_error(w, *ours, args, used) <= weighted_error(w, *theirs, args, used)).all()
+    assert weighted_error(w, *ours, args, used).sum() < weighted_error(w, *theirs, args, used).sum()
+
+
+@pytest.mark.parametrize("bits, symmetric", SCHEMES)
+@pytest.mark.parametrize("kind", ["gaussian", "outliers"])
+def test_unweighted_search_lowers_every_error_measure(bits: int, symmetric: bool, kind: str) -> None:
+    """With every weight counted alike (power 0) the squared error per group is at most RTN's, and
+    the totals are lower in mean |W − Ŵ| and in Σ |W − Ŵ|^0.7 too."""
+    w = weights(kind)
+    args = group_args(bits, symmetric)
+    ours, theirs = hqq_quantize(w, args, magnitude_power=0.0), rtn(w, args)
     assert (squared_error(w, *ours, args) <= squared_error(w, *theirs, args)).all()
-    assert squared_error(w, *ours, args).sum() < squared_error(w, *theirs, args).sum()
     ours_diff = dequantize(*ours, args, torch.float32) - w
     rtn_diff = dequantize(*theirs, args, torch.float32) - w
     assert ours_diff.abs().mean() < rtn_diff.abs().mean()
     assert ours_diff.abs().pow(0.7).sum() < rtn_diff.abs().pow(0.7).sum()
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_weighting_moves_the_error_off_the_large_weights(bits: int) -> None:
+    """Counting weights by magnitude trades error on the small weights of a group for less on its
+    largest tenth, against the unweighted search."""
+    w, args = weights("outliers"), group_args(bits, False)
+    grouped = w.abs().unflatten(-1, (-1, args.group_size))
+    largest = grouped >= grouped.quantile(0.9, dim=-1, keepdim=True)
+
+    def errors(power: float) -> tuple[float, float]:
+        diff = (dequantize(*hqq_quantize(w, args, magnitude_power=power), args, torch.float32) - w).unflatten(-1, (-1, args.group_size))
+        square = diff * diff
+        return float(square[largest].sum()), float(square[~largest].sum())
+
+    plain, weighted = errors(0.0), errors(default_magnitude_power(bits))
+    assert weighted[0] < plain[0]
+    assert weighted[1] > plain[1]
+
+
+def test_default_magnitude_power_by_bits() -> None:
+    assert default_magnitude_power(4) == default_magnitude_power(8) == 1.5
+    assert default_magnitude_power(3) == default_magnitude_power(2) == 0.5
+    w, args = weights("outliers"), group_args(4, False)
+    for got, want in zip(hqq_quantize(w, args), hqq_quantize(w, args, magnitude_power=1.5)):
+        assert torch.equal(got, want)
 
 
 def test_no_search_is_round_to_nearest() -> None:
@@ -174,8 +225,9 @@ def test_run_replaces_every_targeted_linear(tiny_llama_dir: Path) -> None:
         layer = model.get_submodule(name)
         assert isinstance(layer, QuantizedLinear)
         w = original[name]
-        ours = squared_error(w, layer.weight_codes, layer.weight_scale, layer.weight_zero_point, args)
-        assert (ours <= squared_error(w, *rtn(w, args), args)).all()
+        power = default_magnitude_power(args.num_bits)
+        ours = weighted_error(w, layer.weight_codes, layer.weight_scale, layer.weight_zero_point, args, power)
+        assert (ours <= weighted_error(w, *rtn(w, args), args, power)).all()
 
 
 # ---------------------------------------------------------------------------------------------
