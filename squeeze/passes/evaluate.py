@@ -75,8 +75,8 @@ def evaluate_model(
     (encoder-decoders, squeeze.seq2seq) or embedding cosine (encoders): the implementation the
     pass reports use, on the same evaluation windows for the same source, tokens and window length.
 
-    ``stream``: neither model is ever held whole. Each is read one block at a time over each
-    source's windows (GGUF files, safetensors folders, sparse-bitmask prune outputs and
+    ``stream``: neither model is ever held whole. Each is read once, one block at a time over
+    every source's windows (GGUF files, safetensors folders, sparse-bitmask prune outputs and
     compressed-tensors quantize outputs, squeeze.passes.stream), and scored from its last block's
     states through its own head: the same numbers, without generation agreement (greedy decoding
     needs the whole model for every token). Chosen by itself when the models held whole would not
@@ -147,24 +147,27 @@ def _streamed_rows(
     source: ModelSource, ref_source: ModelSource | None, data: list[str] | tuple[str, ...], eval_tokens: int, seq_len: int,
     batch_size: int, device: str, compute_dtype: torch.dtype, watch: Stopwatch, progress: Progress, reference: str | None,
 ) -> list[AccuracyReport]:
-    """``evaluate_model``'s rows with each model read one block at a time, once per text source."""
+    """``evaluate_model``'s rows with each model read one block at a time, once for every text
+    source: each block runs on the windows of all the sources before the next block is read (a
+    record answers any of its batches by their token ids, squeeze.stream.reference)."""
     tokenizer = load_tokenizer(source)
     length = eval_seq_len(meta_model(source).config, seq_len)
+    windows = {name: evaluation_windows(tokenizer, name, length, eval_tokens) for name in data}
+    batches = [batch for name in data for batch in comparison_batches(windows[name], source.kind, batch_size, device)]
+    sources = ", ".join(data)
+    with watch.stage("evaluate"):
+        ours = _streamed_record(source, batches, compute_dtype, device, progress, f"{source.name} on {sources}, block by block")
+        theirs = None
+        if ref_source is not None:
+            theirs = _streamed_record(ref_source, batches, compute_dtype, device, progress, f"the reference on {sources}, block by block")
     rows = []
     for name in data:
-        windows = evaluation_windows(tokenizer, name, length, eval_tokens)
-        batches = comparison_batches(windows, source.kind, batch_size, device)
-        with watch.stage("evaluate"):
-            ours = _streamed_record(source, batches, compute_dtype, device, progress, f"{source.name} on {name}, block by block")
-            theirs = None
-            if ref_source is not None:
-                theirs = _streamed_record(ref_source, batches, compute_dtype, device, progress, f"the reference on {name}, block by block")
         if theirs is None:
-            with progress.task(f"evaluating on {name}", windows.shape[0]) as advance:
-                cmp = compare_causal(ours, windows, batch_size=batch_size, on_batch=advance)
-            rows.append(AccuracyReport(data=name, windows=windows.shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
+            with progress.task(f"evaluating on {name}", windows[name].shape[0]) as advance:
+                cmp = compare_causal(ours, windows[name], batch_size=batch_size, on_batch=advance)
+            rows.append(AccuracyReport(data=name, windows=windows[name].shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
         else:
-            rows.append(evaluate_accuracy(ours, source.kind, theirs, windows, name, length, batch_size, watch, progress, reference))
+            rows.append(evaluate_accuracy(ours, source.kind, theirs, windows[name], name, length, batch_size, watch, progress, reference))
     return rows
 
 

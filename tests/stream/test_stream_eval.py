@@ -16,6 +16,7 @@ from squeeze.passes.quantize import quantize
 from squeeze.prune.config import PruneConfig
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.scheme import scheme_from_options
+from squeeze.stream import lazy as lazy_module
 
 from test_stream_pass import BlockCounter  # tests/stream is on the path (pytest prepends it)
 
@@ -53,6 +54,28 @@ def test_a_streamed_evaluation_scores_what_the_whole_model_scores(name: str, out
     for score in SCORES:
         assert getattr(streamed.rows[0], score) == pytest.approx(getattr(held.rows[0], score), rel=1e-5, abs=1e-7), score
     assert streamed.rows[0].rouge1 is None and any("no generation agreement" in n for n in streamed.notes)
+
+
+def test_every_source_is_scored_in_one_read_of_each_model(outputs: dict, twelve_blocks: Path, monkeypatch) -> None:
+    """Two text sources: each block of each model is read once (its windows of both sources run
+    through it together), and each source's row is the one its evaluation held whole gives."""
+    sources = dict(EVAL, data=["shakespeare", "wikipedia"])
+    held = evaluate_model(str(outputs["w4-g32-asym"]), str(twelve_blocks), **sources)
+    reads: list[str] = []
+    materialise = lazy_module.LazyModel.materialise
+
+    def counted(lazy, names):
+        reads.extend(b for b in lazy.blocks if any(n.startswith(b + ".") for n in names))
+        materialise(lazy, names)
+
+    monkeypatch.setattr(lazy_module.LazyModel, "materialise", counted)
+    streamed = evaluate_model(str(outputs["w4-g32-asym"]), str(twelve_blocks), stream=True, **sources)
+    assert len(reads) == 2 * 12 and len(set(reads)) == 12  # twelve blocks, each once in each model
+    assert [r.data for r in streamed.rows] == ["shakespeare", "wikipedia"]
+    assert streamed.rows[0].kl_divergence != pytest.approx(streamed.rows[1].kl_divergence, rel=1e-3)  # two texts, two scores
+    for ours, theirs in zip(streamed.rows, held.rows):
+        for score in SCORES:
+            assert getattr(ours, score) == pytest.approx(getattr(theirs, score), rel=1e-5, abs=1e-7), score
 
 
 def test_a_quantize_output_streams_as_squeeze_holds_it(outputs: dict, monkeypatch) -> None:
