@@ -29,12 +29,13 @@ Where squeeze departs from the paper, and why:
   (``magnitude_power`` a): with no data to say which inputs matter, a large weight is the
   likelier one to carry a large share of the output. Unweighted (a = 0), SmolLM2's KL divergence
   at W4 group-64 asym was above round-to-nearest's on BBC news (0.385 against 0.337, 2,048
-  tokens), the error concentrated in the last blocks' down_proj, where a few large weights meet
-  the largest activations. Measured on 2,048 tokens of each text (benchmarks/README.md#quantize_hqq
-  has the full runs), every a from 1 to 3 put W4 asym below round-to-nearest on both texts and a
-  from 0.5 to 2 lowered W4 sym's KL by 6-9%; at W3 only a ≤ 0.75 helped (a = 0.5: 6% lower KL on
-  Wikipedia, 2% on BBC), and a ≥ 1.5 was back at round-to-nearest's. The default is a = 1.5 from
-  4 bits up and 0.5 below, where eight or fewer levels must cover the bulk of the group first;
+  tokens); HQQ on the down_proj layers alone, or on the last block alone, with round-to-nearest
+  everywhere else, gave all of that excess. Measured on 2,048 tokens of each text
+  (benchmarks/README.md#quantize_hqq has the full runs), every a from 1 to 3 put W4 asym below
+  round-to-nearest on both texts, and a from 0.5 to 2 lowered W4 sym's KL by 6-9% on Wikipedia and
+  3-4% on BBC; at W3 only a ≤ 0.75 helped (a = 0.5: 6% lower KL on Wikipedia, 2% on BBC), and
+  a ≥ 1.5 was back at round-to-nearest's. The default is a = 1.5 from 4 bits up and 0.5 below,
+  where eight or fewer levels must cover the bulk of the group first;
 - it stops at the first step that gains less than 0.1% of the layer's squared error.
 
 Starting instead from the best of a few clipped min-max ranges (``clip_grid``) lowers the squared
