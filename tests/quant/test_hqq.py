@@ -184,7 +184,7 @@ def test_shrink_is_a_soft_threshold() -> None:
 
 @pytest.mark.parametrize("name, value", [
     ("hqq_iterations", -1), ("hqq_lp_norm", 0), ("hqq_lp_norm", 1.5), ("hqq_beta", 0), ("hqq_kappa", 0.5),
-    ("hqq_clip_grid", -1), ("hqq_min_clip", 0), ("hqq_min_clip", 1.2),
+    ("hqq_clip_grid", -1), ("hqq_min_clip", 0), ("hqq_min_clip", 1.2), ("hqq_magnitude_power", -0.5),
 ])
 def test_option_bounds_name_the_option(name: str, value: float) -> None:
     with pytest.raises(OptionError) as caught:
@@ -283,10 +283,11 @@ def test_cli_errors_name_the_flag(args: list[str], words: str, tiny_llama_dir: P
 
 def test_recipe_stage(tmp_path: Path, tiny_llama_dir: Path, small_text: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("stages:\n  - quantize: {method: hqq, bits: 3, group_size: 32, hqq_iterations: 4}\n")
+    recipe.write_text("stages:\n  - quantize: {method: hqq, bits: 3, group_size: 32, hqq_iterations: 4, hqq_magnitude_power: 0}\n")
     summary = chain.run_recipe(recipe, str(tiny_llama_dir), tmp_path / "out", data=str(small_text), seq_len=32, eval_tokens=256)
     report = json.loads((tmp_path / "out" / summary["stages"][0]["folder"] / "report.json").read_text())
     assert report["settings"]["method"] == "hqq" and report["settings"]["hqq_iterations"] == 4
+    assert report["settings"]["hqq_magnitude_power"] == 0
     assert "int3 asym per-group(32)" in report["settings"]["scheme"]
 
 
