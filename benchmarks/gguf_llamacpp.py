@@ -404,8 +404,8 @@ def main() -> None:
     rows = []
     for row in ROWS:
         remake = args.rebuild or (args.only is not None and row.name in args.only)
-        if args.only is not None and row.name not in args.only and row.name in previous and (WORK / row.name / "model.gguf").exists():
-            rows.append(previous[row.name])
+        if args.only is not None and row.name not in args.only and row.name in previous:
+            rows.append(previous[row.name])  # its measurements, kept with their date and commit (its file may be gone)
             continue
         path, seconds = build(row, tokenizer, args.calib_samples, remake)
         runtime, handle = llamacpp_logits(path)
@@ -417,7 +417,7 @@ def main() -> None:
                      "file_bytes": path.stat().st_size, "make_s": seconds, "scores": scores, "measured": now, "commit": commit(REPO)})
         print(row.name, {t: round(scores[t]["perplexity"], 3) for t in TEXTS}, flush=True)
 
-    agreement = {}
+    agreement = dict(earlier.get("logit_agreement", {}))  # a file not made again keeps its last measurement
     for name in ("squeeze-gptq-q4_0", "squeeze-rtn-q8_0"):
         path = WORK / name / "model.gguf"
         if path.exists():
