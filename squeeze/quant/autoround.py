@@ -4,7 +4,9 @@ signed gradient descent for the quantization of LLMs").
 Round-to-nearest rounds every weight on its own, but what a model computes is a block's output.
 AutoRound learns, for every weight, an offset ``V`` in [-0.5, 0.5] added before rounding (so each
 weight may round up or down rather than to nearest) and, per scale group, a factor in
-[``min_clip``, 1] on each end of the min-max range (on ``max|w|`` when symmetric), by making a
+[``min_clip``, 1] on each end of the min-max range (on ``max|w|`` when symmetric on the balanced
+grid; on each end again with signed scales, so that clipping the larger end can hand the code
+``qmin`` to the other end's sign), by making a
 transformer block's output with fake-quantized weights match its original output
 (mean squared error). Rounding passes gradients straight through. The steps are signed,
 ``p ← p − lr · sign(∂L/∂p)`` with ``lr`` decaying linearly to zero: each parameter moves at
@@ -49,8 +51,9 @@ def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 @dataclass
 class Rounding:
     """What AutoRound learns for one weight [out, in]: the rounding ``offset`` [out, in] and the
-    clip factors [rows, groups] of the range's maximum (of ``max|w|`` when symmetric) and, when
-    asymmetric, of its minimum; all float32. None for a factor that is not learned (1)."""
+    clip factors [rows, groups] of the range's maximum (of ``max|w|`` when symmetric on the
+    balanced grid) and, when asymmetric or with signed scales, of its minimum; all float32. None
+    for a factor that is not learned (1)."""
 
     offset: torch.Tensor
     clip_max: torch.Tensor | None
@@ -67,7 +70,9 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, learn_clip: bool = T
     """The starting point: zero offsets and unit clip factors (round-to-nearest), ready for gradients."""
     ones = torch.ones(_grouped(weight, args).shape[:2], device=weight.device)
     clip_max = ones.clone().requires_grad_() if learn_clip else None
-    clip_min = ones.clone().requires_grad_() if learn_clip and not args.symmetric else None
+    # a signed scale comes from whichever end is larger once clipped: each end gets its own factor
+    two_ends = not args.symmetric or args.signed_scale
+    clip_min = ones.clone().requires_grad_() if learn_clip and two_ends else None
     return Rounding(torch.zeros(weight.shape, device=weight.device).requires_grad_(), clip_max, clip_min)
 
 

@@ -354,3 +354,21 @@ def test_python_config_takes_a_mapping_of_options() -> None:
     with pytest.raises(OptionError) as caught:
         QuantizeConfig(scheme=scheme_from_options("per-group", 4, 32, act="per-token"), method="autoround")
     assert caught.value.options == ("act",)
+
+
+def test_signed_scales_learn_a_clip_factor_on_each_end() -> None:
+    """With signed scales the scale comes from the larger end: each end has its own clip factor,
+    and clipping the larger one below the other hands the code qmin to the other end's sign."""
+    signed = QuantArgs(4, True, "group", 8, scale_dtype="float32", signed_scale=True)
+    balanced = QuantArgs(4, True, "group", 8, scale_dtype="float32")
+    w = torch.tensor([[1.0, -0.8, 0.3, -0.2, 0.1, 0.5, -0.4, 0.0]])
+    assert round_to_nearest(w, balanced).clip_min is None  # one factor on max|w|
+    rounding = round_to_nearest(w, signed)
+    assert rounding.clip_min is not None and rounding.clip_max is not None
+    codes, scale, _ = round_weight(w, rounding, signed)
+    assert float(scale) == pytest.approx(1.0 / signed.qmin) and int(codes[0, 0]) == signed.qmin  # 1.0 on -8
+    with torch.no_grad():
+        rounding.clip_max.fill_(0.7)  # the positive end, clipped to 0.7, is now below 0.8
+    codes, scale, _ = round_weight(w, rounding, signed)
+    assert float(scale) == pytest.approx(-0.8 / signed.qmin) and int(codes[0, 1]) == signed.qmin  # -0.8 on -8
+    assert int(codes[0, 0]) == signed.qmax  # 1.0 clipped to the top code
