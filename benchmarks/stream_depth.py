@@ -2,6 +2,7 @@
 
     python benchmarks/stream_depth.py [--depths 8 16 32] [--methods rtn gptq] [--calib-samples 32] [--eval-tokens 4096]
     python benchmarks/stream_depth.py --big rtn [gptq]
+    python benchmarks/stream_depth.py --depths 32 --methods gptq --keep --method-args "--damp-percent 0.01 ..."
 
 For each depth, a random-weight Llama of that many blocks (``synthetic_model.py``: bf16 shards,
 SmolLM2's tokenizer, hidden 2048, MLP 5632) is quantized W4 group-128 (asymmetric, every Linear
@@ -11,14 +12,19 @@ RTN, and GPTQ on ``--calib-samples`` x 512 calibration tokens; both evaluated on
 report's part count come from each run's report. Random weights: memory and time only (their
 perplexities mean nothing). ``--big METHOD...`` instead runs those methods, the same way, on an
 8B-parameter model of Llama-3-8B's shapes (32 blocks, hidden 4096, MLP 14336, 8 KV heads, ~15 GB
-in bf16; the target: peak RSS at most 8 GiB), keeping the depth rows already measured. Results go to benchmarks/results/stream_depth.json and to the table
-between the ``stream_depth`` markers of benchmarks/README.md.
+in bf16; the target: peak RSS at most 8 GiB), keeping the depth rows already measured. ``--keep``
+keeps the depth rows of earlier runs that this run does not measure again (each row records its
+run); ``--method-args`` adds options to every ``squeeze quantize`` of this run (recorded in its
+rows and shown in the table), e.g. to pin the GPTQ settings earlier rows ran with. Results go to
+benchmarks/results/stream_depth.json and to the table between the ``stream_depth`` markers of
+benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,6 +49,7 @@ def run(model: Path, method: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, "-m", "squeeze.cli", "quantize", str(model), "--out", str(out), "--method", method, *SCHEME, "--stream",
         "--eval-tokens", str(args.eval_tokens), "--seq-len", "512", "--calib-samples", str(args.calib_samples), "--json", "--quiet",
+        *shlex.split(args.method_args),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -54,7 +61,7 @@ def run(model: Path, method: str, args: argparse.Namespace) -> dict:
         "peak_rss_bytes": report["peak_rss_bytes"], "estimate_bytes": report["memory_estimate_bytes"],
         "seconds": sum(timings.values()), "timings_s": timings,
         "kl_divergence": report["accuracy"]["kl_divergence"], "eval_tokens": report["accuracy"]["tokens"],
-        "calibration_tokens": report["settings"]["calibration_tokens"],
+        "calibration_tokens": report["settings"]["calibration_tokens"], "method_args": args.method_args,
     }
 
 
@@ -103,6 +110,10 @@ def estimates(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_of(result: dict) -> str:
+    return f"{result['machine']['date']}, squeeze {result['squeeze_source']}"
+
+
 def table(result: dict) -> str:
     m = result["machine"]
     lines = [
@@ -125,6 +136,19 @@ def table(result: dict) -> str:
                 f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_rss_bytes'] / rows[0]['peak_rss_bytes']:.2f}x | "
                 f"{r['estimate_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} |"
             )
+    pinned = sorted({(r["method"], r["method_args"]) for r in result["rows"] if r.get("method_args")})
+    kept = [r for r in result["rows"] if r.get("run") and r["run"] != run_of(result)]
+    if pinned or kept:
+        lines.append("")
+    for method, extra in pinned:
+        depths = ", ".join(str(r["blocks"]) for r in result["rows"] if r["method"] == method and r.get("method_args") == extra)
+        lines.append(f"{method} at {depths} blocks ran with `{extra}`.")
+    for run in dict.fromkeys(r["run"] for r in kept):
+        which = "; ".join(
+            f"{m} at {', '.join(str(r['blocks']) for r in kept if r['run'] == run and r['method'] == m)} blocks"
+            for m in dict.fromkeys(r["method"] for r in kept if r["run"] == run)
+        )
+        lines.append(f"Kept from the run of {run}: {which}.")
     lines += [
         "", "The estimate `--memory-budget` checks, for real shapes (squeeze.memory, streamed, same text; not measured here):", "",
         "| model | parameters | RTN fp32, held whole | RTN fp32 | RTN bf16 | GPTQ fp32 | GPTQ bf16 |", "|---|---|---|---|---|---|---|",
@@ -180,6 +204,8 @@ def main() -> None:
     parser.add_argument("--big", nargs="+", metavar="METHOD", help="Run these methods on the 8B-parameter model instead of the depths.")
     parser.add_argument("--table-only", action="store_true", help="Rewrite the README table from the last results (estimates made anew).")
     parser.add_argument("--note", help="With --table-only: a line under the table (e.g. what else ran on the machine).")
+    parser.add_argument("--keep", action="store_true", help="Keep the earlier depth rows this run does not measure again.")
+    parser.add_argument("--method-args", default="", help="Options added to every squeeze quantize of this run (one string).")
     args = parser.parse_args()
     if args.table_only:
         result = json.loads(RESULTS.read_text())
@@ -202,18 +228,31 @@ def main() -> None:
             result["big_not_run"] = [m for m in ("rtn", "gptq") if m not in {r["method"] for r in big}]
             publish(result, RESULTS, table(result), NAME)
         return
+    earlier = json.loads(RESULTS.read_text()) if args.keep and RESULTS.exists() else None
     rows: list[dict] = []
     result = {
         "benchmark": NAME, "hidden": args.hidden, "intermediate": args.intermediate, "calib_samples": args.calib_samples,
         "eval_tokens": args.eval_tokens, "methods": args.methods, "squeeze_source": source, "machine": machine(), "rows": rows,
         "estimates": estimates(args),
     }
+    if earlier is not None:
+        old_run = run_of(earlier)
+        redo = {(m, d) for m in args.methods for d in args.depths}
+        rows += [{"run": old_run, **r} for r in earlier["rows"] if (r["method"], r["blocks"]) not in redo]
+        result["methods"] = list(dict.fromkeys([*earlier["methods"], *args.methods]))
+        for key in ("big_rows", "big_not_run", "note"):
+            if key in earlier:
+                result[key] = earlier[key]
+    order = {m: i for i, m in enumerate(result["methods"])}
     for method in args.methods:
         for depth in args.depths:
             model = model_folder(depth, args.hidden, args.intermediate)
             disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-            rows.append({"method": method, "blocks": depth, "parameters": disk // 2, "disk_bytes": disk, **run(model, method, args)})
-            print(json.dumps(rows[-1]), flush=True)
+            row = {"method": method, "blocks": depth, "parameters": disk // 2, "disk_bytes": disk, "run": run_of(result),
+                   **run(model, method, args)}
+            rows.append(row)
+            rows.sort(key=lambda r: (order[r["method"]], r["blocks"]))
+            print(json.dumps(row), flush=True)
             publish(result, RESULTS, table(result), NAME)  # after every row: a long run interrupted keeps what it measured
 
 
