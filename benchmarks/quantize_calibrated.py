@@ -88,6 +88,8 @@ CONFIGS = [
     Config("gptq-w4-g64-rot", "GPTQ W4 group-64 sym, Hadamard-rotated", W4_G64, dict(method="gptq", **ROTATE), ()),
     Config("autoround-w4-g64-rot", "AutoRound W4 group-64 sym, Hadamard-rotated", W4_G64, dict(method="autoround", **ROTATE), ()),
     Config("w8a8-rot", "W8A8 RTN, Hadamard-rotated", W8A8, dict(method="rtn", **ROTATE), ()),
+    # GPTQ's error feedback undoes the weight error that folding the norms into the rotated weights adds
+    Config("gptq-w8a8-rot", "GPTQ W8A8, Hadamard-rotated", W8A8, dict(method="gptq", **ROTATE), ()),
     Config("smoothquant-search", "SmoothQuant W8A8, alpha searched per fold", W8A8,
            dict(method="smoothquant", options=dict(alpha_search=True)), ()),
     Config("smoothquant-search-rot", "SmoothQuant W8A8, alpha searched per fold, Hadamard-rotated", W8A8,
