@@ -2,7 +2,7 @@
 
     bash benchmarks/peers/setup_llamacpp.sh          # llama.cpp's tools, from llama-cpp-python's sdist
     bash scripts/setup.sh test,gptq,bnb,llamacpp     # the Python binding in .venv
-    python benchmarks/gguf_llamacpp.py [--calib-samples 128] [--eval-tokens 4096] [--only ROW ...] [--no-speed]
+    python benchmarks/gguf_llamacpp.py [--calib-samples 128] [--eval-tokens 4096] [--only ROW ... [--score-files]] [--no-speed]
 
 Rows, every one a GGUF file of SmolLM2-135M with the embeddings (= the tied head) as Q8_0, so
 that files of one type differ only in how their quantized layers were chosen:
@@ -15,7 +15,8 @@ that files of one type differ only in how their quantized layers were chosen:
   size of the ``--token-embedding-type q8_0`` file; with the importance matrix it chooses Q4_1 for
   a few tensors, and the row keeps its choice.
 - squeeze: ``squeeze quantize smollm2 --format gguf --gguf-embeddings q8_0`` with RTN, GPTQ and
-  AWQ at group 32, written as Q4_0 (symmetric) and Q4_1 (asymmetric), and RTN W8 as Q8_0.
+  AWQ at group 32, written as Q4_0 (symmetric) and Q4_1 (asymmetric), AutoRound as Q4_0, and RTN
+  W8 as Q8_0.
 
 Perplexity is llama.cpp's: llama-cpp-python evaluates squeeze's evaluation windows of each text
 (the same token ids for every row, ``--eval-tokens`` per text, 512-token windows) with every
@@ -80,6 +81,7 @@ ROWS = [
     Row("squeeze-rtn-q4_0", "squeeze", "RTN W4 g32 sym", "q4_0", ["--bits", "4"]),
     Row("squeeze-gptq-q4_0", "squeeze", "GPTQ W4 g32 sym", "q4_0", ["--method", "gptq", "--bits", "4"]),
     Row("squeeze-awq-q4_0", "squeeze", "AWQ W4 g32 sym", "q4_0", ["--method", "awq", "--sym"]),
+    Row("squeeze-autoround-q4_0", "squeeze", "AutoRound W4 g32 sym", "q4_0", ["--method", "autoround", "--bits", "4"]),
     Row("llamacpp-q4_1", "llama.cpp", "llama-quantize Q4_1", "q4_1", ["Q4_1", *Q8_KEPT]),
     Row("squeeze-rtn-q4_1", "squeeze", "RTN W4 g32 asym", "q4_1", ["--bits", "4", "--asym"]),
     Row("squeeze-gptq-q4_1", "squeeze", "GPTQ W4 g32 asym", "q4_1", ["--method", "gptq", "--bits", "4", "--asym"]),
@@ -328,11 +330,15 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the issue names GPTQ and AWQ; AutoRound (#19) chooses codes from calibration text too
+CALIBRATED_Q4_0 = ("squeeze-gptq-q4_0", "squeeze-awq-q4_0", "squeeze-autoround-q4_0")
+
+
 def targets(result: dict) -> list[str]:
     """The issue's targets, met or not, with the numbers."""
     rows = {r["name"]: r for r in result["rows"]}
     out = ["| target | numbers | verdict |", "|---|---|---|"]
-    best = [rows[n] for n in ("squeeze-gptq-q4_0", "squeeze-awq-q4_0") if n in rows]
+    best = [rows[n] for n in CALIBRATED_Q4_0 if n in rows]
     peers = [("llama.cpp's Q4_0 (with imatrix)", rows.get("llamacpp-q4_0-imatrix") or rows.get("llamacpp-q4_0")),
              ("llama.cpp's pure Q4_0 with imatrix (not the issue's target)", rows.get("llamacpp-q4_0-imatrix-pure"))]
     for what, peer in peers:
@@ -344,7 +350,7 @@ def targets(result: dict) -> list[str]:
             a, b = mine["scores"][text]["perplexity"], peer["scores"][text]["perplexity"]
             ok &= a <= b
             words.append(f"{text}: {mine['label']} {a:.3f} vs {peer['label']} {b:.3f}")
-        out.append(f"| squeeze GPTQ or AWQ Q4_0 ≤ {what}, both texts | {'; '.join(words)} | {'pass' if ok else '**FAIL**'} |")
+        out.append(f"| squeeze GPTQ, AWQ or AutoRound Q4_0 ≤ {what}, both texts | {'; '.join(words)} | {'pass' if ok else '**FAIL**'} |")
     for kind in ("q8_0", "q4_0", "q4_1"):
         theirs = rows.get(f"llamacpp-{kind}")
         mine = [r for r in result["rows"] if r["tool"] == "squeeze" and r["gguf_type"] == kind]
@@ -358,7 +364,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--only", nargs="*", choices=list(BY_NAME), help="rows to (re)make; the others are reused if made before")
+    parser.add_argument("--only", nargs="*", choices=list(BY_NAME), help="rows to (re)make and score; the others keep their last measurements")
+    parser.add_argument("--score-files", action="store_true",
+                        help="with --only: score the rows' files already made (benchmarks/work/gguf/ROW/model.gguf) instead of making them again")
     parser.add_argument("--rebuild", action="store_true", help="make the files again")
     parser.add_argument("--no-speed", action="store_true", help="leave the speed measurement out (keeps the last one)")
     parser.add_argument("--speed-only", action="store_true", help="measure speed again on a quiet machine; keep the quality rows")
@@ -403,7 +411,7 @@ def main() -> None:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
     for row in ROWS:
-        remake = args.rebuild or (args.only is not None and row.name in args.only)
+        remake = args.rebuild or (args.only is not None and row.name in args.only and not args.score_files)
         if args.only is not None and row.name not in args.only and row.name in previous:
             rows.append(previous[row.name])  # its measurements, kept with their date and commit (its file may be gone)
             continue
