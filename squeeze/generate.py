@@ -47,7 +47,7 @@ def generate(
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, input_ids [1, n]; got shape {tuple(input_ids.shape)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    last_only = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     with reuse_dequantized():  # each token runs every layer on one row: dequantizing would cost more
         return _generate(model, input_ids, max_new_tokens, sampling, generator, eos_token_id, last_only)
 
@@ -85,7 +85,7 @@ def returned_cache(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
+def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model``'s forward names ``logits_to_keep`` (transformers >= 4.50 causal LMs do;
     a catch-all ``**kwargs`` does not count, since it may pass the argument somewhere that fails)."""
     try:

@@ -138,12 +138,6 @@ def streamed_bytes(model: nn.Module, original: nn.Module, shape: PassShape) -> i
     return _shared(model, shape, whole_logits=False) + held
 
 
-def generation_bytes(parameters: int, dtype_bytes: int) -> int:
-    """The estimated peak of greedy generation on a whole model of ``parameters`` (one model at a
-    time: a streamed pass's generation agreement loads the reference, then the output)."""
-    return PROCESS_BYTES + parameters * dtype_bytes
-
-
 def block_bytes(model: nn.Module, dtype_bytes: int = 4) -> int:
     """One block's weights in the compute dtype: the least a streamed pass holds."""
     return _parameters(model)[2] * dtype_bytes

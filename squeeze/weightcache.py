@@ -63,3 +63,15 @@ def dequantized(
     weight = compute()
     kept[id(layer)] = (layer, sources, stamp, weight)
     return weight
+
+
+@contextmanager
+def dequantize_each_call() -> Iterator[None]:
+    """Within this scope quantized layers dequantize on every call, even inside an outer
+    :func:`reuse_dequantized` scope: for layers that are released right after they run (a block
+    streamed from disk), whose kept weights would otherwise outlive them."""
+    token = _KEPT.set(None)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)

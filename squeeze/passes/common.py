@@ -20,7 +20,7 @@ from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
-from squeeze.generate import agreement, greedy_agreement, greedy_continuations, prompts_from_text
+from squeeze.generate import GenerationAgreement, agreement, greedy_agreement, greedy_continuations, prompts_from_text
 from squeeze.models import BUILTIN_MODELS, LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.models.output import local_inputs
 from squeeze.progress import Progress
@@ -307,6 +307,11 @@ def generation_agreement(model, reference, tokenizer, data: str, prompts: int, w
         else:
             windows = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
             scores, _ = greedy_agreement(model, reference, tokenizer, windows, GENERATION_TOKENS, on_prompt=advance)
+    return generation_fields(scores)
+
+
+def generation_fields(scores: GenerationAgreement) -> dict:
+    """``scores`` as the AccuracyReport fields of generation agreement."""
     return {
         "generation_prompts": scores.prompts, "generation_tokens": GENERATION_TOKENS, "rouge1": scores.rouge1,
         "rouge2": scores.rouge2, "rougeL": scores.rougeL, "bleu": scores.bleu, "exact_match": scores.exact_match,

@@ -22,10 +22,13 @@ from squeeze.distill.trainer import (
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, compare_encoder, parameter_count
 from squeeze.formats.files import MAX_SHARD_BYTES
+from squeeze.generate import prompts_from_text
 from squeeze.models import atomic_output_dir, check_output_dir, is_sparse_folder, load_model, meta_model, resolve_model
 from squeeze.models.output import local_inputs
 from squeeze.processes import start_processes, stop_processes
-from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy
+from squeeze.passes.common import (
+    GENERATION_PROMPT_TOKENS, GENERATION_PROMPTS, GENERATION_TOKENS, Stopwatch, check_speed_kind, eval_seq_len, evaluate_accuracy,
+)
 from squeeze.passes.stream import comparison_batches, streamable_source
 from squeeze.passes.stream_teacher import StreamedTeacher
 from squeeze.passes.student_writer import Distilled, write_student
@@ -256,8 +259,10 @@ def distill(
                 with watch.stage("evaluate"):
                     batches = comparison_batches(eval_windows, "causal", config.batch_size, device)
                     reference = streamed.outputs(batches, progress, f"the teacher's outputs on {eval_data or data}, block by block")
-                generation_prompts = 0
-                notes.append("no generation agreement: greedy decoding needs the whole teacher for every token, and it was streamed")
+                if generation_prompts:
+                    prompts = prompts_from_text(t_loaded.tokenizer, eval_data or data, generation_prompts, GENERATION_PROMPT_TOKENS)
+                    with watch.stage("generate"):
+                        reference.generation = streamed.continuations(prompts, GENERATION_TOKENS, progress)
             accuracy = evaluate_accuracy(
                 net, t_source.kind, reference, eval_windows, eval_data or data, seq_len, config.batch_size, watch, progress,
                 None, t_loaded.tokenizer, generation_prompts,

@@ -15,10 +15,12 @@ from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError, SqueezeError, literal
 from squeeze.evaluate import compare_causal, parameter_count, peak_rss_bytes
 from squeeze.formats.compressed_tensors import quantization_scheme
-from squeeze.memory import generation_bytes
+from squeeze.memory import PROCESS_BYTES
 from squeeze.models import KIND_NAMES, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
 from squeeze.passes.common import GENERATION_PROMPTS, Stopwatch, eval_seq_len, evaluate_accuracy
-from squeeze.passes.stream import comparison_batches, fits_whole, lazy_model, stream_states, streamable_source
+from squeeze.passes.stream import (
+    comparison_batches, fits_whole, lazy_model, stream_states, streamable_source, streamed_generation_agreement,
+)
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import AccuracyReport
 from squeeze.seq2seq import scoring_view
@@ -78,8 +80,8 @@ def evaluate_model(
     ``stream``: neither model is ever held whole. Each is read once, one block at a time over
     every source's windows (GGUF files, safetensors folders, sparse-bitmask prune outputs and
     compressed-tensors quantize outputs, squeeze.passes.stream), and scored from its last block's
-    states through its own head: the same numbers, without generation agreement (greedy decoding
-    needs the whole model for every token). Chosen by itself when the models held whole would not
+    states through its own head: the same numbers. For generation agreement each model is read
+    once more for every new token, one block at a time (squeeze.stream.generation). Chosen by itself when the models held whole would not
     fit ``memory_budget`` (default: the memory available, squeeze.sizes) and both can stream."""
     progress = progress or NullProgress()
     watch = Stopwatch()
@@ -104,19 +106,21 @@ def evaluate_model(
         check_source(name)
     notes = []
     if not stream:
-        held = generation_bytes(0, 0) + sum(_held_bytes(s, compute_dtype.itemsize) for s in (source, ref_source) if s is not None)
+        held = PROCESS_BYTES + sum(_held_bytes(s, compute_dtype.itemsize) for s in (source, ref_source) if s is not None)
         whole = int(held * HELD_MARGIN)
         if not fits_whole(whole, budget, device) and _streamable(source, ref_source, trust_remote_code):
             stream = True
             notes.append(f"streamed by itself: the models held whole need about {in_gib(whole)}, more than the memory budget or the GPU's memory")
     start = time.perf_counter()
     if stream:
-        rows = _streamed_rows(source, ref_source, data, eval_tokens, seq_len, batch_size, device, compute_dtype, watch, progress, reference)
+        rows = _streamed_rows(
+            source, ref_source, data, eval_tokens, seq_len, batch_size, device, compute_dtype, watch, progress, reference, generation_prompts,
+        )
         return EvalResult(
             model=model, reference=reference, kind=source.kind, device=f"{device}, {dtype}", rows=rows,
             seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss_bytes(),
             notes=[*notes, "streamed: one block of one model in memory at a time"]
-            + (["no generation agreement: greedy decoding needs the whole model for every token"] if ref_source and source.kind == "causal" else []),
+            + (["generation agreement: each model read one block at a time for every new token"] if ref_source and generation_prompts and source.kind == "causal" else []),
         )
     with progress.status(f"loading {source.name}"):
         loaded = load_model(source, device=device, dtype=compute_dtype)
@@ -146,10 +150,12 @@ def evaluate_model(
 def _streamed_rows(
     source: ModelSource, ref_source: ModelSource | None, data: list[str] | tuple[str, ...], eval_tokens: int, seq_len: int,
     batch_size: int, device: str, compute_dtype: torch.dtype, watch: Stopwatch, progress: Progress, reference: str | None,
+    generation_prompts: int,
 ) -> list[AccuracyReport]:
     """``evaluate_model``'s rows with each model read one block at a time, once for every text
     source: each block runs on the windows of all the sources before the next block is read (a
-    record answers any of its batches by their token ids, squeeze.stream.reference)."""
+    record answers any of its batches by their token ids, squeeze.stream.reference). Generation
+    agreement reads each model again for every new token (squeeze.stream.generation)."""
     tokenizer = load_tokenizer(source)
     length = eval_seq_len(meta_model(source).config, seq_len)
     windows = {name: evaluation_windows(tokenizer, name, length, eval_tokens) for name in data}
@@ -167,7 +173,13 @@ def _streamed_rows(
                 cmp = compare_causal(ours, windows[name], batch_size=batch_size, on_batch=advance)
             rows.append(AccuracyReport(data=name, windows=windows[name].shape[0], seq_len=length, tokens=cmp.tokens, perplexity_after=cmp.perplexity))
         else:
-            rows.append(evaluate_accuracy(ours, source.kind, theirs, windows[name], name, length, batch_size, watch, progress, reference))
+            row = evaluate_accuracy(ours, source.kind, theirs, windows[name], name, length, batch_size, watch, progress, reference)
+            if source.kind == "causal" and generation_prompts:
+                generation = streamed_generation_agreement(
+                    source, ref_source, tokenizer, name, generation_prompts, compute_dtype, device, watch, progress,
+                )
+                row = dataclasses.replace(row, **generation)
+            rows.append(row)
     return rows
 
 

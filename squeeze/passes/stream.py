@@ -14,9 +14,9 @@ streamed over the evaluation windows first and only its last block's hidden stat
 compressed model's states follow the same windows through each block right after it is
 compressed; at the end both go through the head (the model's own forward, its blocks stood in
 for: squeeze.stream.reference) and are scored as the resident pass scores them. Generation
-agreement needs the whole model for every token: when a whole model fits the memory budget, the
-reference and then the written output are loaded whole, one after the other, for their greedy
-continuations; otherwise it is left out, with a note. Speed is never measured streamed.
+agreement streams too: the reference, then the written output, continue the prompts together,
+each new token reading the model once more one block at a time (squeeze.stream.generation), so
+the pass's peak stays one block's whatever the depth. Speed is never measured streamed.
 
 Where the device is a GPU, only the current part and the activations live on it: the model is
 onloaded one block at a time.
@@ -41,22 +41,22 @@ from squeeze.errors import OptionError, literal
 from squeeze.evaluate import checkpoint_bytes, parameter_count, tensor_bytes, window_batches
 from squeeze.formats import Written, recognise
 from squeeze.formats.files import ShardWriter, read_config
-from squeeze.generate import greedy_continuations, prompts_from_text
-from squeeze.memory import generation_bytes
-from squeeze.models import LoadedModel, ModelSource, load_model, load_tokenizer, meta_model, resolve_model
+from squeeze.generate import agreement, prompts_from_text
+from squeeze.models import LoadedModel, ModelSource, load_tokenizer, meta_model, resolve_model
 from squeeze.models.load import stored_dtype
 from squeeze.passes.common import (
     GENERATION_PROMPT_TOKENS, GENERATION_TOKENS, Prepared, Stopwatch, batches, encoder_batch_size, evaluate_accuracy,
-    generation_agreement, model_info, reference_name,
+    generation_fields, model_info, reference_name,
 )
 from squeeze.passes.skeleton import CompressionStep, RunSettings, check_run, process_shares, publish, step_report
 from squeeze.progress import NullProgress, Progress
 from squeeze.report import Report, SizeReport
-from squeeze.sizes import accelerator_memory, default_memory_budget, in_gib
+from squeeze.sizes import accelerator_memory, default_memory_budget
+from squeeze.stream.generation import streamed_greedy_continuations
 from squeeze.stream.gguf import GGUFTensors
-from squeeze.stream.lazy import CheckpointTensors, LazyModel, return_freed_memory
+from squeeze.stream.lazy import CheckpointTensors, LazyModel
 from squeeze.stream.quantized import quantized_layers
-from squeeze.stream.reference import Generation, Handover, RecordedReference, recorded_states, stand_in_blocks
+from squeeze.stream.reference import Handover, RecordedReference, recorded_states, stand_in_blocks
 from squeeze.weightcache import reuse_dequantized
 
 
@@ -230,22 +230,21 @@ def fits_whole(need: int, memory_budget: int | None, device: str) -> bool:
     return (budget is None or need <= budget) and (gpu is None or need <= gpu)
 
 
-def _generation_one_model_at_a_time(
-    reference: ModelSource, folder: Path, tokenizer, run: RunSettings, device: str, compute: torch.dtype, watch: Stopwatch,
-    progress: Progress,
+def streamed_generation_agreement(
+    model: ModelSource, reference: ModelSource, tokenizer, data: str, prompts: int, dtype: torch.dtype, device: str,
+    watch: Stopwatch, progress: Progress,
 ) -> dict:
-    """Generation agreement for a streamed pass whose model fits whole: the reference's greedy
-    continuations, then the output's (read back from ``folder``), one model in memory at a time."""
-    recorded = RecordedReference("causal")
-    with watch.stage("generate"), progress.status(f"greedy continuations of {run.generation_prompts} prompts, the reference"):
-        model = load_model(reference, device=device, dtype=compute).model
-        prompts = prompts_from_text(tokenizer, run.data, run.generation_prompts, GENERATION_PROMPT_TOKENS)
-        recorded.generation = Generation(prompts, greedy_continuations(model, tokenizer, prompts, GENERATION_TOKENS, tokenizer.eos_token_id))
-        del model
-        return_freed_memory()
-    with watch.stage("load"):
-        output = load_model(resolve_model(str(folder)), device=device, dtype=compute).model
-    return generation_agreement(output, recorded, tokenizer, run.data, run.generation_prompts, watch, progress)
+    """Generation agreement (AccuracyReport fields) of ``model`` against ``reference``, neither
+    held whole: each continues the prompts from ``data`` reading one block at a time for every new
+    token (squeeze.stream.generation): the reference first, then the model."""
+    prompt_ids = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
+    texts = []
+    with watch.stage("generate"):
+        for label, source in (("the reference", reference), (model.name, model)):
+            with progress.task(f"greedy continuations of {prompts} prompts, {label}, block by block", GENERATION_TOKENS) as advance:
+                lazy = lazy_model(source, dtype, device)
+                texts.append(streamed_greedy_continuations(lazy, tokenizer, prompt_ids, GENERATION_TOKENS, tokenizer.eos_token_id, advance))
+    return generation_fields(agreement(*texts))
 
 
 class _Discarded:
@@ -365,18 +364,12 @@ def stream_pass(
                 watch, progress, reference_name(run.reference),
             )
             if source.kind == "causal" and run.generation_prompts:
-                whole = generation_bytes(max(parameters, parameter_count(meta_model(ref_source)) if ref_source else 0), compute.itemsize)
-                if fits_whole(whole, run.memory_budget, device):
-                    generation = _generation_one_model_at_a_time(
-                        ref_source or source, folder, tokenizer, run, device, compute, watch, progress,
-                    )
-                    accuracy = dataclasses.replace(accuracy, **generation)
-                    notes.append("generation agreement: the reference, then the output, each loaded whole after the streamed pass")
-                else:
-                    notes.append(
-                        f"no generation agreement: greedy decoding needs the whole model for every token (about {in_gib(whole)}), "
-                        "more than the memory budget"
-                    )
+                generation = streamed_generation_agreement(
+                    resolve_model(str(folder)), ref_source or source, tokenizer, run.data, run.generation_prompts, compute, device,
+                    watch, progress,
+                )
+                accuracy = dataclasses.replace(accuracy, **generation)
+                notes.append("generation agreement: the reference, then the output, one block at a time for every new token")
         parts = step.report(net, prep, written, run, out)
         size = SizeReport(
             parameters=parameters, compressed_parameters=parts.compressed_parameters, disk_bytes_before=disk_before,

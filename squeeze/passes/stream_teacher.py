@@ -5,7 +5,8 @@ each cache shard's windows (squeeze.distill.cache.SHARD_WINDOWS of them) are str
 teacher's blocks (squeeze.passes.stream) and turned into logits by its head, so memory holds one
 block, the head, and one shard's hidden states. A ``layers:`` student copies only the blocks it
 keeps; a ``width:`` student is built from the config. The final evaluation streams the teacher over
-the evaluation windows the same way.
+the evaluation windows the same way, and its greedy continuations for generation agreement one
+block at a time for every new token (squeeze.stream.generation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from squeeze.models import LoadedModel, ModelSource, load_tokenizer
 from squeeze.models.load import stored_dtype
 from squeeze.passes.stream import lazy_model, stream_states
 from squeeze.progress import Progress
-from squeeze.stream.reference import Handover, RecordedReference, stand_in_blocks
+from squeeze.stream.generation import streamed_greedy_continuations
+from squeeze.stream.reference import Generation, Handover, RecordedReference, stand_in_blocks
 
 
 class StreamedTeacher:
@@ -63,6 +65,15 @@ class StreamedTeacher:
     ) -> RecordedReference:
         """The teacher's logits on ``batches``, streamed (each block inside ``context()``)."""
         return stream_states(self.lazy, "causal", batches, progress, label, context).record(self.head())
+
+    def continuations(self, prompts: list[torch.Tensor], max_new_tokens: int, progress: Progress) -> Generation:
+        """The teacher's greedy continuations of ``prompts`` [1, n], read one block at a time for
+        every new token (the model the states stream through keeps its blocks: a second one reads them)."""
+        tokenizer = self.loaded.tokenizer
+        with progress.task(f"greedy continuations of {len(prompts)} prompts, the teacher, block by block", max_new_tokens) as advance:
+            lazy = lazy_model(self.source, self.dtype, self.device)
+            texts = streamed_greedy_continuations(lazy, tokenizer, prompts, max_new_tokens, tokenizer.eos_token_id, advance)
+        return Generation(prompts, texts)
 
     def cache_teacher(
         self, windows: torch.Tensor, batch_size: int, progress: Progress, context: Callable[[], ContextManager[object]],
