@@ -147,7 +147,7 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an e
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table.")]
 MemoryBudgetOption = Annotated[Optional[str], typer.Option("--memory-budget", help="Memory the run may use, e.g. 16GB; a run squeeze estimates above it is refused before loading (per process; default: the memory available now less a margin, shared by the processes torchrun started on this machine).")]
-StreamOption = Annotated[bool, typer.Option("--stream", help="Hold one transformer block in memory at a time: read it from the safetensors files, compress it, write it, drop it (every method; evaluation included; generation agreement only if a whole model fits --memory-budget). Chosen by itself when only then the run fits --memory-budget.")]
+StreamOption = Annotated[bool, typer.Option("--stream", help="Hold one transformer block in memory at a time: read it from the safetensors files, compress it, write it, drop it (every method; evaluation and generation agreement included). Chosen by itself when only then the run fits --memory-budget.")]
 GenerationPromptsOption = Annotated[int, typer.Option("--generation-prompts", help="Prompts for generation agreement (causal LMs; greedy, 32 tokens each); 0 skips it.")]
 MaxShardOption = Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file written, e.g. 5GB or 500MiB; a bigger checkpoint is split into shards with an index.")]
 MeasureSpeedOption = Annotated[bool, typer.Option("--measure-speed", help="Also measure prefill/decode tokens/s and memory of input and output (as squeeze bench-infer; causal LMs).")]

@@ -101,7 +101,7 @@ def eval_command(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     trust_remote_code: TrustOption = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Hold one transformer block of one model in memory at a time, read from its files (safetensors, GGUF, sparse-bitmask or compressed-tensors quantize outputs): the same scores, without generation agreement. Chosen by itself when the models held whole would not fit --memory-budget.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Hold one transformer block of one model in memory at a time, read from its files (safetensors, GGUF, sparse-bitmask or compressed-tensors quantize outputs): the same scores (generation agreement reads each model once more for every new token). Chosen by itself when the models held whole would not fit --memory-budget.")] = False,
     memory_budget: MemoryBudgetOption = None,
 ) -> None:
     """Perplexity per text source and, against --reference, KL, top-1 and generation agreement or embedding cosine: the numbers the pass reports use."""

@@ -236,8 +236,8 @@ def quantize(
     ``stream`` holds one transformer block in memory at a time (see squeeze.passes.stream);
     with ``spill_calibration`` too, the calibration activations are kept on disk, beside ``out``,
     one batch in memory at a time (squeeze.calib.spill; the memory budget turns it on by itself
-    when only that fits). A streamed pass scores generation agreement only when the whole model
-    fits ``memory_budget`` (bytes or a size; default: the memory available now less a margin).
+    when only that fits). A streamed pass scores generation agreement streamed too, each model
+    read one block at a time for every new token (squeeze.stream.generation).
     Under torchrun every process calls this and they share the calibration (squeeze.passes.launch);
     process 0 writes and returns the report, the others return None.
     """
