@@ -62,7 +62,21 @@ def run(model: Path, method: str, args: argparse.Namespace) -> dict:
         "seconds": sum(timings.values()), "timings_s": timings,
         "kl_divergence": report["accuracy"]["kl_divergence"], "eval_tokens": report["accuracy"]["tokens"],
         "calibration_tokens": report["settings"]["calibration_tokens"], "method_args": args.method_args,
+        "generation": generation_mode(report), "peak_stage": report.get("peak_rss_stage", ""),
     }
+
+
+def generation_mode(report: dict) -> str:
+    """How the pass scored generation agreement, from its notes: streamed, whole models, or not at all."""
+    notes = " ".join(report.get("notes", []))
+    if "one block at a time for every new token" in notes:
+        return "streamed"
+    return "whole models" if "generate" in report["timings_s"] else "none"
+
+
+def generation_column(row: dict) -> str:
+    """A row's generation agreement; older rows did not record it, and ran it only if they timed it."""
+    return row.get("generation") or ("not recorded" if "generate" in row["timings_s"] else "none")
 
 
 # real shapes the estimate is shown for beside the measured rows: (name, blocks, hidden, MLP, heads, kv heads, vocab, tied head)
@@ -125,8 +139,9 @@ def table(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
         f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
         "",
-        "| method | blocks | parameters | bf16 on disk | peak RSS | vs first depth | estimated before loading | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | blocks | parameters | bf16 on disk | peak RSS | vs first depth | peak reached while | generation agreement "
+        "| estimated before loading | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in result["methods"]:
         rows = [r for r in result["rows"] if r["method"] == method]
@@ -134,7 +149,7 @@ def table(result: dict) -> str:
             lines.append(
                 f"| {method} | {r['blocks']} | {r['parameters'] / 1e9:.2f} B | {r['disk_bytes'] / 1e9:.2f} GB | "
                 f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_rss_bytes'] / rows[0]['peak_rss_bytes']:.2f}x | "
-                f"{r['estimate_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} |"
+                f"{r.get('peak_stage') or 'not recorded'} | {generation_column(r)} | {r['estimate_bytes'] / 2**30:.2f} GiB | {r['seconds']:.0f} |"
             )
     pinned = sorted({(r["method"], r["method_args"]) for r in result["rows"] if r.get("method_args")})
     kept = [r for r in result["rows"] if r.get("run") and r["run"] != run_of(result)]

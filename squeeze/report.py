@@ -171,6 +171,7 @@ class Report:
     squeeze_version: str = ""
     created: str = ""
     memory_estimate_bytes: int | None = None  # squeeze.memory's estimate of the peak, made before loading
+    peak_rss_stage: str = ""  # the timed stage during which the peak RSS was reached ("" if outside them)
     uncompressed: dict[str, str] = field(default_factory=dict)  # weight matrix left as it was → why
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,7 +293,8 @@ def _accuracy_rows(report: Report, reference: str) -> list[tuple[str, str, str]]
             text += f" (the encoder reads the first {cut}, the decoder is scored on the last {a.seq_len - cut})"
         rows.append(("evaluation text", "", text))
     rows += speed_rows(report.speed)
-    rows.append(("peak RSS", "", _fmt_bytes(report.peak_rss_bytes)))
+    during = f" (reached while {report.peak_rss_stage})" if report.peak_rss_stage else ""
+    rows.append(("peak RSS", "", _fmt_bytes(report.peak_rss_bytes) + during))
     if report.memory_estimate_bytes:
         rows.append(("peak RSS estimated before loading", "", _fmt_bytes(report.memory_estimate_bytes)))
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items())

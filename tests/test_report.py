@@ -3,8 +3,11 @@
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
+from squeeze.evaluate import reset_peak_rss
+from squeeze.passes.common import Stopwatch
 from squeeze.report import AccuracyReport, LayerReport, Report, SizeReport, to_markdown, to_rich, write_report
 
 
@@ -69,3 +72,23 @@ def test_uncompressed_matrices_are_listed_one_line_per_kind() -> None:
     assert f"- `model.layers.*.mlp.gate.weight` (3): {router}" in markdown
     assert "- `model.embed_tokens.weight` (1): embedding" in markdown
     assert json.loads(json.dumps(report.to_dict()))["uncompressed"]["model.layers.2.mlp.gate.weight"] == router
+
+
+def test_the_stopwatch_names_the_stage_that_set_the_peak() -> None:
+    """The report says which stage raised the peak RSS (the streamed GPTQ row's 11 GiB was
+    generation's, which no stage timing showed): the innermost stage that raised it."""
+    if not reset_peak_rss():
+        pytest.fail("this test needs /proc/self/clear_refs (Linux)")
+    watch = Stopwatch()
+    with watch.stage("small"):
+        small = torch.ones(2**20)  # 4 MiB
+    with watch.stage("outer"), watch.stage("big"):
+        big = torch.ones(2**27)  # 512 MiB, touched
+    with watch.stage("after"):
+        del big
+    assert watch.peak_stage == "big" and set(watch.timings) == {"small", "outer", "big", "after"}
+    report = make_report()
+    report.peak_rss_stage = watch.peak_stage
+    assert "(reached while big)" in to_markdown(report) and json.loads(json.dumps(report.to_dict()))["peak_rss_stage"] == "big"
+    outside = torch.ones(2**28)  # 1 GiB outside every stage: no stage set the peak now
+    assert watch.peak_stage == "" and small.sum() > 0 and outside.sum() > 0

@@ -18,7 +18,7 @@ from squeeze.data import calibration_windows, check_source, evaluation_windows
 from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.student import check_vocab_sizes
 from squeeze.errors import OptionError
-from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, tensor_bytes
+from squeeze.evaluate import compare_causal, compare_encoder, parameter_count, peak_rss_bytes, tensor_bytes
 from squeeze.formats.compressed_tensors import checkpoint_state_dict
 from squeeze.generate import GenerationAgreement, agreement, greedy_agreement, greedy_continuations, prompts_from_text
 from squeeze.models import BUILTIN_MODELS, LoadedModel, ModelSource, check_output_dir, load_model, load_tokenizer, meta_model, resolve_model
@@ -38,18 +38,31 @@ SPARSE_INPUT_SHARE = 0.01  # a model with at least this share of exact zeros in 
 
 
 class Stopwatch:
-    """Wall time per named stage, in seconds."""
+    """Wall time per named stage, in seconds, and the stage during which the process's peak
+    resident memory was reached (the innermost, where stages nest)."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self._peak_stage = ""
+        self._peak = 0  # the highest peak RSS seen at the end of a stage, in bytes
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        before = peak_rss_bytes()
         try:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            after = peak_rss_bytes()
+            if after > before and after > self._peak:
+                self._peak, self._peak_stage = after, name
+
+    @property
+    def peak_stage(self) -> str:
+        """The stage that raised the peak RSS to where it stands now; "" if it rose outside every
+        stage (or never within one)."""
+        return self._peak_stage if self._peak and peak_rss_bytes() <= self._peak else ""
 
 
 def eval_seq_len(config, seq_len: int) -> int:

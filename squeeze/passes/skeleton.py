@@ -298,6 +298,7 @@ def step_report(
         size=size,
         timings_s=dict(watch.timings),
         peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_stage=watch.peak_stage,
         device=device,
         memory_estimate_bytes=estimate,
         accuracy=accuracy,

@@ -155,6 +155,7 @@ def write_student(
             size=size,
             timings_s=dict(watch.timings),
             peak_rss_bytes=peak_rss_bytes(),
+            peak_rss_stage=watch.peak_stage,
             device=f"{done.device}, {done.dtype} teacher compute",
             accuracy=done.accuracy,
             notes=notes,
