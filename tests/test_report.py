@@ -92,3 +92,16 @@ def test_the_stopwatch_names_the_stage_that_set_the_peak() -> None:
     assert "(reached while big)" in to_markdown(report) and json.loads(json.dumps(report.to_dict()))["peak_rss_stage"] == "big"
     outside = torch.ones(2**28)  # 1 GiB outside every stage: no stage set the peak now
     assert watch.peak_stage == "" and small.sum() > 0 and outside.sum() > 0
+
+
+def test_a_stage_timed_by_an_inner_stopwatch_takes_the_peak() -> None:
+    """A streamed pass times its per-block evaluation and writing on a second watch, within the
+    compress stage: the inner stage is the one named."""
+    if not reset_peak_rss():
+        pytest.fail("this test needs /proc/self/clear_refs (Linux)")
+    outer, inner = Stopwatch(), Stopwatch()
+    with outer.stage("quantize"), inner.stage("evaluate"):
+        held = torch.ones(2**27)
+    assert outer.peak_stage == "quantize"
+    outer.absorb_peak(inner)
+    assert outer.peak_stage == "evaluate" and held.sum() > 0

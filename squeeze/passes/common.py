@@ -58,6 +58,12 @@ class Stopwatch:
             if after > before and after > self._peak:
                 self._peak, self._peak_stage = after, name
 
+    def absorb_peak(self, inner: Stopwatch) -> None:
+        """Take ``inner``'s peak stage: ``inner`` timed stages within one of this watch's, and its
+        stage is the more precise answer where it raised the peak as far."""
+        if inner._peak_stage and inner._peak >= self._peak:
+            self._peak, self._peak_stage = inner._peak, inner._peak_stage
+
     @property
     def peak_stage(self) -> str:
         """The stage that raised the peak RSS to where it stands now; "" if it rose outside every

@@ -54,7 +54,7 @@ from squeeze.report import Report, SizeReport
 from squeeze.sizes import accelerator_memory, default_memory_budget
 from squeeze.stream.generation import streamed_greedy_continuations
 from squeeze.stream.gguf import GGUFTensors
-from squeeze.stream.lazy import CheckpointTensors, LazyModel
+from squeeze.stream.lazy import CheckpointTensors, LazyModel, return_freed_memory
 from squeeze.stream.quantized import quantized_layers
 from squeeze.stream.reference import Handover, RecordedReference, recorded_states, stand_in_blocks
 from squeeze.weightcache import reuse_dequantized
@@ -333,6 +333,7 @@ def stream_pass(
         for stage, seconds in blocks.other.timings.items():
             watch.timings[step.name] -= seconds
             watch.timings[stage] = watch.timings.get(stage, 0.0) + seconds
+        watch.absorb_peak(blocks.other)
         shares = process_shares(calibration, watch)
         del calibration
         with watch.stage("save"), progress.status(f"writing {out}"):
@@ -363,6 +364,9 @@ def stream_pass(
                 ours.record(head), source.kind, reference.record(ref_head), eval_windows, run.data, seq_len, run.batch_size,
                 watch, progress, reference_name(run.reference),
             )
+            # the recorded states and the reference's head go before generation reads the models again
+            reference = ours = ref_head = ref_lazy = None
+            return_freed_memory()
             if source.kind == "causal" and run.generation_prompts:
                 generation = streamed_generation_agreement(
                     resolve_model(str(folder)), ref_source or source, tokenizer, run.data, run.generation_prompts, compute, device,
