@@ -366,6 +366,9 @@ def stream_pass(
             )
             # the recorded states and the reference's head go before generation reads the models again
             reference = ours = ref_head = ref_lazy = None
+            if blocks.outside_live:  # the output's head too: what is left to do reads names and shapes only
+                lazy.release_outside()
+                blocks.outside_live = False
             return_freed_memory()
             if source.kind == "causal" and run.generation_prompts:
                 generation = streamed_generation_agreement(

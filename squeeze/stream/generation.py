@@ -26,15 +26,21 @@ from squeeze.weightcache import dequantize_each_call
 
 @contextmanager
 def blocks_on_demand(lazy: LazyModel) -> Iterator[None]:
-    """Within this scope each of ``lazy``'s blocks is materialised when its forward starts and
-    released when it returns; everything outside the blocks is held for the whole scope."""
-    lazy.materialise_outside("all")
+    """Within this scope each of ``lazy``'s blocks, and an untied head, is materialised when its
+    forward starts and released when it returns; the rest of what lies outside the blocks (the
+    input embeddings, the final norm) is held for the whole scope. So at most the input side and
+    one block, or the input side and the head, are in memory: on an 8B Llama the head alone is
+    2 GiB in float32."""
+    lazy.materialise_outside("input")
     handles = []
+    head_only = [n for n in lazy.outside("all") if n not in set(lazy.outside("input"))]
     try:
-        for index, name in enumerate(lazy.blocks):
-            module = lazy.model.get_submodule(name)
-            handles.append(module.register_forward_pre_hook(lambda _m, _a, index=index: lazy.block(index) and None))
-            handles.append(module.register_forward_hook(lambda block, _a, _o: lazy.release(block)))
+        parts = [(lazy.model.get_submodule(name), lambda index=index: lazy.block(index)) for index, name in enumerate(lazy.blocks)]
+        if head_only:
+            parts.append((lazy.model.get_output_embeddings(), lambda: lazy.materialise(head_only)))
+        for module, read in parts:
+            handles.append(module.register_forward_pre_hook(lambda _m, _a, read=read: read() and None))
+            handles.append(module.register_forward_hook(lambda part, _a, _o: lazy.release(part)))
         yield
     finally:
         for handle in handles:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
+import transformers
 
 from squeeze.generate import greedy_continuations
 from squeeze.models import load_model, resolve_model
@@ -13,6 +13,7 @@ from squeeze.passes.quantize import quantize
 from squeeze.passes.stream import lazy_model
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.scheme import scheme_from_options
+from squeeze.stream import lazy as lazy_module
 from squeeze.stream.generation import streamed_greedy_continuations
 from squeeze.weightcache import reuse_dequantized
 
@@ -61,3 +62,26 @@ def test_a_quantize_output_streams_its_continuations(twelve_blocks: Path, tmp_pa
     whole, streamed, counter = whole_and_streamed(tmp_path / "w4", prompts(1), None, monkeypatch)
     assert counter.most == 1
     assert streamed == whole
+
+
+def test_an_untied_head_is_read_only_for_its_own_forward(minilm_tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """An untied head is as big as the embeddings: it is read for each token's logits and
+    released again, so the embeddings, the norm and one block or the head are ever in memory."""
+    config = transformers.LlamaConfig(
+        vocab_size=minilm_tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "untied")
+    minilm_tokenizer.save_pretrained(tmp_path / "untied")
+    heads: list[bool] = []
+    block = lazy_module.LazyModel.block
+
+    def counted_block(lazy, index):  # is the head in memory while a block is?
+        heads.append(not lazy.model.get_output_embeddings().weight.is_meta)
+        return block(lazy, index)
+
+    monkeypatch.setattr(lazy_module.LazyModel, "block", counted_block)
+    whole, streamed, counter = whole_and_streamed(tmp_path / "untied", prompts(2), None, monkeypatch)
+    assert streamed == whole and counter.most == 1
+    assert len(heads) == 2 * 3 * 10 and not any(heads)  # two batches (two prompt lengths): every block for every token, never beside the head
