@@ -230,20 +230,31 @@ def fits_whole(need: int, memory_budget: int | None, device: str) -> bool:
     return (budget is None or need <= budget) and (gpu is None or need <= gpu)
 
 
+def streamed_continuations(
+    source: ModelSource, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, dtype: torch.dtype, device: str,
+    progress: Progress, label: str,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` [1, n] by the model of ``source``, read one block at a
+    time for every new token (squeeze.stream.generation), on a meta model of its own (one that
+    states stream through keeps its blocks)."""
+    with progress.task(f"greedy continuations of {len(prompts)} prompts, {label}, block by block", max_new_tokens) as advance:
+        lazy = lazy_model(source, dtype, device)
+        return streamed_greedy_continuations(lazy, tokenizer, prompts, max_new_tokens, tokenizer.eos_token_id, advance)
+
+
 def streamed_generation_agreement(
     model: ModelSource, reference: ModelSource, tokenizer, data: str, prompts: int, dtype: torch.dtype, device: str,
     watch: Stopwatch, progress: Progress,
 ) -> dict:
     """Generation agreement (AccuracyReport fields) of ``model`` against ``reference``, neither
-    held whole: each continues the prompts from ``data`` reading one block at a time for every new
-    token (squeeze.stream.generation): the reference first, then the model."""
+    held whole: each continues the prompts from ``data`` block by block (:func:`streamed_continuations`),
+    the reference first, then the model."""
     prompt_ids = prompts_from_text(tokenizer, data, prompts, GENERATION_PROMPT_TOKENS)
-    texts = []
     with watch.stage("generate"):
-        for label, source in (("the reference", reference), (model.name, model)):
-            with progress.task(f"greedy continuations of {prompts} prompts, {label}, block by block", GENERATION_TOKENS) as advance:
-                lazy = lazy_model(source, dtype, device)
-                texts.append(streamed_greedy_continuations(lazy, tokenizer, prompt_ids, GENERATION_TOKENS, tokenizer.eos_token_id, advance))
+        texts = [
+            streamed_continuations(source, tokenizer, prompt_ids, GENERATION_TOKENS, dtype, device, progress, label)
+            for label, source in (("the reference", reference), (model.name, model))
+        ]
     return generation_fields(agreement(*texts))
 
 

@@ -22,9 +22,8 @@ from squeeze.distill.cache import SHARD_WINDOWS
 from squeeze.distill.student import StudentSpec, keep_blocks, narrow_model
 from squeeze.models import LoadedModel, ModelSource, load_tokenizer
 from squeeze.models.load import stored_dtype
-from squeeze.passes.stream import lazy_model, stream_states
+from squeeze.passes.stream import lazy_model, stream_states, streamed_continuations
 from squeeze.progress import Progress
-from squeeze.stream.generation import streamed_greedy_continuations
 from squeeze.stream.reference import Generation, Handover, RecordedReference, stand_in_blocks
 
 
@@ -68,11 +67,10 @@ class StreamedTeacher:
 
     def continuations(self, prompts: list[torch.Tensor], max_new_tokens: int, progress: Progress) -> Generation:
         """The teacher's greedy continuations of ``prompts`` [1, n], read one block at a time for
-        every new token (the model the states stream through keeps its blocks: a second one reads them)."""
-        tokenizer = self.loaded.tokenizer
-        with progress.task(f"greedy continuations of {len(prompts)} prompts, the teacher, block by block", max_new_tokens) as advance:
-            lazy = lazy_model(self.source, self.dtype, self.device)
-            texts = streamed_greedy_continuations(lazy, tokenizer, prompts, max_new_tokens, tokenizer.eos_token_id, advance)
+        every new token."""
+        texts = streamed_continuations(
+            self.source, self.loaded.tokenizer, prompts, max_new_tokens, self.dtype, self.device, progress, "the teacher",
+        )
         return Generation(prompts, texts)
 
     def cache_teacher(
