@@ -9,6 +9,7 @@ nibble, exactly the layout vLLM and transformers read for ``pack-quantized`` che
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -43,16 +44,32 @@ def pack_int32(codes: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tensor
 
 def unpack_int32(packed: torch.Tensor, num_bits: int, length: int, dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_int32`: ``length`` signed int8 codes per row (or column with ``dim=0``)."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        words = words.t()
+    words = packed.t() if dim == 0 else packed
+    if 8 % num_bits == 0 and sys.byteorder == "little":
+        codes = _unpack_bytes(words, num_bits, length)
+    else:
+        codes = _unpack_stream(words, num_bits, length)
+    return codes.t().contiguous() if dim == 0 else codes
+
+
+def _unpack_bytes(words: torch.Tensor, num_bits: int, length: int) -> torch.Tensor:
+    """Codes of 2, 4 or 8 bits never straddle a byte: read the words' bytes (least significant
+    first on a little-endian machine, as the stream is laid out) and split each into its fields."""
+    data = words.contiguous().view(torch.uint8)
+    shifts = torch.arange(0, 8, num_bits, dtype=torch.uint8, device=words.device)
+    fields = (data.unsqueeze(-1) >> shifts) & ((1 << num_bits) - 1)
+    values = fields.reshape(words.shape[0], -1)[:, :length]
+    return values.to(torch.int8) - (1 << (num_bits - 1)) if num_bits < 8 else (values.to(torch.int16) - 128).to(torch.int8)
+
+
+def _unpack_stream(words: torch.Tensor, num_bits: int, length: int) -> torch.Tensor:
+    """Any width (3 bits straddle words): each field read from the 64 bits starting at its word."""
+    words = words.to(torch.int64) & 0xFFFFFFFF
     rows = words.shape[0]
     start = torch.arange(length, device=words.device) * num_bits
     word = start // 32
     shift = start % 32
     padded = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=words.device)], dim=1)
-    # read 64 bits starting at the element's word, so fields that straddle two words come whole
     window = padded[:, word] | (padded[:, word + 1] << 32)
     values = (window >> shift) & ((1 << num_bits) - 1)
-    codes = (values - (1 << (num_bits - 1))).to(torch.int8)
-    return codes.t().contiguous() if dim == 0 else codes
+    return (values - (1 << (num_bits - 1))).to(torch.int8)

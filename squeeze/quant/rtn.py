@@ -115,6 +115,11 @@ def dequantize(
 ) -> torch.Tensor:
     """Real values ``(q - zero_point) · scale`` in ``dtype`` (default: the scale's dtype)."""
     dtype = dtype or scale.dtype
+    if args.strategy == "group" and q.dim() == 2 and q.shape[1] == scale.shape[-1] * args.group_size:
+        # per group, without expanding scale and zero point to the weight's shape: the same products
+        rows = q.shape[0]
+        grouped = q.reshape(rows, -1, args.group_size).to(dtype)
+        return ((grouped - zero_point.to(dtype).unsqueeze(-1)) * scale.to(dtype).unsqueeze(-1)).reshape(q.shape)
     s = _broadcast(scale, q, args).to(dtype)
     z = _broadcast(zero_point, q, args).to(dtype)
     return (q.to(dtype) - z) * s

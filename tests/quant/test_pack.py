@@ -35,3 +35,14 @@ def test_same_words_as_compressed_tensors(bits: int) -> None:
     assert torch.equal(pack_int32(codes, bits), pack_to_int32(codes, bits))
     assert torch.equal(unpack_from_int32(pack_int32(codes, bits), bits, codes.shape), codes)
     assert torch.equal(pack_int32(codes, bits, dim=0), pack_to_int32(codes, bits, packed_dim=0))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_byte_reader_matches_the_bit_stream_reader(bits: int) -> None:
+    # 2, 4 and 8 bits are read a byte at a time; any word, including a negative one, reads the same both ways
+    from squeeze.quant.pack import _unpack_bytes, _unpack_stream
+
+    words = torch.randint(-(1 << 31), (1 << 31) - 1, (7, 11), dtype=torch.int64).to(torch.int32)
+    length = 11 * 32 // bits - 3
+    assert torch.equal(_unpack_bytes(words, bits, length), _unpack_stream(words, bits, length))
+    assert torch.equal(_unpack_bytes(words.t(), bits, 5), _unpack_stream(words.t(), bits, 5))

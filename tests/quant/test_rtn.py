@@ -173,3 +173,14 @@ def test_the_signed_grid_rounds_closer_than_the_balanced_one(bits: int) -> None:
             assert (scale < 0).any() and (scale > 0).any()
             assert (codes == args.qmin).sum() >= scale.numel()  # each group's largest weight is the code qmin
     assert errors[True] < 0.95 * errors[False], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_dequantize_is_the_expanded_formula(dtype: torch.dtype) -> None:
+    # the grouped path never expands scale and zero point to the weight's shape, and gives the same bits
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=16)
+    q = torch.randint(-8, 8, (6, 64), dtype=torch.int8)
+    scale, zero = torch.rand(6, 4) + 0.01, torch.randint(-8, 8, (6, 4), dtype=torch.int8)
+    expanded = (q.to(dtype) - zero.repeat_interleave(16, dim=1).to(dtype)) * scale.repeat_interleave(16, dim=1).to(dtype)
+    got = dequantize(q, scale, zero, args, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, expanded)
