@@ -23,12 +23,34 @@ def pack_int32(codes: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tensor
     """Pack int8 codes in [-2^(bits-1), 2^(bits-1)) of a 2-D tensor along ``dim`` into int32 words."""
     if codes.dim() != 2:
         raise ValueError("pack_int32 takes a 2-D tensor")
+    rows_first = codes.t() if dim == 0 else codes
+    if 8 % num_bits == 0 and sys.byteorder == "little":
+        packed = _pack_bytes(rows_first, num_bits)
+    else:
+        packed = _pack_stream(rows_first, num_bits)
+    return packed.t().contiguous() if dim == 0 else packed.contiguous()
+
+
+def _pack_bytes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Codes of 2, 4 or 8 bits never straddle a byte: fill each byte with its fields, and read the
+    bytes as int32 words (least significant byte first on a little-endian machine, as the stream is laid out)."""
+    rows, cols = codes.shape
+    per_word = 32 // num_bits
+    words = packed_columns(cols, num_bits)
+    values = torch.zeros(rows, words * per_word, dtype=torch.uint8, device=codes.device)
+    values[:, :cols] = (codes.to(torch.int16) + (1 << (num_bits - 1))).to(torch.uint8)
+    fields = values.reshape(rows, words * 4, 8 // num_bits)
+    data = fields[..., 0].clone()
+    for k in range(1, 8 // num_bits):
+        data |= fields[..., k] << (k * num_bits)
+    return data.view(torch.int32)
+
+
+def _pack_stream(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Any width (3 bits straddle words): each field OR-ed into 64-bit words at its bit position."""
     values = codes.to(torch.int64) + (1 << (num_bits - 1))
-    if dim == 0:
-        values = values.t()
     rows, cols = values.shape
     words = packed_columns(cols, num_bits)
-    # build the bit stream positions of each element, then OR the pieces into 64-bit words
     start = torch.arange(cols, device=values.device) * num_bits
     word = start // 32
     shift = start % 32
@@ -38,8 +60,7 @@ def pack_int32(codes: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tensor
     spill = out[:, :-1] >> 32
     out = out[:, :-1] & 0xFFFFFFFF
     out[:, 1:] += spill[:, :-1]
-    packed = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-    return packed.t().contiguous() if dim == 0 else packed.contiguous()
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, num_bits: int, length: int, dim: int = 1) -> torch.Tensor:

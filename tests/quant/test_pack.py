@@ -46,3 +46,12 @@ def test_byte_reader_matches_the_bit_stream_reader(bits: int) -> None:
     length = 11 * 32 // bits - 3
     assert torch.equal(_unpack_bytes(words, bits, length), _unpack_stream(words, bits, length))
     assert torch.equal(_unpack_bytes(words.t(), bits, 5), _unpack_stream(words.t(), bits, 5))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cols", [1, 15, 64, 100])
+def test_byte_packer_matches_the_bit_stream_packer(bits: int, cols: int) -> None:
+    from squeeze.quant.pack import _pack_bytes, _pack_stream
+
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, cols), dtype=torch.int8)
+    assert torch.equal(_pack_bytes(codes, bits), _pack_stream(codes, bits))
