@@ -177,19 +177,72 @@ def greedy_continuations(
     on_prompt: Callable[[int], None] | None = None,
 ) -> list[str]:
     """``model``'s greedy continuation of each prompt [1, n] (at most ``max_new_tokens`` tokens,
-    stopping after ``eos_token_id``), decoded without special tokens; ``on_prompt(1)`` after each.
+    stopping after ``eos_token_id``), decoded without special tokens; ``on_prompt(k)`` as each
+    batch of ``k`` prompts is done (prompts of one length go together: :func:`greedy_ids`).
 
     Generate a reference's continuations once with this and score any number of models against
     them with :func:`agreement`.
     """
     device = next(model.parameters()).device
-    continuations = []
     with reuse_dequantized():
-        for prompt in prompts:
-            continuations.append(generate(model, prompt.to(device), max_new_tokens, eos_token_id=eos_token_id))
-            if on_prompt:
-                on_prompt(1)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
+        ids = greedy_ids(model, [p.to(device) for p in prompts], max_new_tokens, eos_token_id, on_batch=on_prompt)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+@torch.inference_mode()
+def greedy_ids(
+    model: nn.Module,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The greedy new token ids of each prompt [1, n] (on the model's device), at most
+    ``max_new_tokens``, each cut after its ``eos_token_id``.
+
+    Prompts of equal length (squeeze's generation-agreement prompts all are) run as one batch
+    without padding (no row sees a pad or another row's tokens), and each new token runs the
+    weights once for the whole batch; prompts of other lengths form batches of their own.
+    ``on_token(1)`` after each new token of a batch, ``on_batch(k)`` after a batch of ``k`` prompts."""
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        if prompt.dim() != 2 or prompt.shape[0] != 1:
+            raise ValueError(f"each prompt is input_ids [1, n]; got shape {tuple(prompt.shape)}")
+        by_length.setdefault(prompt.shape[1], []).append(index)
+    new: list[list[int]] = [[] for _ in prompts]
+    for rows in by_length.values():
+        batch = torch.cat([prompts[i] for i in rows])
+        for row, ids in zip(rows, _greedy_batch(model, batch, max_new_tokens, eos_token_id, on_token)):
+            new[row] = ids
+        if on_batch:
+            on_batch(len(rows))
+    return new
+
+
+def _greedy_batch(
+    model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, on_token: Callable[[int], None] | None,
+) -> list[list[int]]:
+    """Greedy new tokens for each row of ``ids`` [b, n] (no padding), each row cut after its EOS."""
+    rows = ids.shape[0]
+    new: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    past = None
+    last_only = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    for _ in range(max_new_tokens):
+        out = model(input_ids=ids, **cache_arguments(model, past), **last_only)
+        past = returned_cache(out)
+        tokens = out.logits[:, -1].argmax(dim=-1)
+        for row in range(rows):
+            if not done[row]:
+                new[row].append(int(tokens[row]))
+                done[row] = eos_token_id is not None and new[row][-1] == eos_token_id
+        if on_token:
+            on_token(1)
+        if all(done):
+            break
+        ids = tokens.reshape(rows, 1)
+    return new
 
 
 def greedy_agreement(

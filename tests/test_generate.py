@@ -190,7 +190,7 @@ def test_greedy_agreement(model, other_model, minilm_tokenizer) -> None:
     assert [r["reference"] for r in rows] == references and [r["candidate"] for r in rows] == candidates
     assert references[0] == minilm_tokenizer.decode(generate(model, PROMPT, 5, Sampling()), skip_special_tokens=True)
     assert scores == dataclasses.replace(agreement(references, candidates), tokens=5)
-    # progress after every continuation: three prompts, two models
+    # progress after every batch of continuations: three prompts of three lengths, two models
     advanced: list[int] = []
     greedy_agreement(other_model, model, minilm_tokenizer, prompts, 2, on_prompt=advanced.append)
     assert advanced == [1] * 6
@@ -199,3 +199,19 @@ def test_greedy_agreement(model, other_model, minilm_tokenizer) -> None:
     first = generate(model, PROMPT, 1, Sampling())[0]
     _, rows = greedy_agreement(model, model, minilm_tokenizer, prompts[:1], 5, eos_token_id=first)
     assert rows[0]["reference"] == minilm_tokenizer.decode([first], skip_special_tokens=True)
+
+
+def test_prompts_of_one_length_run_as_one_batch(model, minilm_tokenizer) -> None:
+    # four prompts of six tokens and one of three: two batches, each token one forward per batch,
+    # and every continuation the one that prompt gets alone
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1000, 5000, (1, 6), generator=g) for _ in range(4)] + [PROMPT[:, :3]]
+    calls, advanced = [], []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        texts = greedy_continuations(model, minilm_tokenizer, prompts, 7, on_prompt=advanced.append)
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * 7 and advanced == [4, 1]
+    alone = [minilm_tokenizer.decode(generate(model, p, 7, Sampling()), skip_special_tokens=True) for p in prompts]
+    assert texts == alone

@@ -8,7 +8,7 @@ token costs one read of the weights (from the page cache, once the first has war
 prompts, not one per prompt.
 
 Prompts of equal length (squeeze's generation-agreement prompts all are) batch without padding,
-so every row computes what it computes alone; prompts of other lengths go in batches of their own.
+so no row sees a pad or another row's tokens; prompts of other lengths go in batches of their own.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
-from squeeze.generate import cache_arguments, returned_cache, takes_logits_to_keep
+from squeeze.generate import greedy_ids
 from squeeze.stream.lazy import LazyModel
 from squeeze.weightcache import dequantize_each_call
 
@@ -48,7 +47,6 @@ def blocks_on_demand(lazy: LazyModel) -> Iterator[None]:
         lazy.release_outside()
 
 
-@torch.inference_mode()
 def streamed_greedy_continuations(
     lazy: LazyModel,
     tokenizer,
@@ -61,41 +59,7 @@ def streamed_greedy_continuations(
     time (at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``), decoded without
     special tokens: what :func:`squeeze.generate.greedy_continuations` gives on the whole model.
     ``on_token(1)`` after each new token of a batch."""
-    by_length: dict[int, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        if prompt.dim() != 2 or prompt.shape[0] != 1:
-            raise ValueError(f"each prompt is input_ids [1, n]; got shape {tuple(prompt.shape)}")
-        by_length.setdefault(prompt.shape[1], []).append(index)
-    new: list[list[int]] = [[] for _ in prompts]
     # a block runs once per token: keeping its dequantized weights would keep every block's
     with blocks_on_demand(lazy), dequantize_each_call():
-        for rows in by_length.values():
-            batch = torch.cat([prompts[i] for i in rows]).to(lazy.device)
-            for row, ids in zip(rows, _greedy_batch(lazy.model, batch, max_new_tokens, eos_token_id, on_token)):
-                new[row] = ids
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
-
-
-def _greedy_batch(
-    model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, on_token: Callable[[int], None] | None,
-) -> list[list[int]]:
-    """Greedy new tokens for each row of ``ids`` [b, n] (no padding), each row cut after its EOS."""
-    rows = ids.shape[0]
-    new: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    past = None
-    last_only = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
-    for _ in range(max_new_tokens):
-        out = model(input_ids=ids, **cache_arguments(model, past), **last_only)
-        past = returned_cache(out)
-        tokens = out.logits[:, -1].argmax(dim=-1)
-        for row in range(rows):
-            if not done[row]:
-                new[row].append(int(tokens[row]))
-                done[row] = eos_token_id is not None and new[row][-1] == eos_token_id
-        if on_token:
-            on_token(1)
-        if all(done):
-            break
-        ids = tokens.reshape(rows, 1)
-    return new
+        ids = greedy_ids(lazy.model, [p.to(lazy.device) for p in prompts], max_new_tokens, eos_token_id, on_token=on_token)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
