@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from squeeze.cli import app
 from squeeze.errors import OptionError
 from squeeze.formats.files import dense_tensors, save_safetensors
+from squeeze.models import resolve_model
 from squeeze.passes.prune import prune
 from squeeze.passes.quantize import quantize
+from squeeze.passes.stream import lazy_model
 from squeeze.prune.config import PruneConfig
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.scheme import scheme_from_options
@@ -208,3 +210,12 @@ def test_cli_stream_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir: Pat
     result = run("quantize", tiny_llama_dir, "--stream", "--no-eval", "--memory-budget", "1MB", "--out", tmp_path / "never")
     assert result.exit_code == 2 and "one block alone is" in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_a_streamed_model_maps_large_allocations(twelve_blocks: Path, monkeypatch) -> None:
+    # glibc's default, a threshold that rises as mapped tensors are freed, lets the heap fragment
+    # and the peak grow with the number of blocks: a lazy model fixes the threshold
+    calls = []
+    monkeypatch.setattr(lazy_module, "_MALLOPT", lambda *args: calls.append(args) or 1)
+    lazy_model(resolve_model(str(twelve_blocks)), torch.float32, "cpu")
+    assert calls == [(-3, lazy_module.MMAP_THRESHOLD)]
