@@ -504,6 +504,15 @@ def write(result: dict) -> None:
     publish(result, RESULTS, table(result), "quantize_rtn")
 
 
+def run_line(result: dict) -> str:
+    """The line under a streaming benchmark's description: the machine, the libraries, when, and which squeeze."""
+    m = result["machine"]
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
+        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}."
+    )
+
+
 def publish(result: dict, results: Path, section: str, name: str) -> None:
     """Write a benchmark's result JSON and its README table, and print the table."""
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
+from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
 from stream_memory import model_folder
 
 from squeeze.memory import PassShape, resident_bytes, streamed_bytes
@@ -129,15 +129,13 @@ def run_of(result: dict) -> str:
 
 
 def table(result: dict) -> str:
-    m = result["machine"]
     lines = [
         f"Random-weight Llama models (bf16 shards, SmolLM2's vocabulary, untied head), hidden {result['hidden']}, MLP "
         f"{result['intermediate']}; `squeeze quantize --stream`, W4 group-128 asym, float32 compute, evaluated on "
         f"{result['eval_tokens']} Wikipedia tokens; GPTQ calibrated on {result['calib_samples']} x 512 tokens. Each run a fresh "
         "process, peak RSS from its report.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
-        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        run_line(result),
         "",
         "| method | blocks | parameters | bf16 on disk | peak RSS | vs first depth | peak reached while | generation agreement "
         "| estimated before loading | seconds |",

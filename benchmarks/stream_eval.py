@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
+from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
 from stream_memory import model_folder
 
 NAME = "stream_eval"
@@ -58,7 +58,6 @@ def evaluate(output: Path, model: Path, stream: bool, eval_tokens: int) -> dict:
 
 
 def table(result: dict) -> str:
-    m = result["machine"]
     held, streamed = result["rows"]
     lines = [
         f"A random-weight Llama of {result['blocks']} blocks (hidden {result['hidden']}, MLP {result['intermediate']}, "
@@ -67,8 +66,7 @@ def table(result: dict) -> str:
         f"--reference MODEL` on {held['eval_tokens']:,} Wikipedia tokens, float32 compute, without generation agreement. Each run a "
         "fresh process; peak RSS from its JSON.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
-        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        run_line(result),
         "",
         "| eval | peak RSS | seconds | perplexity | reference perplexity | KL | top-1 |",
         "|---|---|---|---|---|---|---|",

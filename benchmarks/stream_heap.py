@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
+from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
 from stream_memory import model_folder
 
 NAME = "stream_heap"
@@ -95,14 +95,12 @@ def run(model: Path, mode: str, args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    m = result["machine"]
     lines = [
         f"A random-weight Llama of {result['depth']} blocks (hidden {result['hidden']}, MLP {result['intermediate']}, bf16 shards), "
         f"`squeeze quantize --stream`, GPTQ W4 group-128 asym, calibrated on {result['calib_samples']} x 512 tokens, "
         f"evaluated on {result['eval_tokens']} Wikipedia tokens, no generation; each run a fresh process.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
-        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        run_line(result),
         "",
         "| heap | quantize pass, block 1 in memory | last block | growth | run peak RSS | peak reached while | seconds | KL |",
         "|---|---|---|---|---|---|---|---|",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
+from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
 
 NAME = "stream_memory"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -63,14 +63,12 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 def table(result: dict) -> str:
-    m = result["machine"]
     lines = [
         "Random-weight Llama models (bf16 shards, SmolLM2's vocabulary, untied head), hidden "
         f"{result['hidden']}, MLP {result['intermediate']}; RTN W4 group-128 asym, float32 compute, no evaluation; "
         "each run a fresh `squeeze quantize` process, peak RSS from its report.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
-        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        run_line(result),
         "",
         "| blocks | parameters | bf16 on disk | resident peak RSS | streamed peak RSS | streamed ÷ resident | resident s | streamed s | same tensors |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 
-from quantize_rtn import BENCH, WORK, machine, publish, snapshot_for_children
+from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
 
 NAME = "stream_peers"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -79,14 +79,12 @@ def peers(name: str) -> dict:
 
 
 def table(result: dict) -> str:
-    m = result["machine"]
     lines = [
         f"SmolLM2-135M (the built-in, fp32), {result['calib_samples']} x 512 calibration tokens, "
         f"{result['eval_tokens']} Wikipedia evaluation tokens; each run a fresh `squeeze` process. Peers' peak RSS from their "
         f"own benchmark's run {'in this invocation' if result.get('peers_ran') else 'last recorded'} (date beside it).",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 1024**3:.1f} GiB RAM; torch {m['torch']}, "
-        f"transformers {m['transformers']}. Run {m['date']}, squeeze {result['squeeze_source']}.",
+        run_line(result),
         "",
         "| configuration | whole: peak RSS | streamed: peak RSS | estimated (streamed) | lowest peer peak RSS | streamed ÷ peer | KL whole | KL streamed | run s whole | run s streamed | time ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
