@@ -30,7 +30,7 @@ from stream_memory import model_folder
 NAME = "stream_heap"
 RESULTS = BENCH / "results" / f"{NAME}.json"
 SNAPSHOT = WORK / "squeeze-src-stream-heap"  # its own: another benchmark may be running from the default one
-MODES = {"fixed": "squeeze (threshold fixed at 1 MiB)", "glibc": "glibc's default (threshold rises as mapped blocks are freed)"}
+MODES = {"fixed": "squeeze (threshold fixed at 4 MiB)", "glibc": "glibc's default (threshold rises as mapped blocks are freed)"}
 
 
 def child(mode: str, trace: Path, argv: list[str]) -> None:

@@ -258,7 +258,7 @@ def _libc(function: str) -> Callable[..., int] | None:
 _MALLOC_TRIM = _libc("malloc_trim")
 _MALLOPT = _libc("mallopt")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 4 << 20
 
 
 def map_large_allocations() -> None:
