@@ -8,8 +8,9 @@ asym with ``--stream`` (float32 compute, evaluation on, no generation), twice, e
 process that samples its own RSS every 50 ms and books each sample to the block being read at
 the time: once as squeeze runs, once with the threshold left to glibc (its default, raised each
 time a mapped block is freed). The quantize pass reads every block once after the evaluation's
-reference has read them all; the table gives that pass's highest RSS while its first and its last
-block were in memory, and the run's peak from its report. Results go to
+reference has read them all; the table gives that pass's highest RSS while each block was the
+latest read (the first, the range over the middle ones, the last: the evaluation's head comes after
+it), and the run's peak from its report. ``--table-only`` rewrites the table from the last results. Results go to
 benchmarks/results/stream_heap.json and to the table between the ``stream_heap`` markers of
 benchmarks/README.md.
 """
@@ -102,14 +103,16 @@ def table(result: dict) -> str:
         "",
         run_line(result),
         "",
-        "| heap | quantize pass, block 1 in memory | last block | growth | run peak RSS | peak reached while | seconds | KL |",
+        "| heap | quantize pass: block 1 | blocks 2 to N-1, lowest to highest | last block (the head after it) | run peak RSS | peak reached while | seconds | KL |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         blocks = r["quantize_pass_bytes"]
+        middle = blocks[1:-1] or blocks[:1]
         lines.append(
-            f"| {MODES[r['mode']]} | {blocks[0] / 2**30:.3f} GiB | {blocks[-1] / 2**30:.3f} GiB | {blocks[-1] / blocks[0] - 1:+.0%} | "
-            f"{r['peak_rss_bytes'] / 2**30:.3f} GiB | {r['peak_stage']} | {r['seconds']:.0f} | {r['kl_divergence']:.6f} |"
+            f"| {MODES[r['mode']]} | {blocks[0] / 2**30:.3f} GiB | {min(middle) / 2**30:.3f} to {max(middle) / 2**30:.3f} GiB | "
+            f"{blocks[-1] / 2**30:.3f} GiB | {r['peak_rss_bytes'] / 2**30:.3f} GiB | {r['peak_stage']} | {r['seconds']:.0f} | "
+            f"{r['kl_divergence']:.6f} |"
         )
     if result.get("note"):
         lines += ["", result["note"]]
@@ -127,7 +130,13 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--note", default="", help="A line under the table (e.g. what else ran on the machine).")
+    parser.add_argument("--table-only", action="store_true", help="Rewrite the README table from the last results.")
     args = parser.parse_args()
+    if args.table_only:
+        result = json.loads(RESULTS.read_text())
+        result["note"] = args.note or result.get("note", "")
+        publish(result, RESULTS, table(result), NAME)
+        return
     source = snapshot_for_children(SNAPSHOT)
     model = model_folder(args.depth, args.hidden, args.intermediate)
     rows = []

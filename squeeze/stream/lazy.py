@@ -268,9 +268,9 @@ def map_large_allocations() -> None:
     By default glibc raises that threshold each time it frees a mapped block, up to 32 MiB, and
     then serves the block-sized tensors of a streamed pass (weights, Hessians, activations) from its
     heap, which fragments: holes that no later tensor fits, and that malloc_trim cannot return.
-    Measured on a 16-block GPTQ pass (hidden 1024): the peak grew block after block, 0.95 GiB after
-    the first block to 1.26 GiB; with the threshold fixed it stayed within 0.82-0.87 GiB, and the
-    run took 6% longer (the pages of each large tensor are mapped and zeroed afresh)."""
+    The price is time: each such tensor's pages are mapped and zeroed afresh. A 1 MiB threshold
+    slowed a GPTQ solve by about 60%; at 4 MiB a streamed 16-block GPTQ pass (hidden 1024) peaked
+    12% lower and took 15% longer than with glibc's default (benchmarks/stream_heap.py)."""
     if _MALLOPT is not None:
         _MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
