@@ -23,6 +23,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
@@ -36,10 +38,7 @@ MODES = {"fixed": "squeeze (threshold fixed at 4 MiB)", "glibc": "glibc's defaul
 
 def child(mode: str, trace: Path, argv: list[str]) -> None:
     """Run ``squeeze`` with ``argv`` in this process, booking RSS samples to blocks into ``trace``."""
-    import threading
-    import time
-
-    from squeeze.cli import app
+    from squeeze.cli import app  # here: the parent only starts children
     from squeeze.stream import lazy
 
     if mode == "glibc":
