@@ -24,11 +24,14 @@ def pack_int32(codes: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tensor
     if codes.dim() != 2:
         raise ValueError("pack_int32 takes a 2-D tensor")
     rows_first = codes.t() if dim == 0 else codes
-    if 8 % num_bits == 0 and sys.byteorder == "little":
-        packed = _pack_bytes(rows_first, num_bits)
-    else:
-        packed = _pack_stream(rows_first, num_bits)
+    packed = _pack_bytes(rows_first, num_bits) if _bytewise(num_bits) else _pack_stream(rows_first, num_bits)
     return packed.t().contiguous() if dim == 0 else packed.contiguous()
+
+
+def _bytewise(num_bits: int) -> bool:
+    """Whether codes of ``num_bits`` can be packed and read a byte at a time: no field straddles a
+    byte, and the machine stores a word's least significant byte first, as the bit stream runs."""
+    return 8 % num_bits == 0 and sys.byteorder == "little"
 
 
 def _pack_bytes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -66,10 +69,7 @@ def _pack_stream(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
 def unpack_int32(packed: torch.Tensor, num_bits: int, length: int, dim: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_int32`: ``length`` signed int8 codes per row (or column with ``dim=0``)."""
     words = packed.t() if dim == 0 else packed
-    if 8 % num_bits == 0 and sys.byteorder == "little":
-        codes = _unpack_bytes(words, num_bits, length)
-    else:
-        codes = _unpack_stream(words, num_bits, length)
+    codes = _unpack_bytes(words, num_bits, length) if _bytewise(num_bits) else _unpack_stream(words, num_bits, length)
     return codes.t().contiguous() if dim == 0 else codes
 
 
