@@ -233,9 +233,10 @@ def _greedy_batch(
         out = model(input_ids=ids, **cache_arguments(model, past), **last_only)
         past = returned_cache(out)
         tokens = out.logits[:, -1].argmax(dim=-1)
+        chosen = tokens.tolist()  # one device sync per step, not one per row
         for row in range(rows):
             if not done[row]:
-                new[row].append(int(tokens[row]))
+                new[row].append(chosen[row])
                 done[row] = eos_token_id is not None and new[row][-1] == eos_token_id
         if on_token:
             on_token(1)

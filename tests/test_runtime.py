@@ -17,7 +17,7 @@ from squeeze.quant.scheme import scheme_from_options
 from squeeze.quant.apply import QuantizeConfig
 from squeeze.formats.compressed_tensors import load_quantized
 from squeeze.runtime import Int4PackedLinear, Int8DynamicLinear, Int8WeightLinear, accelerate, measure_speed
-from squeeze.runtime.kernels import int_mm_is_fast
+from squeeze.runtime.kernels import _cuda_int4_tiles, int_mm_is_fast
 
 
 def _layer(scheme, in_features: int = 256, out_features: int = 96, seed: int = 0) -> QuantizedLinear:
@@ -49,6 +49,16 @@ def test_int8_dynamic_says_which_product_this_cpu_runs() -> None:
     assert fast.integer_mm == on_avx512 == int_mm_is_fast(torch.device("cpu"))
     assert fast.kernel == (Int8DynamicLinear.kernel if on_avx512 else Int8DynamicLinear.float_kernel)
     assert int_mm_is_fast(torch.device("cuda"))
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "tiles"),
+    [(2048, 5632, 8), (576, 576, 4), (960, 2560, 4), (96, 64, 2), (48, 64, None), (576, 36, None)],
+)
+def test_cuda_int4_pack_takes_the_widest_tiling_the_layer_allows(in_features: int, out_features: int, tiles: int | None) -> None:
+    """CUDA's pack wants the input width a multiple of 16 inner tiles (8, 4 or 2) and the output a
+    multiple of 8; SmolLM2's 576 takes 4 tiles, which a fixed 8 refused."""
+    assert _cuda_int4_tiles(in_features, out_features) == tiles
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])

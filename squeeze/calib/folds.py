@@ -76,17 +76,17 @@ def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor,
     """Divide ``prev``'s output by ``scales`` (per ``kind``'s algebra) and multiply the matching
     input columns of ``linears``: the block computes the same function."""
     if kind == LINEAR:
-        prev.weight.div_(scales.to(prev.weight.dtype)[:, None])
+        prev.weight.div_(scales.to(prev.weight.device, prev.weight.dtype)[:, None])
     elif kind == OFFSET_NORM:
         weight = prev.weight
         weight.copy_((weight.float() + 1) / scales.to(weight.device) - 1)
     else:
-        prev.weight.div_(scales.to(prev.weight.dtype))
+        prev.weight.div_(scales.to(prev.weight.device, prev.weight.dtype))
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias.div_(scales.to(bias.dtype))
+        bias.div_(scales.to(bias.device, bias.dtype))
     for linear in linears:
-        linear.weight.mul_(scales.to(linear.weight.dtype))
+        linear.weight.mul_(scales.to(linear.weight.device, linear.weight.dtype))
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -75,8 +75,8 @@ def pack_layer(layer: QuantizedLinear, kind: BlockType) -> np.ndarray:
     checks make sure before anything is quantized."""
     out_features, in_features = layer.weight_codes.shape
     blocks = in_features // BLOCK
-    codes = layer.weight_codes.to(torch.int16).reshape(out_features, blocks, BLOCK).numpy()
-    scale = layer.weight_scale.reshape(out_features, blocks).to(torch.float32).numpy()
+    codes = layer.weight_codes.cpu().to(torch.int16).reshape(out_features, blocks, BLOCK).numpy()
+    scale = layer.weight_scale.cpu().reshape(out_features, blocks).to(torch.float32).numpy()
     d = scale.astype(np.float16).view(np.uint8).reshape(out_features, blocks, 2)
     if kind.bits == 8:
         body = codes.astype(np.int8).view(np.uint8)
@@ -84,7 +84,7 @@ def pack_layer(layer: QuantizedLinear, kind: BlockType) -> np.ndarray:
     q = (codes + 8).astype(np.uint8)
     parts = [d]
     if kind.asym:
-        zero = layer.weight_zero_point.reshape(out_features, blocks).to(torch.float32).numpy()
+        zero = layer.weight_zero_point.cpu().reshape(out_features, blocks).to(torch.float32).numpy()
         m = (-(zero + 8) * scale).astype(np.float16).view(np.uint8).reshape(out_features, blocks, 2)
         parts.append(m)
     parts.append(_nibbles(q))

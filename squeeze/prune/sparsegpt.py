@@ -72,10 +72,10 @@ def sparsegpt_prune(
             column = block[:, i]
             kept = column.masked_fill(prune[:, i], 0)
             err = (column - kept) / diagonal[i]
-            loss += float(err.pow(2).sum()) / 2
             block[:, i:] -= err.unsqueeze(1) * h_inv_block[i, i:].unsqueeze(0)
             block[:, i] = kept
             errors[:, i] = err
         w[:, start:end] = block
+        loss += float(errors.double().pow(2).sum()) / 2  # once per block: no device sync per column
         w[:, end:] -= errors @ h_inv[start:end, end:]
     return SparseGPTResult(weight=w, damp=damp, retries=retries, loss=loss)

@@ -258,4 +258,4 @@ def gptq_quantize(
         # (w − ŵ)² / d² per column is exactly err², so the loss needs no work inside the loop
         row_loss += errors.double().pow(2).sum(dim=0) / 2
         wt[end:] -= h_inv[start:end, end:].t() @ errors
-    return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, row_loss=row_loss.cpu())
+    return GPTQResult(codes=codes, scale=scale, zero_point=zero_point, damp=damp, retries=retries, row_loss=row_loss)

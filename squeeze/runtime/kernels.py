@@ -37,6 +37,14 @@ SHORT_INPUT_ROWS = 16  # at most this many rows per call (decoding) use the weig
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm takes
 
 
+def _cuda_int4_tiles(in_features: int, out_features: int) -> int | None:
+    """The inner K tiles CUDA's int4 pack takes for a layer (8, 4 or 2: the input width must be a
+    multiple of 16 of them, the output width of 8), None when none fits (e.g. width 576 takes 4)."""
+    if out_features % 8:
+        return None
+    return next((tiles for tiles in (8, 4, 2) if in_features % (16 * tiles) == 0), None)
+
+
 def int_mm_is_fast(device: torch.device) -> bool:
     """Whether ``torch._int_mm`` is used here: on CUDA, and on CPUs PyTorch runs with AVX-512 (on
     an AVX2 EPYC it measured 40× slower than a float32 matmul of the same shape)."""
@@ -57,7 +65,9 @@ class Int8DynamicLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.act = layer.scheme.input_activations
-        self.integer_mm = int_mm_is_fast(layer.weight_codes.device)
+        device = layer.weight_codes.device
+        # CUDA's _int_mm wants both widths in multiples of 8; other layers take the float kernel there
+        self.integer_mm = int_mm_is_fast(device) and (device.type != "cuda" or (self.in_features % 8 == 0 and self.out_features % 8 == 0))
         self.kernel = self.kernel if self.integer_mm else self.float_kernel
         self.register_buffer("weight_t", layer.weight_codes.t().contiguous())  # [in, out] int8
         self.register_buffer("weight_scale", layer.weight_scale.float().reshape(1, -1))
@@ -112,7 +122,8 @@ class Int4PackedLinear(nn.Module):
         scales_and_zeros = torch.stack([scale.t(), (-zero * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [groups, out, 2]
         if codes.is_cuda:
-            packed = torch.ops.aten._convert_weight_to_int4pack(((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
+            tiles = _cuda_int4_tiles(self.in_features, self.out_features)
+            packed = torch.ops.aten._convert_weight_to_int4pack(((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), tiles)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.register_buffer("packed", packed)
@@ -123,6 +134,7 @@ class Int4PackedLinear(nn.Module):
         return (
             layer.scheme.input_activations is None and w.num_bits == 4 and w.strategy == "group"
             and w.group_size in INT4_GROUP_SIZES and layer.in_features % w.group_size == 0
+            and (layer.weight_codes.device.type != "cuda" or _cuda_int4_tiles(layer.in_features, layer.out_features) is not None)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

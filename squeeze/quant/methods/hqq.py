@@ -82,7 +82,7 @@ def _grouped(weight: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 def shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
     """The generalised soft-threshold ``sign(x) · relu(|x| − |x|^(p−1) / β)``, written as
     ``x · relu(1 − |x|^(p−2) / β)``: entries below ``β^(−1/(2−p))`` in magnitude go to zero."""
-    return _kept(x.clone(), torch.full(x.shape[:-1], -math.log(beta)), lp_norm).mul_(x)
+    return _kept(x.clone(), torch.full(x.shape[:-1], -math.log(beta), device=x.device), lp_norm).mul_(x)
 
 
 def _kept(x: torch.Tensor, log_factor: torch.Tensor, lp_norm: float) -> torch.Tensor:
@@ -248,8 +248,9 @@ def hqq_quantize(
     # shrinking a min-max range about zero moves its scale only; the zero point it would have is
     # RTN's, whose rounding may be a step off the best, so its neighbours are tried too. RTN's own
     # grid (ratio 1, no shift) is one of the candidates.
-    ratios = torch.linspace(min_clip, 1.0, clip_grid + 1) if clip_grid > 0 else torch.ones(1)
-    shifts = torch.zeros(1) if args.symmetric else torch.tensor([0.0, -1.0, 1.0])
+    device = weight.device
+    ratios = torch.linspace(min_clip, 1.0, clip_grid + 1, device=device) if clip_grid > 0 else torch.ones(1, device=device)
+    shifts = torch.zeros(1, device=device) if args.symmetric else torch.tensor([0.0, -1.0, 1.0], device=device)
     scales = groups.stored(scale[..., None] * ratios.repeat_interleave(len(shifts)))
     zeros = (zero[..., None] + shifts.repeat(len(ratios))).clamp_(args.qmin, args.qmax)
     scale, zero = groups.best_of(scales, zeros)
