@@ -158,7 +158,10 @@ def fused_lm_loss(
     logprobs_flat = teacher_logprobs.flatten(0, -2) if teacher_logprobs is not None else None
     indices_flat = teacher_indices.flatten(0, -2) if teacher_indices is not None else None
     grad = torch.empty_like(logits)
-    kd_sum = ce_sum = 0.0
+    # the sums stay on the device (float64 where it has it, as Python floats were): no sync per chunk
+    total = torch.float64 if logits.device.type != "mps" else torch.float32
+    kd_sum = torch.zeros((), dtype=total, device=logits.device)
+    ce_sum = torch.zeros((), dtype=total, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, LOSS_CHUNK):
             span = slice(start, start + LOSS_CHUNK)
@@ -168,7 +171,7 @@ def fused_lm_loss(
                 assert flat_targets is not None
                 target = flat_targets[span]
                 log_probs = F.log_softmax(z, dim=-1)
-                ce_sum += float(-log_probs.gather(-1, target[:, None]).sum())
+                ce_sum += (-log_probs.gather(-1, target[:, None]).sum()).to(total)
                 ce_grad = log_probs.exp_()
                 ce_grad.scatter_add_(-1, target[:, None], torch.full_like(target[:, None], -1, dtype=ce_grad.dtype))
                 chunk_grad.add_(ce_grad, alpha=1 - alpha)
@@ -178,25 +181,25 @@ def fused_lm_loss(
                 if teacher_flat is not None:
                     log_p = F.log_softmax(teacher_flat[span].float() / temperature, dim=-1)
                     p = log_p.exp()
-                    kd_sum += float((p * (log_p - log_q)).sum())
+                    kd_sum += (p * (log_p - log_q)).sum().to(total)
                     kd_grad = log_q.exp_().sub_(p)
                 else:
                     assert logprobs_flat is not None and indices_flat is not None
                     weights, log_p, index = _sparse_teacher(logprobs_flat[span], indices_flat[span], teacher_sampled)
-                    kd_sum += float((weights * (log_p - log_q.gather(-1, index))).sum())
+                    kd_sum += (weights * (log_p - log_q.gather(-1, index))).sum().to(total)
                     if teacher_sampled:
                         kd_grad = log_q.exp_()
                     else:
                         rest, outside, scale = _rest_term(log_q, index, weights)
-                        kd_sum += float(rest.sum())
+                        kd_sum += rest.sum().to(total)
                         kd_grad = log_q.exp_().sub_(outside.exp_().mul_(scale[:, None]))
                         del outside
                     kd_grad.scatter_add_(-1, index, -weights)
                 chunk_grad.add_(kd_grad, alpha=alpha * temperature)
                 del log_q, kd_grad
             grad[span] = chunk_grad.div_(n)
-    kd = temperature**2 * kd_sum / n
-    ce = ce_sum / n
+    kd = temperature**2 * float(kd_sum) / n
+    ce = float(ce_sum) / n
     value = torch.tensor(alpha * kd + (1 - alpha) * ce, dtype=torch.float32, device=logits.device)
     terms = {}
     if alpha > 0:
