@@ -24,7 +24,7 @@ from squeeze.device import resolve_device, resolve_dtype
 from squeeze.distill.checkpoint import CheckpointDir, default_checkpoint_dir
 from squeeze.distill.student import check_layer_map, keep_blocks, parse_student, resolve_layers, teacher_depth
 from squeeze.errors import OptionError, SqueezeError, in_words, literal, recipe_spelling
-from squeeze.evaluate import METRIC_CHUNK, reset_peak_rss
+from squeeze.evaluate import metric_chunk, reset_peak_rss
 from squeeze.memory import PROCESS_BYTES, PassShape, block_bytes, read_in_blocks_bytes, resident_bytes, streamed_bytes
 from squeeze.formats import check_format
 from squeeze.models import check_output_dir, meta_model, publish_dir, resolve_model
@@ -220,7 +220,7 @@ def _memory_estimate(entry: PlannedStage, model, original, recipe: Recipe, evalu
         else:
             teacher = sum(p.numel() for p in original.parameters()) * dtype_bytes
         activations = stage.batch_size * seq * (len(all_blocks(model)) * (16 * hidden + 2 * inter + heads * seq) * 4 + vocab * 4)
-        evaluation = 2 * 2 * (seq + METRIC_CHUNK) * vocab * 4 if evaluate else 0
+        evaluation = 2 * 2 * (seq + metric_chunk(2, vocab)) * vocab * 4 if evaluate and vocab else 0
         entry.memory_bytes = PROCESS_BYTES + teacher + 16 * params + activations + evaluation
         return
     quantize = isinstance(stage, QuantizeStage)

@@ -15,7 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-METRIC_CHUNK = 128  # positions per log-softmax over the vocabulary
+METRIC_BYTES = 16 * 2**20  # a vocabulary-wide float32 tensor of one span of positions, at most
+
+
+def metric_chunk(rows: int, vocab: int) -> int:
+    """Positions per log-softmax over the vocabulary for batches of ``rows`` windows: as many as
+    keep a float32 [rows, positions, vocab] tensor within METRIC_BYTES, one at least (42 for
+    SmolLM2's 49,152 tokens and two windows, 16 for Llama-3's 128,256). The scores take about five
+    such tensors at once; a fixed 128 positions made them 250 MB for SmolLM2 and 650 MB for
+    Llama-3, the peak of a streamed pass."""
+    return max(1, METRIC_BYTES // (rows * vocab * 4))
+
+
+def _vocab(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
 
 
 @dataclass(frozen=True)
@@ -100,8 +115,9 @@ def compare_causal(
         targets = ids[:, first:]
         # a vocabulary-wide float copy of every position at once is the memory peak of a run:
         # take log-softmax over a bounded number of positions at a time instead
-        for start in range(0, targets.shape[1], METRIC_CHUNK):
-            span = slice(start, min(start + METRIC_CHUNK, targets.shape[1]))
+        chunk = metric_chunk(ids.shape[0], _vocab(model) or _vocab(reference) or 2**17)
+        for start in range(0, targets.shape[1], chunk):
+            span = slice(start, min(start + chunk, targets.shape[1]))
             target = targets[:, span].reshape(-1)
             logprobs = F.log_softmax(logits.span(span).float(), dim=-1).flatten(0, 1)
             nll_sum += float(F.nll_loss(logprobs, target, reduction="sum"))

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from squeeze.calib.blocks import all_blocks
-from squeeze.evaluate import METRIC_CHUNK
+from squeeze.evaluate import metric_chunk
 
 PROCESS_BYTES = 700 * 2**20  # python + torch + transformers before any model is loaded
 
@@ -81,10 +81,11 @@ def _shared(model: nn.Module, shape: PassShape, whole_logits: bool) -> int:
         # a block's inputs and outputs for every window; spilled, a batch of two windows of each
         tokens = 2 * shape.seq_len if shape.spilled else shape.calibration_tokens
         calibration = 2 * tokens * hidden * shape.dtype_bytes + shape.method_bytes
-    # a batch of two windows, float32 (squeeze.evaluate.compare_causal): a METRIC_CHUNK of positions
+    # a batch of two windows, float32 (squeeze.evaluate.compare_causal): a span of positions
     # in five vocabulary-wide tensors (both logits, both log-softmaxes, the KL terms), and resident
     # the compressed model's logits of every position
-    evaluation = 2 * (5 * METRIC_CHUNK + (shape.seq_len if whole_logits else 0)) * vocab * 4 if shape.evaluate else 0
+    span = metric_chunk(2, vocab) if vocab else 0
+    evaluation = 2 * (5 * span + (shape.seq_len if whole_logits else 0)) * vocab * 4 if shape.evaluate else 0
     return PROCESS_BYTES + calibration + evaluation
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from squeeze.evaluate import METRIC_CHUNK, compare_causal, compare_encoder
+from squeeze.evaluate import compare_causal, compare_encoder, metric_chunk
 from squeeze.models import load_model
 from squeeze.quant.config import QuantizeConfig
 from squeeze.quant.methods import METHODS
@@ -70,7 +70,8 @@ def test_encoder_metrics_equal_the_whole_model_s(tiny_bert_dir: Path) -> None:
 
 def test_a_recorded_model_s_logits_come_a_span_of_positions_at_a_time(tiny_llama_dir: Path) -> None:
     model = load_model(str(tiny_llama_dir)).model
-    windows = _windows(model.config.vocab_size, 2, 2 * METRIC_CHUNK + 40)
+    chunk = metric_chunk(2, model.config.vocab_size)
+    windows = _windows(model.config.vocab_size, 2, 2 * chunk + 40)
     recorded = record_reference(model, "causal", windows, batch_size=2)
     assert recorded.slices_logits
     positions: list[int] = []
@@ -80,5 +81,5 @@ def test_a_recorded_model_s_logits_come_a_span_of_positions_at_a_time(tiny_llama
         got = compare_causal(model, windows, recorded, batch_size=2)
     finally:
         handle.remove()
-    assert max(positions) <= METRIC_CHUNK and sum(positions) == windows.shape[1] - 1  # never the whole window at once
+    assert max(positions) <= chunk and sum(positions) == windows.shape[1] - 1  # never the whole window at once
     assert got == compare_causal(model, windows, copy.deepcopy(model), batch_size=2)
