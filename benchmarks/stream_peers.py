@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 
-from quantize_rtn import BENCH, WORK, machine, publish, run_line, snapshot_for_children
+from quantize_rtn import BENCH, PEER_PYTHON, WORK, machine, publish, run_line, snapshot_for_children
 
 NAME = "stream_peers"
 RESULTS = BENCH / "results" / f"{NAME}.json"
@@ -37,7 +37,6 @@ CONFIGS = {
 }
 # peer runs at their smallest memory (disk offload, no evaluation), by configuration
 OFFLOAD_PEERS = {"gptq-w4-g64": {"llm-compressor, disk offload": BENCH / "peers" / "llmcompressor_offload.py"}}
-PEER_PYTHON = BENCH / "peers" / ".venv" / "bin" / "python"
 
 
 def run(name: str, stream: bool, args: argparse.Namespace) -> dict:
