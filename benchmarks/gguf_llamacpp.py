@@ -442,7 +442,9 @@ def main() -> None:
         result["speed"] = speed(SPEED_FILES, args.rebuild)
         result["speed_measured"] = result["measured"]
     elif RESULTS.exists() and "speed" in json.loads(RESULTS.read_text()):
-        result["speed"] = json.loads(RESULTS.read_text())["speed"]
+        kept = json.loads(RESULTS.read_text())
+        # the speed kept keeps its own date: the run that measured it, not this one
+        result["speed"], result["speed_measured"] = kept["speed"], kept.get("speed_measured", kept["measured"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     replace_section(BENCH / "README.md", "gguf_llamacpp", table(result))
