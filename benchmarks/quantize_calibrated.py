@@ -310,7 +310,7 @@ def frontier_targets(ours: dict, peer: dict, add, both, show) -> None:
         both(lambda a, b, t: _ppl(a, t) < _ppl(b, t)),
         show,
     )
-    seeds = [ours.get("gptq-w4-g64-rot")] + [ours.get(f"gptq-w4-g64-rot-seed{seed}") for seed in ROTATION_SEEDS]
+    seeds = [ours.get("gptq-w4-g64-rot")] + [ours.get(c.name) for c in CONFIGS if c.seed_of == "gptq-w4-g64-rot"]
     geomean = lambda rows, t: math.exp(sum(math.log(_ppl(r, t)) for r in rows) / len(rows))  # noqa: E731
     add(
         f"not the issue's target: rotation + GPTQ W4 g64 over {len(seeds)} rotation seeds (geometric mean) better than GPTQ alone, both texts",
